@@ -1,0 +1,144 @@
+"""Load HF-format checkpoints (`model.safetensors`, or shards with an index) as they are.
+
+The model is built on the meta device and each parameter is filled from the
+file(s) one tensor at a time, so peak memory stays near the model's size. Every
+tensor name and shape is checked against the config before anything is copied.
+"""
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import ModelArgs
+from .errors import UserError
+from .model import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def hf_names(args: ModelArgs) -> dict[str, list[str]]:
+    """Our parameter name -> the HF tensors concatenated (along dim 0) to make it."""
+    gemma3 = args.sandwich_norm
+    m = {"tok_embeddings.weight": ["model.embed_tokens.weight"], "norm.weight": ["model.norm.weight"]}
+    if not args.tie_embeddings:
+        m["output.weight"] = ["lm_head.weight"]
+    for i in range(args.n_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        m[o + "attention_norm.weight"] = [p + "input_layernorm.weight"]
+        m[o + "attention.wqkv.weight"] = [attn + f"{x}_proj.weight" for x in "qkv"]
+        m[o + "attention.wo.weight"] = [attn + "o_proj.weight"]
+        if args.attention_bias:
+            m[o + "attention.wqkv.bias"] = [attn + f"{x}_proj.bias" for x in "qkv"]
+            m[o + "attention.wo.bias"] = [attn + "o_proj.bias"]
+        m[o + "ffn.w_gate_up.weight"] = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
+        m[o + "ffn.w_down.weight"] = [mlp + "down_proj.weight"]
+        if args.mlp_bias:
+            m[o + "ffn.w_gate_up.bias"] = [mlp + "gate_proj.bias", mlp + "up_proj.bias"]
+            m[o + "ffn.w_down.bias"] = [mlp + "down_proj.bias"]
+        if args.qk_norm:
+            m[o + "attention.q_norm.weight"] = [attn + "q_norm.weight"]
+            m[o + "attention.k_norm.weight"] = [attn + "k_norm.weight"]
+        if gemma3:
+            m[o + "post_attention_norm.weight"] = [p + "post_attention_layernorm.weight"]
+            m[o + "ffn_norm.weight"] = [p + "pre_feedforward_layernorm.weight"]
+            m[o + "post_ffn_norm.weight"] = [p + "post_feedforward_layernorm.weight"]
+        else:
+            m[o + "ffn_norm.weight"] = [p + "post_attention_layernorm.weight"]
+    return m
+
+
+def _hf_shapes(model: Transformer, names: dict[str, list[str]]) -> dict[str, tuple]:
+    """Expected shape of every HF tensor: our fused parameter split back along dim 0."""
+    a = model.args
+    params = dict(model.named_parameters())
+    split = {"wqkv": [a.q_dim, a.kv_dim, a.kv_dim], "w_gate_up": [a.ffn_dim, a.ffn_dim]}
+    out = {}
+    for ours, theirs in names.items():
+        shape = tuple(params[ours].shape)
+        rows = next((v for k, v in split.items() if f".{k}." in ours), [shape[0]])
+        for hf, r in zip(theirs, rows):
+            out[hf] = (r, *shape[1:])
+    return out
+
+
+def _index(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the file holding it."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wmap = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index} is not a valid safetensors index ({e})") from None
+        return {k: path / f for k, f in wmap.items()}
+    if not single.is_file():
+        raise UserError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    try:
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{single} is damaged or truncated ({e})") from None
+
+
+def load_model(path, dtype="float32", device="cpu") -> Transformer:
+    path = Path(path)
+    args = ModelArgs.from_dir(path)
+    dtype, device = parse_dtype(dtype), parse_device(device) if isinstance(device, str) else device
+    with torch.device("meta"):
+        model = Transformer(args)
+    names = hf_names(args)
+    shapes = _hf_shapes(model, names)
+    where = _index(path)
+    # Tied checkpoints may still carry lm_head.weight; it is the embedding again.
+    optional = {"lm_head.weight"} if args.tie_embeddings else set()
+    missing = [n for n in shapes if n not in where]
+    unexpected = sorted(set(where) - set(shapes) - optional)
+    if missing:
+        raise UserError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise UserError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+                        + f" for a {args.model_type} config")
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters())
+    handles = {}
+    try:
+        for ours, theirs in names.items():
+            parts = []
+            for hf in theirs:
+                f = where[hf]
+                if f not in handles:
+                    handles[f] = safe_open(f, "pt", device="cpu")
+                if tuple(handles[f].get_slice(hf).get_shape()) != shapes[hf]:
+                    got = tuple(handles[f].get_slice(hf).get_shape())
+                    raise UserError(f"{f.name}: tensor {hf} has shape {list(got)}, the config needs {list(shapes[hf])}")
+                parts.append(handles[f].get_tensor(hf))
+            with torch.no_grad():
+                params[ours].copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"a safetensors file in {path} is damaged or truncated ({e})") from None
+    finally:
+        handles.clear()
+    model.setup_rope()  # buffers made on the meta device hold nothing yet
+    model.requires_grad_(False)
+    return model.eval()

@@ -1,0 +1,38 @@
+"""Method registry: name -> Adapter class, one module per method."""
+import importlib
+from dataclasses import fields
+
+from ..errors import UserError
+
+_MODULES = {
+    "para": ("para", "Para"),
+    "pedro": ("pedro", "Pedro"),
+    "parade": ("parade", "Parade"),
+    "iapt": ("iapt", "Iapt"),
+    "lora": ("lora", "Lora"),
+    "ia3": ("ia3", "IA3"),
+    "bitfit": ("bitfit", "BitFit"),
+    "ptuning_v2": ("ptuning_v2", "PTuningV2"),
+}
+METHODS = tuple(_MODULES)
+PROMPT_AWARE = ("para", "pedro", "parade", "iapt")
+
+
+def method_class(name: str):
+    key = name.replace("-", "_").lower()
+    if key not in _MODULES:
+        raise UserError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    module, cls = _MODULES[key]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def build_adapter(name: str, args, **options):
+    """A fresh adapter for model args; `options` override the method's config defaults
+    (unknown option names are refused, None values are ignored)."""
+    cls = method_class(name)
+    known = {f.name for f in fields(cls.config_cls)}
+    bad = sorted(k for k, v in options.items() if v is not None and k not in known)
+    if bad:
+        raise UserError(f"method {cls.method} has no option {bad[0]!r}; its options: {', '.join(sorted(known))}")
+    config = cls.config_cls(**{k: v for k, v in options.items() if v is not None})
+    return cls(config, args)

@@ -1,0 +1,152 @@
+"""What every method shares: the per-layer state it hands the model, and the Adapter base.
+
+A method never patches the model. At each layer of a full forward or a prefill,
+the model calls `adapter.layer_state(i, h, pool_mask, model)` with the hidden
+states `h` entering layer i; the method returns a `LayerState`: multipliers and
+biases for the outputs of the layer's linears, low-rank updates, and prefix
+keys/values. The state is kept with the request's KV cache and reused at every
+decode step, so a generator (PARA, IAPT...) runs once per request.
+
+Methods speak in per-projection names (q, k, v, o, gate, up, down); the model
+fuses q|k|v and gate|up, so `LayerState.build` concatenates the parts, filling
+ones (multipliers) or zeros (biases, low-rank blocks) for projections the
+method leaves alone.
+"""
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import nn
+
+from ..config import ModelArgs
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+def out_sizes(args: ModelArgs) -> dict[str, int]:
+    """Output width of each projection (from the projection shapes, not from `dim`)."""
+    return dict(q=args.q_dim, k=args.kv_dim, v=args.kv_dim, o=args.dim,
+                gate=args.ffn_dim, up=args.ffn_dim, down=args.dim)
+
+
+def in_sizes(args: ModelArgs) -> dict[str, int]:
+    return dict(q=args.dim, k=args.dim, v=args.dim, o=args.q_dim,
+                gate=args.dim, up=args.dim, down=args.ffn_dim)
+
+
+def _parts(fused: str) -> list[str]:
+    return [p for p in PROJECTIONS if FUSED[p] == fused]
+
+
+@dataclass
+class LayerState:
+    """One layer's adapter contribution for a batch. Every tensor's first dim is the
+    batch (one row per request) or 1 (shared by all rows).
+
+    scale[f]: (B|1, 1, out) multiplies fused linear f's output
+    bias[f]:  (B|1, 1, out) is added to it
+    lora[f]:  (A, Bm) with A (in, r) or (B, in, r) and Bm (r, out) or (B, r, out),
+              the scaling already folded into Bm: y += x @ A @ Bm
+    prefix_k, prefix_v: (B|1, n_kv, P, head_dim) extra keys/values before the text
+    """
+    scale: dict = field(default_factory=dict)
+    bias: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    prefix_k: torch.Tensor | None = None
+    prefix_v: torch.Tensor | None = None
+
+    def apply(self, name: str, x, y):
+        if name in self.lora:
+            a, b = self.lora[name]
+            y = y + (x @ a.to(x.dtype)) @ b.to(x.dtype)
+        if name in self.scale:
+            y = y * self.scale[name]
+        if name in self.bias:
+            y = y + self.bias[name]
+        return y
+
+    def select(self, rows: torch.Tensor) -> "LayerState":
+        """The state for rows `rows` (beam expansion/reorder); shared tensors stay shared."""
+        def pick(t):
+            return t if t.dim() < 3 or t.shape[0] == 1 else t.index_select(0, rows)
+        return LayerState(
+            scale={k: pick(v) for k, v in self.scale.items()},
+            bias={k: pick(v) for k, v in self.bias.items()},
+            lora={k: (pick(a), pick(b)) for k, (a, b) in self.lora.items()},
+            prefix_k=None if self.prefix_k is None else pick(self.prefix_k),
+            prefix_v=None if self.prefix_v is None else pick(self.prefix_v),
+        )
+
+    @classmethod
+    def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None):
+        """Fuse per-projection parts into the model's fused linears.
+
+        scale/bias: {proj: (B|1, out) or (out,)}; lora: {proj: (A (in, r), B (r, out))},
+        unbatched or batched; prefix_kv: (k, v) or None.
+        """
+        outs, st = out_sizes(args), cls()
+        for kind, parts, fill in (("scale", scale, 1.0), ("bias", bias, 0.0)):
+            for f in {FUSED[p] for p in parts or ()}:
+                ref = next(parts[p] for p in _parts(f) if p in parts)
+                lead = ref.shape[:-1] if ref.dim() > 1 else (1,)
+                pieces = [parts[p].reshape(*lead, -1) if p in parts else
+                          torch.full((*lead, outs[p]), fill, dtype=ref.dtype, device=ref.device)
+                          for p in _parts(f)]
+                getattr(st, kind)[f] = torch.cat(pieces, -1).unsqueeze(-2).to(dtype)
+        for f in {FUSED[p] for p in lora or ()}:
+            st.lora[f] = _fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
+        if prefix_kv is not None:
+            st.prefix_k, st.prefix_v = (t.to(dtype) for t in prefix_kv)
+        return st
+
+
+def _fuse_lora(pairs, outs):
+    """Concatenate A's along the rank and place B's block-diagonally, so one pair of
+    matmuls serves q|k|v (or gate|up). Absent projections get no block."""
+    present = [(a, b, o) for (ab, o) in zip(pairs, outs) for a, b in [ab or (None, None)] if a is not None]
+    a_cat = torch.cat([a for a, _, _ in present], dim=-1)
+    lead, ref = a_cat.shape[:-2], present[0][1]
+    blocks, col = [], 0
+    for (ab, o) in zip(pairs, outs):
+        if ab is None:
+            col += o
+            continue
+        blocks.append((ab[1], col))
+        col += o
+    b_full = torch.zeros(*lead, a_cat.shape[-1], col, dtype=ref.dtype, device=ref.device)
+    row = 0
+    for b, c in blocks:
+        r, o = b.shape[-2], b.shape[-1]
+        b_full[..., row:row + r, c:c + o] = b
+        row += r
+    return a_cat, b_full
+
+
+class Adapter(nn.Module):
+    """Base class: a method's config plus only its own parameters.
+
+    Subclasses set `method` (registry name) and `config_cls`, build parameters in
+    `__init__(config, args)` and implement `layer_state`. Parameters are kept in
+    float32; states are cast to the model's dtype.
+    """
+    method: str = ""
+    n_prefix: int = 0  # extra key/value entries each layer places before the text
+
+    def __init__(self, config, args: ModelArgs):
+        super().__init__()
+        self.config, self.args = config, args
+
+    def prefix_rows(self, batch: int, device) -> torch.Tensor:
+        """How many of the `n_prefix` slots each row uses (all of them, unless mixed)."""
+        return torch.full((batch,), self.n_prefix, dtype=torch.long, device=device)
+
+    def layer_state(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, model) -> LayerState | None:
+        raise NotImplementedError
+
+    def merge(self, model):
+        raise NotImplementedError(f"{self.method} generates its parameters from each prompt, "
+                                  "so it cannot be merged into the base weights")
+
+
+def config_dict(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields(config)}

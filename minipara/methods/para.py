@@ -1,0 +1,69 @@
+"""PARA (papers 000/001): a vector generator per layer scales Q, V and the FFN up-projection.
+
+    pooled = pool(h)                       # h: hidden states entering the layer
+    v      = g(pooled @ W_down) @ W_up + b_up
+    Q' = l_q * Q,  V' = l_v * V,  U' = l_u * U   (l_* = split(v))
+
+W_up starts at zero and b_up at one, so an untrained adapter is the identity. The
+vectors are made once per request at prefill and reused at every decode step.
+Vector sizes come from the projection shapes (GQA's smaller V, Gemma's head_dim).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Adapter, LayerState, out_sizes
+from .poolers import pool
+
+TARGETS = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv": ("q", "v")}
+
+
+@dataclass
+class ParaConfig:
+    r: int = 12
+    pooler: str = "last"  # last | mean | max
+    targets: str = "qvu"  # qvu | qkvgu | qv
+    up_bias: bool = True  # b_up (the papers' 8.9M count on LLaMA-2-7B leaves it out)
+
+
+class VectorGenerator(nn.Module):
+    """The per-layer projections shared by PARA, PEDRO and PARADE, stacked over layers."""
+
+    def __init__(self, n_layers: int, dim: int, r: int, width: int, up_bias: bool):
+        super().__init__()
+        self.w_down = nn.Parameter(torch.randn(n_layers, dim, r) * 0.02)
+        self.w_up = nn.Parameter(torch.zeros(n_layers, r, width))
+        self.b_up = nn.Parameter(torch.ones(n_layers, width)) if up_bias else None
+
+    def up(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        v = z @ self.w_up[i]
+        # Without b_up the vectors are 1 + z W_up, so an untrained adapter is still the identity.
+        return v + self.b_up[i] if self.b_up is not None else v + 1.0
+
+
+class Para(Adapter):
+    method = "para"
+    config_cls = ParaConfig
+
+    def __init__(self, config: ParaConfig, args):
+        super().__init__(config, args)
+        if config.targets not in TARGETS:
+            raise ValueError(f"unknown targets {config.targets!r}; use one of {', '.join(TARGETS)}")
+        sizes = out_sizes(args)
+        self.targets = TARGETS[config.targets]
+        self.splits = [sizes[t] for t in self.targets]
+        self.gen = VectorGenerator(args.n_layers, args.dim, config.r, sum(self.splits), config.up_bias)
+
+    def activation(self, i: int, z: torch.Tensor) -> torch.Tensor:
+        return F.gelu(z)
+
+    def pooled(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        """(B, r): the prompt pooled and projected down."""
+        return pool(h.float(), pool_mask, self.config.pooler) @ self.gen.w_down[i]
+
+    def layer_state(self, i, h, pool_mask, model):
+        z = self.activation(i, self.pooled(i, h, pool_mask))
+        vectors = self.gen.up(i, z).split(self.splits, dim=-1)
+        return LayerState.build(self.args, h.dtype, scale=dict(zip(self.targets, vectors)))
