@@ -1,0 +1,143 @@
+"""minipara's forward, cache and generation against HF transformers on tiny random checkpoints."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+transformers = pytest.importorskip("transformers")
+
+from minipara.generation import Decoder, GenerationConfig, _beam_search, generate, left_pad  # noqa: E402
+from minipara.loading import load_model  # noqa: E402
+
+from conftest import tiny_model  # noqa: E402
+
+VOCAB = 128
+
+
+def hf_llama(kv_heads: int, tie: bool, seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=VOCAB, tie_word_embeddings=tie,
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def hf_gemma3(seed: int, window: int = 8):
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma3TextConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=32, vocab_size=VOCAB, sliding_window=window,
+        max_position_embeddings=256, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF initialises Gemma norms to zero ((1 + w) = 1): make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+CASES = {
+    "llama-mha-untied": lambda: hf_llama(4, False, 0),
+    "llama-gqa-tied": lambda: hf_llama(2, True, 1),
+    "llama-mqa-untied": lambda: hf_llama(1, False, 2),
+    "gemma3-sliding": lambda: hf_gemma3(3),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    hf = CASES[request.param]()
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, load_model(path)
+
+
+def padded_batch(seed: int, lengths: list[int]):
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    tokens = torch.randint(3, VOCAB, (len(lengths), T), generator=g)
+    valid = torch.arange(T)[None] >= T - torch.tensor(lengths)[:, None]
+    return tokens, valid
+
+
+def test_logits_match_hf_on_left_padded_batch(pair):
+    hf, ours = pair
+    tokens, valid = padded_batch(0, [23, 9, 17])  # longer than the sliding window of 8
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # what HF's generate() passes for left padding
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=valid.long(), position_ids=pos).logits
+        got = ours(tokens, valid=valid)
+    assert (ref - got)[valid].abs().max() < 1e-4
+
+
+def test_logits_match_hf_on_right_padded_batch(pair):
+    hf, ours = pair
+    tokens, valid = padded_batch(1, [20, 12])
+    valid, tokens = valid.flip(1), tokens.flip(1)  # right padding
+    with torch.no_grad():
+        ref = hf(tokens, attention_mask=valid.long()).logits
+        got = ours(tokens, valid=valid)
+    assert (ref - got)[valid].abs().max() < 1e-4
+
+
+def test_greedy_generation_matches_hf(pair):
+    hf, ours = pair
+    tokens, valid = padded_batch(2, [11, 6])
+    with torch.no_grad():
+        ref = hf.generate(tokens, attention_mask=valid.long(), max_new_tokens=32, min_new_tokens=32,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)[:, tokens.shape[1]:]
+    prompts = [t[v].tolist() for t, v in zip(tokens, valid)]
+    got = generate(ours, prompts, GenerationConfig(max_new_tokens=32, eos_ids=()))
+    assert got == ref.tolist()
+
+
+@pytest.mark.parametrize("eos", [None, 5])
+def test_beam_search_matches_hf(pair, eos):
+    hf, ours = pair
+    tokens, valid = padded_batch(3, [9, 14])
+    with torch.no_grad():
+        ref = hf.generate(tokens, attention_mask=valid.long(), max_new_tokens=12, num_beams=3,
+                          do_sample=False, pad_token_id=0, eos_token_id=eos, length_penalty=1.0)
+    ref = ref[:, tokens.shape[1]:].tolist()
+    ref = [r[: r.index(eos) + 1] if eos in r else r for r in ref]  # HF pads after EOS
+    prompts = [t[v].tolist() for t, v in zip(tokens, valid)]
+    got = generate(ours, prompts, GenerationConfig(max_new_tokens=12, beams=3, eos_ids=(eos,) if eos else ()))
+    assert got == ref
+
+
+@settings(max_examples=20, deadline=None)
+@given(family=st.sampled_from(["llama", "gemma"]),
+       lengths=st.lists(st.integers(1, 14), min_size=1, max_size=4),
+       split=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_cached_decode_equals_full_forward(family, lengths, split, seed):
+    """Prefill a prefix, decode the rest one token at a time: same logits as one full forward."""
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(seed)
+    extra = 5
+    T = max(lengths) + extra
+    tokens = torch.randint(3, model.args.vocab_size, (len(lengths), T), generator=g)
+    valid = torch.arange(T)[None] >= (max(lengths) - torch.tensor(lengths))[:, None]
+    with torch.no_grad():
+        full = model(tokens, valid=valid)
+        cache = model.new_cache(len(lengths), T + 3)
+        p = max(lengths) - 1 + min(split, extra)
+        outs = [model(tokens[:, :p], valid=valid[:, :p], cache=cache)]
+        for j in range(p, T):
+            outs.append(model(tokens[:, j:j + 1], cache=cache))
+    got = torch.cat(outs, 1)
+    assert (got - full)[valid].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_one_beam_equals_greedy(family):
+    """The beam-search code path with one beam picks the greedy tokens."""
+    model = tiny_model(family, seed=4)
+    prompts = [[1, 5, 9, 13, 40], [1, 7, 8]]
+    greedy = generate(model, prompts, GenerationConfig(max_new_tokens=16, eos_ids=()))
+    dec = Decoder(model)
+    tokens, valid = left_pad(prompts, 0, "cpu")
+    cache, logits = dec.prefill(tokens, valid, tokens.shape[1] + 16)
+    assert _beam_search(dec, cache, logits, GenerationConfig(max_new_tokens=16, beams=1), ()) == greedy
