@@ -17,41 +17,78 @@ class KVCache(nn.Module):
     def __init__(self, args: ModelArgs, batch: int, max_len: int, n_prefix: int = 0,
                  dtype=torch.float32, device=None):
         super().__init__()
-        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
-        for i in range(args.n_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # All layers in one buffer each for K and V: a beam reorder is then two index ops.
+        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros(batch, max_len, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("ok", torch.zeros(batch, max_len, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("next_pos", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        # The next free slot, on the device: a compiled decode step reads and advances it
+        # without a host round trip; `length` mirrors it on the host for checks.
+        self.register_buffer("slot", torch.full((1,), n_prefix, dtype=torch.long, device=device), persistent=False)
         self.n_layers, self.batch, self.max_len, self.n_prefix = args.n_layers, batch, max_len, n_prefix
         self.length = n_prefix  # slots in use; the text starts after the prefix region
         self.states = [None] * args.n_layers  # each layer's adapter state (methods/base.py: LayerState)
+        self.packed = {}  # (kind, linear) -> the states' tensors of all layers, stacked (see pack_states)
 
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
+        return self.k[i], self.v[i]
 
     def reset(self, n_prefix: int = 0):
         """Empty the cache for a new batch of requests, keeping the buffers (and their addresses)."""
         if n_prefix > self.max_len:
             raise ValueError(f"{n_prefix} prefix slots exceed the cache length {self.max_len}")
         self.ok.zero_()
+        self.slot.fill_(n_prefix)
         self.n_prefix = self.length = n_prefix
-        self.states = [None] * self.n_layers
+        self.states = [None] * self.n_layers  # `packed` keeps its buffers for the next request
+
+    @torch.no_grad()
+    def pack_states(self, states: list):
+        """Keep the adapter states of a prefill for decoding, stacked over layers in tensors
+        this cache owns and reuses from request to request: a beam reorder is then one index
+        op per kind, and a captured decode step finds them at the same addresses.
+        Layers whose states differ in structure are kept as they are, unstacked."""
+        from .methods.base import LayerState
+        self.states = list(states)
+        per_layer = [s.tensors() if s is not None else None for s in states]
+        first = per_layer[0]
+        if first is None or any(p is None or p.keys() != first.keys() or
+                                any(p[k].shape != first[k].shape for k in p) for p in per_layer):
+            self.packed = {}
+            return
+        old, self.packed = self.packed, {}
+        for key in first:
+            new = torch.stack([p[key] for p in per_layer])
+            buf = old.get(key)
+            if buf is None or buf.shape != new.shape or buf.dtype != new.dtype:
+                buf = new
+            else:
+                buf.copy_(new)
+            self.packed[key] = buf
+        self.states = [LayerState.from_tensors({k: b[i] for k, b in self.packed.items()})
+                       for i in range(self.n_layers)]
 
     @torch.no_grad()
     def reorder(self, rows: torch.Tensor):
         """Row i becomes old row rows[i] (beam search), in place; adapter states follow."""
         for name, buf in self.named_buffers():
-            buf.copy_(buf.index_select(0, rows))
-        self.states = [s.select(rows) if s is not None else None for s in self.states]
+            if name != "slot":
+                buf.copy_(buf.index_select(1 if name in ("k", "v") else 0, rows))
+        if self.packed:
+            for buf in self.packed.values():  # stacked: (layers, rows or 1, ...)
+                if buf.dim() >= 4 and buf.shape[1] == self.batch:
+                    buf.copy_(buf.index_select(1, rows))
+        else:
+            self.states = [s.select(rows) if s is not None else None for s in self.states]
 
     @torch.no_grad()
     def load_rows(self, src: "KVCache", rows: torch.Tensor):
         """Fill this cache with `src`'s rows `rows` (e.g. each prompt repeated once per beam)."""
         if len(rows) != self.batch or src.max_len != self.max_len:
             raise ValueError("load_rows: this cache must have len(rows) rows and src's length")
-        for (_, dst), (_, s) in zip(self.named_buffers(), src.named_buffers()):
-            dst.copy_(s.index_select(0, rows))
+        for (name, dst), (_, s) in zip(self.named_buffers(), src.named_buffers()):
+            dst.copy_(s if name == "slot" else s.index_select(1 if name in ("k", "v") else 0, rows))
         self.n_prefix, self.length = src.n_prefix, src.length
-        self.states = [s.select(rows) if s is not None else None for s in src.states]
+        self.pack_states([s.select(rows) if s is not None else None for s in src.states])

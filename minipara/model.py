@@ -214,17 +214,35 @@ class Transformer(nn.Module):
                     cache.ok[:, :n_pre] = slots[None] < pre_rows[:, None]
                     cache.pos[:, :n_pre] = slots
                     cache.next_pos.copy_(pre_rows)
-            q_slot = torch.arange(cache.length, cache.length + T, device=dev)
-            q_pos = cache.next_pos[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
-            cache.pos.index_copy_(1, q_slot, q_pos)
-            cache.ok.index_copy_(1, q_slot, valid)
-            cache.next_pos.copy_(q_pos[:, -1] + valid[:, -1].long())
             cache.length += T
-            k_pos, k_ok = cache.pos, cache.ok
-        return self._layers(tokens, valid, q_pos, q_slot, k_pos, k_ok, n_pre, cache, adapter,
+            out = self.step(tokens, cache, valid, adapter, pool_mask, hidden_only, last_only)
+            if adapter is not None:
+                cache.pack_states(cache.states)
+            return out
+        states = [None] * self.args.n_layers
+        return self._layers(tokens, q_pos, q_slot, k_pos, k_ok, n_pre, None, states, adapter,
                             valid if pool_mask is None else pool_mask, hidden_only, last_only)
 
-    def _layers(self, tokens, valid, q_pos, q_slot, k_pos, k_ok, n_pre, cache, adapter, pool_mask,
+    def step(self, tokens, cache: KVCache, valid=None, adapter=None, pool_mask=None,
+             hidden_only=False, last_only=False, states=None):
+        """The tensor-only part of a cached forward: reads and advances `cache.slot` and the
+        per-row positions on the device, and reads no host-side counters, so a decode step
+        (one token per row, no adapter) can be captured once and replayed (fast.py).
+        `states`: the per-layer adapter states to use (default: the cache's)."""
+        B, T = tokens.shape
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        q_slot = cache.slot + torch.arange(T, device=tokens.device)
+        q_pos = cache.next_pos[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
+        cache.pos.index_copy_(1, q_slot, q_pos)
+        cache.ok.index_copy_(1, q_slot, valid)
+        cache.next_pos.copy_(q_pos[:, -1] + valid[:, -1].long())
+        cache.slot.add_(T)
+        return self._layers(tokens, q_pos, q_slot, cache.pos, cache.ok, cache.n_prefix, cache,
+                            cache.states if states is None else states, adapter,
+                            valid if pool_mask is None else pool_mask, hidden_only, last_only)
+
+    def _layers(self, tokens, q_pos, q_slot, k_pos, k_ok, n_pre, cache, states, adapter, pool_mask,
                 hidden_only, last_only):
         a = self.args
         x = self.tok_embeddings(tokens)
@@ -235,11 +253,9 @@ class Transformer(nn.Module):
         ropes = {s: self.rope(a.sliding.index(s), q_pos, x.dtype) for s in set(a.sliding)}
         for i, layer in enumerate(self.layers):
             if adapter is not None:
-                st = adapter.layer_state(i, x, pool_mask, self)
-                if cache is not None:
-                    cache.states[i] = st
+                st = states[i] = adapter.layer_state(i, x, pool_mask, self)
             else:
-                st = cache.states[i] if cache is not None else None
+                st = states[i]
             kv = None
             if cache is not None:
                 k_buf, v_buf = cache.kv(i)

@@ -65,6 +65,26 @@ class LayerState:
             y = y + self.bias[name]
         return y
 
+    def tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        """The decode-time tensors by (kind, linear); prefix k/v are left out: after the
+        prefill they live in the KV cache."""
+        out = {("scale", k): v for k, v in self.scale.items()}
+        out.update({("bias", k): v for k, v in self.bias.items()})
+        for k, (a, b) in self.lora.items():
+            out[("lora_a", k)], out[("lora_b", k)] = a, b
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict) -> "LayerState":
+        st = cls()
+        for (kind, name), t in tensors.items():
+            if kind in ("scale", "bias"):
+                getattr(st, kind)[name] = t
+        for (kind, name), t in tensors.items():
+            if kind == "lora_a":
+                st.lora[name] = (t, tensors[("lora_b", name)])
+        return st
+
     def select(self, rows: torch.Tensor) -> "LayerState":
         """The state for rows `rows` (beam expansion/reorder); shared tensors stay shared."""
         def pick(t):
