@@ -140,9 +140,12 @@ def _sample(decoder, cache, logits, cfg, eos, on_token):
         if on_token is not None:
             for row in (~done).nonzero().flatten().tolist():
                 on_token(row, int(nxt[row]))
-        done |= torch.isin(nxt, eos_t)
-        if t + 1 == cfg.max_new_tokens or bool(done.all()):
+        if t + 1 == cfg.max_new_tokens:
             break
+        if eos:  # checking needs a device-to-host sync: skip it when nothing can stop early
+            done |= torch.isin(nxt, eos_t)
+            if bool(done.all()):
+                break
         logits = decoder.step(cache, nxt)
     toks = torch.stack(out, 1).tolist()
     return [_cut(row, eos) for row in toks]
@@ -198,7 +201,7 @@ def _beam_search(decoder, cache, logits, cfg, eos):
         best_running = run_score[:, 0] / ((t + 1) ** lp)
         worst_fin = torch.where(fin_done.all(1), fin_score.min(1).values, torch.full_like(best_running, -1e9))
         improvable &= best_running > worst_fin
-        if not bool(improvable.any()) or bool(hits.all()) or t + 1 == N:
+        if t + 1 == N or eos and (not bool(improvable.any()) or bool(hits.all())):
             break
         cache.reorder((src_beam + batch_off).flatten())
         logits = decoder.step(cache, run_seq[:, :, t].flatten())

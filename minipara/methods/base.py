@@ -114,7 +114,8 @@ class LayerState:
                           for p in _parts(f)]
                 getattr(st, kind)[f] = torch.cat(pieces, -1).unsqueeze(-2).to(dtype)
         for f in {FUSED[p] for p in lora or ()}:
-            st.lora[f] = _fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
+            fused = _fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
+            st.lora[f] = tuple(t.to(dtype) for t in fused)
         if prefix_kv is not None:
             st.prefix_k, st.prefix_v = (t.to(dtype) for t in prefix_kv)
         return st

@@ -1,0 +1,124 @@
+"""Generation speed and memory of every method against the bare model (the papers' setting).
+
+    python bench.py                                    # default model, CPU, beams 1 and 3
+    python bench.py --shape llama-2-7b --dtype bfloat16 --device cuda --json out.json
+    python bench.py --shape llama-2-7b --dtype bfloat16 --device cuda --batch 8 --tenants 4 --methods lora,para
+"""
+import argparse
+import sys
+
+import torch
+
+from minipara import benchmark as bm
+from minipara import cli
+from minipara.errors import UserError
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_model_args(p)
+    p.add_argument("--shape", choices=sorted(bm.SHAPES),
+                   help="a randomly initialised model of this shape instead of --model (no weights needed)")
+    p.add_argument("--methods", default=",".join(bm.VARIANTS),
+                   help=f"comma-separated, from: {', '.join(bm.VARIANTS)}")
+    p.add_argument("--beams", default="1,3", help="comma-separated beam sizes")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="requests per batch")
+    p.add_argument("--tenants", type=int, default=0,
+                   help="spread the batch over this many different adapters of each method (multi-tenant)")
+    p.add_argument("--mix", action="store_true",
+                   help="with --tenants: the adapters are of different methods (those of --methods)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                   help="capture the decode step with torch.compile (auto: on CUDA only)")
+    p.add_argument("--json", help="write every figure and the machine to this file")
+    p.add_argument("--plot", help="bar chart of tokens/s per method (needs matplotlib)")
+    return p.parse_args()
+
+
+def main():
+    a = parse()
+    from minipara.loading import parse_device, parse_dtype
+    device, dtype = parse_device(a.device), parse_dtype(a.dtype)
+    variants = [v.strip().replace("-", "_") if v.strip() != "lora-merged" else "lora-merged"
+                for v in a.methods.split(",") if v.strip()]
+    bad = [v for v in variants if v not in bm.VARIANTS]
+    if bad:
+        raise UserError(f"unknown method {bad[0]!r} for --methods; choose from {', '.join(bm.VARIANTS)}")
+    beams = [int(b) for b in a.beams.split(",")]
+    if a.tenants and a.batch < a.tenants:
+        raise UserError(f"--batch {a.batch} is smaller than --tenants {a.tenants}: each tenant needs a row")
+    if a.shape:
+        model, tok = bm.random_model(a.shape, dtype, device), None
+    else:
+        model, tok, _ = cli.load(a)
+    compile_step = a.compile == "yes" or (a.compile == "auto" and device.type == "cuda")
+    prompt = bm.prompt_ids(tok, model.args.bos_id, model.args.vocab_size)
+    prompts = [prompt] * a.batch
+    info = bm.machine_info(device)
+    info.update(model=a.shape or str(a.model or "default (gemma-3-270m)"), dtype=str(dtype).replace("torch.", ""),
+                compiled=compile_step)
+    print(f"# {info}", file=sys.stderr)
+    rows = []
+
+    def record(name, m, ad, nb):
+        print(f"# {name} beams={nb} batch={a.batch} ...", file=sys.stderr, flush=True)
+        r = bm.run_one(m, ad, prompts, nb, a.new_tokens, a.runs, a.warmup, compile_step)
+        rows.append({"variant": name, "batch": a.batch, "beams": nb, **r})
+
+    # The merged LoRA copies the weights: measure it last, once nothing else needs the original.
+    order = sorted(variants, key=lambda v: v == "lora-merged")
+    if a.tenants:
+        order = ["base"] + [v for v in order if v not in ("base", "lora-merged")]
+        groups = [[v] * a.tenants for v in order[1:]] if not a.mix else [[order[1:][i % len(order[1:])] for i in range(a.tenants)]]
+        record("base", model, None, beams[0])
+        for g in groups:
+            ad = tenant_mixture(model, g, a.batch)
+            record(f"{'+'.join(sorted(set(g)))} x{a.tenants} mixed", model, ad, beams[0])
+    else:
+        for v in order:
+            m, ad = bm.make_adapter(v, model)
+            if v == "lora-merged":
+                del model  # free the original weights before measuring the merged copy's memory
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for nb in beams:
+                record(v, m, ad, nb)
+            del m, ad
+    bm.add_ratios(rows)
+    bm.print_table(rows)
+    if a.json:
+        bm.save_json(a.json, rows, info, vars(a))
+    if a.plot:
+        plot(rows, a.plot)
+    return 0
+
+
+def tenant_mixture(model, methods: list[str], batch: int):
+    """A Mixture of one adapter per entry of `methods` (each with its own random weights),
+    rows assigned round-robin."""
+    from minipara.methods.mixture import Mixture
+    ads = [bm.make_adapter(m, model, seed=i)[1] for i, m in enumerate(methods)]
+    return Mixture(ads, [i % len(ads) for i in range(batch)])
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib); skipped", file=sys.stderr)
+        return
+    labels = [f"{r['variant']} b{r['beams']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.6), 4))
+    ax.bar(labels, [r["tps"] for r in rows])
+    ax.set_ylabel("tokens / s")
+    ax.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    cli.run(main)

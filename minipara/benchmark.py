@@ -1,0 +1,189 @@
+"""The papers' efficiency setting: generation speed and memory of every method against the base.
+
+A 274-token prompt (the news-article instruction of paper 002, Appendix F), exactly
+32 new tokens with EOS ignored, beam 1 and 3, batch 1; a warm-up, then the median
+(and min/max) of repeated runs. Tokens per second as the papers count them: new
+tokens over the whole generation time (prefill included).
+"""
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from .config import ModelArgs
+from .generation import Decoder, GenerationConfig, generate
+from .model import Transformer
+
+PROMPT_TOKENS = 274
+NEWS_PROMPT = (
+    "Generate a blog post of 500 words or less that discusses the following news article:\n\n"
+    "The Department of Child Protection (DCP) must pay compensation and medical expenses to a youth worker "
+    "who developed pericarditis after getting a Covid booster under a workplace vaccination directive, the "
+    "South Australian Employment Tribunal has ruled.\n\n"
+    "In a decision handed down on 15 January 2024, the Tribunal determined that Daniel Shepherd\u2019s "
+    "employment was \u201ca significant contributing cause\u201d to his injury, which has since rendered him "
+    "incapable of performing his role at work.\n\n"
+    "Shepherd got a Covid booster in February 2022 as a requirement for his ongoing employment with the DCP. "
+    "The DCP admitted that Shepherd\u2019s pericarditis had been caused by the booster, but denied responsibility "
+    "for the injury, arguing that it did not arise from Shepherd\u2019s employment, but from a lawful State "
+    "Government Public Health Order (PHO), issued under the Emergency Management Act 2004 (EMA)."
+)
+
+SHAPES = {
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                       head_dim=128, ffn_dim=11008, norm_eps=1e-5, max_seq_len=4096, attn_scale=128 ** -0.5),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                       head_dim=128, ffn_dim=14336, norm_eps=1e-5, max_seq_len=8192, attn_scale=128 ** -0.5,
+                       rope_theta=500000.0, bos_id=128000, eos_ids=(128001,)),
+    "gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, dim=640, n_layers=18, n_heads=4,
+                         n_kv_heads=1, head_dim=256, ffn_dim=2048, norm_eps=1e-6, max_seq_len=32768,
+                         tie_embeddings=True, activation="gelu_tanh", norm_offset=1.0, embed_scale=True,
+                         qk_norm=True, sandwich_norm=True, attn_scale=256 ** -0.5, rope_theta=1e6,
+                         sliding_window=512, sliding=tuple((i + 1) % 6 != 0 for i in range(18)),
+                         bos_id=2, eos_ids=(1,)),
+}
+# Each method's adapter as the papers configure it; "lora-merged" is LoRA folded into a copy of the weights.
+VARIANTS = ("base", "para", "pedro", "parade", "iapt", "lora", "lora-merged", "ia3", "bitfit", "ptuning_v2")
+
+
+def random_model(shape: str, dtype, device) -> Transformer:
+    """A randomly initialised model of a known shape: speed does not depend on the values."""
+    args = ModelArgs(**SHAPES[shape])
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Transformer(args)
+    finally:
+        torch.set_default_dtype(old)
+    model.setup_rope()
+    return model.requires_grad_(False).eval()
+
+
+def prompt_ids(tokenizer, bos_id: int, vocab_size: int) -> list[int]:
+    """Exactly PROMPT_TOKENS ids: the news prompt tokenised (BOS first), cut or repeated to length.
+    Without a tokenizer (random-shape models), a fixed pseudo-random sequence."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return [bos_id] + torch.randint(3, vocab_size, (PROMPT_TOKENS - 1,), generator=g).tolist()
+    body = tokenizer.encode(NEWS_PROMPT)
+    ids = [bos_id] + body
+    while len(ids) < PROMPT_TOKENS:
+        ids += body
+    return ids[:PROMPT_TOKENS]
+
+
+class TimedDecoder(Decoder):
+    """Records the time to first token (prefill plus the first pick's logits)."""
+
+    def prefill(self, *a, **kw):
+        out = super().prefill(*a, **kw)
+        _sync(out[1])
+        self.first_token_at = time.perf_counter()
+        return out
+
+
+def _sync(t):
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is KiB on Linux: the process's peak, which only grows.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_adapter(variant: str, model, seed: int = 0):
+    """(model to run, adapter) for a variant; adapters get small random weights so that
+    none is trivially the identity (speed does not depend on the values)."""
+    from .methods import build_adapter
+    if variant == "base":
+        return model, None
+    method = "lora" if variant == "lora-merged" else variant
+    torch.manual_seed(seed)
+    ad = build_adapter(method, model.args).to(model.tok_embeddings.weight.device)
+    with torch.no_grad():
+        for p in ad.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0, 0.01)
+    if variant == "lora-merged":
+        return ad.merge(model), None
+    return model, ad
+
+
+def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step):
+    device = model.tok_embeddings.weight.device
+    decoder = TimedDecoder(model)
+    if compile_step:
+        from .fast import compile_decoder
+        compile_decoder(decoder)
+    cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
+    for _ in range(warmup):
+        generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    totals, ttfts = [], []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t1 = time.perf_counter()
+        assert all(len(o) == new_tokens for o in out), "EOS is ignored: every row makes exactly N tokens"
+        totals.append(t1 - t0)
+        ttfts.append(decoder.first_token_at - t0)
+    n, b = new_tokens, len(prompts)
+    tps = sorted(n / t for t in totals)
+    decode_tps = sorted((n - 1) / (t - f) for t, f in zip(totals, ttfts))
+    return {
+        "tps": statistics.median(tps), "tps_min": tps[0], "tps_max": tps[-1],
+        "tps_all_rows": statistics.median(tps) * b,
+        "decode_tps": statistics.median(decode_tps),
+        "ttft_ms": statistics.median(ttfts) * 1e3,
+        "peak_mb": peak_memory_mb(device),
+    }
+
+
+def machine_info(device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def print_table(rows: list[dict], file=sys.stdout):
+    cols = [("variant", "{}"), ("batch", "{}"), ("beams", "{}"), ("tps", "{:.1f}"), ("tps_min", "{:.1f}"),
+            ("tps_max", "{:.1f}"), ("x_base", "{:.2f}"), ("decode_tps", "{:.1f}"), ("x_base_decode", "{:.2f}"),
+            ("ttft_ms", "{:.1f}"), ("peak_mb", "{:.0f}"), ("tps_all_rows", "{:.1f}")]
+    cells = [[c for c, _ in cols]] + [[f.format(r[c]) if c in r else "-" for c, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(row, widths)), file=file)
+
+
+def add_ratios(rows: list[dict]):
+    """Each row's speed over the base's at the same batch and beams, measured in this process."""
+    base = {(r["batch"], r["beams"]): r for r in rows if r["variant"] == "base"}
+    for r in rows:
+        b = base.get((r["batch"], r["beams"]))
+        if b:
+            r["x_base"] = r["tps"] / b["tps"]
+            r["x_base_decode"] = r["decode_tps"] / b["decode_tps"]
+
+
+def save_json(path, rows, info, settings):
+    with open(path, "w") as f:
+        json.dump({"machine": info, "settings": settings, "results": rows}, f, indent=1)
