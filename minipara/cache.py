@@ -31,6 +31,7 @@ class KVCache(nn.Module):
         self.length = n_prefix  # slots in use; the text starts after the prefix region
         self.states = [None] * args.n_layers  # each layer's adapter state (methods/base.py: LayerState)
         self.packed = {}  # (kind, linear) -> the states' tensors of all layers, stacked (see pack_states)
+        self._spare = {}  # packed buffers of earlier requests, kept to be refilled (fixed addresses)
 
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -42,7 +43,9 @@ class KVCache(nn.Module):
         self.ok.zero_()
         self.slot.fill_(n_prefix)
         self.n_prefix = self.length = n_prefix
-        self.states = [None] * self.n_layers  # `packed` keeps its buffers for the next request
+        self.states = [None] * self.n_layers
+        self._spare.update(self.packed)
+        self.packed = {}
 
     @torch.no_grad()
     def pack_states(self, states: list):
@@ -52,18 +55,18 @@ class KVCache(nn.Module):
         Layers whose states differ in structure are kept as they are, unstacked."""
         from .methods.base import LayerState
         self.states = list(states)
+        self._spare.update(self.packed)
+        self.packed = {}
         per_layer = [s.tensors() if s is not None else None for s in states]
         first = per_layer[0]
         if first is None or any(p is None or p.keys() != first.keys() or
                                 any(p[k].shape != first[k].shape for k in p) for p in per_layer):
-            self.packed = {}
             return
-        old, self.packed = self.packed, {}
         for key in first:
             new = torch.stack([p[key] for p in per_layer])
-            buf = old.get(key)
+            buf = self._spare.get(key)
             if buf is None or buf.shape != new.shape or buf.dtype != new.dtype:
-                buf = new
+                buf = self._spare[key] = new
             else:
                 buf.copy_(new)
             self.packed[key] = buf

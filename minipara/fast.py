@@ -32,6 +32,7 @@ def compile_decoder(decoder, mode: str | None = None):
     compiled = torch.compile(raw_step, mode=mode, fullgraph=True, dynamic=False)
     eager_step = decoder.step
 
+    @torch.no_grad()
     def step(cache, tokens):
         if any(s is not None for s in cache.states) and not cache.packed:
             return eager_step(cache, tokens)  # states of differing structure: no stacked tensors

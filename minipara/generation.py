@@ -64,6 +64,7 @@ class Decoder:
         c.reset(n_prefix)
         return c
 
+    @torch.no_grad()
     def prefill(self, tokens, valid, max_len, adapter=None):
         n_pre = adapter.n_prefix if adapter is not None else 0
         cache = self.cache(tokens.shape[0], max_len, n_pre)
@@ -79,6 +80,7 @@ class Decoder:
         big.load_rows(cache, rows)
         return big
 
+    @torch.no_grad()
     def step(self, cache, tokens):
         """Logits (B, V) for one new token per row."""
         return self.model(tokens[:, None], cache=cache)[:, -1]
