@@ -25,6 +25,8 @@ def parse():
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=bm.PROMPT_TOKENS,
+                   help="prompt length (default: the papers' 274; shorter only for quick checks)")
     p.add_argument("--batch", type=int, default=1, help="requests per batch")
     p.add_argument("--tenants", type=int, default=0,
                    help="spread the batch over this many different adapters of each method (multi-tenant)")
@@ -41,7 +43,7 @@ def main():
     a = parse()
     from minipara.loading import parse_device, parse_dtype
     device, dtype = parse_device(a.device), parse_dtype(a.dtype)
-    variants = [v.strip().replace("-", "_") if v.strip() != "lora-merged" else "lora-merged"
+    variants = [v.strip() if v.strip() == "lora-merged" else v.strip().replace("-", "_")
                 for v in a.methods.split(",") if v.strip()]
     bad = [v for v in variants if v not in bm.VARIANTS]
     if bad:
@@ -54,7 +56,7 @@ def main():
     else:
         model, tok, _ = cli.load(a)
     compile_step = a.compile == "yes" or (a.compile == "auto" and device.type == "cuda")
-    prompt = bm.prompt_ids(tok, model.args.bos_id, model.args.vocab_size)
+    prompt = bm.prompt_ids(tok, model.args.bos_id, model.args.vocab_size, a.prompt_tokens)
     prompts = [prompt] * a.batch
     info = bm.machine_info(device)
     info.update(model=a.shape or str(a.model or "default (gemma-3-270m)"), dtype=str(dtype).replace("torch.", ""),
@@ -70,8 +72,11 @@ def main():
     # The merged LoRA copies the weights: measure it last, once nothing else needs the original.
     order = sorted(variants, key=lambda v: v == "lora-merged")
     if a.tenants:
-        order = ["base"] + [v for v in order if v not in ("base", "lora-merged")]
-        groups = [[v] * a.tenants for v in order[1:]] if not a.mix else [[order[1:][i % len(order[1:])] for i in range(a.tenants)]]
+        methods = [v for v in order if v not in ("base", "lora-merged")]
+        if a.mix:  # one batch, its tenants cycling through the methods
+            groups = [[methods[i % len(methods)] for i in range(a.tenants)]]
+        else:  # per method, a batch spread over `tenants` adapters of that method
+            groups = [[v] * a.tenants for v in methods]
         record("base", model, None, beams[0])
         for g in groups:
             ad = tenant_mixture(model, g, a.batch)

@@ -64,17 +64,18 @@ def random_model(shape: str, dtype, device) -> Transformer:
     return model.requires_grad_(False).eval()
 
 
-def prompt_ids(tokenizer, bos_id: int, vocab_size: int) -> list[int]:
-    """Exactly PROMPT_TOKENS ids: the news prompt tokenised (BOS first), cut or repeated to length.
+def prompt_ids(tokenizer, bos_id: int, vocab_size: int, n: int = PROMPT_TOKENS) -> list[int]:
+    """Exactly n ids: the news prompt tokenised (BOS first), cut or repeated to length (its
+    LLaMA-2 tokenisation is the papers' 274 tokens; other tokenizers give other counts).
     Without a tokenizer (random-shape models), a fixed pseudo-random sequence."""
     if tokenizer is None:
         g = torch.Generator().manual_seed(0)
-        return [bos_id] + torch.randint(3, vocab_size, (PROMPT_TOKENS - 1,), generator=g).tolist()
+        return [bos_id] + torch.randint(3, vocab_size, (n - 1,), generator=g).tolist()
     body = tokenizer.encode(NEWS_PROMPT)
     ids = [bos_id] + body
-    while len(ids) < PROMPT_TOKENS:
+    while len(ids) < n:
         ids += body
-    return ids[:PROMPT_TOKENS]
+    return ids[:n]
 
 
 class TimedDecoder(Decoder):

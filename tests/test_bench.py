@@ -1,0 +1,37 @@
+"""bench.py runs every method end to end and writes valid JSON (tiny settings: this checks
+that it works, not how fast; speed is measured by bench.py runs, not by tests)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from minipara.benchmark import VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_runs_every_method_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--shape", "gemma-3-270m", "--runs", "1", "--warmup", "0",
+           "--new-tokens", "3", "--prompt-tokens", "12", "--json", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    seen = {(r["variant"], r["beams"]) for r in data["results"]}
+    assert seen == {(v, b) for v in VARIANTS for b in (1, 3)}
+    for r in data["results"]:
+        assert r["tps"] > 0 and r["decode_tps"] > 0 and r["peak_mb"] > 0 and r["x_base"] > 0
+    assert data["machine"]["torch"] and data["settings"]["shape"] == "gemma-3-270m"
+    assert "para" in run.stdout and "x_base" in run.stdout  # the table
+
+
+def test_bench_multi_tenant_mix(tmp_path):
+    out = tmp_path / "mix.json"
+    cmd = [sys.executable, "bench.py", "--shape", "gemma-3-270m", "--runs", "1", "--warmup", "0",
+           "--new-tokens", "2", "--prompt-tokens", "8", "--batch", "5", "--tenants", "4", "--mix",
+           "--methods", "para,iapt,lora,ia3", "--json", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["base", "ia3+iapt+lora+para x4 mixed"]
+    assert all(r["batch"] == 5 and r["tps_all_rows"] == r["tps"] * 5 for r in rows)
