@@ -57,6 +57,9 @@ class Decoder:
         self._caches = {}
 
     def cache(self, batch: int, max_len: int, n_prefix: int):
+        # Round the length up, so requests of similar length share one cache (and one
+        # compiled step): masked extra slots cost next to nothing.
+        max_len = -(-max_len // 128) * 128
         key = (batch, max_len)
         if key not in self._caches:
             self._caches[key] = self.model.new_cache(batch, max_len, n_prefix)

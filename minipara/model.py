@@ -198,7 +198,7 @@ class Transformer(nn.Module):
             k_pos, k_ok = q_pos, valid
             if n_pre:
                 slots = torch.arange(n_pre, device=dev)
-                k_pos = torch.cat([slots.expand(B, n_pre), q_pos], dim=1)
+                k_pos = torch.cat([(slots - n_pre).expand(B, n_pre), q_pos], dim=1)
                 k_ok = torch.cat([slots[None] < pre_rows[:, None], valid], dim=1)
             q_slot = n_pre + torch.arange(T, device=dev)
         else:
@@ -212,7 +212,7 @@ class Transformer(nn.Module):
                 else:
                     slots = torch.arange(n_pre, device=dev)
                     cache.ok[:, :n_pre] = slots[None] < pre_rows[:, None]
-                    cache.pos[:, :n_pre] = slots
+                    cache.pos[:, :n_pre] = slots - n_pre  # negative: prefix, see attention_mask
                     cache.next_pos.copy_(pre_rows)
             cache.length += T
             out = self.step(tokens, cache, valid, adapter, pool_mask, hidden_only, last_only)
@@ -238,7 +238,9 @@ class Transformer(nn.Module):
         cache.ok.index_copy_(1, q_slot, valid)
         cache.next_pos.copy_(q_pos[:, -1] + valid[:, -1].long())
         cache.slot.add_(T)
-        return self._layers(tokens, q_pos, q_slot, cache.pos, cache.ok, cache.n_prefix, cache,
+        # Only a prefill writes prefix entries; a decode step reads no host-side count at all.
+        n_pre = cache.n_prefix if adapter is not None else 0
+        return self._layers(tokens, q_pos, q_slot, cache.pos, cache.ok, n_pre, cache,
                             cache.states if states is None else states, adapter,
                             valid if pool_mask is None else pool_mask, hidden_only, last_only)
 
@@ -248,7 +250,7 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         if a.embed_scale:  # HF rounds sqrt(dim) to the model dtype first
             x = x * torch.tensor(math.sqrt(a.dim), dtype=x.dtype)
-        masks = {w: attention_mask(q_pos, q_slot, k_pos, k_ok, n_pre, w) for w in
+        masks = {w: attention_mask(q_pos, q_slot, k_pos, k_ok, w) for w in
                  {a.sliding_window if s else None for s in a.sliding}}
         ropes = {s: self.rope(a.sliding.index(s), q_pos, x.dtype) for s in set(a.sliding)}
         for i, layer in enumerate(self.layers):
@@ -271,19 +273,19 @@ class Transformer(nn.Module):
         return x if hidden_only else self.logits(x)
 
 
-def attention_mask(q_pos, q_slot, k_pos, k_ok, n_prefix: int, window: int | None):
+def attention_mask(q_pos, q_slot, k_pos, k_ok, window: int | None):
     """(B, 1, T, S) bool: which keys each query sees.
 
-    Causal by position, within `window` positions on sliding layers; prefix entries
-    (slots < n_prefix) are always visible, since they are per-layer adapter memory
-    rather than text. A padding query also sees its own slot, so that no softmax row
-    is empty (an all-masked row gives NaN, which would leak into later layers).
+    Causal by position, within `window` positions on sliding layers. Prefix entries carry
+    negative positions and are always visible, also on sliding layers: they are per-layer
+    adapter memory rather than text. A padding query also sees its own slot, so that no
+    softmax row is empty (an all-masked row gives NaN, which would leak into later layers).
     """
     S = k_pos.shape[1]
     k_slot = torch.arange(S, device=k_pos.device)
     qp, kp = q_pos[:, :, None], k_pos[:, None, :]
     see = k_ok[:, None, :] & (kp <= qp)
     if window is not None:
-        see = see & ((qp - kp < window) | (k_slot < n_prefix))
+        see = see & ((qp - kp < window) | (kp < 0))
     see = see | (k_slot[None, None, :] == q_slot[None, :, None])
     return see[:, None]
