@@ -79,7 +79,7 @@ def adapters_for(a, n_prompts: int, model_args):
 def main():
     a = parse()
     from minipara.generation import Decoder, GenerationConfig, generate
-    from minipara.tokenizer import encode_example, resolve_template
+    from minipara.tokenizer import encode_example, end_id, resolve_template
 
     texts = read_prompts(a)
     if any(not t.strip() for t in texts):
@@ -89,6 +89,7 @@ def main():
     cfg.check()
     model, tok, path = cli.load(a)
     template = resolve_template(a.template, model.args.model_type, path)
+    cfg.eos_ids = tuple(dict.fromkeys((*model.args.eos_ids, end_id(tok, template))))  # e.g. Gemma's <end_of_turn>
     prompts = [encode_example(tok, template, t)[0] for t in texts]
     room = model.args.max_seq_len - a.max_new_tokens
     for i, p in enumerate(prompts):
