@@ -75,9 +75,9 @@ class Attention(nn.Module):
         B, T, _ = h.shape
         q, k, v = self.project(h, rope, st)
         if kv is None:
-            if st is not None and st.prefix_k is not None:
-                k = torch.cat([st.prefix_k.to(k.dtype), k], dim=2)
-                v = torch.cat([st.prefix_v.to(v.dtype), v], dim=2)
+            if st is not None and st.prefix_k is not None:  # (B|1, n_kv, P, D): shared ones broadcast
+                k = torch.cat([st.prefix_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+                v = torch.cat([st.prefix_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         else:
             k_buf, v_buf, slots = kv
             k_buf.index_copy_(2, slots, k)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs
+from ..errors import UserError
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
@@ -32,6 +33,27 @@ def out_sizes(args: ModelArgs) -> dict[str, int]:
 def in_sizes(args: ModelArgs) -> dict[str, int]:
     return dict(q=args.dim, k=args.dim, v=args.dim, o=args.q_dim,
                 gate=args.dim, up=args.dim, down=args.ffn_dim)
+
+
+# Fused linear name -> (block submodule, attribute): where LayerState's parts live in the model.
+LINEARS = {"qkv": ("attention", "wqkv"), "o": ("attention", "wo"),
+           "gate_up": ("ffn", "w_gate_up"), "down": ("ffn", "w_down")}
+
+
+def fused_linear(model, i: int, f: str) -> nn.Linear:
+    sub, name = LINEARS[f]
+    return getattr(getattr(model.layers[i], sub), name)
+
+
+def check_targets(targets, method: str) -> tuple[str, ...]:
+    """A targets option as a tuple in the canonical order ("q,v" or a sequence of names)."""
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    bad = [t for t in names if t not in PROJECTIONS]
+    if bad:
+        raise UserError(f"{method} target {bad[0]!r} is not a projection; choose among {', '.join(PROJECTIONS)}")
+    if not names:
+        raise UserError(f"{method} needs at least one target among {', '.join(PROJECTIONS)}")
+    return tuple(p for p in PROJECTIONS if p in names)
 
 
 def _parts(fused: str) -> list[str]:
@@ -164,9 +186,13 @@ class Adapter(nn.Module):
     def layer_state(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, model) -> LayerState | None:
         raise NotImplementedError
 
+    # Why merge() is refused, for methods that cannot fold into the base weights.
+    merge_refusal = "it generates its parameters from each prompt at prefill"
+
     def merge(self, model):
-        raise NotImplementedError(f"{self.method} generates its parameters from each prompt, "
-                                  "so it cannot be merged into the base weights")
+        """A copy of `model` with this adapter folded into its weights (mergeable methods only)."""
+        raise UserError(f"{self.method} cannot be merged into the base weights: {self.merge_refusal}; "
+                        "use it unmerged")
 
 
 def config_dict(config) -> dict:

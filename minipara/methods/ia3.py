@@ -1,0 +1,50 @@
+"""(IA)^3 (Liu et al., 2022): learned vectors multiply linear outputs, l * (x W^T + b).
+
+Baseline setting: vectors on the K, V and FFN up-projection outputs, initialised to one,
+so an untrained adapter is the identity. (PEFT's default for LLaMA scales down_proj's
+input instead of up_proj's output: the same thing, since down's input is act(gate) * up.)
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Adapter, LayerState, check_targets, fused_linear, out_sizes
+
+
+@dataclass
+class IA3Config:
+    targets: tuple[str, ...] = ("k", "v", "up")
+
+    def __post_init__(self):
+        self.targets = check_targets(self.targets, "ia3")
+
+
+class IA3(Adapter):
+    method = "ia3"
+    config_cls = IA3Config
+
+    def __init__(self, config: IA3Config, args):
+        super().__init__(config, args)
+        outs = out_sizes(args)
+        self.scale = nn.ParameterDict({p: nn.Parameter(torch.ones(args.n_layers, outs[p])) for p in config.targets})
+
+    def state(self, i: int, dtype) -> LayerState:
+        return LayerState.build(self.args, dtype, scale={p: v[i] for p, v in self.scale.items()})
+
+    def layer_state(self, i, h, pool_mask, model):
+        return self.state(i, h.dtype)
+
+    @torch.no_grad()
+    def merge(self, model):
+        """A copy of `model` whose weight rows (and biases) are multiplied by the vectors."""
+        merged = copy.deepcopy(model)
+        for i in range(self.args.n_layers):
+            for f, s in self.state(i, torch.float32).scale.items():
+                lin = fused_linear(merged, i, f)
+                s = s.reshape(-1).to(lin.weight.device)
+                lin.weight.copy_(lin.weight.float() * s[:, None])
+                if lin.bias is not None:
+                    lin.bias.copy_(lin.bias.float() * s)
+        return merged

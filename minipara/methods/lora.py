@@ -1,0 +1,64 @@
+"""LoRA (Hu et al., 2021): a low-rank update on the chosen linears, y = x W^T + s * x A^T B^T.
+
+Baseline setting of the papers: rank 4, alpha 8 (s = alpha / r = 2) on all seven linears;
+A ~ Kaiming-uniform as nn.Linear's default init, B = 0, so an untrained adapter is the
+identity. Parameters are kept per projection and stacked over layers, transposed to the
+x @ A @ B layout the model uses: a[p] (L, in, r) = A^T, b[p] (L, r, out) = B^T, unscaled
+as in PEFT; the scale is folded into B when a layer's state is built.
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import PROJECTIONS, Adapter, LayerState, check_targets, fused_linear, in_sizes, out_sizes
+
+@dataclass
+class LoraConfig:
+    r: int = 4
+    alpha: float = 8.0
+    targets: tuple[str, ...] = PROJECTIONS
+    rslora: bool = False  # scale alpha / sqrt(r) (PEFT's use_rslora) instead of alpha / r
+
+    def __post_init__(self):
+        self.targets = check_targets(self.targets, "lora")
+        if self.r < 1:
+            raise UserError(f"lora rank r must be at least 1, got {self.r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class Lora(Adapter):
+    method = "lora"
+    config_cls = LoraConfig
+
+    def __init__(self, config: LoraConfig, args):
+        super().__init__(config, args)
+        ins, outs, r, L = in_sizes(args), out_sizes(args), config.r, args.n_layers
+        # nn.Linear's kaiming_uniform_(a=sqrt(5)) on A (r, in) is U(-1/sqrt(in), 1/sqrt(in));
+        # written out because fan-in of the stacked (L, in, r) tensor would be computed wrongly.
+        self.a = nn.ParameterDict({p: nn.Parameter(torch.empty(L, ins[p], r).uniform_(-ins[p] ** -0.5, ins[p] ** -0.5))
+                                   for p in config.targets})
+        self.b = nn.ParameterDict({p: nn.Parameter(torch.zeros(L, r, outs[p])) for p in config.targets})
+
+    def state(self, i: int, dtype) -> LayerState:
+        s = self.config.scale
+        return LayerState.build(self.args, dtype, lora={p: (self.a[p][i], self.b[p][i] * s) for p in self.a})
+
+    def layer_state(self, i, h, pool_mask, model):
+        return self.state(i, h.dtype)
+
+    @torch.no_grad()
+    def merge(self, model):
+        """A copy of `model` with W += s * B A folded into its fused weights (float32 math)."""
+        merged = copy.deepcopy(model)
+        for i in range(self.args.n_layers):
+            for f, (a, b) in self.state(i, torch.float32).lora.items():
+                w = fused_linear(merged, i, f).weight
+                w.copy_(w.float() + (a @ b).T.to(w.device))
+        return merged

@@ -1,0 +1,309 @@
+"""Baselines (LoRA, (IA)^3, BitFit, P-tuning v2) and the PEFT importer.
+
+The PEFT round trips use the real `peft` package (a test-only dependency) to make and run
+adapters on tiny random HF models, so the names, shapes and maths are PEFT's own.
+"""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from safetensors.torch import load_file, save_file
+
+from minipara.config import ModelArgs
+from minipara.errors import UserError
+from minipara.methods import build_adapter
+
+from conftest import DEVICE, tiny_args, tiny_model, tol
+
+IDENTITY = ("lora", "ia3", "bitfit")
+ALL = IDENTITY + ("ptuning_v2",)
+MODELS = {}
+
+
+def model_of(family):
+    if family not in MODELS:
+        MODELS[family] = tiny_model(family)
+    return MODELS[family]
+
+
+def trained(method: str, family: str, seed: int = 0):
+    """An adapter with random "trained-looking" weights (its zero/one-init tensors perturbed)."""
+    torch.manual_seed(seed)
+    ad = build_adapter(method, tiny_args(family))
+    with torch.no_grad():
+        for name, p in ad.named_parameters():
+            if name.startswith(("b.", "bias.")):
+                p.normal_(0, 0.2)
+            elif name.startswith("scale."):
+                p.normal_(1, 0.2)
+    return ad.to(DEVICE)
+
+
+def batch(seed: int, lengths: list[int], extra: int, vocab: int = 97):
+    """Left-padded prompts of `lengths` followed by `extra` response tokens."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    tokens = torch.randint(3, vocab, (len(lengths), P + extra), generator=g)
+    valid = torch.arange(P + extra)[None] >= P - torch.tensor(lengths)[:, None]
+    prompt = valid & (torch.arange(P + extra)[None] < P)
+    return tokens.to(DEVICE), valid.to(DEVICE), prompt.to(DEVICE)
+
+
+@pytest.mark.parametrize("method", IDENTITY)
+def test_zero_init_is_identity(family, method):
+    model = model_of(family)
+    tokens, valid, _ = batch(0, [7, 4, 9], 0)
+    with torch.no_grad():
+        base = model(tokens, valid=valid)
+        out = model(tokens, valid=valid, adapter=build_adapter(method, model.args).to(DEVICE))
+    assert torch.equal(base, out)  # y + x A 0, y * 1 and y + 0 are y exactly
+
+
+def test_ptuning_v2_is_not_identity_and_shifts_positions():
+    model = model_of("llama")
+    ad = build_adapter("ptuning_v2", model.args).to(DEVICE)
+    assert ad.n_prefix == 64 and ad.prefix.shape == (3, 2, 2, 64, 12)
+    tokens, valid, _ = batch(0, [6], 0)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens, valid=valid), model(tokens, valid=valid, adapter=ad))
+
+
+@settings(max_examples=15, deadline=None)
+@given(family=st.sampled_from(["llama", "gemma"]), method=st.sampled_from(ALL),
+       lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), extra=st.integers(1, 4),
+       seed=st.integers(0, 1000))
+def test_decode_matches_full_forward(family, method, lengths, extra, seed):
+    model, ad = model_of(family), trained(method, family, seed)
+    tokens, valid, prompt = batch(seed, lengths, extra)
+    P = max(lengths)
+    with torch.no_grad():
+        full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
+        cache = model.new_cache(len(lengths), ad.n_prefix + tokens.shape[1], n_prefix=ad.n_prefix)
+        outs = [model(tokens[:, :P], valid=valid[:, :P], cache=cache, adapter=ad)]
+        outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(P, tokens.shape[1])]
+    assert (torch.cat(outs, 1) - full)[valid].abs().max() < tol(1e-5)
+
+
+@pytest.mark.parametrize("method", IDENTITY)
+def test_merge_gives_the_unmerged_logits(family, method):
+    model, ad = model_of(family), trained(method, family, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = ad.merge(model)
+    tokens, valid, _ = batch(1, [9, 5], 0)
+    with torch.no_grad():
+        ref = model(tokens, valid=valid, adapter=ad)
+        got = merged(tokens, valid=valid)
+    assert (ref - got)[valid].abs().max() < tol(1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the original is untouched
+    if method == "bitfit":  # the copy now has biases, and says so
+        assert merged.args.attention_bias and merged.args.mlp_bias and not model.args.attention_bias
+
+
+@pytest.mark.parametrize("method", ["ptuning_v2", "para"])
+def test_merge_refused_for_prefix_and_prompt_aware_methods(method):
+    with pytest.raises(UserError, match="cannot be merged"):
+        build_adapter(method, tiny_args("llama")).merge(model_of("llama"))
+
+
+def test_parameter_counts_on_llama2_7b_shape():
+    args = ModelArgs(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     head_dim=128, ffn_dim=11008)
+    with torch.device("meta"):
+        counts = {m: sum(p.numel() for p in build_adapter(m, args).parameters()) for m in ALL}
+    assert counts["lora"] == 32 * 4 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) == 9_994_240
+    assert counts["ia3"] == 32 * (4096 + 4096 + 11008) == 614_400
+    assert counts["bitfit"] == 32 * (4 * 4096 + 2 * 11008 + 4096) == 1_359_872
+    assert counts["ptuning_v2"] == 32 * 2 * 32 * 64 * 128 == 16_777_216
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_only_adapter_parameters_get_gradients(family, method):
+    model, ad = model_of(family), trained(method, family, 2)
+    tokens, valid, prompt = batch(2, [6, 3], 3)
+    logits = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
+    torch.nn.functional.cross_entropy(logits[:, :-1][valid[:, 1:]], tokens[:, 1:][valid[:, 1:]]).backward()
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in ad.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_bad_targets_are_refused():
+    with pytest.raises(UserError, match="'qq' is not a projection"):
+        build_adapter("lora", tiny_args("llama"), targets=("q", "qq"))
+    assert build_adapter("ia3", tiny_args("llama"), targets="v,q").config.targets == ("q", "v")
+
+
+# ---- PEFT import ------------------------------------------------------------------------------
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_base(family: str, path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        hf = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                            vocab_size=128, sliding_window=4, query_pre_attn_scalar=24,
+                                            layer_types=["sliding_attention", "full_attention"])
+        hf = transformers.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # HF's zero Gemma norms would hide norm bugs
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    hf.eval().save_pretrained(path)
+    return hf
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma"])
+def peft_pair(request, tmp_path_factory):
+    """(HF base model, minipara model loaded from its saved directory)."""
+    pytest.importorskip("peft")
+    from minipara.loading import load_model
+    path = tmp_path_factory.mktemp(f"base-{request.param}")
+    hf = hf_base(request.param, path)
+    return hf, load_model(path)
+
+
+@pytest.fixture(scope="module")
+def llama_lora(tmp_path_factory):
+    """(minipara LLaMA model, directory of a PEFT LoRA made for it): the refusal cases edit copies."""
+    pytest.importorskip("peft")
+    from minipara.loading import load_model
+    path = tmp_path_factory.mktemp("refusals")
+    hf = hf_base("llama", path / "base")
+    peft_adapter(hf, path / "ok", "lora")
+    return load_model(path / "base"), path / "ok"
+
+
+def peft_adapter(hf, path, kind: str, **options):
+    """Wrap a copy of `hf` with a PEFT adapter of random weights, save it to `path`; returns the PeftModel."""
+    import copy
+
+    import peft
+    torch.manual_seed(1)
+    if kind == "lora":
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS, init_lora_weights=False, **options)
+    else:
+        cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                             init_ia3_weights=False, **options)
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    pm.save_pretrained(path)
+    return pm
+
+
+def logits_agree(pm, model, ad):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, 128, (2, 11), generator=g)
+    with torch.no_grad():
+        ref = pm(input_ids=tokens).logits
+        got = model(tokens, adapter=ad)
+    return (ref - got).abs().max().item()
+
+
+@pytest.mark.parametrize("kind, options", [("lora", {}), ("lora", {"use_rslora": True}), ("ia3", {})])
+def test_peft_round_trip(peft_pair, tmp_path, kind, options):
+    from minipara.peft_import import load_peft_adapter
+    hf, model = peft_pair
+    pm = peft_adapter(hf, tmp_path, kind, **options)
+    ad = load_peft_adapter(tmp_path, model.args)
+    assert ad.method == kind
+    if kind == "lora":
+        assert ad.config.r == 4 and ad.config.targets == ("q", "k", "v", "o", "gate", "up", "down")
+        assert ad.config.scale == (8 / 2 if options else 8 / 4)
+    else:
+        assert ad.config.targets == ("k", "v", "up")  # down_proj's input scaling is the up output's
+    assert logits_agree(pm, model, ad) < 1e-4
+    # Older PEFT files keep the adapter name in tensor names.
+    f = tmp_path / "adapter_model.safetensors"
+    t = load_file(f)
+    save_file({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
+               .replace(".ia3_l", ".ia3_l.default"): v for k, v in t.items()}, f)
+    again = load_peft_adapter(tmp_path, model.args)
+    assert all(torch.equal(a, b) for a, b in zip(ad.state_dict().values(), again.state_dict().values()))
+
+
+def variant(src, dst, config=None, tensors=None):
+    """A copy of the PEFT directory `src` with config fields replaced and tensors edited."""
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensors:
+        f = dst / "adapter_model.safetensors"
+        save_file(tensors(load_file(f)), f)
+    return dst
+
+
+def drop(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+def reshape(name):
+    return lambda t: {**t, name: torch.zeros(t[name].shape[0], t[name].shape[1] + 1)}
+
+
+Q_A = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+LORA_REFUSALS = {
+    "bias": ({"bias": "all"}, None, "trains biases"),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    "dora": ({"use_dora": True}, None, "DoRA"),
+    "rank_pattern": ({"rank_pattern": {"q_proj": 8}}, None, "rank_pattern"),
+    "alpha_pattern": ({"alpha_pattern": {"q_proj": 16}}, None, "alpha_pattern"),
+    "layers_to_transform": ({"layers_to_transform": 0}, None, "layers_to_transform"),
+    "unknown_target": ({"target_modules": ALL_LINEARS + ["lm_head"]}, None, "'lm_head' is not one of the projections"),
+    "untargeted_tensor": ({"target_modules": ["q_proj"]}, None, "is not for a module in the config's target_modules"),
+    "pissa": ({"init_lora_weights": "pissa"}, None, "changes the base weights"),
+    "peft_type": ({"peft_type": "PREFIX_TUNING"}, None, "'PREFIX_TUNING' is not supported"),
+    "missing": (None, drop(Q_A), f"tensor {Q_A} is missing"),
+    "misshaped": (None, reshape(Q_A), rf"tensor {Q_A} has shape \[4, 65\], this llama model needs \[4, 64\]"),
+    "other_module": (None, lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)},
+                     "lm_head.lora_A.weight adapts something other than"),
+    "deeper_model": (None, lambda t: {**t, Q_A.replace("layers.1", "layers.5"): t[Q_A].clone()}, "is for layer 5"),
+}
+
+
+@pytest.mark.parametrize("case", list(LORA_REFUSALS))
+def test_peft_refusals(llama_lora, tmp_path, case):
+    from minipara.peft_import import load_peft_adapter
+    model, ok = llama_lora
+    config, tensors, message = LORA_REFUSALS[case]
+    bad = variant(ok, tmp_path / case, config, tensors)
+    with pytest.raises(UserError, match=message) as e:
+        load_peft_adapter(bad, model.args)
+    assert "\n" not in str(e.value)
+
+
+def test_peft_ia3_refuses_input_scaling_it_cannot_express(peft_pair, tmp_path):
+    from minipara.peft_import import load_peft_adapter
+    hf, model = peft_pair
+    peft_adapter(hf, tmp_path / "ok", "ia3")
+    bad = variant(tmp_path / "ok", tmp_path / "bad",
+                  {"target_modules": ["k_proj", "v_proj", "up_proj"], "feedforward_modules": ["up_proj"]},
+                  lambda t: {k.replace("down_proj", "up_proj"): v for k, v in t.items()})
+    with pytest.raises(UserError, match="up_proj is a feedforward module, so PEFT scales its input"):
+        load_peft_adapter(bad, model.args)
+
+
+def test_peft_pickle_is_never_opened(tmp_path):
+    from minipara.peft_import import load_peft_adapter
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle at all")
+    with pytest.raises(UserError, match="safe_serialization=True"):
+        load_peft_adapter(tmp_path, tiny_args("llama"))
+
+
+def test_adapter_io_reads_peft_directories(peft_pair, tmp_path):
+    """minipara.adapter_io.load_adapter hands a PEFT directory to the importer."""
+    from minipara.adapter_io import load_adapter
+    hf, model = peft_pair
+    pm = peft_adapter(hf, tmp_path, "lora")
+    assert logits_agree(pm, model, load_adapter(tmp_path, model.args)) < 1e-4
+    assert math.isclose(load_adapter(tmp_path, model.args).config.scale, 2.0)
