@@ -100,6 +100,8 @@ def main():
                                 "(pass --truncate to keep only the end of the prompt)")
             prompts[i] = p[:1] + p[len(p) - room + 1:]  # keep BOS, drop the oldest text
     adapter = adapters_for(a, len(prompts), model.args)
+    if adapter is not None:  # adapter files load on the CPU
+        adapter = adapter.to(model.tok_embeddings.weight.device)
     decoder = Decoder(model)
     if a.compile:
         from minipara.fast import compile_decoder

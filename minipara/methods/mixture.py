@@ -1,0 +1,118 @@
+"""A batch whose rows use different adapters (and methods), or none: multi-tenant serving.
+
+`Mixture(adapters, rows)`: row b of the batch uses `adapters[rows[b]]` (None: the bare
+model). At each layer every member adapter runs its generator on its own rows only, once
+per request, and the states are combined into one full-batch `LayerState` that the
+model applies like any other:
+
+    scale   ones, member rows' vectors written in      (y * 1 is y exactly)
+    bias    zeros, member rows' vectors written in     (y + 0 is y exactly)
+    lora    per-row A (B, in, R) and B (B, R, out): each row its own adapter's low-rank
+            pair, ranks zero-padded to the largest, zeros for rows without one; decode is
+            then one batched low-rank product for all tenants, with no loop over rows
+    prefix  (B, n_kv, P_max, hd): each row's own entries in its first P_row slots; the
+            model masks a row's unused slots and starts its text at P_row (prefix_rows)
+
+So each row gets the output it would get alone, up to float rounding (zero-padded sums).
+"""
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .base import Adapter, LayerState
+
+
+class Mixture(Adapter):
+    method = "mixture"
+    config_cls = None
+
+    def __init__(self, adapters: list, rows: list):
+        nn.Module.__init__(self)
+        for r in rows:
+            if r is not None and not (isinstance(r, int) and 0 <= r < len(adapters)):
+                raise UserError(f"mixture row {r!r} names no adapter: use 0..{len(adapters) - 1} or None")
+        present = [a for a in adapters if a is not None]
+        if any(a.args != present[0].args for a in present):
+            raise UserError("a mixture's adapters must all be made for the same base model")
+        self.config, self.args, self.batch = None, present[0].args if present else None, len(rows)
+        # Rows grouped by adapter object, so each generator runs once over all of its rows.
+        groups: dict[int, tuple] = {}
+        for b, r in enumerate(rows):
+            a = None if r is None else adapters[r]
+            if a is not None:
+                groups.setdefault(id(a), (a, []))[1].append(b)
+        self.groups = list(groups.values())
+        self.members = nn.ModuleList(a for a, _ in self.groups)  # follow .to(device)
+        self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
+
+    def _check(self, batch: int):
+        if batch != self.batch:
+            raise ValueError(f"this mixture is for batches of {self.batch} rows, got {batch}")
+
+    def prefix_rows(self, batch, device):
+        self._check(batch)
+        out = torch.zeros(batch, dtype=torch.long, device=device)
+        for a, idx in self.groups:
+            if a.n_prefix:
+                out[torch.tensor(idx, device=device)] = a.prefix_rows(len(idx), device)
+        return out
+
+    def layer_state(self, i, h, pool_mask, model):
+        B = h.shape[0]
+        self._check(B)
+        parts = []
+        for a, idx in self.groups:
+            ix = torch.tensor(idx, device=h.device)
+            st = a.layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
+            if st is not None:
+                parts.append((ix, st))
+        if not parts:
+            return None
+        out = LayerState()
+        for kind, fill in (("scale", 1.0), ("bias", 0.0)):
+            for name in sorted({n for _, st in parts for n in getattr(st, kind)}):
+                vals = [(ix, _rows(_as3d(getattr(st, kind)[name]), len(ix)))
+                        for ix, st in parts if name in getattr(st, kind)]
+                ref = vals[0][1]
+                full = torch.full((B, *ref.shape[1:]), fill, dtype=ref.dtype, device=ref.device)
+                for ix, v in vals:
+                    full[ix] = v
+                getattr(out, kind)[name] = full
+        for name in sorted({n for _, st in parts for n in st.lora}):
+            vals = [(ix, *(_rows(t if t.dim() == 3 else t[None], len(ix)) for t in st.lora[name]))
+                    for ix, st in parts if name in st.lora]
+            R = max(a.shape[-1] for _, a, _ in vals)
+            a0, b0 = vals[0][1], vals[0][2]
+            A = a0.new_zeros(B, a0.shape[1], R)
+            Bm = b0.new_zeros(B, R, b0.shape[2])
+            for ix, a, b in vals:
+                A[ix, :, :a.shape[-1]] = a
+                Bm[ix, :b.shape[-2]] = b
+            out.lora[name] = (A, Bm)
+        pre = [(ix, st) for ix, st in parts if st.prefix_k is not None]
+        if pre:
+            k0 = pre[0][1].prefix_k
+            out.prefix_k = k0.new_zeros(B, k0.shape[1], self.n_prefix, k0.shape[3])
+            out.prefix_v = torch.zeros_like(out.prefix_k)
+            for ix, st in pre:
+                P = st.prefix_k.shape[2]
+                out.prefix_k[ix, :, :P] = _rows(st.prefix_k, len(ix))
+                out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
+        return out
+
+    def merge(self, model):
+        raise UserError("a mixture of adapters cannot be merged into one model: merge each adapter on its own")
+
+
+def _as3d(t: torch.Tensor) -> torch.Tensor:
+    """Scale/bias as (rows|1, 1, out); fewer dims mean shared by all rows (as in LayerState.select)."""
+    return t if t.dim() >= 3 else t.reshape(1, 1, t.shape[-1])
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t with a leading dim of n rows: a shared tensor (first dim 1) is expanded."""
+    if t.shape[0] == 1:
+        return t.expand(n, *t.shape[1:])
+    if t.shape[0] != n:
+        raise ValueError(f"adapter state has {t.shape[0]} rows for {n} requests")
+    return t
