@@ -65,9 +65,12 @@ def main():
     rows = []
 
     def record(name, m, ad, nb):
-        print(f"# {name} beams={nb} batch={a.batch} ...", file=sys.stderr, flush=True)
         r = bm.run_one(m, ad, prompts, nb, a.new_tokens, a.runs, a.warmup, compile_step)
         rows.append({"variant": name, "batch": a.batch, "beams": nb, **r})
+        print(f"# {name} beams={nb} batch={a.batch}: {r['tps']:.1f} tok/s, decode {r['decode_tps']:.1f}, "
+              f"warm-up {r['warmup_s']:.0f} s", file=sys.stderr, flush=True)
+        if a.json:  # after every row, so an interrupted run keeps what it measured
+            bm.save_json(a.json, rows, info, vars(a))
 
     # The merged LoRA copies the weights: measure it last, once nothing else needs the original.
     order = sorted(variants, key=lambda v: v == "lora-merged")

@@ -125,8 +125,10 @@ def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_st
         from .fast import compile_decoder
         compile_decoder(decoder)
     cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
-    for _ in range(warmup):
+    t = time.perf_counter()
+    for _ in range(warmup):  # compiles and records the decode step
         generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
+    warmup_s = time.perf_counter() - t
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -151,6 +153,7 @@ def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_st
         "decode_tps": statistics.median(decode_tps),
         "ttft_ms": statistics.median(ttfts) * 1e3,
         "peak_mb": peak_memory_mb(device),
+        "warmup_s": warmup_s,
     }
 
 
