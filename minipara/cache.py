@@ -58,6 +58,9 @@ class KVCache(nn.Module):
         self._spare.update(self.packed)
         self.packed = {}
         per_layer = [s.tensors() if s is not None else None for s in states]
+        if all(not p for p in per_layer):  # nothing to apply at decode (IAPT's prefix is in the KV cache)
+            self.states = [None] * self.n_layers
+            return
         first = per_layer[0]
         if first is None or any(p is None or p.keys() != first.keys() or
                                 any(p[k].shape != first[k].shape for k in p) for p in per_layer):

@@ -249,7 +249,7 @@ class Transformer(nn.Module):
         a = self.args
         x = self.tok_embeddings(tokens)
         if a.embed_scale:  # HF rounds sqrt(dim) to the model dtype first
-            x = x * torch.tensor(math.sqrt(a.dim), dtype=x.dtype)
+            x = x * torch.tensor(math.sqrt(a.dim), dtype=x.dtype).item()
         masks = {w: attention_mask(q_pos, q_slot, k_pos, k_ok, w) for w in
                  {a.sliding_window if s else None for s in a.sliding}}
         ropes = {s: self.rope(a.sliding.index(s), q_pos, x.dtype) for s in set(a.sliding)}

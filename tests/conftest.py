@@ -1,8 +1,11 @@
 """Shared test fixtures: tiny random models of both families (no files, no downloads).
 
 MINIPARA_TEST_DEVICE=cuda and MINIPARA_TEST_DTYPE=bfloat16 run the same tests on a GPU in
-bfloat16; `tol(x)` then loosens a float32 tolerance to what bfloat16 arithmetic allows
-(its 8-bit mantissa gives about 1e-2 relative error per rounding).
+bfloat16; `tol(x)` then loosens a float32 tolerance to what bfloat16 arithmetic allows.
+bfloat16 keeps 8 significant bits: one rounding of a logit near 4 (the largest these tiny
+models make) moves it by up to 2^-8 * 4 = 0.016, and two computations that round at
+different points (fused vs unfused, cached vs full, merged vs unmerged weights) differ by
+several such steps. The 16-bit tolerance is 0.125 absolute: eight roundings at |logit| = 4.
 """
 import os
 
@@ -15,8 +18,8 @@ LOW_PRECISION = DTYPE != torch.float32
 
 
 def tol(float32_tol: float) -> float:
-    """The tolerance to use: as given in float32, 5e-2 (absolute, on O(1) logits) in 16-bit."""
-    return 5e-2 if LOW_PRECISION else float32_tol
+    """The tolerance to use: as given in float32, 0.125 (absolute, on logits) in 16-bit."""
+    return 0.125 if LOW_PRECISION else float32_tol
 
 
 exact_only = pytest.mark.skipif(LOW_PRECISION, reason="token-for-token equality needs float32: "
