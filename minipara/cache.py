@@ -17,10 +17,12 @@ class KVCache(nn.Module):
     def __init__(self, args: ModelArgs, batch: int, max_len: int, n_prefix: int = 0,
                  dtype=torch.float32, device=None):
         super().__init__()
-        # All layers in one buffer each for K and V: a beam reorder is then two index ops.
-        shape = (args.n_layers, batch, args.n_kv_heads, max_len, args.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # One buffer per layer: a compiled step then writes each new entry in place. (Views of
+        # one stacked buffer made the compiler copy the whole buffer at every step.)
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        for i in range(args.n_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("pos", torch.zeros(batch, max_len, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("ok", torch.zeros(batch, max_len, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("next_pos", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
@@ -34,7 +36,7 @@ class KVCache(nn.Module):
         self._spare = {}  # packed buffers of earlier requests, kept to be refilled (fixed addresses)
 
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[i], self.v[i]
+        return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 
     def reset(self, n_prefix: int = 0):
         """Empty the cache for a new batch of requests, keeping the buffers (and their addresses)."""
@@ -81,7 +83,7 @@ class KVCache(nn.Module):
         """Row i becomes old row rows[i] (beam search), in place; adapter states follow."""
         for name, buf in self.named_buffers():
             if name != "slot":
-                buf.copy_(buf.index_select(1 if name in ("k", "v") else 0, rows))
+                buf.copy_(buf.index_select(0, rows))
         if self.packed:
             for buf in self.packed.values():  # stacked: (layers, rows or 1, ...)
                 if buf.dim() >= 4 and buf.shape[1] == self.batch:
@@ -95,6 +97,6 @@ class KVCache(nn.Module):
         if len(rows) != self.batch or src.max_len != self.max_len:
             raise ValueError("load_rows: this cache must have len(rows) rows and src's length")
         for (name, dst), (_, s) in zip(self.named_buffers(), src.named_buffers()):
-            dst.copy_(s if name == "slot" else s.index_select(1 if name in ("k", "v") else 0, rows))
+            dst.copy_(s if name == "slot" else s.index_select(0, rows))
         self.n_prefix, self.length = src.n_prefix, src.length
         self.pack_states([s.select(rows) if s is not None else None for s in src.states])

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, LayerState, out_sizes
-from .poolers import pool
+from ..errors import UserError
+from .poolers import POOLERS, pool
 
 TARGETS = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv": ("q", "v")}
 
@@ -46,11 +47,14 @@ class VectorGenerator(nn.Module):
 class Para(Adapter):
     method = "para"
     config_cls = ParaConfig
+    poolers = POOLERS
 
     def __init__(self, config: ParaConfig, args):
         super().__init__(config, args)
         if config.targets not in TARGETS:
-            raise ValueError(f"unknown targets {config.targets!r}; use one of {', '.join(TARGETS)}")
+            raise UserError(f"unknown targets {config.targets!r}; use one of {', '.join(TARGETS)}")
+        if config.pooler not in self.poolers:
+            raise UserError(f"{self.method} has no pooler {config.pooler!r}; use one of {', '.join(self.poolers)}")
         sizes = out_sizes(args)
         self.targets = TARGETS[config.targets]
         self.splits = [sizes[t] for t in self.targets]

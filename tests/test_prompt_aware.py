@@ -1,0 +1,330 @@
+"""Prompt-aware methods: PARA, PEDRO, PARADE (vector generators) and IAPT (soft tokens).
+
+Each generator must see the prompt only, run once per request (at prefill), and leave
+decoding as cheap as the bare model's; the PARA family must start as the identity.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from minipara.config import ModelArgs
+from minipara.errors import UserError
+from minipara.methods import build_adapter
+from minipara.methods.parade import squash
+from minipara.methods.rational import rational
+
+from conftest import DEVICE, tiny_args, tiny_model, tol
+
+PARA_FAMILY = ("para", "pedro", "parade")
+METHODS = PARA_FAMILY + ("iapt",)
+# Defaults and variants of the papers' ablations (poolers, targets and r, sharing, activations).
+VARIANTS = [
+    ("para", {}), ("para", {"pooler": "mean", "up_bias": False}), ("para", {"pooler": "max", "targets": "qkvgu"}),
+    ("pedro", {}), ("pedro", {"targets": "qv", "r": 24}), ("pedro", {"pooler": "mean", "up_bias": False}),
+    ("parade", {}), ("parade", {"pooler": "last"}), ("parade", {"targets": "qkvgu", "r": 8, "up_bias": False}),
+    ("iapt", {}), ("iapt", {"share_every": 2, "m": 16}), ("iapt", {"pooler": "mean", "activation": "gelu"}),
+    ("iapt", {"share_every": 1, "soft_tokens": 2, "activation": "relu"}),
+]
+MODELS = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy machine OpenMP's waiting
+    threads make these tests many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model_of(family):
+    if family not in MODELS:
+        MODELS[family] = tiny_model(family)
+    return MODELS[family]
+
+
+def trained(method: str, family: str, seed: int = 0, **options):
+    """An adapter with random "trained-looking" weights: vectors away from 1, rational
+    activations off GELU, capsule routing and IAPT's attention far from uniform."""
+    ad = build_adapter(method, tiny_args(family), **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ad.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.startswith("act."):
+                p.add_(r * 0.02)
+            elif name == "gen.b_up":
+                p.add_(r * 0.1)
+            elif name == "caps.v":
+                p.copy_(r)
+            else:  # weights (layers/groups, fan_in, fan_out...): O(1) outputs
+                p.copy_(r * 0.5 / p.shape[-2] ** 0.5)
+    return ad.to(DEVICE)
+
+
+def batch(seed: int, lengths: list[int], extra: int, pad: int = 0, vocab: int = 97):
+    """Prompts of `lengths`, left-padded to the longest plus `pad`, then `extra` response tokens:
+    tokens, valid, prompt mask."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths) + pad
+    tokens = torch.randint(3, vocab, (len(lengths), P + extra), generator=g)
+    valid = torch.arange(P + extra)[None] >= P - torch.tensor(lengths)[:, None]
+    prompt = valid & (torch.arange(P + extra)[None] < P)
+    return tokens.to(DEVICE), valid.to(DEVICE), prompt.to(DEVICE)
+
+
+def record(ad, monkeypatch) -> list:
+    """Make `ad` log (layer, state) for every generator run."""
+    calls, run = [], ad.layer_state
+
+    def logged(i, h, pool_mask, model):
+        state = run(i, h, pool_mask, model)
+        calls.append((i, state))
+        return state
+    monkeypatch.setattr(ad, "layer_state", logged)
+    return calls
+
+
+def parts(state) -> dict:
+    """A LayerState's tensors by name, prefix keys/values included."""
+    out = dict(state.tensors())
+    if state.prefix_k is not None:
+        out["prefix_k"], out["prefix_v"] = state.prefix_k, state.prefix_v
+    return out
+
+
+# ---- identity at init -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, options", [("para", {}), ("para", {"up_bias": False}), ("pedro", {}),
+                                             ("parade", {}), ("parade", {"pooler": "last"})])
+def test_zero_init_is_identity(family, method, options):
+    model = model_of(family)
+    tokens, valid, prompt = batch(0, [7, 4, 9], 3)
+    with torch.no_grad():
+        base = model(tokens, valid=valid)
+        out = model(tokens, valid=valid, pool_mask=prompt,
+                    adapter=build_adapter(method, model.args, **options).to(DEVICE))
+    assert torch.equal(base, out)  # W_up = 0: every vector is exactly 1, and y * 1 is y
+
+
+def test_iapt_is_not_identity_and_shifts_text_positions():
+    model = model_of("llama")
+    ad = build_adapter("iapt", model.args).to(DEVICE)
+    assert ad.n_prefix == 4
+    tokens, valid, _ = batch(0, [6], 0)
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens, valid=valid), model(tokens, valid=valid, adapter=ad))
+
+
+# ---- decode equivalence -----------------------------------------------------------------------
+
+@settings(max_examples=20, deadline=None)
+@given(family=st.sampled_from(["llama", "gemma"]), variant=st.sampled_from(VARIANTS),
+       lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), extra=st.integers(1, 4),
+       seed=st.integers(0, 1000))
+def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
+    method, options = variant
+    model, ad = model_of(family), trained(method, family, seed, **options)
+    tokens, valid, prompt = batch(seed, lengths, extra)
+    P = max(lengths)
+    with torch.no_grad():
+        full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
+        cache = model.new_cache(len(lengths), ad.n_prefix + tokens.shape[1], n_prefix=ad.n_prefix)
+        outs = [model(tokens[:, :P], valid=valid[:, :P], cache=cache, adapter=ad)]
+        outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(P, tokens.shape[1])]
+    assert (torch.cat(outs, 1) - full)[valid].abs().max() < tol(1e-5)
+
+
+# ---- prompt-only pooling ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_states_come_from_the_prompt_alone(family, method, monkeypatch):
+    """Teacher-forced states (response appended, extra left and right padding) equal the
+    prefill's from each prompt alone; a different response changes nothing at all."""
+    model, ad = model_of(family), trained(method, family, 3)
+    lengths, L = [5, 2, 7], model.args.n_layers
+    calls = record(ad, monkeypatch)
+    tf = []
+    for seed in (1, 2):  # same prompts, other responses (and response lengths per row)
+        tokens, valid, prompt = batch(11, lengths, 4, pad=2)
+        g = torch.Generator().manual_seed(seed)
+        resp = ~prompt & valid
+        tokens = torch.where(resp, torch.randint(3, 97, tokens.shape, generator=g).to(DEVICE), tokens)
+        cut = (resp & (torch.rand(tokens.shape, generator=g).to(DEVICE) < 0.3)).int().cummax(1).values.bool()
+        valid = valid & ~cut  # right padding after a random response length
+        with torch.no_grad():
+            model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
+        tf.append([parts(s) for _, s in calls[-L:]])
+    for a, b in zip(*tf):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    P = tokens.shape[1] - 4
+    for row, n in enumerate(lengths):
+        alone = tokens[row:row + 1, P - n:P]
+        cache = model.new_cache(1, ad.n_prefix + n, n_prefix=ad.n_prefix)
+        with torch.no_grad():
+            model(alone, cache=cache, adapter=ad)
+        for i, (_, s) in enumerate(calls[-L:]):
+            ref, got = parts(s), tf[0][i]
+            assert ref.keys() == got.keys() and ref
+            for k in ref:
+                err = (got[k][row:row + 1] - ref[k]).abs() / ref[k].abs().clamp(min=1)
+                assert err.max() < tol(1e-5), (i, k)  # padding reorders sums
+
+
+def test_capsule_pooler_is_the_spec_on_the_prompt_slice():
+    """The batched, masked capsule pooler equals SPEC.md's formulas run on each row's prompt alone."""
+    ad = trained("parade", "llama", 4)
+    h = torch.randn(3, 9, ad.args.dim, device=DEVICE)
+    _, _, mask = batch(0, [4, 9, 1], 0)
+    got = ad.pooled(1, h, mask)
+    W_cap, v = ad.caps.w_cap[1], ad.caps.v[1]
+    for b in range(3):
+        hp = h[b][mask[b]] @ ad.gen.w_down[1]  # (T_b, r)
+        m = torch.stack([hp @ W_cap[k] for k in range(4)], 1)  # (T_b, K, r/K)
+        logit = hp @ v.T
+        for _ in range(2):
+            s = (logit.softmax(0)[..., None] * m).sum(0)  # (K, r/K)
+            n = s.norm(dim=-1, keepdim=True)
+            c = n ** 2 / (1 + n ** 2) * s / n
+            logit = logit + (c[None] * m).sum(-1)
+        assert (got[b] - c.flatten()).abs().max() < 1e-6
+    zero = torch.zeros(2, 3, requires_grad=True)
+    squash(zero).sum().backward()
+    assert torch.equal(squash(zero), zero) and torch.isfinite(zero.grad).all()
+
+
+@pytest.mark.parametrize("options", [{}, {"pooler": "mean"}])
+def test_iapt_soft_tokens_are_the_spec_on_the_prompt_slice(options):
+    """Batched, masked soft tokens equal SPEC.md's formulas on each row's prompt alone, with
+    layers 0-1 and 2 (a smaller last group) sharing W_down, W_up and R."""
+    ad = trained("iapt", "gemma", 5, share_every=2, **options)
+    h = torch.randn(2, 8, ad.args.dim, device=DEVICE)
+    _, _, mask = batch(0, [3, 8], 0)
+    for i in range(ad.args.n_layers):
+        g = i // 2
+        got = ad.soft_tokens(i, h, mask)
+        for b in range(2):
+            u = h[b][mask[b]] @ ad.w_down[g]
+            if options.get("pooler") == "mean":
+                p = u.mean(0).expand(4, -1)
+            else:
+                p = (u @ ad.w_sa[i]).softmax(0).T @ u
+            s = rational(p, ad.act[g].a, ad.act[g].b) @ ad.w_up[g]
+            assert (got[b] - s).abs().max() < 1e-5
+
+
+# ---- one generator run per request; decoding costs the same whatever the generator's size ------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generators_run_once_per_request_also_with_beams(family, method, monkeypatch):
+    """Prefill on 2 prompts, expand to 3 beams each (load_rows), 5 decode steps with beam
+    reorders: every layer's generator ran exactly once, and each step's logits equal a full
+    forward over that beam's tokens."""
+    model, ad = model_of(family), trained(method, family, 6)
+    calls = record(ad, monkeypatch)
+    tokens, valid, _ = batch(6, [6, 3], 0)
+    P, steps, n_pre = tokens.shape[1], 5, ad.n_prefix
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cache = model.new_cache(2, n_pre + P + steps, n_prefix=n_pre)
+        model(tokens, valid=valid, cache=cache, adapter=ad)
+        beams = model.new_cache(6, n_pre + P + steps, n_prefix=n_pre)
+        beams.load_rows(cache, torch.arange(2).repeat_interleave(3).to(DEVICE))
+        seqs, ok = tokens.repeat_interleave(3, 0), valid.repeat_interleave(3, 0)
+        history = []
+        for _ in range(steps):
+            rows = (torch.arange(2).repeat_interleave(3) * 3 + torch.randint(0, 3, (6,), generator=g)).to(DEVICE)
+            beams.reorder(rows)
+            new = torch.randint(3, 97, (6, 1), generator=g).to(DEVICE)
+            seqs, ok = torch.cat([seqs[rows], new], 1), torch.cat([ok[rows], torch.ones_like(new, dtype=torch.bool)], 1)
+            history.append((seqs, ok, model(new, cache=beams)[:, -1]))
+    assert sorted(i for i, _ in calls) == list(range(model.args.n_layers))
+    prompt = torch.arange(P + steps, device=DEVICE) < P
+    with torch.no_grad():
+        for seqs, ok, logits in history:
+            full = model(seqs, valid=ok, adapter=ad, pool_mask=ok & prompt[:seqs.shape[1]])
+            assert (full[:, -1] - logits).abs().max() < tol(1e-5)
+
+
+@pytest.mark.parametrize("method, small, large", [
+    ("para", {"r": 4}, {"r": 24}), ("pedro", {"r": 4}, {"r": 24}), ("parade", {"r": 4}, {"r": 24}),
+    ("iapt", {"m": 8, "share_every": 1}, {"m": 64, "share_every": 3})])
+def test_decode_state_does_not_depend_on_generator_size(method, small, large):
+    """What a decode step reads (cache buffers and the stored per-layer states) has the same
+    shapes for a small and a large generator: decode cost is independent of r and m."""
+    model = model_of("llama")
+    tokens, valid, _ = batch(7, [5, 2], 0)
+
+    def footprint(options):
+        ad = trained(method, "llama", 7, **options)
+        cache = model.new_cache(2, ad.n_prefix + 8, n_prefix=ad.n_prefix)
+        with torch.no_grad():
+            model(tokens, valid=valid, cache=cache, adapter=ad)
+        shapes = {name: tuple(b.shape) for name, b in cache.named_buffers()}
+        shapes.update({key: tuple(t.shape) for key, t in cache.packed.items()})
+        shapes.update({(i, key): tuple(t.shape) for i, s in enumerate(cache.states) if s is not None
+                       for key, t in parts(s).items()})
+        return shapes
+    assert footprint(small) == footprint(large)
+
+
+# ---- parameters -------------------------------------------------------------------------------
+
+def test_parameter_counts_on_llama2_7b_shape():
+    args = ModelArgs(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
+                     head_dim=128, ffn_dim=11008)
+
+    def count(method, **options):
+        with torch.device("meta"):
+            ad = build_adapter(method, args, **options)
+        arch = getattr(ad, "arch_parameters", lambda: [])()
+        return sum(p.numel() for p in ad.parameters()), sum(p.numel() for p in arch)
+    para = count("para")[0]
+    assert count("para", up_bias=False)[0] == 32 * (4096 * 12 + 12 * 19200) == 8_945_664  # the papers' 8.9M
+    assert para == 32 * (4096 * 12 + 12 * 19200 + 19200) == 9_560_064
+    assert count("pedro") == (para + 32 * 12, 32 * 12)
+    parade = count("parade")[0]
+    assert parade == para + 32 * (12 * 12 + 4 * 12) == 9_566_208 and abs(parade - para) / para < 0.01
+    # PARADE-3 / PARADE-4 without b_up: the paper's 9.8M and 9.4M (plus the capsules)
+    assert count("parade", targets="qkvgu", r=8, up_bias=False)[0] == 9_830_400 + 32 * (8 * 8 + 4 * 8)
+    assert count("parade", targets="qv", r=24, up_bias=False)[0] == 9_437_184 + 32 * (24 * 24 + 4 * 24)
+    # IAPT: SPEC's formula (16.8M; the paper says 8.4M) plus R's 12 per sharing group
+    assert count("iapt") == (8 * 2 * 4096 * 256 + 32 * 256 * 4 + 8 * 12, 8 * 12) == (16_810_080, 96)
+    assert count("iapt", share_every=16, m=1024)[0] == 2 * 2 * 4096 * 1024 + 32 * 1024 * 4 + 2 * 12
+    assert count("iapt", share_every=1, m=64)[0] == 32 * 2 * 4096 * 64 + 32 * 64 * 4 + 32 * 12
+    assert count("iapt", share_every=5)[1] == 7 * 12  # 32 layers in groups of 5: the last has 2
+    assert count("iapt", activation="gelu") == (8 * 2 * 4096 * 256 + 32 * 256 * 4, 0)
+    assert count("iapt", pooler="mean")[0] == 8 * 2 * 4096 * 256 + 8 * 12  # no W_sa
+
+
+@pytest.mark.parametrize("method, options", [(m, {}) for m in METHODS] + [("iapt", {"share_every": 2})])
+def test_only_adapter_parameters_get_gradients(family, method, options):
+    model, ad = model_of(family), trained(method, family, 2, **options)
+    tokens, valid, prompt = batch(2, [6, 3], 3)
+    logits = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
+    F.cross_entropy(logits[:, :-1][valid[:, 1:]], tokens[:, 1:][valid[:, 1:]]).backward()
+    assert all(p.grad is None for p in model.parameters())
+    for name, p in ad.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_arch_parameters_are_the_rational_ones(method):
+    ad = build_adapter(method, tiny_args("llama"))
+    arch = {id(p) for p in getattr(ad, "arch_parameters", lambda: [])()}
+    assert arch == {id(p) for name, p in ad.named_parameters() if name.startswith("act.")}
+    assert len(arch) == {"pedro": 2 * 3, "iapt": 2 * 1}.get(method, 0)
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("parade", {"capsules": 5}, "capsules must divide r"),
+    ("parade", {"pooler": "first"}, "parade has no pooler"),
+    ("iapt", {"pooler": "max"}, "unknown IAPT pooler"),
+    ("iapt", {"activation": "tanh"}, "unknown IAPT activation"),
+    ("iapt", {"share_every": 0}, "share_every must be at least 1"),
+])
+def test_bad_options_are_refused(method, options, message):
+    with pytest.raises(UserError, match=message):
+        build_adapter(method, tiny_args("llama"), **options)
