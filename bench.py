@@ -5,6 +5,7 @@
     python bench.py --shape llama-2-7b --dtype bfloat16 --device cuda --batch 8 --tenants 4 --methods lora,para
 """
 import argparse
+import gc
 import sys
 
 import torch
@@ -87,8 +88,10 @@ def main():
     else:
         for v in order:
             m, ad = bm.make_adapter(v, model)
-            if v == "lora-merged":
-                del model  # free the original weights before measuring the merged copy's memory
+            if v == "lora-merged":  # free the original weights before measuring the merged copy's memory:
+                del model  # compiled graphs hold references to it too
+                torch._dynamo.reset()
+                gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             for nb in beams:
