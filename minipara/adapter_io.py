@@ -187,7 +187,7 @@ def load_adapter(path, model_args: ModelArgs):
     cls = method_class(meta["method"])
     try:
         adapter = cls(_config(cls, config, path), model_args)
-    except ValueError as e:
+    except (ValueError, UserError) as e:  # a config the method refuses
         raise UserError(f"{path}: bad {cls.method} config: {e}") from None
     want = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
     missing, extra = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
