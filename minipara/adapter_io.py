@@ -71,6 +71,9 @@ def save_adapter(path, adapter, model_args: ModelArgs):
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; an adapter is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

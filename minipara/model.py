@@ -90,7 +90,8 @@ class Attention(nn.Module):
         if rep > 1:
             mask = mask.repeat(1, 1, rep, 1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.attn_scale)
-        o = o.view(B, a.n_heads, T, a.head_dim).transpose(1, 2).reshape(B, T, a.q_dim)
+        # reshape, not view: some kernels return the output in a layout view cannot take
+        o = o.reshape(B, a.n_heads, T, a.head_dim).transpose(1, 2).reshape(B, T, a.q_dim)
         y = self.wo(o)
         return st.apply("o", o, y) if st is not None else y
 

@@ -193,3 +193,12 @@ def test_save_is_atomic(tmp_path, monkeypatch, saved):
     assert os.listdir(tmp_path / "sub") == ["again.safetensors"]
     with pytest.raises(UserError, match="is a directory"):
         save_adapter(tmp_path, ad, args)
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path):
+    args = tiny_args("llama")
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, build_adapter("para", args), args)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

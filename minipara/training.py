@@ -1,0 +1,511 @@
+"""Training an adapter on a frozen base model: the papers' recipe, resumable.
+
+The core works on pre-tokenised examples, `(prompt_ids, response_ids)` pairs, and on
+`EvalSet`s (prompts plus a scoring function over generated ids), so it runs without a
+tokenizer or task files; `prepare_task` builds both from a task and a tokenizer.
+
+- Loss: cross-entropy on response tokens only, averaged over all response tokens of the
+  (accumulated) batch, so micro-batching gives the same gradient as one big batch. Logits
+  are computed only where a response token is predicted (Gemma's vocabulary is 262k).
+- Prompt poolers see prompt positions only (`pool_mask`): the generated vectors are the
+  ones inference computes from the prompt alone.
+- Bi-level (methods with rational activations, `arch_parameters()`): first-order DARTS.
+  Each step first updates the rational parameters on a dev-split batch (their own AdamW,
+  constant lr `arch_lr`), then everything else on a train-split batch (AdamW, linear decay
+  after warm-up). Each group is frozen while the other one steps.
+- Early stopping on the dev metric (higher is better; ties broken by lower dev loss).
+- A checkpoint (adapter, optimizers, scheduler, data position, RNG states, best adapter,
+  patience) is written after every evaluation and on request_stop(); resuming continues
+  to the same result, bit for bit on the CPU, as an uninterrupted run.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+from .generation import Decoder, GenerationConfig, generate
+
+CKPT_FORMAT = "minipara-train-checkpoint"
+Pair = tuple[list[int], list[int]]
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 10
+    max_steps: int | None = None  # None: epochs decide
+    batch_size: int | None = None  # None: 16 for under 10k training examples, else 128
+    micro_batch: int | None = None  # None: the whole batch at once
+    lr: float = 1e-4
+    arch_lr: float = 1e-6  # rational activations' own optimizer (bi-level)
+    warmup: float = 0.06  # fraction of the steps
+    weight_decay: float = 0.0  # HF Trainer's default; decay would pull PARA's scales (init 1) to 0
+    eval_every: int | None = None  # None: 200 steps, or each epoch when an epoch is shorter
+    patience: int = 10  # evaluations without a better dev score before stopping
+    eval_beams: int = 3
+    eval_batch: int = 16  # prompts decoded together
+
+    def resolved(self, n_train: int) -> "TrainConfig":
+        """A copy with the data-dependent defaults filled in, checked."""
+        c = TrainConfig(**asdict(self))
+        c.batch_size = c.batch_size or (16 if n_train < 10_000 else 128)
+        c.micro_batch = c.micro_batch or c.batch_size
+        for name in ("batch_size", "micro_batch", "epochs", "eval_beams", "eval_batch"):
+            if getattr(c, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
+        if c.batch_size % c.micro_batch:
+            raise UserError(f"--batch-size {c.batch_size} is not divisible by --micro-batch {c.micro_batch}")
+        if c.max_steps is not None and c.max_steps < 1:
+            raise UserError(f"--max-steps must be at least 1 (got {c.max_steps})")
+        if c.patience < 1 or (c.eval_every is not None and c.eval_every < 1):
+            raise UserError("--patience and --eval-every must be at least 1")
+        if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1 or c.seed < 0:
+            raise UserError("need --lr > 0, --arch-lr >= 0, 0 <= warm-up < 1 and --seed >= 0")
+        per_epoch = math.ceil(n_train / c.batch_size)
+        c.eval_every = c.eval_every or min(200, per_epoch)
+        return c
+
+
+@dataclass
+class EvalSet:
+    """What evaluation decodes and how it is scored: `score(generated ids per prompt)` returns
+    metrics with the primary one first. Generated ids come without the stop token."""
+    prompts: list[list[int]]
+    score: Callable[[list[list[int]]], dict]
+    max_new_tokens: int
+    stop_ids: tuple[int, ...]
+
+
+# ---- batches and loss -----------------------------------------------------------------------
+def collate(pairs: list[Pair], pad_id: int, device):
+    """Right-padded prompt+response rows. Position j predicts token j+1, so the last response
+    token is only a target. Returns tokens, valid, pool (prompt positions), target mask, targets."""
+    T = max(len(p) + len(r) - 1 for p, r in pairs)
+    B = len(pairs)
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.zeros(B, T, dtype=torch.long)
+    valid, pool, tmask = (torch.zeros(B, T, dtype=torch.bool) for _ in range(3))
+    for i, (p, r) in enumerate(pairs):
+        seq = p + r[:-1]
+        tokens[i, :len(seq)] = torch.tensor(seq)
+        valid[i, :len(seq)] = True
+        pool[i, :len(p)] = True
+        tmask[i, len(p) - 1:len(p) - 1 + len(r)] = True
+        targets[i, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r)
+    return tuple(t.to(device) for t in (tokens, valid, pool, tmask, targets))
+
+
+def loss_sum(model, adapter, pairs: list[Pair]) -> torch.Tensor:
+    """Summed cross-entropy over the response tokens of `pairs` (float32)."""
+    tokens, valid, pool, tmask, targets = collate(pairs, model.args.pad_id, model.tok_embeddings.weight.device)
+    h = model(tokens, valid=valid, adapter=adapter, pool_mask=pool, hidden_only=True)
+    logits = model.logits(h[tmask]).float()  # only where a response token is predicted
+    return F.cross_entropy(logits, targets[tmask], reduction="sum")
+
+
+@torch.no_grad()
+def mean_loss(model, adapter, pairs: list[Pair], batch: int) -> float:
+    total = sum(float(loss_sum(model, adapter, pairs[i:i + batch])) for i in range(0, len(pairs), batch))
+    return total / sum(len(r) for _, r in pairs)
+
+
+def check_pairs(pairs: list[Pair], split: str, max_len: int, n_prefix: int = 0):
+    if not pairs:
+        raise UserError(f"the {split} split is empty: it needs at least one example")
+    for i, (p, r) in enumerate(pairs):
+        if not p or not r:
+            raise UserError(f"{split} example {i + 1} has an empty {'prompt' if not p else 'response'}")
+        if n_prefix + len(p) + len(r) > max_len:
+            raise UserError(f"{split} example {i + 1}: prompt ({len(p)} tokens) plus response ({len(r)} tokens)"
+                            f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's "
+                            f"context of {max_len} tokens; shorten or drop it")
+
+
+def check_eval(ev: "EvalSet", split: str, max_len: int, n_prefix: int = 0):
+    for i, p in enumerate(ev.prompts):
+        if n_prefix + len(p) + ev.max_new_tokens > max_len:
+            raise UserError(f"{split} example {i + 1}: prompt ({len(p)} tokens) plus {ev.max_new_tokens} new tokens"
+                            f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's context "
+                            f"of {max_len} tokens; shorten it or lower --max-new-tokens")
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+@torch.no_grad()
+def decode_all(model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None, should_stop=None):
+    """Generated ids (stop token removed) for every prompt, or None if should_stop() became true.
+    Prompts are batched by length to waste little on padding; the order is kept in the result."""
+    cfg = GenerationConfig(max_new_tokens=ev.max_new_tokens, beams=beams, eos_ids=tuple(ev.stop_ids))
+    order = sorted(range(len(ev.prompts)), key=lambda i: len(ev.prompts[i]))
+    out = [None] * len(order)
+    for s in range(0, len(order), batch):
+        if should_stop is not None and should_stop():
+            return None
+        rows = order[s:s + batch]
+        gens = generate(model, [ev.prompts[i] for i in rows], cfg, adapter=adapter, decoder=decoder)
+        for i, g in zip(rows, gens):
+            out[i] = g[:-1] if g and g[-1] in ev.stop_ids else g
+    return out
+
+
+def evaluate(model, adapter, ev: EvalSet, beams: int = 3, batch: int = 16, decoder=None) -> dict:
+    return ev.score(decode_all(model, adapter, ev, beams, batch, decoder))
+
+
+def warmup_linear(total: int, warmup: int):
+    """HF's get_linear_schedule_with_warmup as a LambdaLR factor."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _clone(state: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+# ---- the trainer ------------------------------------------------------------------------------
+@dataclass
+class Result:
+    status: str  # "finished" (early stop, epochs or max steps) or "interrupted"
+    step: int
+    total_steps: int
+    best_metric: float | None
+    best_dev: dict | None
+    best_step: int | None
+    stopped_by: str = ""  # why training ended: max_steps | epochs | early_stopping
+    wall_time: float = 0.0  # seconds, summed over interrupted sessions
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Train `adapter` on a frozen `model`.
+
+    train, dev: pairs; dev_eval: the dev EvalSet (the early-stopping metric); dev pairs also
+    give the dev loss and the bi-level batches. ckpt_path: where checkpoints go (None: none).
+    log(event dict), on_best(adapter), on_step(trainer): hooks for the caller.
+    """
+
+    def __init__(self, model, adapter, train: list[Pair], dev: list[Pair], dev_eval: EvalSet,
+                 cfg: TrainConfig, ckpt_path=None, log=None, on_best=None, on_step=None, progress=None):
+        check_pairs(train, "train", model.args.max_seq_len, adapter.n_prefix)
+        check_pairs(dev, "dev", model.args.max_seq_len, adapter.n_prefix)
+        check_eval(dev_eval, "dev", model.args.max_seq_len, adapter.n_prefix)
+        self.model, self.adapter, self.train, self.dev, self.dev_eval = model, adapter, train, dev, dev_eval
+        self.cfg = cfg.resolved(len(train))
+        self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
+        self.log, self.on_best, self.on_step, self.progress = log, on_best, on_step, progress
+        model.requires_grad_(False)  # the base stays frozen: only adapter tensors train
+        arch = list(adapter.arch_parameters()) if hasattr(adapter, "arch_parameters") else []
+        ids = {id(p) for p in arch}
+        self.arch = arch
+        self.weights = [p for p in adapter.parameters() if id(p) not in ids]
+        c = self.cfg
+        self.per_epoch = math.ceil(len(train) / c.batch_size)
+        self.total = min(c.max_steps or math.inf, c.epochs * self.per_epoch)
+        adapter.requires_grad_(True)
+        self.opt = torch.optim.AdamW(self.weights, lr=c.lr, weight_decay=c.weight_decay)
+        warm = math.ceil(c.warmup * self.total)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear(self.total, warm))
+        self.arch_opt = torch.optim.AdamW(self.arch, lr=c.arch_lr, weight_decay=0.0) if arch else None
+        self.decoder = Decoder(model)
+        self.stop_reason = None
+        # Progress, all of it saved in the checkpoint:
+        self.step = self.epoch = self.pos = self.dev_epoch = self.dev_pos = 0
+        self.best = None  # (metric, -dev loss): higher is better
+        self.best_dev, self.best_step, self.best_state, self.bad_evals = None, None, None, 0
+        self.eval_due, self.done, self.stopped_by = False, False, ""
+        self.loss_total = self.loss_count = 0.0  # train loss since the last evaluation
+        self.elapsed, self.history = 0.0, []
+        self.identity = self.run_identity()  # once: hashing a large training set takes a moment
+        torch.manual_seed(c.seed)
+        random.seed(c.seed)
+
+    # -- identity of a run, checked on resume --
+    def run_identity(self) -> dict:
+        from .methods.base import config_dict
+        return {"method": self.adapter.method,
+                "adapter_config": json.loads(json.dumps(config_dict(self.adapter.config), default=list)),
+                "model": json.loads(json.dumps(asdict(self.model.args), default=list)),
+                "train_config": asdict(self.cfg),
+                "data": fingerprint([self.train, self.dev, self.dev_eval.prompts, self.dev_eval.max_new_tokens,
+                                     list(self.dev_eval.stop_ids)])}
+
+    def request_stop(self, reason: str = "stop requested"):
+        """Stop after the current step (or abort a running evaluation), save a checkpoint and
+        return an interrupted Result. The CLI's signal handler calls this."""
+        self.stop_reason = reason
+
+    # -- data order: a fixed permutation per (seed, epoch), so a position is all a resume needs --
+    def _order(self, n: int, salt: int, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed((self.cfg.seed << 24) + (salt << 20) + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def _next_train(self) -> list[Pair]:
+        b = self.cfg.batch_size
+        idx = self._order(len(self.train), 0, self.epoch)[self.pos * b:(self.pos + 1) * b]
+        self.pos += 1
+        if self.pos == self.per_epoch:
+            self.epoch, self.pos = self.epoch + 1, 0
+        return [self.train[i] for i in idx]
+
+    def _next_dev(self) -> list[Pair]:
+        b = min(self.cfg.batch_size, len(self.dev))
+        idx = self._order(len(self.dev), 1, self.dev_epoch)[self.dev_pos * b:(self.dev_pos + 1) * b]
+        self.dev_pos += 1
+        if self.dev_pos == math.ceil(len(self.dev) / b):
+            self.dev_epoch, self.dev_pos = self.dev_epoch + 1, 0
+        return [self.dev[i] for i in idx]
+
+    def _update(self, pairs: list[Pair], params: list, opt) -> float:
+        """One optimizer step of `params` on `pairs`, accumulated over micro-batches; the
+        adapter's other parameters are frozen meanwhile. Returns the mean token loss."""
+        keep = {id(p) for p in params}
+        for p in self.adapter.parameters():
+            p.requires_grad_(id(p) in keep)
+        opt.zero_grad(set_to_none=True)
+        n_tok = sum(len(r) for _, r in pairs)
+        total = 0.0
+        mb = self.cfg.micro_batch
+        for s in range(0, len(pairs), mb):
+            loss = loss_sum(self.model, self.adapter, pairs[s:s + mb])
+            (loss / n_tok).backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total / n_tok
+
+    def _train_step(self):
+        if self.arch:  # first-order DARTS: the rational parameters step on dev data at the current weights
+            self._update(self._next_dev(), self.arch, self.arch_opt)
+        loss = self._update(self._next_train(), self.weights, self.opt)
+        self.sched.step()
+        self.step += 1
+        self.loss_total += loss
+        self.loss_count += 1
+        return loss
+
+    def _evaluate_dev(self) -> bool:
+        """Score the dev set, track the best adapter and patience. False if interrupted."""
+        model, ad = self.model, self.adapter
+        gens = decode_all(model, ad, self.dev_eval, self.cfg.eval_beams, self.cfg.eval_batch, self.decoder,
+                          should_stop=lambda: self.stop_reason is not None)
+        if gens is None:
+            return False
+        metrics = self.dev_eval.score(gens)
+        primary = next(iter(metrics.values()))
+        dev_loss = mean_loss(model, ad, self.dev, self.cfg.micro_batch)
+        score = (float(primary), -dev_loss)
+        better = self.best is None or score > tuple(self.best)
+        if better:
+            self.best, self.best_dev, self.best_step, self.bad_evals = list(score), metrics, self.step, 0
+            self.best_state = _clone(ad.state_dict())
+            if self.on_best is not None:
+                self.on_best(ad)
+        else:
+            self.bad_evals += 1
+        event = {"event": "eval", "step": self.step, "epoch": round(self.step / self.per_epoch, 3),
+                 "train_loss": self.loss_total / max(1, self.loss_count), "lr": self.sched.get_last_lr()[0],
+                 "dev": metrics, "dev_loss": dev_loss, "best": self.best[0], "best_step": self.best_step,
+                 "bad_evals": self.bad_evals, "elapsed": round(self.elapsed + time.time() - self._t0, 3)}
+        self.history.append(event)
+        self._log(event)
+        self.loss_total = self.loss_count = 0.0
+        return True
+
+    def _log(self, event: dict):
+        if self.log is not None:
+            self.log(event)
+
+    def run(self) -> Result:
+        c = self.cfg
+        self._t0 = time.time()
+        if self.progress is not None:
+            self.progress.start(self.step, self.total)
+        while not self.done:
+            if self.eval_due:
+                if not self._evaluate_dev():
+                    break
+                self.eval_due = False
+                if self.bad_evals >= c.patience:
+                    self.done, self.stopped_by = True, "early_stopping"
+                elif self.step >= self.total:
+                    self.done = True
+                    self.stopped_by = "max_steps" if c.max_steps == self.total else "epochs"
+                self.save_checkpoint()
+                continue
+            if self.stop_reason is not None:
+                break
+            loss = self._train_step()
+            self.eval_due = self.step % c.eval_every == 0 or self.step >= self.total
+            if self.progress is not None:
+                self.progress.update(self.step, loss, self.sched.get_last_lr()[0])
+            if self.on_step is not None:
+                self.on_step(self)
+        if self.progress is not None:
+            self.progress.finish()
+        self.adapter.requires_grad_(True)  # undo _update's freezing of one group
+        if not self.done:
+            self.save_checkpoint()
+            self._log({"event": "interrupted", "step": self.step, "reason": self.stop_reason})
+        return self.result()
+
+    def result(self) -> Result:
+        return Result("finished" if self.done else "interrupted", self.step, self.total,
+                      self.best[0] if self.best else None, self.best_dev, self.best_step, self.stopped_by,
+                      self.elapsed + (time.time() - self._t0 if hasattr(self, "_t0") else 0.0), self.history)
+
+    def load_best(self):
+        """Put the best adapter (by dev score) into the adapter, in place."""
+        if self.best_state is not None:
+            with torch.no_grad():
+                self.adapter.load_state_dict(self.best_state)
+
+    # -- checkpoints: tensors, lists, dicts, numbers and strings only (torch.load weights_only) --
+    def save_checkpoint(self):
+        if self.ckpt_path is None:
+            return
+        rng = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        elapsed = self.elapsed + time.time() - self._t0
+        ck = {"format": CKPT_FORMAT, "version": 1, "identity": self.identity,
+              "adapter": _clone(self.adapter.state_dict()), "best_adapter": self.best_state,
+              "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+              "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
+              "progress": {"step": self.step, "epoch": self.epoch, "pos": self.pos, "dev_epoch": self.dev_epoch,
+                           "dev_pos": self.dev_pos, "best": self.best, "best_dev": self.best_dev,
+                           "best_step": self.best_step, "bad_evals": self.bad_evals, "eval_due": self.eval_due,
+                           "done": self.done, "stopped_by": self.stopped_by, "loss_total": self.loss_total,
+                           "loss_count": self.loss_count, "elapsed": elapsed, "history": self.history},
+              "rng": rng}
+        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.{os.getpid()}.tmp")
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.save(ck, tmp)
+            os.replace(tmp, self.ckpt_path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def resume(self, path=None):
+        """Continue from a checkpoint written by a run with the same method, model, options and data."""
+        path = Path(path or self.ckpt_path)
+        if not path.is_file():
+            raise UserError(f"--resume: no checkpoint {path} (it is written at the first evaluation "
+                            "or when a run is interrupted)")
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
+            raise UserError(f"--resume: {path} is not a readable training checkpoint ({type(e).__name__})") from None
+        if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+            raise UserError(f"--resume: {path} is not a minipara training checkpoint")
+        _check_identity(path, ck["identity"], self.identity)
+        dev = next(self.adapter.parameters()).device
+        with torch.no_grad():
+            self.adapter.load_state_dict({k: v.to(dev) for k, v in ck["adapter"].items()})
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.arch_opt is not None:
+            self.arch_opt.load_state_dict(ck["arch_optimizer"])
+        self.best_state = ck["best_adapter"]
+        for k, v in ck["progress"].items():
+            setattr(self, k, v)
+        torch.set_rng_state(ck["rng"]["torch"])
+        random.setstate(_py_state(ck["rng"]["python"], back=True))
+        if "cuda" in ck["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self._log({"event": "resumed", "step": self.step, "from": str(path)})
+
+
+def _py_state(state, back: bool = False):
+    """random.getstate() is (version, tuple of ints, gauss) and the checkpoint keeps lists."""
+    if back:
+        return (state[0], tuple(state[1]), state[2])
+    return [state[0], list(state[1]), state[2]]
+
+
+def _check_identity(path, saved: dict, here: dict):
+    if saved["method"] != here["method"]:
+        raise UserError(f"--resume: {path} is a checkpoint of method {saved['method']}, not {here['method']}")
+    if saved["model"] != here["model"]:
+        s, h = saved["model"], here["model"]
+        diff = sorted(k for k in set(s) | set(h) if s.get(k) != h.get(k))
+        raise UserError(f"--resume: {path} was made with another model ({s.get('model_type')}, {s.get('n_layers')} "
+                        f"layers, dim {s.get('dim')}; this one: {h.get('model_type')}, {h.get('n_layers')} "
+                        f"layers, dim {h.get('dim')}; differing: {', '.join(diff)})")
+    for key, what in (("adapter_config", "method option"), ("train_config", "training option")):
+        s, h = saved[key], here[key]
+        for k in sorted(set(s) | set(h)):
+            if s.get(k) != h.get(k):
+                raise UserError(f"--resume: {path} was made with {what} {k}={s.get(k)!r}, this command gives "
+                                f"{h.get(k)!r}; rerun with the original options")
+    if saved["data"] != here["data"]:
+        raise UserError(f"--resume: {path} was made on different training or dev data (task, template or "
+                        "files changed); rerun with the original data or start over with --force")
+
+
+# ---- progress bar -----------------------------------------------------------------------------
+class Progress:
+    """step/total, loss, lr, it/s and ETA on one stderr line (a new line every 10 s when stderr
+    is not a terminal, so logs stay readable)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def start(self, step: int, total: int):
+        self.first, self.total, self.t0, self.last = step, total, time.time(), 0.0
+
+    def update(self, step: int, loss: float, lr: float):
+        now = time.time()
+        if not self.tty and now - self.last < 10 and step != self.total:
+            return
+        self.last = now
+        rate = (step - self.first) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else 0
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
+                f"ETA {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def finish(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ---- tasks on top: tokenise, score with the task's metric -------------------------------------
+def prepare_task(task, tokenizer, template: str, max_eval: int | None = None, max_new_tokens: int | None = None):
+    """(train pairs, dev pairs, dev EvalSet, test EvalSet) of a loaded task."""
+    from .tokenizer import encode_example, end_id
+
+    def encode(examples):
+        return [tuple(encode_example(tokenizer, template, e.prompt, e.response)) for e in examples]
+
+    train, dev = encode(task.splits["train"]), encode(task.splits["dev"])
+    stop = tuple(dict.fromkeys([end_id(tokenizer, template), tokenizer.eos_id]))
+    new = max_new_tokens or max(len(r) for _, r in train + dev)
+
+    def evalset(examples, pairs):
+        examples, pairs = examples[:max_eval], pairs[:max_eval]
+
+        def score(gens):
+            return task.metric([tokenizer.decode(g).strip() for g in gens], examples)
+        return EvalSet([p for p, _ in pairs], score, new, stop)
+
+    return train, dev, evalset(task.splits["dev"], dev), evalset(task.splits["test"], encode(task.splits["test"]))

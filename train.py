@@ -1,0 +1,267 @@
+"""Train an adapter on a task with the papers' recipe; resumable, nothing lost on Ctrl-C.
+
+    python train.py --method iapt --task copa
+    python train.py --method para --task custom --train t.jsonl --dev d.jsonl --out runs/mine.safetensors
+    python train.py --method para --task copa --resume          # continue an interrupted run
+
+Writes <out> (the best adapter by dev score), <out stem>.ckpt (resumable checkpoint),
+<out stem>.log.jsonl (one line per evaluation) and <out stem>.report.json (final report).
+Method options (--r, --pooler, --targets, ...) are the chosen method's config fields;
+an option the method does not have is refused.
+"""
+import argparse
+import json
+import os
+import resource
+import shlex
+import signal
+import sys
+import time
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from minipara import cli
+from minipara.errors import UserError
+
+# Issue-level spellings for config fields whose names differ between methods.
+ALIASES = {"rank": ("r",), "soft_tokens": ("soft_tokens", "l_sp", "n_soft"),
+           "share_every": ("share_every", "l_s", "share")}
+TRAINING = ("seed", "epochs", "max_steps", "batch_size", "micro_batch", "lr", "arch_lr", "warmup",
+            "eval_every", "patience", "eval_beams", "eval_batch")
+
+
+def method_fields() -> dict:
+    """Config field name -> {method: default}, over every method whose module imports."""
+    from minipara.methods import METHODS, method_class
+    out = {}
+    for m in METHODS:
+        try:
+            cls = method_class(m)
+        except ImportError:  # a method not written yet: its options are simply absent
+            continue
+        for f in fields(cls.config_cls):
+            out.setdefault(f.name, {})[m] = f.default if f.default is not MISSING else f.default_factory()
+    return out
+
+
+def parser(method_opts) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, help="para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2")
+    p.add_argument("--task", required=True, help="copa | boolq | rte | sst2 | ... | custom")
+    cli.add_model_args(p)
+    p.add_argument("--out", help="adapter file to write (default: runs/<method>-<task>-seed<seed>.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs decide)")
+    p.add_argument("--batch-size", type=int, help="default: 16 for under 10k training examples, else 128")
+    p.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients are accumulated "
+                   "up to --batch-size (default: the whole batch)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--arch-lr", type=float, default=1e-6, help="lr of rational activations (PEDRO, IAPT), "
+                   "trained on dev batches (bi-level)")
+    p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    p.add_argument("--eval-every", type=int,
+                   help="steps between dev evaluations (default: 200, or one epoch if shorter)")
+    p.add_argument("--patience", type=int, default=10,
+                   help="stop after this many evaluations without a better dev score")
+    p.add_argument("--eval-beams", type=int, default=3)
+    p.add_argument("--eval-batch", type=int, default=16, help="prompts decoded together in evaluation")
+    p.add_argument("--max-eval", type=int, help="evaluate at most this many dev/test examples (default: all)")
+    p.add_argument("--max-new-tokens", type=int, help="evaluation length (default: the longest train/dev response)")
+    p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (default: the family's chat "
+                   "template when the model ships one, else none, as generate.py chooses)")
+    p.add_argument("--data-dir", help="folder with the task's files (COPA ships with minipara)")
+    p.add_argument("--train", help="custom task: train jsonl of {prompt, response}")
+    p.add_argument("--dev", help="custom task: dev jsonl")
+    p.add_argument("--test", help="custom task: test jsonl (default: the dev file)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output and its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from <out stem>.ckpt")
+    g = p.add_argument_group("method options (each method's config fields)")
+    taken = {a.dest for a in p._actions}
+    for name in sorted(set(method_opts) | set(ALIASES)):
+        if name in taken:
+            continue
+        if name in method_opts:
+            info = ", ".join(f"{m} {_show(d)}" for m, d in method_opts[name].items())
+        else:
+            info = "alias of --" + "/--".join(t.replace("_", "-") for t in ALIASES[name] if t in method_opts)
+        g.add_argument("--" + name.replace("_", "-"), dest="m_" + name, metavar="V", help=info)
+    return p
+
+
+def _show(default) -> str:
+    return ",".join(default) if isinstance(default, tuple) else str(default)
+
+
+def convert(text: str, f, flag: str):
+    """A command-line string as the type of config field f (judged by its default)."""
+    default = f.default if f.default is not MISSING else f.default_factory()
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, tuple):
+            return tuple(x.strip() for x in text.split(",") if x.strip())
+        if isinstance(default, (int, float)):
+            return type(default)(text)
+        if default is None and "int" in str(f.type):
+            return int(text)
+        if default is None and "float" in str(f.type):
+            return float(text)
+        return text
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a number")
+        raise UserError(f"{flag} needs {kind}, got {text!r}") from None
+
+
+def method_config(a, cls):
+    """The chosen method's config from the method options given; others are refused."""
+    own = {f.name: f for f in fields(cls.config_cls)}
+    opts = {}
+    for key, value in vars(a).items():
+        if not key.startswith("m_") or value is None:
+            continue
+        name, flag = key[2:], "--" + key[2:].replace("_", "-")
+        target = name if name in own else next((t for t in ALIASES.get(name, ()) if t in own), None)
+        if target is None:
+            have = ", ".join("--" + n.replace("_", "-") for n in own) or "none"
+            raise UserError(f"method {cls.method} has no option {flag}; its options: {have}")
+        opts[target] = convert(value, own[target], flag)
+    try:
+        return cls.config_cls(**opts)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"bad {cls.method} options: {e}") from None
+
+
+def outputs(a) -> dict:
+    out = Path(a.out or f"runs/{a.method}-{a.task}-seed{a.seed}.safetensors")
+    return {"out": out, "ckpt": out.with_suffix(".ckpt"), "log": out.with_suffix(".log.jsonl"),
+            "report": out.with_suffix(".report.json")}
+
+
+def check_outputs(a, files: dict):
+    """Refuse to overwrite a finished or interrupted run unless --force (checked before any work)."""
+    if a.resume and a.force:
+        raise UserError("--resume continues a run and --force starts over: give one of them")
+    if files["out"].is_dir():
+        raise UserError(f"--out {files['out']} is a directory: give a file name such as "
+                        f"{files['out'] / 'adapter.safetensors'}")
+    existing = [str(files[k]) for k in ("out", "ckpt") if files[k].exists()]
+    if existing and not (a.force or a.resume):
+        raise UserError(f"{existing[0]} exists; pass --force to overwrite it, --resume to continue an "
+                        "interrupted run, or choose another --out")
+
+
+def peak_memory(device) -> tuple[int, str]:
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
+
+
+def main(argv=None):
+    a = parser(method_fields()).parse_args(argv)
+    from minipara.methods import method_class
+    from minipara.tasks import load_task
+    from minipara.tokenizer import TEMPLATES, resolve_template
+    from minipara.training import TrainConfig, prepare_task
+
+    # Everything that can be refused without the model is checked first.
+    cls = method_class(a.method)
+    config = method_config(a, cls)
+    # The dev/test split of a task is fixed (seed 0), so every training seed sees the same test set.
+    task = load_task(a.task, a.data_dir, seed=0, train=a.train, dev=a.dev, test=a.test)
+    tcfg = TrainConfig(**{k: getattr(a, k) for k in TRAINING}).resolved(len(task.splits["train"]))
+    if a.max_eval is not None and a.max_eval < 1:
+        raise UserError("--max-eval must be at least 1")
+    if a.template not in TEMPLATES + ("auto",):
+        raise UserError(f"unknown template {a.template!r}; valid: {', '.join(TEMPLATES)}, auto")
+    files = outputs(a)
+    check_outputs(a, files)
+
+    model, tok, path = cli.load(a)
+    template = resolve_template(a.template, model.args.model_type, path)
+    import torch
+    torch.manual_seed(a.seed)  # the adapter's initial values come from the seed too
+    try:
+        adapter = cls(config, model.args)
+    except ValueError as e:
+        raise UserError(f"cannot build the {cls.method} adapter: {e}") from None
+    adapter.to(model.tok_embeddings.weight.device)
+    data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens)
+    if a.force:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+    files["out"].parent.mkdir(parents=True, exist_ok=True)
+    with open(files["log"], "a", encoding="utf-8") as log_file:
+        def log(event):
+            log_file.write(json.dumps(event) + "\n")
+            log_file.flush()
+        return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template)
+
+
+def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template) -> int:
+    from minipara.adapter_io import save_adapter
+    from minipara.training import Progress, Trainer, check_eval, evaluate
+    train, dev, dev_eval, test_eval = data
+    check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
+    trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
+                      on_best=lambda ad: save_adapter(files["out"], ad, model.args), progress=Progress())
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    command = shlex.join(argv)
+    n_params = sum(p.numel() for p in adapter.parameters())
+    if a.resume:
+        trainer.resume()
+    else:
+        log({"event": "start", "command": command, "method": adapter.method, "task": a.task, "model": model_path,
+             "template": template, "trainable_params": n_params, "total_steps": trainer.total,
+             "train_examples": len(train), "dev_examples": len(dev), "config": vars(trainer.cfg)})
+    print(f"{adapter.method} on {a.task}: {n_params:,} trainable parameters, {len(train)} train / {len(dev)} dev "
+          f"examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch {tcfg.micro_batch}), "
+          f"dev evaluation every {tcfg.eval_every} steps" + (f", resuming at step {trainer.step}" if a.resume else ""),
+          file=sys.stderr)
+
+    def on_signal(signum, frame):
+        if trainer.stop_reason is not None:
+            raise KeyboardInterrupt  # a second signal: stop at once
+        trainer.request_stop(signal.Signals(signum).name)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort without saving)...",
+              file=sys.stderr)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        result = trainer.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if result.status == "interrupted":
+        again = [x for x in argv if x != "--force"] + ([] if "--resume" in argv else ["--resume"])
+        print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved to {files['ckpt']}.\n"
+              f"Resume with: {shlex.join(again)}", file=sys.stderr)
+        return 128 + int(getattr(signal.Signals, trainer.stop_reason, signal.SIGINT))
+
+    t_test = time.time()
+    trainer.load_best()
+    test = evaluate(model, adapter, test_eval, tcfg.eval_beams, tcfg.eval_batch, trainer.decoder)
+    peak, peak_kind = peak_memory(model.tok_embeddings.weight.device)
+    primary = next(iter(test))
+    report = {"method": adapter.method, "task": a.task, "model": model_path, "template": template, "seed": a.seed,
+              "out": str(files["out"]), "test_metric": {primary: test[primary]}, "test": test,
+              "dev_metric_best": {task.metric_name: result.best_metric}, "dev_best": result.best_dev,
+              "best_step": result.best_step, "trainable_params": n_params, "steps": result.step,
+              "total_steps": result.total_steps, "stopped_by": result.stopped_by,
+              # training (summed over resumed sessions) and the test evaluation; not model loading
+              "wall_time_s": round(result.wall_time + time.time() - t_test, 2), "peak_memory_bytes": peak,
+              "peak_memory_mb": round(peak / 2**20, 1), "peak_memory_kind": peak_kind,
+              "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
+              "command": command}
+    log({"event": "end", **report})
+    tmp = files["report"].with_name(files["report"].name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, files["report"])
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
