@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .errors import UserError
 
 SUPPORTED = ("llama", "gemma", "gemma3_text")
@@ -196,10 +198,8 @@ def _gemma3(cfg: dict) -> ModelArgs:
 _READERS = {"llama": _llama, "gemma": _gemma, "gemma3_text": _gemma3}
 
 
-def rope_inv_freq(args: ModelArgs, local: bool) -> "torch.Tensor":  # noqa: F821
+def rope_inv_freq(args: ModelArgs, local: bool) -> torch.Tensor:
     """Inverse RoPE frequencies for global or sliding layers, as HF computes them (float32)."""
-    import torch
-
     theta = args.rope_local_theta if local else args.rope_theta
     d = args.head_dim
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
