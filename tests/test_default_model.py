@@ -58,6 +58,27 @@ def test_hf_transformers_continues_correctly(hf_model, tok, prompt, expected):
     assert expected in tok.decode(out[0, ids.shape[1]:].tolist())
 
 
+@pytest.fixture(scope="module")
+def model(model_dir):
+    from minipara.loading import load_model
+    return load_model(model_dir)
+
+
+@pytest.mark.parametrize("prompt, expected", [("The capital of France is the city of", " Paris. It is the most visited"),
+                                              ("Water boils at", " 100 degrees Celsius.")])
+def test_minipara_continues_correctly(model, tok, prompt, expected):
+    """minipara's own stack, loaded the ordinary HF way: the continuation HF transformers gives."""
+    from minipara.generation import GenerationConfig, generate
+    out = generate(model, [tok.encode(prompt, bos=True)], GenerationConfig(max_new_tokens=8))
+    assert tok.decode(out[0]).startswith(expected)
+
+
+def test_minipara_and_hf_agree_on_the_default_model(model, hf_model, tok):
+    ids = torch.tensor([tok.encode("The capital of France is the city of", bos=True)])
+    with torch.no_grad():
+        assert (model(ids) - hf_model(ids).logits).abs().max() < 1e-4  # float32; |logits| reach 24
+
+
 # Any Unicode text except surrogates (not encodable as UTF-8) and U+2581, the "▁" SentencePiece
 # writes for a space, which therefore decodes to " ".
 TEXT = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\u2581"), max_size=80)
