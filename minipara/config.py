@@ -81,13 +81,18 @@ class ModelArgs:
             raise UserError(f"model directory {path} does not exist")
         if not f.is_file():
             raise UserError(f"{f} is missing: a model directory needs an HF config.json")
-        try:
-            cfg = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{f} is not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{f} must hold a JSON object")
-        return cls.from_hf(cfg)
+        return cls.from_hf(read_json_object(f))
+
+
+def read_json_object(f: Path) -> dict:
+    """A JSON file that must hold an object (HF and PEFT config files)."""
+    try:
+        cfg = json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} must hold a JSON object")
+    return cfg
 
 
 def _common(cfg: dict) -> dict:

@@ -12,14 +12,13 @@ represents exactly is accepted; anything else is refused with a one-line UserErr
 says why, rather than loaded approximately. Every tensor's shape is checked against the
 model, which is how an adapter made for another base model is caught.
 """
-import json
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import ModelArgs
+from .config import ModelArgs, read_json_object
 from .errors import UserError
 from .methods.base import PROJECTIONS, in_sizes, out_sizes
 from .methods.ia3 import IA3, IA3Config
@@ -88,13 +87,7 @@ def _config(path: Path) -> dict:
     f = path / "adapter_config.json"
     if not f.is_file():
         raise UserError(f"{path} is not a PEFT adapter directory: {f.name} is missing")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{f} is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{f} must hold a JSON object")
-    return cfg
+    return read_json_object(f)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:

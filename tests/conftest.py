@@ -63,3 +63,14 @@ def tiny_model(family: str, seed: int = 0, dtype=None) -> Transformer:
 @pytest.fixture(params=["llama", "gemma"])
 def family(request):
     return request.param
+
+
+def prefill_then_decode(model, adapter, tokens, valid, prompt_len: int):
+    """Logits (B, T, V) from prefilling tokens[:, :prompt_len] with the adapter, then decoding
+    the rest one token at a time through the cache (decode runs no generator)."""
+    n_pre = adapter.n_prefix if adapter is not None else 0
+    with torch.no_grad():
+        cache = model.new_cache(tokens.shape[0], n_pre + tokens.shape[1], n_prefix=n_pre)
+        outs = [model(tokens[:, :prompt_len], valid=valid[:, :prompt_len], cache=cache, adapter=adapter)]
+        outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(prompt_len, tokens.shape[1])]
+    return torch.cat(outs, 1)

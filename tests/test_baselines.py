@@ -16,7 +16,7 @@ from minipara.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
 
-from conftest import DEVICE, tiny_args, tiny_model, tol
+from conftest import DEVICE, prefill_then_decode, tiny_args, tiny_model, tol
 
 IDENTITY = ("lora", "ia3", "bitfit")
 ALL = IDENTITY + ("ptuning_v2",)
@@ -78,13 +78,10 @@ def test_ptuning_v2_is_not_identity_and_shifts_positions():
 def test_decode_matches_full_forward(family, method, lengths, extra, seed):
     model, ad = model_of(family), trained(method, family, seed)
     tokens, valid, prompt = batch(seed, lengths, extra)
-    P = max(lengths)
     with torch.no_grad():
         full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
-        cache = model.new_cache(len(lengths), ad.n_prefix + tokens.shape[1], n_prefix=ad.n_prefix)
-        outs = [model(tokens[:, :P], valid=valid[:, :P], cache=cache, adapter=ad)]
-        outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(P, tokens.shape[1])]
-    assert (torch.cat(outs, 1) - full)[valid].abs().max() < tol(1e-5)
+    cached = prefill_then_decode(model, ad, tokens, valid, max(lengths))
+    assert (cached - full)[valid].abs().max() < tol(1e-5)
 
 
 @pytest.mark.parametrize("method", IDENTITY)

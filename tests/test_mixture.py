@@ -30,21 +30,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def available() -> list[str]:
-    """Registered methods whose module exists (others are being written)."""
-    out = []
-    for name in METHODS:
-        try:
-            build_adapter(name, tiny_args("llama"))
-        except ModuleNotFoundError as e:
-            if not (e.name or "").startswith("minipara.methods."):
-                raise
-            continue
-        out.append(name)
-    return out
-
-
-METHODS_HERE = available()
+METHODS_HERE = METHODS
 
 
 def trained(ad: Adapter, seed: int, std: float = 0.3) -> Adapter:

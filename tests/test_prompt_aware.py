@@ -14,7 +14,7 @@ from minipara.methods import build_adapter
 from minipara.methods.parade import squash
 from minipara.methods.rational import rational
 
-from conftest import DEVICE, tiny_args, tiny_model, tol
+from conftest import DEVICE, prefill_then_decode, tiny_args, tiny_model, tol
 
 PARA_FAMILY = ("para", "pedro", "parade")
 METHODS = PARA_FAMILY + ("iapt",)
@@ -128,13 +128,10 @@ def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
     method, options = variant
     model, ad = model_of(family), trained(method, family, seed, **options)
     tokens, valid, prompt = batch(seed, lengths, extra)
-    P = max(lengths)
     with torch.no_grad():
         full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
-        cache = model.new_cache(len(lengths), ad.n_prefix + tokens.shape[1], n_prefix=ad.n_prefix)
-        outs = [model(tokens[:, :P], valid=valid[:, :P], cache=cache, adapter=ad)]
-        outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(P, tokens.shape[1])]
-    assert (torch.cat(outs, 1) - full)[valid].abs().max() < tol(1e-5)
+    cached = prefill_then_decode(model, ad, tokens, valid, max(lengths))
+    assert (cached - full)[valid].abs().max() < tol(1e-5)
 
 
 # ---- prompt-only pooling ----------------------------------------------------------------------
