@@ -74,3 +74,41 @@ def prefill_then_decode(model, adapter, tokens, valid, prompt_len: int):
         outs = [model(tokens[:, :prompt_len], valid=valid[:, :prompt_len], cache=cache, adapter=adapter)]
         outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(prompt_len, tokens.shape[1])]
     return torch.cat(outs, 1)
+
+
+def write_tiny_model_dir(d):
+    """Write an HF-format LLaMA directory into d: config.json, model.safetensors with random
+    weights, and a 26-piece SentencePiece tokenizer.model. Returns d."""
+    import io
+    import json
+
+    import sentencepiece as spm
+    from safetensors.torch import save_file
+
+    from minipara.loading import hf_names
+    words = "yes no red blue green cat dog sun moon is the a big small".split()
+    text = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=26, model_type="unigram",
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (d / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    from minipara.config import ModelArgs
+    from minipara.model import Transformer
+    args = ModelArgs.from_hf(cfg)
+    with torch.device("meta"):  # only the parameter shapes are needed
+        model = Transformer(args)
+    g = torch.Generator().manual_seed(0)
+    sizes = {"wqkv": [args.q_dim, args.kv_dim, args.kv_dim], "w_gate_up": [args.ffn_dim, args.ffn_dim]}
+    tensors = {}
+    for ours, theirs in hf_names(args).items():
+        p = dict(model.named_parameters())[ours]
+        w = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() == 2 else torch.ones(p.shape)
+        split = next((v for k, v in sizes.items() if f".{k}." in ours), [p.shape[0]])
+        for name, part in zip(theirs, w.split(split)):
+            tensors[name] = part.contiguous()
+    save_file(tensors, d / "model.safetensors")
+    return d
