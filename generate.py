@@ -17,8 +17,9 @@ def parse():
     p.add_argument("--prompts", help="a file with one prompt per line, generated as one left-padded batch")
     cli.add_model_args(p)
     p.add_argument("--template", default="auto",
-                   help="llama2 | gemma | none | auto (default: the family's chat template when the model "
-                        "ships one in tokenizer_config.json, else none: plain continuation for base models)")
+                   help="llama2 | gemma | none | auto (default: the template the adapter was trained with; "
+                        "without one, the family's chat template when the model ships one in "
+                        "tokenizer_config.json, else none: plain continuation for base models)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=1.0)
@@ -53,13 +54,15 @@ def read_prompts(a) -> list[str]:
 
 
 def adapters_for(a, n_prompts: int, model_args):
+    """(the adapter or Mixture to use or None, the templates the adapters were trained with)."""
     from minipara.adapter_io import load_adapter
     if a.adapter and a.adapters:
         raise UserError("give --adapter or --adapters, not both")
     if a.adapter:
-        return load_adapter(a.adapter, model_args)
+        ad = load_adapter(a.adapter, model_args)
+        return ad, {ad.template} - {None}
     if not a.adapters:
-        return None
+        return None, set()
     from minipara.methods.mixture import Mixture
     files = [f.strip() for f in a.adapters.split(",")]
     if len(files) != n_prompts:
@@ -73,7 +76,8 @@ def adapters_for(a, n_prompts: int, model_args):
             loaded[f] = len(loaded)
         rows.append(loaded[f])
     ads = [load_adapter(f, model_args) for f in loaded]
-    return Mixture(ads + [None], [len(ads) if r is None else r for r in rows])
+    mix = Mixture(ads + [None], [len(ads) if r is None else r for r in rows])
+    return mix, {ad.template for ad in ads} - {None}
 
 
 def main():
@@ -88,7 +92,14 @@ def main():
                            top_k=a.top_k, top_p=a.top_p, length_penalty=a.length_penalty, seed=a.seed)
     cfg.check()
     model, tok, path = cli.load(a)
-    template = resolve_template(a.template, model.args.model_type, path)
+    adapter, trained_with = adapters_for(a, len(texts), model.args)
+    template = a.template
+    if template == "auto" and trained_with:
+        if len(trained_with) > 1:
+            raise UserError(f"the adapters were trained with different templates ({', '.join(sorted(trained_with))}): "
+                            "give --template")
+        template = trained_with.pop()
+    template = resolve_template(template, model.args.model_type, path)
     cfg.eos_ids = tuple(dict.fromkeys((*model.args.eos_ids, end_id(tok, template))))  # e.g. Gemma's <end_of_turn>
     prompts = [encode_example(tok, template, t)[0] for t in texts]
     room = model.args.max_seq_len - a.max_new_tokens
@@ -99,7 +110,6 @@ def main():
                                 f"that exceeds the model's context of {model.args.max_seq_len} "
                                 "(pass --truncate to keep only the end of the prompt)")
             prompts[i] = p[:1] + p[len(p) - room + 1:]  # keep BOS, drop the oldest text
-    adapter = adapters_for(a, len(prompts), model.args)
     if adapter is not None:  # adapter files load on the CPU
         adapter = adapter.to(model.tok_embeddings.weight.device)
     decoder = Decoder(model)

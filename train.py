@@ -207,7 +207,7 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     train, dev, dev_eval, test_eval = data
     check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
     trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
-                      on_best=lambda ad: save_adapter(files["out"], ad, model.args), progress=Progress())
+                      on_best=lambda ad: save_adapter(files["out"], ad, model.args, template), progress=Progress())
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
     command = shlex.join(argv)
     n_params = sum(p.numel() for p in adapter.parameters())

@@ -48,9 +48,10 @@ def base_fingerprint(args: ModelArgs) -> dict:
     return fp
 
 
-def save_adapter(path, adapter, model_args: ModelArgs):
+def save_adapter(path, adapter, model_args: ModelArgs, template: str | None = None):
     """Write `adapter` to `path` atomically: a temporary file in the same folder, then
-    os.replace, so readers see the old file or the complete new one, never half a file."""
+    os.replace, so readers see the old file or the complete new one, never half a file.
+    `template`: the prompt template it was trained with, so generation can use the same."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a file name such as {path / 'adapter.safetensors'}")
@@ -65,6 +66,8 @@ def save_adapter(path, adapter, model_args: ModelArgs):
         "base": json.dumps(base_fingerprint(model_args), sort_keys=True),
         "base_args": canonical_args(model_args),
     }
+    if template is not None:
+        meta["template"] = template
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -212,6 +215,7 @@ def load_adapter(path, model_args: ModelArgs):
         raise UserError(f"{path} is damaged or truncated ({e})") from None
     with torch.no_grad():
         adapter.load_state_dict(tensors, strict=True)
+    adapter.template = meta.get("template")  # the prompt template it was trained with, if recorded
     return adapter
 
 

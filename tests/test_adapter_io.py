@@ -188,3 +188,11 @@ def test_saved_file_has_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_the_training_template_travels_with_the_file(tmp_path):
+    args = tiny_args("llama")
+    save_adapter(tmp_path / "t.safetensors", build_adapter("para", args), args, template="llama2")
+    save_adapter(tmp_path / "n.safetensors", build_adapter("para", args), args)
+    assert load_adapter(tmp_path / "t.safetensors", args).template == "llama2"
+    assert load_adapter(tmp_path / "n.safetensors", args).template is None

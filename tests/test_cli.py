@@ -90,3 +90,19 @@ def test_context_overflow_is_refused_unless_truncation_is_asked(model_dir):
     code, out, err = generate(long_prompt, "--model", model_dir, "--max-new-tokens", "8", "--truncate", "--json")
     assert code == 0, err
     assert len(json.loads(out)["prompt_tokens"]) == 256 - 8
+
+
+def test_an_adapter_brings_its_training_template(model_dir, tmp_path):
+    from minipara.adapter_io import save_adapter
+    from minipara.config import ModelArgs
+    from minipara.methods import build_adapter
+    from minipara.tokenizer import Tokenizer, encode_example
+    args = ModelArgs.from_dir(model_dir)
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, build_adapter("para", args), args, template="llama2")
+    code, out, err = generate("red cat", "--model", model_dir, "--adapter", path, "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == encode_example(Tokenizer(model_dir), "llama2", "red cat")[0]
+    code, out, err = generate("red cat", "--model", model_dir, "--adapter", path, "--max-new-tokens", "2",
+                              "--template", "none", "--json")  # an explicit choice still wins
+    assert json.loads(out)["prompt_tokens"] == encode_example(Tokenizer(model_dir), "none", "red cat")[0]

@@ -174,6 +174,7 @@ class Adapter(nn.Module):
     """
     method: str = ""
     n_prefix: int = 0  # extra key/value entries each layer places before the text
+    template: str | None = None  # the prompt template it was trained with (set by adapter files)
 
     def __init__(self, config, args: ModelArgs):
         super().__init__()
