@@ -39,11 +39,25 @@ def hf_gemma3(seed: int, window: int = 8):
     return model
 
 
+def hf_gemma1(seed: int):
+    torch.manual_seed(seed)
+    cfg = transformers.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
+                                   hidden_activation="gelu_pytorch_tanh")
+    model = transformers.GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
 CASES = {
     "llama-mha-untied": lambda: hf_llama(4, False, 0),
     "llama-gqa-tied": lambda: hf_llama(2, True, 1),
     "llama-mqa-untied": lambda: hf_llama(1, False, 2),
     "gemma3-sliding": lambda: hf_gemma3(3),
+    "gemma1": lambda: hf_gemma1(5),
 }
 
 
