@@ -102,14 +102,14 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=Non
     a = model.args
     eos = tuple(a.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
     n_pre = adapter.n_prefix if adapter is not None else 0
-    max_len = n_pre + max(len(p) for p in prompts) + cfg.max_new_tokens
-    if max_len - n_pre > a.max_seq_len:
-        raise UserError(f"prompt ({max(len(p) for p in prompts)} tokens) plus --max-new-tokens "
+    longest = max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > a.max_seq_len:
+        raise UserError(f"prompt ({longest} tokens) plus --max-new-tokens "
                         f"({cfg.max_new_tokens}) exceeds the model's context of {a.max_seq_len} tokens")
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)
-    cache, logits = decoder.prefill(tokens, valid, max_len, adapter)
+    cache, logits = decoder.prefill(tokens, valid, n_pre + longest + cfg.max_new_tokens, adapter)
     if cfg.beams == 1:
         return _sample(decoder, cache, logits, cfg, eos, on_token)
     return _beam_search(decoder, cache, logits, cfg, eos)
@@ -190,9 +190,10 @@ def _beam_search(decoder, cache, logits, cfg, eos):
         cand_seq[:, :, t] = tok
         hits = torch.isin(tok, eos_t) | (t + 1 == N)
         # Running beams: the best K candidates that did not finish.
-        nxt = (cand_score - 1e9 * hits.float()).topk(K).indices
+        alive = cand_score - 1e9 * hits.float()
+        nxt = alive.topk(K).indices
         run_seq = cand_seq.gather(1, nxt[:, :, None].expand(B, K, N))
-        run_score = (cand_score - 1e9 * hits.float()).gather(1, nxt)
+        run_score = alive.gather(1, nxt)
         src_beam = beam.gather(1, nxt)
         # Finished hypotheses: candidates among the top K that hit EOS or the length limit.
         just = hits & top_k_mask[None]
