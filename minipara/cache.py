@@ -79,11 +79,18 @@ class KVCache(nn.Module):
                        for i in range(self.n_layers)]
 
     @torch.no_grad()
-    def reorder(self, rows: torch.Tensor):
-        """Row i becomes old row rows[i] (beam search), in place; adapter states follow."""
+    def reorder(self, rows: torch.Tensor, since: int = 0):
+        """Row i becomes old row rows[i] (beam search), in place; adapter states follow.
+
+        since: slots before it are equal in every row that `rows` maps between (beams of one
+        prompt share its prefill), so only the later slots move: beam search then copies the
+        few generated entries per step, not the whole cache."""
         for name, buf in self.named_buffers():
-            if name != "slot":
-                buf.copy_(buf.index_select(0, rows))
+            if name == "slot":
+                continue
+            if buf.dim() > 1:  # (rows, slots) or (rows, heads, slots, head_dim)
+                buf = buf[:, since:self.length] if buf.dim() == 2 else buf[:, :, since:self.length]
+            buf.copy_(buf.index_select(0, rows))
         if self.packed:
             for buf in self.packed.values():  # stacked: (layers, rows or 1, ...)
                 if buf.dim() >= 4 and buf.shape[1] == self.batch:

@@ -36,6 +36,9 @@ def compile_decoder(decoder, mode: str | None = None):
     def step(cache, tokens):
         if any(s is not None for s in cache.states) and not cache.packed:
             return eager_step(cache, tokens)  # states of differing structure: no stacked tensors
+        if cache.length + 1 > cache.max_len:
+            raise ValueError(f"{cache.length + 1} tokens exceed the cache length {cache.max_len}")
+        cache.length += 1  # the host mirror of cache.slot, which the graph advances
         keys = tuple(cache.packed)
         bufs = [cache.packed[k] for k in keys]
         for t in (*cache.buffers(), *bufs):  # fixed addresses: no copy into the graph per replay

@@ -170,6 +170,7 @@ def _beam_search(decoder, cache, logits, cfg, eos):
     dev = logits.device
     keep = max(2, 1 + len(eos)) * K
     cache = decoder.expand(cache, K)
+    prompt_end = cache.length  # the beams of a prompt share everything before this slot
     logits = logits.repeat_interleave(K, 0)
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     run_seq = torch.zeros(B, K, N, dtype=torch.long, device=dev)
@@ -209,6 +210,6 @@ def _beam_search(decoder, cache, logits, cfg, eos):
         improvable &= best_running > worst_fin
         if t + 1 == N or eos and (not bool(improvable.any()) or bool(hits.all())):
             break
-        cache.reorder((src_beam + batch_off).flatten())
+        cache.reorder((src_beam + batch_off).flatten(), since=prompt_end)
         logits = decoder.step(cache, run_seq[:, :, t].flatten())
     return [fin_seq[b, 0, : fin_len[b, 0]].tolist() for b in range(B)]

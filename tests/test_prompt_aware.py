@@ -214,11 +214,13 @@ def test_iapt_soft_tokens_are_the_spec_on_the_prompt_slice(options):
 
 # ---- one generator run per request; decoding costs the same whatever the generator's size ------
 
+@pytest.mark.parametrize("since", ["all", "prompt_end"])
 @pytest.mark.parametrize("method", METHODS)
-def test_generators_run_once_per_request_also_with_beams(family, method, monkeypatch):
+def test_generators_run_once_per_request_also_with_beams(family, method, since, monkeypatch):
     """Prefill on 2 prompts, expand to 3 beams each (load_rows), 5 decode steps with beam
-    reorders: every layer's generator ran exactly once, and each step's logits equal a full
-    forward over that beam's tokens."""
+    reorders (of every slot, or, as beam search does, of the slots after the shared
+    prompt only): every layer's generator ran exactly once, and each step's logits equal
+    a full forward over that beam's tokens."""
     model, ad = model_of(family), trained(method, family, 6)
     calls = record(ad, monkeypatch)
     tokens, valid, _ = batch(6, [6, 3], 0)
@@ -233,7 +235,7 @@ def test_generators_run_once_per_request_also_with_beams(family, method, monkeyp
         history = []
         for _ in range(steps):
             rows = (torch.arange(2).repeat_interleave(3) * 3 + torch.randint(0, 3, (6,), generator=g)).to(DEVICE)
-            beams.reorder(rows)
+            beams.reorder(rows, since=0 if since == "all" else n_pre + P)
             new = torch.randint(3, 97, (6, 1), generator=g).to(DEVICE)
             seqs, ok = torch.cat([seqs[rows], new], 1), torch.cat([ok[rows], torch.ones_like(new, dtype=torch.bool)], 1)
             history.append((seqs, ok, model(new, cache=beams)[:, -1]))
