@@ -37,6 +37,8 @@ def parse():
                    help="capture the decode step with torch.compile (auto: on CUDA only)")
     p.add_argument("--json", help="write every figure and the machine to this file")
     p.add_argument("--plot", help="bar chart of tokens/s per method (needs matplotlib)")
+    p.add_argument("--profile", help="append, per row, torch.profiler's table of the costliest ops "
+                   "of one more generation to this text file")
     return p.parse_args()
 
 
@@ -66,7 +68,10 @@ def main():
     rows = []
 
     def record(name, m, ad, nb):
-        r = bm.run_one(m, ad, prompts, nb, a.new_tokens, a.runs, a.warmup, compile_step)
+        r = bm.run_one(m, ad, prompts, nb, a.new_tokens, a.runs, a.warmup, compile_step, bool(a.profile))
+        if a.profile:
+            with open(a.profile, "a") as f:
+                f.write(f"## {name} beams={nb} batch={a.batch}: {r['tps']:.1f} tok/s\n{r.pop('profile')}\n")
         rows.append({"variant": name, "batch": a.batch, "beams": nb, **r})
         print(f"# {name} beams={nb} batch={a.batch}: {r['tps']:.1f} tok/s, decode {r['decode_tps']:.1f}, "
               f"warm-up {r['warmup_s']:.0f} s", file=sys.stderr, flush=True)

@@ -118,7 +118,9 @@ def make_adapter(variant: str, model, seed: int = 0):
     return model, ad
 
 
-def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step):
+def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step, profile=False):
+    """Median figures of `runs` generations after `warmup` ones; with `profile`, also the
+    table of the most time-consuming ops of one more generation (torch.profiler)."""
     device = model.tok_embeddings.weight.device
     decoder = TimedDecoder(model)
     if compile_step:
@@ -145,6 +147,16 @@ def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_st
         totals.append(t1 - t0)
         ttfts.append(decoder.first_token_at - t0)
     n, b = new_tokens, len(prompts)
+    peak = peak_memory_mb(device)
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
+            _sync(model.tok_embeddings.weight)
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=25)
     tps = sorted(n / t for t in totals)
     decode_tps = sorted((n - 1) / (t - f) for t, f in zip(totals, ttfts))
     return {
@@ -152,8 +164,9 @@ def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_st
         "tps_all_rows": statistics.median(tps) * b,
         "decode_tps": statistics.median(decode_tps),
         "ttft_ms": statistics.median(ttfts) * 1e3,
-        "peak_mb": peak_memory_mb(device),
+        "peak_mb": peak,
         "warmup_s": warmup_s,
+        **({"profile": table} if profile else {}),
     }
 
 

@@ -1,25 +1,36 @@
-"""Fast decoding: the one-token step captured with torch.compile (CUDA graphs on GPU).
+"""Fast decoding: the one-token step captured with torch.compile, and on CUDA the prefill
+(generators included) recorded as a CUDA graph.
 
-Only the decode step is compiled: prefill and the adapters' generators run eagerly
-once per request. Everything the step reads has a fixed address from request to
-request (the model's weights, the cache's buffers, and the adapter states packed
-into the cache), so a CUDA graph recorded once is replayed for every token.
-Adapter states enter as plain tensors: PARA's vectors become one multiply that
-the compiler fuses into the neighbouring kernels, LoRA a pair of small matmuls.
+Everything the step reads has a fixed address from request to request (the model's
+weights, the cache's buffers, and the adapter states packed into the cache), so a
+CUDA graph recorded once is replayed for every token. Adapter states enter as plain
+tensors: PARA's vectors become one multiply that the compiler fuses into the
+neighbouring kernels, LoRA a pair of small matmuls.
+
+The prefill runs once per request but launches a few thousand small kernels (norms,
+RoPE, and each layer's generator): eagerly, a batch-1 prefill of a 7B model is
+bound by the CPU launching them. A request shape seen a second time (same cache,
+adapter and prompt shape) is recorded once and then replayed as one graph launch.
 """
+from collections import OrderedDict
+
 import torch
 
 from .methods.base import LayerState
 
 
-def compile_decoder(decoder, mode: str | None = None):
+def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None = None):
     """Replace `decoder.step` with a compiled step (default mode: reduce-overhead on CUDA,
-    which records CUDA graphs; plain inductor on CPU). Numerics match the eager step to
-    float rounding: the compiler may fuse and reorder element-wise work."""
+    which records CUDA graphs; plain inductor on CPU), and on CUDA `decoder.run_prefill`
+    with recorded graphs (`graph_prefill`). Numerics match the eager path to float
+    rounding: the compiler may fuse and reorder element-wise work."""
     model = decoder.model
     n_layers = model.args.n_layers
+    cuda = model.tok_embeddings.weight.is_cuda
     if mode is None:
-        mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else "default"
+        mode = "reduce-overhead" if cuda else "default"
+    if graph_prefill is None:
+        graph_prefill = cuda
     # One graph per (cache, method structure): allow more than the default handful.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
@@ -47,4 +58,65 @@ def compile_decoder(decoder, mode: str | None = None):
         return compiled(cache, tokens, keys, bufs).clone()
 
     decoder.step = step
+    if graph_prefill:
+        decoder.run_prefill = PrefillGraphs(decoder.run_prefill)
     return decoder
+
+
+class _Recorded:
+    """One recorded prefill: its graph, its static inputs and output, and the host-side
+    cache state (length, adapter states) that replaying the graph does not redo."""
+
+    def __init__(self, graph, tokens, valid, logits, cache, adapter):
+        self.graph, self.tokens, self.valid, self.logits = graph, tokens, valid, logits
+        self.length, self.states, self.packed = cache.length, list(cache.states), dict(cache.packed)
+        self.cache, self.adapter = cache, adapter  # held: their ids key this record
+
+
+class PrefillGraphs:
+    """`run_prefill(cache, tokens, valid, adapter)` replayed from CUDA graphs.
+
+    A shape met for the first time runs eagerly (a one-off prompt costs no recording);
+    the second time it is recorded, then replayed. The adapter's parameters are read
+    in place, so training them between requests is seen; replacing them is not.
+    All records share one memory pool: each record's output is copied out right after
+    its replay, and the adapter states it keeps live in the cache's own buffers."""
+
+    def __init__(self, eager, keep: int = 16):
+        self.eager, self.keep = eager, keep
+        self.records: OrderedDict = OrderedDict()
+        self.seen = set()
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @torch.no_grad()
+    def __call__(self, cache, tokens, valid, adapter):
+        key = (id(cache), id(adapter), tuple(tokens.shape), cache.n_prefix)
+        rec = self.records.get(key)
+        if rec is None:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.eager(cache, tokens, valid, adapter)
+            rec = self.records[key] = self._record(cache, tokens, valid, adapter)
+            if len(self.records) > self.keep:
+                self.records.popitem(last=False)
+        self.records.move_to_end(key)
+        rec.tokens.copy_(tokens)
+        rec.valid.copy_(valid)
+        rec.graph.replay()
+        cache.length, cache.states, cache.packed = rec.length, list(rec.states), dict(rec.packed)
+        return rec.logits.clone()
+
+    def _record(self, cache, tokens, valid, adapter):
+        tokens, valid, n_pre = tokens.clone(), valid.clone(), cache.n_prefix
+        # Warm up on a side stream (as torch.cuda.graph asks); this also gives the cache
+        # buffers for the adapter states outside the graph's pool (cache.pack_states).
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.eager(cache, tokens, valid, adapter)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.reset(n_pre)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.eager(cache, tokens, valid, adapter)
+        return _Recorded(graph, tokens, valid, logits, cache, adapter)

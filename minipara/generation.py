@@ -49,8 +49,9 @@ def left_pad(prompts: list[list[int]], pad_id: int, device):
 
 
 class Decoder:
-    """Owns the caches and the one-token step, so repeated calls reuse buffers (and, once
-    compiled, CUDA graphs). `step` may be replaced by a compiled version (see fast.py)."""
+    """Owns the caches, the prefill and the one-token step, so repeated calls reuse buffers
+    (and, once compiled, CUDA graphs). `run_prefill` and `step` may be replaced by
+    captured versions (see fast.py)."""
 
     def __init__(self, model):
         self.model = model
@@ -67,12 +68,18 @@ class Decoder:
         c.reset(n_prefix)
         return c
 
-    @torch.no_grad()
     def prefill(self, tokens, valid, max_len, adapter=None):
+        """A cache holding the prompts (and the adapter's states), and the logits (B, V) of
+        the first new token."""
         n_pre = adapter.n_prefix if adapter is not None else 0
         cache = self.cache(tokens.shape[0], max_len, n_pre)
-        logits = self.model(tokens, valid=valid, cache=cache, adapter=adapter, last_only=True)
-        return cache, logits[:, -1]
+        return cache, self.run_prefill(cache, tokens, valid, adapter)
+
+    @torch.no_grad()
+    def run_prefill(self, cache, tokens, valid, adapter):
+        """Fill an emptied cache with the prompts; last-position logits (B, V).
+        May be replaced by a replayed CUDA graph (see fast.py)."""
+        return self.model(tokens, valid=valid, cache=cache, adapter=adapter, last_only=True)[:, -1]
 
     def expand(self, cache, k: int):
         """A cache whose rows are each of `cache`'s rows repeated k times (for beams)."""

@@ -29,9 +29,11 @@ def test_bench_multi_tenant_mix(tmp_path):
     out = tmp_path / "mix.json"
     cmd = [sys.executable, "bench.py", "--shape", "gemma-3-270m", "--runs", "1", "--warmup", "0",
            "--new-tokens", "2", "--prompt-tokens", "8", "--batch", "5", "--tenants", "4", "--mix",
-           "--methods", "para,iapt,lora,ia3", "--json", str(out)]
+           "--methods", "para,iapt,lora,ia3", "--json", str(out), "--profile", str(tmp_path / "prof.txt")]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["results"]
     assert [r["variant"] for r in rows] == ["base", "ia3+iapt+lora+para x4 mixed"]
     assert all(r["batch"] == 5 and r["tps_all_rows"] == r["tps"] * 5 for r in rows)
+    prof = (tmp_path / "prof.txt").read_text()
+    assert prof.count("## ") == 2 and "aten::" in prof and "profile" not in rows[0]

@@ -44,6 +44,13 @@ class Mixture(Adapter):
         self.groups = list(groups.values())
         self.members = nn.ModuleList(a for a, _ in self.groups)  # follow .to(device)
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
+        self._index = {}  # (group, device) -> its rows as a tensor, made once (no copy per prefill)
+
+    def _rows_of(self, g: int, device) -> torch.Tensor:
+        key = (g, str(device))
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.groups[g][1], device=device)
+        return self._index[key]
 
     def _check(self, batch: int):
         if batch != self.batch:
@@ -52,17 +59,17 @@ class Mixture(Adapter):
     def prefix_rows(self, batch, device):
         self._check(batch)
         out = torch.zeros(batch, dtype=torch.long, device=device)
-        for a, idx in self.groups:
+        for g, (a, idx) in enumerate(self.groups):
             if a.n_prefix:
-                out[torch.tensor(idx, device=device)] = a.prefix_rows(len(idx), device)
+                out[self._rows_of(g, device)] = a.prefix_rows(len(idx), device)
         return out
 
     def layer_state(self, i, h, pool_mask, model):
         B = h.shape[0]
         self._check(B)
         parts = []
-        for a, idx in self.groups:
-            ix = torch.tensor(idx, device=h.device)
+        for g, (a, idx) in enumerate(self.groups):
+            ix = self._rows_of(g, h.device)
             st = a.layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
             if st is not None:
                 parts.append((ix, st))
