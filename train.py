@@ -46,7 +46,8 @@ def method_fields() -> dict:
 
 def parser(method_opts) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, help="para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2")
+    p.add_argument("--method", required=True, help="para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2 "
+                   "| none (no training: score the bare model on dev and test, as a reference)")
     p.add_argument("--task", required=True, help="copa | boolq | rte | sst2 | ... | custom")
     cli.add_model_args(p)
     p.add_argument("--out", help="adapter file to write (default: runs/<method>-<task>-seed<seed>.safetensors)")
@@ -168,8 +169,9 @@ def main(argv=None):
     from minipara.training import TrainConfig, prepare_task
 
     # Everything that can be refused without the model is checked first.
-    cls = method_class(a.method)
-    config = method_config(a, cls)
+    if a.method != "none":
+        cls = method_class(a.method)
+        config = method_config(a, cls)
     # The dev/test split of a task is fixed (seed 0), so every training seed sees the same test set.
     task = load_task(a.task, a.data_dir, seed=0, train=a.train, dev=a.dev, test=a.test)
     tcfg = TrainConfig(**{k: getattr(a, k) for k in TRAINING}).resolved(len(task.splits["train"]))
@@ -178,10 +180,14 @@ def main(argv=None):
     if a.template not in TEMPLATES + ("auto",):
         raise UserError(f"unknown template {a.template!r}; valid: {', '.join(TEMPLATES)}, auto")
     files = outputs(a)
-    check_outputs(a, files)
+    if a.method != "none":
+        check_outputs(a, files)
 
     model, tok, path = cli.load(a)
     template = resolve_template(a.template, model.args.model_type, path)
+    if a.method == "none":
+        return score_bare_model(a, model, task, prepare_task(task, tok, template, a.max_eval, a.max_new_tokens),
+                                tcfg, files, str(path), template)
     import torch
     torch.manual_seed(a.seed)  # the adapter's initial values come from the seed too
     try:
@@ -199,6 +205,23 @@ def main(argv=None):
             log_file.write(json.dumps(event) + "\n")
             log_file.flush()
         return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template)
+
+
+def score_bare_model(a, model, task, data, tcfg, files, model_path, template) -> int:
+    """The reference point of a task's table: the untrained model, decoded as training evaluates."""
+    from minipara.training import evaluate
+    _, _, dev_eval, test_eval = data
+    t = time.time()
+    scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch)
+              for split, ev in (("dev", dev_eval), ("test", test_eval))}
+    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    report = {"method": "none", "task": a.task, "model": model_path, "template": template, **scores,
+              "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
+              "wall_time_s": round(time.time() - t, 2), "command": shlex.join(argv)}
+    files["report"].parent.mkdir(parents=True, exist_ok=True)
+    files["report"].write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template) -> int:

@@ -406,3 +406,24 @@ def test_cli_sigint_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(ref), load_file(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_method_none_scores_the_bare_model(tiny_dir, tmp_path):
+    """The reference row of a results table: no training, the bare model decoded as evaluation
+    decodes; its scores equal evaluate() with no adapter."""
+    import json
+
+    from minipara.loading import load_model
+    from minipara.tasks import load_task
+    from minipara.tokenizer import Tokenizer
+    from minipara.training import evaluate, prepare_task
+    out = tmp_path / "none.safetensors"
+    cmd = [c if c != "para" else "none" for c in train_cmd(tiny_dir, out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report == json.loads(r.stdout) and report["method"] == "none" and not out.exists()
+    model, tok = load_model(tiny_dir), Tokenizer(tiny_dir)
+    task = load_task("custom", None, seed=0, train=tiny_dir / "train.jsonl", dev=tiny_dir / "dev.jsonl")
+    _, _, dev_eval, test_eval = prepare_task(task, tok, report["template"])
+    assert report["dev"] == evaluate(model, None, dev_eval) and report["test"] == evaluate(model, None, test_eval)
