@@ -128,7 +128,7 @@ def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_st
         compile_decoder(decoder)
     cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
     t = time.perf_counter()
-    for _ in range(warmup):  # compiles and records the decode step
+    for _ in range(warmup):  # compiles the decode step; on CUDA the second run records the prefill
         generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
     warmup_s = time.perf_counter() - t
     if device.type == "cuda":
