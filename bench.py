@@ -37,6 +37,10 @@ def parse():
                    help="capture the decode step with torch.compile (auto: on CUDA only)")
     p.add_argument("--json", help="write every figure and the machine to this file")
     p.add_argument("--plot", help="bar chart of tokens/s per method (needs matplotlib)")
+    p.add_argument("--interleave", action="store_true",
+                   help="take the timed runs of all methods in turns (A, B, A, B, ...) rather than method "
+                   "after method, so a machine whose speed drifts affects all alike (peak memory is then "
+                   "the whole run's)")
     p.add_argument("--profile", help="append, per row, torch.profiler's table of the costliest ops "
                    "of one more generation to this text file")
     return p.parse_args()
@@ -52,6 +56,8 @@ def main():
     if bad:
         raise UserError(f"unknown method {bad[0]!r} for --methods; choose from {', '.join(bm.VARIANTS)}")
     beams = [int(b) for b in a.beams.split(",")]
+    if a.interleave and (a.tenants or a.profile):
+        raise UserError("--interleave measures single-batch methods side by side: leave out --tenants and --profile")
     if a.tenants and a.batch < a.tenants:
         raise UserError(f"--batch {a.batch} is smaller than --tenants {a.tenants}: each tenant needs a row")
     if a.shape:
@@ -90,6 +96,12 @@ def main():
         for g in groups:
             ad = tenant_mixture(model, g, a.batch)
             record(f"{'+'.join(sorted(set(g)))} x{a.tenants} mixed", model, ad, beams[0])
+    elif a.interleave:
+        made = {v: bm.make_adapter(v, model) for v in order}
+        settings = [(v, nb) for v in order for nb in beams]
+        results = bm.run_interleaved([(*made[v], nb) for v, nb in settings], prompts, a.new_tokens, a.runs,
+                                     a.warmup, compile_step)
+        rows += [{"variant": v, "batch": a.batch, "beams": nb, **r} for (v, nb), r in zip(settings, results)]
     else:
         for v in order:
             m, ad = bm.make_adapter(v, model)

@@ -118,56 +118,101 @@ def make_adapter(variant: str, model, seed: int = 0):
     return model, ad
 
 
-def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step, profile=False):
-    """Median figures of `runs` generations after `warmup` ones; with `profile`, also the
-    table of the most time-consuming ops of one more generation (torch.profiler)."""
-    device = model.tok_embeddings.weight.device
-    decoder = TimedDecoder(model)
-    if compile_step:
-        from .fast import compile_decoder
-        compile_decoder(decoder)
-    cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
-    t = time.perf_counter()
-    for _ in range(warmup):  # compiles the decode step; on CUDA the second run records the prefill
-        generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
-    warmup_s = time.perf_counter() - t
+class Runner:
+    """Timed generations of one setting (model, adapter, beams) through its own decoder."""
+
+    def __init__(self, model, adapter, prompts, beams, new_tokens, compile_step):
+        self.model, self.adapter, self.prompts, self.n = model, adapter, prompts, new_tokens
+        self.device = model.tok_embeddings.weight.device
+        self.decoder = TimedDecoder(model)
+        if compile_step:
+            from .fast import compile_decoder
+            compile_decoder(self.decoder)
+        self.cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
+        self.totals, self.ttfts, self.warmup_s = [], [], 0.0
+
+    def generate(self):
+        return generate(self.model, self.prompts, self.cfg, adapter=self.adapter, decoder=self.decoder)
+
+    def warm(self, n: int):
+        """Untimed runs: the first compiles the decode step; on CUDA the second records the prefill."""
+        t = time.perf_counter()
+        for _ in range(n):
+            self.generate()
+        _sync(self.model.tok_embeddings.weight)
+        self.warmup_s += time.perf_counter() - t
+
+    def once(self):
+        """One timed generation: its total time and time to first token are kept."""
+        _sync(self.model.tok_embeddings.weight)
+        t0 = time.perf_counter()
+        out = self.generate()
+        _sync(self.model.tok_embeddings.weight)
+        t1 = time.perf_counter()
+        assert all(len(o) == self.n for o in out), "EOS is ignored: every row makes exactly N tokens"
+        self.totals.append(t1 - t0)
+        self.ttfts.append(self.decoder.first_token_at - t0)
+
+    def profile(self) -> str:
+        """torch.profiler's table of the costliest ops of one more generation."""
+        from torch.profiler import ProfilerActivity
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof:
+            self.generate()
+            _sync(self.model.tok_embeddings.weight)
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        return prof.key_averages().table(sort_by=key, row_limit=25)
+
+    def summary(self, peak_mb: float) -> dict:
+        n, b = self.n, len(self.prompts)
+        tps = sorted(n / t for t in self.totals)
+        decode_tps = sorted((n - 1) / (t - f) for t, f in zip(self.totals, self.ttfts))
+        return {
+            "tps": statistics.median(tps), "tps_min": tps[0], "tps_max": tps[-1],
+            "tps_all_rows": statistics.median(tps) * b,
+            "decode_tps": statistics.median(decode_tps),
+            "ttft_ms": statistics.median(self.ttfts) * 1e3,
+            "peak_mb": peak_mb,
+            "warmup_s": self.warmup_s,
+        }
+
+
+def reset_peak(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    totals, ttfts = [], []
+
+
+def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step, profile=False):
+    """Median figures of `runs` generations after `warmup` ones; with `profile`, also the
+    table of the most time-consuming ops of one more generation (torch.profiler)."""
+    r = Runner(model, adapter, prompts, beams, new_tokens, compile_step)
+    r.warm(warmup)
+    reset_peak(r.device)
     for _ in range(runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        out = generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t1 = time.perf_counter()
-        assert all(len(o) == new_tokens for o in out), "EOS is ignored: every row makes exactly N tokens"
-        totals.append(t1 - t0)
-        ttfts.append(decoder.first_token_at - t0)
-    n, b = new_tokens, len(prompts)
-    peak = peak_memory_mb(device)
-    table = None
+        r.once()
+    out = r.summary(peak_memory_mb(r.device))
     if profile:
-        from torch.profiler import ProfilerActivity
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch.profiler.profile(activities=acts) as prof:
-            generate(model, prompts, cfg, adapter=adapter, decoder=decoder)
-            _sync(model.tok_embeddings.weight)
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=25)
-    tps = sorted(n / t for t in totals)
-    decode_tps = sorted((n - 1) / (t - f) for t, f in zip(totals, ttfts))
-    return {
-        "tps": statistics.median(tps), "tps_min": tps[0], "tps_max": tps[-1],
-        "tps_all_rows": statistics.median(tps) * b,
-        "decode_tps": statistics.median(decode_tps),
-        "ttft_ms": statistics.median(ttfts) * 1e3,
-        "peak_mb": peak,
-        "warmup_s": warmup_s,
-        **({"profile": table} if profile else {}),
-    }
+        out["profile"] = r.profile()
+    return out
+
+
+def run_interleaved(settings: list[tuple], prompts, new_tokens, runs, warmup, compile_step) -> list[dict]:
+    """run_one for several (model, adapter, beams) settings, their timed runs taken in turns
+    (A, B, C, A, B, C, ...), so that a machine whose speed drifts during the measurement
+    (CPUs under other load, thermal limits) affects every setting alike. Peak memory is then
+    the whole measurement's, the same figure for every row."""
+    runners = [Runner(m, ad, prompts, nb, new_tokens, compile_step) for m, ad, nb in settings]
+    for r in runners:
+        r.warm(warmup)
+    if not runners:
+        return []
+    reset_peak(runners[0].device)
+    for _ in range(runs):
+        for r in runners:
+            r.once()
+    peak = peak_memory_mb(runners[0].device)
+    return [r.summary(peak) for r in runners]
 
 
 def machine_info(device) -> dict:

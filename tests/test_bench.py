@@ -37,3 +37,20 @@ def test_bench_multi_tenant_mix(tmp_path):
     assert all(r["batch"] == 5 and r["tps_all_rows"] == r["tps"] * 5 for r in rows)
     prof = (tmp_path / "prof.txt").read_text()
     assert prof.count("## ") == 2 and "aten::" in prof and "profile" not in rows[0]
+
+
+def test_bench_interleaved_runs_every_method(tmp_path):
+    out = tmp_path / "inter.json"
+    cmd = [sys.executable, "bench.py", "--shape", "gemma-3-270m", "--runs", "2", "--warmup", "0",
+           "--new-tokens", "2", "--prompt-tokens", "8", "--methods", "base,para,lora-merged", "--beams", "1,3",
+           "--interleave", "--json", str(out)]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["beams"]) for r in rows] == [(v, b) for v in ("base", "para", "lora-merged")
+                                                          for b in (1, 3)]
+    assert all(r["tps"] > 0 and r["x_base"] > 0 for r in rows)
+    assert len({r["peak_mb"] for r in rows}) == 1  # one measurement, one peak
+    refused = subprocess.run([*cmd, "--batch", "2", "--tenants", "2"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --interleave")
