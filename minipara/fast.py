@@ -94,6 +94,8 @@ class PrefillGraphs:
         rec = self.records.get(key)
         if rec is None:
             if key not in self.seen:
+                if len(self.seen) > 4096:  # ids of long-gone adapters: forget them, at worst one early record
+                    self.seen.clear()
                 self.seen.add(key)
                 return self.eager(cache, tokens, valid, adapter)
             rec = self.records[key] = self._record(cache, tokens, valid, adapter)
