@@ -35,6 +35,13 @@ class KVCache(nn.Module):
         self.packed = {}  # (kind, linear) -> the states' tensors of all layers, stacked (see pack_states)
         self._spare = {}  # packed buffers of earlier requests, kept to be refilled (fixed addresses)
 
+    def advance(self, n: int):
+        """Take the next n slots: moves the host-side `length` (the graph-safe forward moves
+        `slot` on the device), refusing to run past the end."""
+        if self.length + n > self.max_len:
+            raise ValueError(f"{self.length + n} tokens exceed the cache length {self.max_len}")
+        self.length += n
+
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"k{i}"), getattr(self, f"v{i}")
 

@@ -47,9 +47,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     def step(cache, tokens):
         if any(s is not None for s in cache.states) and not cache.packed:
             return eager_step(cache, tokens)  # states of differing structure: no stacked tensors
-        if cache.length + 1 > cache.max_len:
-            raise ValueError(f"{cache.length + 1} tokens exceed the cache length {cache.max_len}")
-        cache.length += 1  # the host mirror of cache.slot, which the graph advances
+        cache.advance(1)  # the graph advances cache.slot on the device
         keys = tuple(cache.packed)
         bufs = [cache.packed[k] for k in keys]
         for t in (*cache.buffers(), *bufs):  # fixed addresses: no copy into the graph per replay
@@ -90,7 +88,7 @@ class PrefillGraphs:
 
     @torch.no_grad()
     def __call__(self, cache, tokens, valid, adapter):
-        key = (id(cache), id(adapter), tuple(tokens.shape), cache.n_prefix)
+        key = (id(cache), id(adapter), tuple(tokens.shape))  # the adapter sets the prefix slots
         rec = self.records.get(key)
         if rec is None:
             if key not in self.seen:

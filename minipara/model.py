@@ -205,9 +205,9 @@ class Transformer(nn.Module):
         else:
             if adapter is not None and n_pre != cache.n_prefix:
                 raise ValueError(f"cache was made for {cache.n_prefix} prefix slots, the adapter has {n_pre}")
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"{cache.length + T} tokens exceed the cache length {cache.max_len}")
-            if cache.length == cache.n_prefix:  # prefill: the cache holds no text yet
+            prefill = cache.length == cache.n_prefix  # the cache holds no text yet
+            cache.advance(T)
+            if prefill:
                 if pre_rows is None:
                     cache.next_pos.zero_()
                 else:
@@ -215,7 +215,6 @@ class Transformer(nn.Module):
                     cache.ok[:, :n_pre] = slots[None] < pre_rows[:, None]
                     cache.pos[:, :n_pre] = slots - n_pre  # negative: prefix, see attention_mask
                     cache.next_pos.copy_(pre_rows)
-            cache.length += T
             out = self.step(tokens, cache, valid, adapter, pool_mask, hidden_only, last_only)
             if adapter is not None:
                 cache.pack_states(cache.states)
