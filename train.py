@@ -207,6 +207,11 @@ def main(argv=None):
         return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template)
 
 
+def command_argv() -> list[str]:
+    """The command line as typed (interpreter included), for reports and the resume hint."""
+    return getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+
+
 def score_bare_model(a, model, task, data, tcfg, files, model_path, template) -> int:
     """The reference point of a task's table: the untrained model, decoded as training evaluates."""
     from minipara.training import evaluate
@@ -214,10 +219,9 @@ def score_bare_model(a, model, task, data, tcfg, files, model_path, template) ->
     t = time.time()
     scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch)
               for split, ev in (("dev", dev_eval), ("test", test_eval))}
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
     report = {"method": "none", "task": a.task, "model": model_path, "template": template, **scores,
               "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
-              "wall_time_s": round(time.time() - t, 2), "command": shlex.join(argv)}
+              "wall_time_s": round(time.time() - t, 2), "command": shlex.join(command_argv())}
     files["report"].parent.mkdir(parents=True, exist_ok=True)
     files["report"].write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
@@ -231,7 +235,7 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
     trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
                       on_best=lambda ad: save_adapter(files["out"], ad, model.args, template), progress=Progress())
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
+    argv = command_argv()
     command = shlex.join(argv)
     n_params = sum(p.numel() for p in adapter.parameters())
     if a.resume:
