@@ -112,7 +112,12 @@ def _common(cfg: dict) -> dict:
         bos_id=cfg.get("bos_token_id") if cfg.get("bos_token_id") is not None else 1,
         eos_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
         pad_id=cfg.get("pad_token_id") if cfg.get("pad_token_id") is not None else 0,
+        norm_eps=cfg.get("rms_norm_eps", 1e-6),
     )
+
+
+# What every Gemma generation shares: (1 + w) norms, embeddings scaled by sqrt(dim), GELU-tanh.
+_GEMMA_TRAITS = dict(activation="gelu_tanh", norm_offset=1.0, embed_scale=True)
 
 
 def _rope(cfg: dict, kind: str | None = None) -> dict:
@@ -134,7 +139,6 @@ def _llama(cfg: dict) -> ModelArgs:
         raise UserError(f"rope_scaling type {rtype!r} is not supported; supported: default, llama3")
     return ModelArgs(
         **common,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_seq_len=cfg.get("max_position_embeddings", 4096),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -152,12 +156,9 @@ def _gemma(cfg: dict) -> ModelArgs:
     theta = _rope(cfg).get("rope_theta", 10000.0)
     return ModelArgs(
         **common,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_seq_len=cfg.get("max_position_embeddings", 8192),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        activation="gelu_tanh",
-        norm_offset=1.0,
-        embed_scale=True,
+        **_GEMMA_TRAITS,
         attn_scale=common["head_dim"] ** -0.5,
         rope_theta=theta,
         rope_local_theta=theta,
@@ -183,12 +184,9 @@ def _gemma3(cfg: dict) -> ModelArgs:
     local_theta = loc.get("rope_theta") if "rope_parameters" in cfg else cfg.get("rope_local_base_freq", 10000.0)
     return ModelArgs(
         **common,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
         max_seq_len=cfg.get("max_position_embeddings", 131072),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        activation="gelu_tanh",
-        norm_offset=1.0,
-        embed_scale=True,
+        **_GEMMA_TRAITS,
         qk_norm=True,
         sandwich_norm=True,
         attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5,
