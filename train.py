@@ -45,28 +45,29 @@ def method_fields() -> dict:
 
 
 def parser(method_opts) -> argparse.ArgumentParser:
+    from minipara.training import TrainConfig as T  # the training options' defaults live there, once
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help="para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2 "
                    "| none (no training: score the bare model on dev and test, as a reference)")
     p.add_argument("--task", required=True, help="copa | boolq | rte | sst2 | ... | custom")
     cli.add_model_args(p)
     p.add_argument("--out", help="adapter file to write (default: runs/<method>-<task>-seed<seed>.safetensors)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=T.seed)
+    p.add_argument("--epochs", type=int, default=T.epochs)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs decide)")
     p.add_argument("--batch-size", type=int, help="default: 16 for under 10k training examples, else 128")
     p.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients are accumulated "
                    "up to --batch-size (default: the whole batch)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--arch-lr", type=float, default=1e-6, help="lr of rational activations (PEDRO, IAPT), "
+    p.add_argument("--lr", type=float, default=T.lr)
+    p.add_argument("--arch-lr", type=float, default=T.arch_lr, help="lr of rational activations (PEDRO, IAPT), "
                    "trained on dev batches (bi-level)")
-    p.add_argument("--warmup", type=float, default=0.06, help="warm-up fraction of the steps")
+    p.add_argument("--warmup", type=float, default=T.warmup, help="warm-up fraction of the steps")
     p.add_argument("--eval-every", type=int,
                    help="steps between dev evaluations (default: 200, or one epoch if shorter)")
-    p.add_argument("--patience", type=int, default=10,
+    p.add_argument("--patience", type=int, default=T.patience,
                    help="stop after this many evaluations without a better dev score")
-    p.add_argument("--eval-beams", type=int, default=3)
-    p.add_argument("--eval-batch", type=int, default=16, help="prompts decoded together in evaluation")
+    p.add_argument("--eval-beams", type=int, default=T.eval_beams)
+    p.add_argument("--eval-batch", type=int, default=T.eval_batch, help="prompts decoded together in evaluation")
     p.add_argument("--max-eval", type=int, help="evaluate at most this many dev/test examples (default: all)")
     p.add_argument("--max-new-tokens", type=int, help="evaluation length (default: the longest train/dev response)")
     p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (default: the family's chat "

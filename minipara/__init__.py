@@ -1,2 +1,36 @@
-"""minipara: prompt-aware parameter-efficient fine-tuning in plain PyTorch."""
+"""minipara: prompt-aware parameter-efficient fine-tuning in plain PyTorch.
+
+The public API (see README, "Python"):
+
+    load(path=None, dtype, device) -> LanguageModel   a model and its tokenizer from an HF directory
+    LanguageModel.generate / load_adapter / save_adapter / new_adapter / train / evaluate
+    Completion           one prompt's generated text, ids and finish reason
+    GenerationConfig     decoding options (max_new_tokens, beams, temperature, ...)
+    TrainConfig          the training recipe's options
+    load_task            a task's train/dev/test examples (COPA ships with minipara)
+    METHODS              the adapter methods' names
+    UserError            the error raised for anything a user can fix
+
+Names are imported on first use, so `import minipara` stays quick for the command-line scripts.
+"""
 __version__ = "0.1.0"
+
+_WHERE = {
+    "load": "api", "LanguageModel": "api", "Completion": "api",
+    "GenerationConfig": "generation", "TrainConfig": "training", "load_task": "tasks",
+    "METHODS": "methods", "UserError": "errors",
+}
+__all__ = ["__version__", *_WHERE]
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

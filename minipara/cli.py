@@ -13,20 +13,16 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
 
-def model_dir(arg: str | None):
-    if arg is not None:
-        return arg
-    from .weights import ensure_default_model
-    return ensure_default_model()
+def load_lm(args):
+    """The minipara.LanguageModel for parsed --model/--dtype/--device."""
+    from .api import load
+    return load(args.model, args.dtype, args.device)
 
 
 def load(args):
     """(model, tokenizer, model_dir) for parsed --model/--dtype/--device."""
-    from .loading import load_model, parse_device, parse_dtype
-    from .tokenizer import Tokenizer
-    device, dtype = parse_device(args.device), parse_dtype(args.dtype)  # fail before any work
-    path = model_dir(args.model)
-    return load_model(path, dtype, device), Tokenizer(path), path
+    lm = load_lm(args)
+    return lm.model, lm.tokenizer, lm.path
 
 
 def run(main):
@@ -34,7 +30,7 @@ def run(main):
     try:
         sys.exit(main())
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.flag_message()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

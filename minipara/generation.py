@@ -27,13 +27,13 @@ class GenerationConfig:
 
     def check(self):
         if self.beams < 1:
-            raise UserError(f"--beams must be at least 1 (got {self.beams})")
+            raise UserError(f"beams must be at least 1 (got {self.beams})", ("beams",))
         if self.max_new_tokens < 1:
-            raise UserError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})", ("max_new_tokens",))
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise UserError("need temperature >= 0, 0 < top-p <= 1 and top-k >= 0")
+            raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0", ("temperature", "top_p", "top_k"))
         if self.beams > 1 and self.temperature > 0:
-            raise UserError("beam search is deterministic here: use --beams 1 to sample")
+            raise UserError("beam search is deterministic here: use beams 1 to sample", ("beams",))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device):
@@ -111,8 +111,8 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=Non
     n_pre = adapter.n_prefix if adapter is not None else 0
     longest = max(len(p) for p in prompts)
     if longest + cfg.max_new_tokens > a.max_seq_len:
-        raise UserError(f"prompt ({longest} tokens) plus --max-new-tokens "
-                        f"({cfg.max_new_tokens}) exceeds the model's context of {a.max_seq_len} tokens")
+        raise UserError(f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds the "
+                        f"model's context of {a.max_seq_len} tokens", ("max_new_tokens",))
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)

@@ -23,7 +23,7 @@ def parse_device(name: str) -> torch.device:
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for, but no CUDA GPU is available; use --device cpu")
+        raise UserError("device cuda was asked for, but no CUDA GPU is available; use device cpu", ("device",))
     if dev.type not in ("cpu", "cuda"):
         raise UserError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
     return dev

@@ -288,7 +288,7 @@ def _task_dir(name: str, data_dir: str | None) -> Path:
         if name == "copa":
             return SHIPPED / "copa"
         expected = ", ".join(FILES[name].values())
-        raise UserError(f"task {name} needs --data-dir, a folder holding {expected}")
+        raise UserError(f"task {name} needs data_dir, a folder holding {expected}", ("data_dir",))
     root = Path(data_dir)
     folder = Path(FILES[name]["train"]).parent.name
     # Accept the task's own folder too: it is named after the task or already holds its files.
@@ -313,12 +313,14 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
     read_train, read_val, metric, metric_name = _REGISTRY[name]
     if name == "custom":
         if not (train and dev):
-            raise UserError('task custom needs --train and --dev: jsonl files of {"prompt": ..., "response": ...}')
+            raise UserError('task custom needs train and dev: jsonl files of {"prompt": ..., "response": ...}',
+                            ("train", "dev"))
         splits = {"train": read_train(_need(Path(train))), "dev": read_val(_need(Path(dev)))}
         splits["test"] = read_val(_need(Path(test))) if test else splits["dev"]
         return Task(name, splits, metric_name, metric)
     if train or dev or test:
-        raise UserError(f"--train/--dev/--test are for the custom task; task {name} reads --data-dir")
+        raise UserError(f"train/dev/test files are for the custom task; task {name} reads data_dir",
+                        ("data_dir",))
     base = _task_dir(name, data_dir)
     files = {key: _need(base / Path(rel).name) for key, rel in FILES[name].items()}
     examples = read_train(files["train"])

@@ -108,7 +108,7 @@ def default_template(model_type: str) -> str:
         return "gemma"
     if model_type == "llama":
         return "llama2"
-    raise UserError(f"no chat template for model type {model_type!r}; use --template none")
+    raise UserError(f"no chat template for model type {model_type!r}; use template none", ("template",))
 
 
 def resolve_template(name: str, model_type: str, model_dir) -> str:
@@ -126,3 +126,8 @@ def resolve_template(name: str, model_type: str, model_dir) -> str:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{cfg} is not valid JSON ({e})") from None
     return default_template(model_type) if chat else "none"
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    """The tokenizer of a model directory."""
+    return Tokenizer(model_dir)

@@ -62,15 +62,16 @@ class TrainConfig:
         c.micro_batch = c.micro_batch or c.batch_size
         for name in ("batch_size", "micro_batch", "epochs", "eval_beams", "eval_batch"):
             if getattr(c, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(c, name)})")
+                raise UserError(f"{name} must be at least 1 (got {getattr(c, name)})", (name,))
         if c.batch_size % c.micro_batch:
-            raise UserError(f"--batch-size {c.batch_size} is not divisible by --micro-batch {c.micro_batch}")
+            raise UserError(f"batch_size {c.batch_size} is not divisible by micro_batch {c.micro_batch}",
+                            ("batch_size", "micro_batch"))
         if c.max_steps is not None and c.max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1 (got {c.max_steps})")
+            raise UserError(f"max_steps must be at least 1 (got {c.max_steps})", ("max_steps",))
         if c.patience < 1 or (c.eval_every is not None and c.eval_every < 1):
-            raise UserError("--patience and --eval-every must be at least 1")
+            raise UserError("patience and eval_every must be at least 1", ("patience", "eval_every"))
         if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1 or c.seed < 0:
-            raise UserError("need --lr > 0, --arch-lr >= 0, 0 <= warm-up < 1 and --seed >= 0")
+            raise UserError("need lr > 0, arch_lr >= 0, 0 <= warmup < 1 and seed >= 0", ("lr", "arch_lr", "warmup", "seed"))
         per_epoch = math.ceil(n_train / c.batch_size)
         c.eval_every = c.eval_every or min(200, per_epoch)
         return c

@@ -212,7 +212,7 @@ def test_unknown_task_lists_the_valid_names():
 
 
 def test_missing_data_dir_names_the_expected_files():
-    with pytest.raises(UserError, match=r"task rte needs --data-dir.*rte/train\.jsonl, rte/val\.jsonl"):
+    with pytest.raises(UserError, match=r"task rte needs data_dir.*rte/train\.jsonl, rte/val\.jsonl"):
         load_task("rte", None)
 
 
@@ -236,7 +236,7 @@ def test_custom_missing_field_names_file_and_line(tmp_path):
     with pytest.raises(UserError) as e:
         load_task("custom", None, train=str(bad), dev=str(good))
     assert str(e.value) == f"{bad}:2: missing field 'response'"
-    with pytest.raises(UserError, match="needs --train and --dev"):
+    with pytest.raises(UserError, match="needs train and dev"):
         load_task("custom", None, train=str(good))
 
 

@@ -281,7 +281,7 @@ def test_default_training_config():
         (16, 16, 25, 1e-4, 1e-6, 0.06, 10, 3)
     c = TrainConfig().resolved(50_000)
     assert (c.batch_size, c.eval_every) == (128, 200)
-    with pytest.raises(UserError, match="--batch-size 16 is not divisible by --micro-batch 5"):
+    with pytest.raises(UserError, match="batch_size 16 is not divisible by micro_batch 5"):
         TrainConfig(micro_batch=5).resolved(400)
 
 

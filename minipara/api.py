@@ -1,0 +1,282 @@
+"""The public Python API: a model with its tokenizer, adapters, text generation and training.
+
+    import minipara
+    lm = minipara.load()                                  # the default model, converted on first use
+    print(lm.generate("The capital of France is the city of", max_new_tokens=8).text)
+    adapter = lm.load_adapter("runs/para-copa-seed0.safetensors")
+    outs = lm.generate(["first prompt", "second prompt"], adapter=[adapter, None])  # one tenant each
+
+The library owns what turns text into a request and back: the prompt template (the one an
+adapter was trained with, else the model family's chat template for chat models, else plain
+text), where generation stops (the model's EOS ids and the template's end marker, which the
+returned text leaves out) and what happens to prompts longer than the context.
+"""
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .generation import Decoder, GenerationConfig, generate
+from .methods.base import Adapter
+
+GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
+
+
+@dataclass
+class Completion:
+    """One prompt's result. `text` is the generated text without the end marker; `tokens` are
+    the generated ids (the end marker included when produced); `prompt_tokens` the ids the
+    model read (template applied, truncated if asked); `finish_reason` is "stop" when an end
+    marker ended it, "length" when max_new_tokens did."""
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class LanguageModel:
+    """A loaded model (`model`, a minipara Transformer), its `tokenizer` and the directory it
+    came from (`path`). Made by `minipara.load`."""
+
+    def __init__(self, model, tokenizer, path):
+        self.model, self.tokenizer, self.path = model, tokenizer, Path(path)
+        self.decoder = Decoder(model)  # kept, so repeated calls reuse cache buffers (and compiled steps)
+
+    @property
+    def args(self):
+        """The model's ModelArgs (read from config.json)."""
+        return self.model.args
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def compile(self, **options):
+        """Capture the one-token decode step with torch.compile (and on CUDA the prefill as
+        CUDA graphs); options go to minipara.fast.compile_decoder. Returns self."""
+        from .fast import compile_decoder
+        compile_decoder(self.decoder, **options)
+        return self
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def new_adapter(self, method: str, seed: int | None = None, **options) -> Adapter:
+        """A fresh, untrained adapter of `method` (para, pedro, parade, iapt, lora, ia3, bitfit,
+        ptuning_v2) on this model's device; `options` override the method's config defaults and
+        `seed` fixes its initial values."""
+        from .methods import build_adapter
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            adapter = build_adapter(method, self.args, **options)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"cannot build the {method} adapter: {e}") from None
+        return adapter.to(self.device)
+
+    def load_adapter(self, path) -> Adapter:
+        """The adapter stored at `path` (a minipara .safetensors file or a PEFT directory), on
+        this model's device; refused with a UserError if it was made for another base model."""
+        from .adapter_io import load_adapter
+        return load_adapter(path, self.args).to(self.device)
+
+    def save_adapter(self, path, adapter: Adapter, template: str | None = None):
+        """Write `adapter` to the file `path` atomically, recording this base model (and the
+        prompt template it was trained with, so generation picks the same one)."""
+        from .adapter_io import save_adapter
+        save_adapter(path, adapter, self.args, template if template is not None else adapter.template)
+
+    # ---- templates and prompts ----------------------------------------------------------------
+    def template(self, name: str = "auto", adapters=()) -> str:
+        """The template a request uses: `name` unless it is "auto"; then the one the adapters
+        were trained with, else the family's chat template if the model ships one, else none."""
+        from .tokenizer import TEMPLATES, resolve_template
+        if name == "auto":
+            trained_with = {a.template for a in adapters if a is not None} - {None}
+            if len(trained_with) > 1:
+                raise UserError(f"the adapters were trained with different templates "
+                                f"({', '.join(sorted(trained_with))}): choose a template", ("template",))
+            if trained_with:
+                return trained_with.pop()
+        elif name not in TEMPLATES:
+            raise UserError(f"unknown template {name!r}; valid: {', '.join(TEMPLATES)}, auto", ("template",))
+        return resolve_template(name, self.args.model_type, self.path)
+
+    def stop_ids(self, template: str) -> tuple[int, ...]:
+        """Ids that end a generation under `template`: the model's EOS ids and the template's
+        end marker (Gemma's <end_of_turn>)."""
+        from .tokenizer import end_id
+        return tuple(dict.fromkeys((*self.args.eos_ids, end_id(self.tokenizer, template))))
+
+    def encode_prompt(self, text: str, template: str = "none") -> list[int]:
+        """The ids of `text` wrapped in `template` (a resolved name), BOS first."""
+        from .tokenizer import encode_example
+        if not text.strip():
+            raise UserError("empty prompt: give some text to continue")
+        return encode_example(self.tokenizer, template, text)[0]
+
+    def fit_prompt(self, ids: list[int], max_new_tokens: int, truncate: bool = False, n_prefix: int = 0,
+                   which: str = "the prompt") -> list[int]:
+        """`ids`, if they leave room for max_new_tokens in the context; else, with `truncate`,
+        BOS and the newest tokens that fit (the oldest text is dropped); else a UserError."""
+        room = self.args.max_seq_len - max_new_tokens - n_prefix
+        if len(ids) <= room:
+            return ids
+        if not truncate or room < 2:
+            raise UserError(f"{which} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} that exceeds "
+                            f"the model's context of {self.args.max_seq_len}"
+                            + (" (set truncate to keep only the end of the prompt)" if room >= 2 else ""),
+                            ("max_new_tokens", "truncate"))
+        return ids[:1] + ids[len(ids) - room + 1:]
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str], adapter=None, template: str = "auto", truncate: bool = False,
+                 on_text=None, config: GenerationConfig | None = None, **options):
+        """Generate text from text: a Completion for a prompt, a list of them for a list of
+        prompts (decoded as one left-padded batch).
+
+        adapter: None, one Adapter for every prompt, or a list with one entry (Adapter or
+            None) per prompt: a mixed batch of tenants.
+        template: llama2 | gemma | none | auto (see `template`).
+        truncate: drop the oldest text of prompts that leave no room for max_new_tokens.
+        on_text(row, piece): called with each new piece of text as soon as it decodes cleanly
+            (greedy and sampling); the pieces of a row add up to its Completion's text.
+        config / options: a GenerationConfig, or its fields as keywords (max_new_tokens,
+            beams, temperature, top_k, top_p, length_penalty, seed).
+        """
+        single = isinstance(prompt, str)
+        texts = [prompt] if single else list(prompt)
+        if not texts:
+            raise UserError("no prompt given")
+        cfg = self._config(config, options)
+        adapters = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
+        if len(adapters) != len(texts):
+            raise UserError(f"{len(adapters)} adapters for {len(texts)} prompts: give one per prompt (None for none)")
+        name = self.template(template, adapters)
+        if cfg.eos_ids is None:
+            cfg.eos_ids = self.stop_ids(name)
+        batch_adapter = _batch_adapter(adapters)
+        if batch_adapter is not None:
+            batch_adapter = batch_adapter.to(self.device)
+        n_pre = batch_adapter.n_prefix if batch_adapter is not None else 0
+        ids = [self.fit_prompt(self.encode_prompt(t, name), cfg.max_new_tokens, truncate, n_pre,
+                               "the prompt" if single else f"prompt {i + 1}") for i, t in enumerate(texts)]
+        stream = _TextStream(self.tokenizer, set(cfg.eos_ids), on_text) if on_text is not None else None
+        outs = generate(self.model, ids, cfg, adapter=batch_adapter, decoder=self.decoder,
+                        on_token=stream.token if stream is not None else None)
+        done = []
+        for row, (p, out) in enumerate(zip(ids, outs)):
+            stopped = bool(out) and out[-1] in cfg.eos_ids
+            text = self.tokenizer.decode(out[:-1] if stopped else out)
+            if stream is not None:
+                stream.finish(row, text)
+            done.append(Completion(text, out, p, "stop" if stopped else "length"))
+        return done[0] if single else done
+
+    @staticmethod
+    def _config(config, options) -> GenerationConfig:
+        unknown = sorted(set(options) - set(GENERATION_OPTIONS))
+        if unknown:
+            raise UserError(f"generate() has no option {unknown[0]!r}; options: {', '.join(GENERATION_OPTIONS)}")
+        if config is not None and options:
+            raise UserError("give a GenerationConfig or its fields as keywords, not both")
+        cfg = GenerationConfig(**(config.__dict__ if config is not None else options))  # a copy: eos_ids is filled in
+        cfg.check()
+        return cfg
+
+    # ---- training -----------------------------------------------------------------------------
+    def trainer(self, adapter: Adapter, task, config=None, template: str = "auto", checkpoint=None,
+                log=None, progress: bool = True, max_eval: int | None = None, max_new_tokens: int | None = None,
+                on_best=None):
+        """A minipara.training.Trainer for `adapter` on `task` (a Task from minipara.load_task, or
+        a task name such as "copa"), with the papers' recipe (config: a TrainConfig). Call
+        `.run()` to train, `.request_stop()` to interrupt, `.resume()` to continue from
+        `checkpoint`. `log(event)` receives evaluation records; `on_best(adapter)` is called
+        with each new best adapter (by dev score)."""
+        from .tasks import Task, load_task
+        from .training import Progress, TrainConfig, Trainer, prepare_task
+        if not isinstance(task, Task):
+            task = load_task(task)
+        name = self.template(template, [adapter])
+        train, dev, dev_eval, _ = prepare_task(task, self.tokenizer, name, max_eval, max_new_tokens)
+        adapter.template = name  # saved with it, so generation uses the same template
+        return Trainer(self.model, adapter, train, dev, dev_eval, config or TrainConfig(), ckpt_path=checkpoint,
+                       log=log, on_best=on_best, progress=Progress() if progress else None)
+
+    def train(self, adapter: Adapter, task, config=None, template: str = "auto", out=None, **options):
+        """Train `adapter` in place on `task` (see `trainer` for the options) and leave the best
+        adapter by dev score in it; with `out`, that adapter is also written there each time it
+        improves. Returns the training Result (steps, best dev metrics, history)."""
+        if out is not None:
+            options["on_best"] = lambda ad: self.save_adapter(out, ad)
+        tr = self.trainer(adapter, task, config, template, **options)
+        result = tr.run()
+        tr.load_best()
+        return result
+
+    def evaluate(self, adapter: Adapter | None, task, split: str = "test", template: str = "auto",
+                 beams: int = 3, batch: int = 16, max_eval: int | None = None) -> dict:
+        """The task metric of `adapter` (None: the bare model) on a split (dev or test),
+        decoding as training evaluates."""
+        from .tasks import Task, load_task
+        from .training import evaluate, prepare_task
+        if not isinstance(task, Task):
+            task = load_task(task)
+        if split not in ("dev", "test"):
+            raise UserError(f"split must be dev or test, not {split!r}", ("split",))
+        data = prepare_task(task, self.tokenizer, self.template(template, [adapter]), max_eval)
+        return evaluate(self.model, adapter, data[2 if split == "dev" else 3], beams, batch, self.decoder)
+
+
+def load(path=None, dtype="float32", device="cpu") -> LanguageModel:
+    """A LanguageModel from an HF-format directory (config.json, safetensors weights and a
+    tokenizer); without `path`, the default model (Gemma 3 270M, converted on first use).
+    dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N."""
+    from .loading import load_model, parse_device, parse_dtype
+    from .tokenizer import load_tokenizer
+    device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
+    if path is None:
+        from .weights import ensure_default_model
+        path = ensure_default_model()
+    return LanguageModel(load_model(path, dtype, device), load_tokenizer(path), path)
+
+
+def _batch_adapter(adapters: list):
+    """One adapter for the batch: None, the shared adapter, or a Mixture of the rows' adapters."""
+    distinct = list({id(a): a for a in adapters if a is not None}.values())
+    if not distinct:
+        return None
+    if len(distinct) == 1 and all(a is not None for a in adapters):
+        return distinct[0]
+    from .methods.mixture import Mixture
+    index = {id(a): i for i, a in enumerate(distinct)}
+    return Mixture(distinct, [None if a is None else index[id(a)] for a in adapters])
+
+
+class _TextStream:
+    """Turns generated ids into text pieces per row, holding back a piece until it decodes
+    cleanly (no half of a multi-byte character) and leaving out the end marker."""
+
+    def __init__(self, tokenizer, stop: set, on_text):
+        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
+        self.ids, self.shown = {}, {}
+
+    def token(self, row: int, token: int):
+        if token in self.stop:
+            return
+        ids = self.ids.setdefault(row, [])
+        ids.append(token)
+        text = self.tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            self._emit(row, text)
+
+    def finish(self, row: int, text: str):
+        self._emit(row, text)
+
+    def _emit(self, row: int, text: str):
+        old = self.shown.get(row, "")
+        if len(text) > len(old):
+            self.on_text(row, text[len(old):])
+            self.shown[row] = text
