@@ -1,0 +1,105 @@
+"""Continuous batching (minipara/engine.py): requests that join and leave a running batch, each
+with its own adapter of any method, get the tokens they get when run alone through generate()."""
+import random
+import threading
+
+import pytest
+import torch
+
+from minipara.engine import Engine, Request
+from minipara.generation import GenerationConfig, generate
+from minipara.methods import METHODS, build_adapter
+
+from conftest import DEVICE, exact_only, tiny_model
+from test_mixture import trained
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_engine(engine, reqs):
+    """Submit all requests to a started engine at once; {index: (tokens, text, reason)}."""
+    done, results = threading.Event(), {}
+
+    def emitter(i):
+        parts = []
+
+        def emit(kind, value):
+            if kind == "text":
+                parts.append(value)
+            else:
+                results[i] = (reqs[i].tokens, "".join(parts), value)
+                if len(results) == len(reqs):
+                    done.set()
+        return emit
+    for i, req in enumerate(reqs):
+        req.emit = emitter(i)
+        engine.submit(req)
+    assert done.wait(60), f"only {len(results)} of {len(reqs)} requests finished"
+    return results
+
+
+def text_of(ids):
+    return " ".join(map(str, ids))
+
+
+@exact_only
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_mixed_methods_join_and_leave_as_if_alone(family):
+    """Twenty-four requests over every method (and none), of different prompt lengths and token
+    limits, through 3 rows and a cache small enough to be compacted: each
+    request's tokens equal generate()'s for it alone; some sample with a seed."""
+    model = tiny_model(family)
+    options = {"ptuning_v2": dict(prefix_len=6)}  # the default 64 would need a longer cache
+    adapters = [None] + [trained(build_adapter(m, model.args, **options.get(m, {})), seed=i)
+                         for i, m in enumerate(METHODS)]
+    rng = random.Random(0)
+    reqs, alone = [], []
+    for i in range(24):
+        ad = adapters[i % len(adapters)]
+        prompt = [model.args.bos_id] + [rng.randrange(3, 97) for _ in range(rng.randrange(1, 12))]
+        cfg = GenerationConfig(max_new_tokens=rng.randrange(1, 14), eos_ids=(7,),
+                               temperature=0.9 if i % 5 == 4 else 0.0, seed=i)
+        reqs.append(Request(prompt, cfg, ad))
+        alone.append(generate(model, [prompt], cfg, adapter=ad)[0])
+    engine = Engine(model, text_of, max_batch=3, slots=36)
+    engine.start()
+    try:
+        results = run_engine(engine, reqs)
+    finally:
+        engine.stop()
+    for i, want in enumerate(alone):
+        tokens, text, reason = results[i]
+        assert tokens == want, f"request {i} ({reqs[i].adapter and reqs[i].adapter.method})"
+        assert text == text_of(want[:-1] if want[-1] == 7 else want)
+        assert reason == ("stop" if want[-1] == 7 else "length")
+    assert engine.compactions >= 1 and engine.cache.length <= 36
+    # The adapters act: most requests' tokens differ from the bare model's.
+    bare = [generate(model, [r.prompt], r.cfg)[0] for r in reqs if r.adapter is not None]
+    assert sum(b != a for b, a in zip(bare, [a for a, r in zip(alone, reqs) if r.adapter is not None])) > 8
+
+
+def test_stop_strings_and_cancel():
+    model = tiny_model("llama")
+    engine = Engine(model, text_of, max_batch=2, slots=64)
+    engine.start()
+    try:
+        cfg = GenerationConfig(max_new_tokens=12, eos_ids=())
+        want = generate(model, [[1, 5, 6]], cfg)[0]
+        stop = text_of(want[3:5])
+        (tokens, text, reason), = run_engine(engine, [Request([1, 5, 6], cfg, stop=[stop])]).values()
+        full = text_of(want)
+        assert reason == "stop" and text == full[:full.find(stop)]
+        # A cancelled request leaves its row; the next request runs.
+        long = Request([1, 5], GenerationConfig(max_new_tokens=40, eos_ids=()))
+        long.emit = lambda kind, value: long.cancel()
+        engine.submit(long)
+        (tokens, _, reason), = run_engine(engine, [Request([1, 5, 6], cfg)]).values()
+        assert tokens == want and engine.active() == 0 and len(long.tokens) < 40
+    finally:
+        engine.stop()
