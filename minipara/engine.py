@@ -88,8 +88,9 @@ class Engine:
         with self.cv:
             if self.stopping:
                 raise RuntimeError("the server is shutting down")
-            if len(self.waiting) >= self.max_waiting:
-                raise Overloaded(f"{len(self.waiting)} requests are already waiting")
+            # The bound counts requests beyond the free rows, which join at the next step.
+            if len(self.waiting) >= self.max_waiting + self.rows.count(None):
+                raise Overloaded(f"all {self.max_batch} rows are busy and {len(self.waiting)} requests wait")
             self.waiting.append(req)
             self.cv.notify()
 
@@ -98,16 +99,19 @@ class Engine:
         self.thread.start()
 
     def stop(self):
-        """Cancel whatever is still waiting or running (each gets an error event) and end the thread."""
+        """Cancel whatever is still waiting or running (each gets an error event) and end the
+        thread; the number of requests cancelled."""
         with self.cv:
             self.stopping = True
             self.cv.notify()
         if self.thread is not None:
             self.thread.join()
-        for req in [*self.waiting, *(r for r in self.rows if r is not None)]:
+        left = [*self.waiting, *(r for r in self.rows if r is not None)]
+        for req in left:
             req.emit("error", "the server shut down before the request finished")
         self.waiting.clear()
         self.rows = [None] * self.max_batch
+        return len(left)
 
     def active(self) -> int:
         return sum(r is not None for r in self.rows)

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible server (minipara/serve.py), through the real `openai` client, on a tiny
+model with adapters of three methods: outputs equal generate.py's, concurrent mixed requests
+equal each run alone, streaming, and every error case. Servers bind to 127.0.0.1 only."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from minipara.adapter_io import save_adapter
+from minipara.generation import GenerationConfig, generate
+from minipara.loading import load_model
+from minipara.methods import build_adapter
+from minipara.serve import build_app, make_server, parse
+from minipara.tokenizer import Tokenizer, encode_example
+
+from conftest import write_tiny_model_dir
+from test_mixture import trained
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("para", "lora", "iapt")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny HF-format model and a folder with one adapter per method (name = method)."""
+    d = tmp_path_factory.mktemp("serve")
+    (d / "model").mkdir()
+    model_dir = write_tiny_model_dir(d / "model")
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    (d / "adapters").mkdir()
+    for i, m in enumerate(METHODS):
+        save_adapter(d / "adapters" / f"{m}.safetensors", trained(build_adapter(m, model.args), seed=i), model.args)
+    return model_dir, d / "adapters"
+
+
+class Running:
+    """A server in a thread of this process, on a free port of 127.0.0.1."""
+
+    def __init__(self, files, *flags):
+        model_dir, adapters = files
+        self.server = make_server(parse(["--model", str(model_dir), "--adapters", str(adapters), *flags]))
+        self.uv = uvicorn.Server(uvicorn.Config(build_app(self.server), log_level="warning"))
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.uv.started:
+                break
+            time.sleep(0.05)
+        self.client = openai.OpenAI(base_url=self.url, api_key="unused", max_retries=0, timeout=30)
+
+    def close(self):
+        self.uv.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    torch.set_num_threads(1)
+    s = Running(files, "--max-batch", "4")
+    yield s
+    s.close()
+
+
+def alone(model_dir, adapters, name, prompt, n):
+    """generate() on its own, as generate.py runs it: (text, token count)."""
+    tok = Tokenizer(model_dir)
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    from minipara.adapter_io import load_adapter
+    ad = None if name == "base" else load_adapter(adapters / f"{name}.safetensors", model.args)
+    cfg = GenerationConfig(max_new_tokens=n, eos_ids=tuple(model.args.eos_ids))
+    out = generate(model, [encode_example(tok, "none", prompt)[0]], cfg, adapter=ad)[0]
+    return tok.decode(out[:-1] if out[-1] in cfg.eos_ids else out), len(out)
+
+
+PROMPTS = ["the cat is", "a big red dog", "sun moon", "is the small green cat a dog or the blue sun"]
+
+
+def test_equals_generate_py(server, files):
+    """generate.py's text for the same prompt and adapter (greedy), per method and the base."""
+    model_dir, adapters = files
+    for name in ("base", *METHODS):
+        got = server.client.completions.create(model=name, prompt="the cat is", max_tokens=12, temperature=0)
+        want, n = alone(model_dir, adapters, name, "the cat is", 12)
+        assert got.choices[0].text == want and got.usage.completion_tokens == n, name
+    out = subprocess.run([sys.executable, "generate.py", "--model", str(model_dir), "--adapter",
+                          str(adapters / "iapt.safetensors"), "--max-new-tokens", "12", "--json", "the cat is"],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    got = server.client.completions.create(model="iapt", prompt="the cat is", max_tokens=12, temperature=0)
+    assert got.choices[0].text == json.loads(out.stdout)["text"]
+
+
+def test_concurrent_mixed_adapters_equal_alone(server, files):
+    """Sixteen concurrent clients over every adapter and the base, more than the 4 rows: each
+    completion equals its request run alone; streamed pieces add up to the same text."""
+    model_dir, adapters = files
+    jobs = [(name, p, 6 + 3 * (i % 4)) for i, (name, p) in
+            enumerate((n, p) for p in PROMPTS for n in ("base", *METHODS))]
+
+    def ask(job):
+        name, prompt, n = job
+        if n % 2:
+            chunks = server.client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0,
+                                                      stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return server.client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
+    with ThreadPoolExecutor(16) as ex:
+        got = list(ex.map(ask, jobs))
+    for job, text in zip(jobs, got):
+        assert text == alone(model_dir, adapters, *job)[0], job
+
+
+def test_chat_and_streaming_shapes(server):
+    c = server.client
+    msgs = [{"role": "user", "content": "red dog"}]
+    whole = c.chat.completions.create(model="lora", messages=msgs, max_tokens=8, temperature=0)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    chunks = list(c.chat.completions.create(model="lora", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    models = [m.id for m in c.models.list()]
+    assert models == ["base", "iapt", "lora", "para"]
+    # Sampling with a seed repeats; a stop string ends the text before it.
+    a, b = (c.completions.create(model="para", prompt="the cat", max_tokens=10, temperature=1.0, seed=3).choices[0].text
+            for _ in range(2))
+    assert a == b
+    full = c.completions.create(model="iapt", prompt="the cat is", max_tokens=12, temperature=0).choices[0].text
+    stop = full[5:8]
+    assert len(stop) == 3
+    stopped = c.completions.create(model="iapt", prompt="the cat is", max_tokens=12, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == full[:full.find(stop)] and stopped.choices[0].finish_reason == "stop"
+
+
+def post(url, data: bytes):
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("kw, status, param", [
+    (dict(model="no-such-adapter"), 404, "model"),
+    (dict(prompt="the cat " * 200), 400, "max_tokens"),
+    (dict(max_tokens=500), 400, "max_tokens"),
+    (dict(temperature=-0.5), 400, "temperature"),
+    (dict(temperature=3), 400, "temperature"),
+    (dict(top_p=0), 400, "top_p"),
+    (dict(max_tokens=0), 400, "max_tokens"),
+    (dict(n=2), 400, "n"),
+    (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+])
+def test_bad_requests_get_openai_errors(server, kw, status, param):
+    with pytest.raises(openai.APIStatusError) as e:
+        server.client.completions.create(**({"model": "para", "prompt": "the cat", "max_tokens": 4} | kw))
+    err = e.value.body
+    assert e.value.status_code == status and err["param"] == param and err["type"] == "invalid_request_error"
+    if kw.get("prompt") or kw.get("max_tokens") == 500:
+        assert err["code"] == "context_length_exceeded"
+    # ... and the server goes on serving.
+    assert server.client.completions.create(model="para", prompt="the cat", max_tokens=2).usage.completion_tokens
+
+
+def test_malformed_json(server):
+    status, body = post(server.url + "/completions", b'{"model": "base", "prompt": ')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post(server.url + "/chat/completions", b'[1, 2]')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+
+
+def test_disconnect_frees_row_and_overload_is_429(files):
+    """One row, no queue: a second request while the first streams gets 429; a client that
+    goes away mid-stream frees the row for the next."""
+    s = Running(files, "--max-batch", "1", "--max-waiting", "0")
+    try:
+        stream = s.client.completions.create(model="lora", prompt="the cat", max_tokens=200, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as e:
+            s.client.completions.create(model="base", prompt="the cat", max_tokens=2)
+        assert e.value.body["code"] == "rate_limit_exceeded"
+        stream.close()  # the client goes away
+        for _ in range(100):
+            if s.server.engine.active() == 0:
+                break
+            time.sleep(0.05)
+        assert s.server.engine.active() == 0
+        assert s.client.completions.create(model="base", prompt="the cat", max_tokens=2).usage.completion_tokens
+    finally:
+        s.close()
+
+
+def test_adapters_evicted_within_budget_still_serve(files):
+    """A budget that holds one adapter: each request loads its own, evicting the other."""
+    model_dir, adapters = files
+    s = Running(files, "--adapter-memory", "0.001")
+    try:
+        for name in ("para", "lora", "para"):
+            got = s.client.completions.create(model=name, prompt="sun moon", max_tokens=6, temperature=0)
+            assert got.choices[0].text == alone(model_dir, adapters, name, "sun moon", 6)[0]
+            assert list(s.server.pool.loaded) == [name]
+    finally:
+        s.close()
+
+
+def test_sigterm_finishes_in_flight_requests(files):
+    """SIGTERM while a request streams: it completes, then the process exits cleanly."""
+    model_dir, adapters = files
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "minipara.serve", "--model", str(model_dir), "--adapters",
+                             str(adapters), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        for _ in range(100):
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.1)
+        stream = client.completions.create(model="para", prompt="the cat", max_tokens=150, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        pieces = [next(it).choices[0].text]
+        proc.send_signal(signal.SIGTERM)
+        for chunk in it:
+            pieces.append(chunk.choices[0].text)
+        assert chunk.choices[0].finish_reason == "length" and len("".join(pieces)) > 0
+        # uvicorn re-raises the signal once it has shut down: the exit status is SIGTERM's.
+        assert proc.wait(20) in (0, -signal.SIGTERM)
+        assert "stopped, 0 unfinished requests cancelled" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
