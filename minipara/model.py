@@ -2,8 +2,9 @@
 
 Projections are fused (q|k|v and gate|up) for speed; adapters attach through
 `LayerState.apply(name, x, y)` on the outputs of the four fused linears
-("qkv", "o", "gate_up", "down") and through per-layer prefix key/values. With no
-adapter the hooks are a single `is None` test.
+("qkv", "o", "gate_up", "down"), on the outputs of Gemma 3's per-head query/key norms
+("q_norm", "k_norm"), and through per-layer prefix key/values. With no adapter the
+hooks are a single `is None` test.
 """
 import math
 
@@ -61,11 +62,14 @@ class Attention(nn.Module):
         if st is not None:
             qkv = st.apply("qkv", h, qkv)
         q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
-        q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
-        k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q = q.view(B, T, a.n_heads, a.head_dim)
+        k = k.view(B, T, a.n_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+            if st is not None:  # prompt-aware l_q/l_k act here: the norm would cancel them (SPEC.md)
+                q, k = st.scale_heads("q_norm", q), st.scale_heads("k_norm", k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         cos, sin = rope
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 

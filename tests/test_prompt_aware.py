@@ -118,6 +118,27 @@ def test_iapt_is_not_identity_and_shifts_text_positions():
         assert not torch.allclose(model(tokens, valid=valid), model(tokens, valid=valid, adapter=ad))
 
 
+@pytest.mark.parametrize("method, options", [("para", {}), ("pedro", {}), ("parade", {}),
+                                             ("para", {"targets": "qkvgu"})])
+def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
+    """A uniform l_q (and l_k) of 3 sharpens every attention head. Applied before Gemma 3's
+    per-head RMS norm it would be divided away (logits move ~1e-6); after the norm it moves
+    Gemma's logits by the same order as LLaMA's (SPEC.md, decisions after the first review)."""
+    moved = {}
+    for family in ("llama", "gemma"):
+        model = model_of(family)
+        ad = build_adapter(method, model.args, **options).to(DEVICE)
+        ahead = model.args.q_dim + (model.args.kv_dim if "k" in ad.targets else 0)  # l_q (and l_k) lead v
+        with torch.no_grad():
+            ad.gen.b_up[:, :ahead] = 3.0
+            tokens, valid, prompt = batch(0, [7, 4, 9], 3)
+            base = model(tokens, valid=valid)
+            out = model(tokens, valid=valid, pool_mask=prompt, adapter=ad)
+        moved[family] = (out - base)[valid].abs().max().item()
+    assert moved["llama"] > 0.05, moved
+    assert moved["gemma"] > 0.2 * moved["llama"], moved
+
+
 # ---- decode equivalence -----------------------------------------------------------------------
 
 @settings(max_examples=20, deadline=None)

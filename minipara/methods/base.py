@@ -65,7 +65,8 @@ class LayerState:
     """One layer's adapter contribution for a batch. Every tensor's first dim is the
     batch (one row per request) or 1 (shared by all rows).
 
-    scale[f]: (B|1, 1, out) multiplies fused linear f's output
+    scale[f]: (B|1, 1, out) multiplies fused linear f's output; scale["q_norm"|"k_norm"]
+              multiplies the output of a per-head query/key norm (models with qk_norm)
     bias[f]:  (B|1, 1, out) is added to it
     lora[f]:  (A, Bm) with A (in, r) or (B, in, r) and Bm (r, out) or (B, r, out),
               the scaling already folded into Bm: y += x @ A @ Bm
@@ -94,6 +95,11 @@ class LayerState:
         if name in self.bias:
             y = y + self.bias[name]
         return y
+
+    def scale_heads(self, name: str, t):
+        """t (B, T, heads, head_dim) times scale[name] (B|1, 1, heads * head_dim), if any."""
+        s = self.scale.get(name)
+        return t if s is None else t * s.view(s.shape[0], 1, t.shape[2], t.shape[3])
 
     def tensors(self) -> dict[tuple[str, str], torch.Tensor]:
         """The decode-time tensors by (kind, linear); prefix k/v are left out: after the
@@ -128,13 +134,23 @@ class LayerState:
         )
 
     @classmethod
-    def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None):
+    def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None,
+              qk_after_norm=False):
         """Fuse per-projection parts into the model's fused linears.
 
         scale/bias: {proj: (B|1, out) or (out,)}; lora: {proj: (A (in, r), B (r, out))},
         unbatched or batched; prefix_kv: (k, v) or None.
+        qk_after_norm: on models with a per-head query/key norm, scale q and k after that
+        norm (whose RMS would divide a per-head magnitude away) instead of at the projection.
         """
         outs, st = out_sizes(args), cls()
+        if qk_after_norm and args.qk_norm and scale:
+            scale = dict(scale)
+            for p in ("q", "k"):
+                if p in scale:
+                    v = scale.pop(p)
+                    lead = v.shape[:-1] if v.dim() > 1 else (1,)
+                    st.scale[f"{p}_norm"] = v.reshape(*lead, 1, -1).to(dtype)
         for kind, parts, fill in (("scale", scale, 1.0), ("bias", bias, 0.0)):
             for f in {FUSED[p] for p in parts or ()}:
                 ref = next(parts[p] for p in _parts(f) if p in parts)

@@ -7,6 +7,9 @@
 W_up starts at zero and b_up at one, so an untrained adapter is the identity. The
 vectors are made once per request at prefill and reused at every decode step.
 Vector sizes come from the projection shapes (GQA's smaller V, Gemma's head_dim).
+On models that normalise each query/key head (Gemma 3), l_q and l_k scale the normed
+heads, before RoPE: applied to the projection output, the norm would cancel any per-head
+magnitude they learn (SPEC.md, "Decisions added after the first review").
 """
 from dataclasses import dataclass
 
@@ -70,4 +73,4 @@ class Para(Adapter):
     def layer_state(self, i, h, pool_mask, model):
         z = self.activation(i, self.pooled(i, h, pool_mask))
         vectors = self.gen.up(i, z).split(self.splits, dim=-1)
-        return LayerState.build(self.args, h.dtype, scale=dict(zip(self.targets, vectors)))
+        return LayerState.build(self.args, h.dtype, scale=dict(zip(self.targets, vectors)), qk_after_norm=True)
