@@ -27,7 +27,7 @@ from minipara.errors import UserError
 ALIASES = {"rank": ("r",), "soft_tokens": ("soft_tokens", "l_sp", "n_soft"),
            "share_every": ("share_every", "l_s", "share")}
 TRAINING = ("seed", "epochs", "max_steps", "batch_size", "micro_batch", "lr", "arch_lr", "warmup",
-            "eval_every", "patience", "eval_beams", "eval_batch")
+            "eval_every", "patience", "eval_beams", "eval_batch", "max_grad_norm", "max_len", "select")
 
 
 def method_fields() -> dict:
@@ -59,13 +59,18 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients are accumulated "
                    "up to --batch-size (default: the whole batch)")
     p.add_argument("--lr", type=float, default=T.lr)
-    p.add_argument("--arch-lr", type=float, default=T.arch_lr, help="lr of rational activations (PEDRO, IAPT), "
-                   "trained on dev batches (bi-level)")
+    p.add_argument("--arch-lr", type=float, default=T.arch_lr, help="peak lr of rational activations (PEDRO, IAPT), "
+                   "trained on dev batches (bi-level) with the same warm-up and decay")
+    p.add_argument("--max-grad-norm", type=float, default=T.max_grad_norm, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--max-len", type=int, default=T.max_len, help="tokens per example; longer prompts lose their "
+                   "start (the response is kept whole) and are counted in the report")
     p.add_argument("--warmup", type=float, default=T.warmup, help="warm-up fraction of the steps")
     p.add_argument("--eval-every", type=int,
                    help="steps between dev evaluations (default: 200, or one epoch if shorter)")
     p.add_argument("--patience", type=int, default=T.patience,
                    help="stop after this many evaluations without a better dev score")
+    p.add_argument("--select", default=T.select, help="what picks the best checkpoint and stops early: dev "
+                   "loss (the papers') or the dev metric (metric)")
     p.add_argument("--eval-beams", type=int, default=T.eval_beams)
     p.add_argument("--eval-batch", type=int, default=T.eval_batch, help="prompts decoded together in evaluation")
     p.add_argument("--max-eval", type=int, help="evaluate at most this many dev/test examples (default: all)")
@@ -215,13 +220,16 @@ def command_argv() -> list[str]:
 
 def score_bare_model(a, model, task, data, tcfg, files, model_path, template) -> int:
     """The reference point of a task's table: the untrained model, decoded as training evaluates."""
-    from minipara.training import evaluate
+    from minipara.training import evaluate, fit_eval
     _, _, dev_eval, test_eval = data
+    (dev_eval, n_dev), (test_eval, n_test) = (fit_eval(ev, tcfg.max_len, s) for ev, s in
+                                              ((dev_eval, "dev"), (test_eval, "test")))
     t = time.time()
     scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch)
               for split, ev in (("dev", dev_eval), ("test", test_eval))}
     report = {"method": "none", "task": a.task, "model": model_path, "template": template, **scores,
               "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
+              "cut_examples": {"dev_eval": n_dev, "test": n_test},
               "wall_time_s": round(time.time() - t, 2), "command": shlex.join(command_argv())}
     files["report"].parent.mkdir(parents=True, exist_ok=True)
     files["report"].write_text(json.dumps(report, indent=2) + "\n")
@@ -231,8 +239,9 @@ def score_bare_model(a, model, task, data, tcfg, files, model_path, template) ->
 
 def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template) -> int:
     from minipara.adapter_io import save_adapter
-    from minipara.training import Progress, Trainer, check_eval, evaluate
+    from minipara.training import Progress, Trainer, check_eval, evaluate, fit_eval
     train, dev, dev_eval, test_eval = data
+    test_eval, n_test_cut = fit_eval(test_eval, tcfg.max_len, "test")
     check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
     trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
                       on_best=lambda ad: save_adapter(files["out"], ad, model.args, template), progress=Progress())
@@ -244,11 +253,16 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     else:
         log({"event": "start", "command": command, "method": adapter.method, "task": a.task, "model": model_path,
              "template": template, "trainable_params": n_params, "total_steps": trainer.total,
-             "train_examples": len(train), "dev_examples": len(dev), "config": vars(trainer.cfg)})
+             "train_examples": len(train), "dev_examples": len(dev), "config": vars(trainer.cfg),
+             "cut_examples": {**trainer.cut, "test": n_test_cut}})
     print(f"{adapter.method} on {a.task}: {n_params:,} trainable parameters, {len(train)} train / {len(dev)} dev "
           f"examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch {tcfg.micro_batch}), "
-          f"dev evaluation every {tcfg.eval_every} steps" + (f", resuming at step {trainer.step}" if a.resume else ""),
+          f"dev evaluation every {tcfg.eval_every} steps" + (f", resuming at step {trainer.state.step}" if a.resume else ""),
           file=sys.stderr)
+    cut = {**trainer.cut, "test": n_test_cut}
+    if any(cut.values()):
+        print(f"prompts cut from the start to fit --max-len {tcfg.max_len}: "
+              + ", ".join(f"{n} {split}" for split, n in cut.items() if n), file=sys.stderr)
 
     def on_signal(signum, frame):
         if trainer.stop_reason is not None:
@@ -276,7 +290,9 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     report = {"method": adapter.method, "task": a.task, "model": model_path, "template": template, "seed": a.seed,
               "out": str(files["out"]), "test_metric": {primary: test[primary]}, "test": test,
               "dev_metric_best": {task.metric_name: result.best_metric}, "dev_best": result.best_dev,
-              "best_step": result.best_step, "trainable_params": n_params, "steps": result.step,
+              "dev_loss_best": result.best_dev_loss, "selected_by": f"dev {tcfg.select}",
+              "best_step": result.best_step, "lr": tcfg.lr, "batch_size": tcfg.batch_size,
+              "cut_examples": cut, "trainable_params": n_params, "steps": result.step,
               "total_steps": result.total_steps, "stopped_by": result.stopped_by,
               # training (summed over resumed sessions) and the test evaluation; not model loading
               "wall_time_s": round(result.wall_time + time.time() - t_test, 2), "peak_memory_bytes": peak,

@@ -11,9 +11,14 @@ tokenizer or task files; `prepare_task` builds both from a task and a tokenizer.
   ones inference computes from the prompt alone.
 - Bi-level (methods with rational activations, `arch_parameters()`): first-order DARTS.
   Each step first updates the rational parameters on a dev-split batch (their own AdamW,
-  constant lr `arch_lr`), then everything else on a train-split batch (AdamW, linear decay
-  after warm-up). Each group is frozen while the other one steps.
-- Early stopping on the dev metric (higher is better; ties broken by lower dev loss).
+  peak lr `arch_lr`), then everything else on a train-split batch (AdamW, peak lr `lr`);
+  both follow the same linear decay after warm-up. Each group is frozen while the other
+  one steps. Gradients are clipped to a global norm of 1.0 (the Transformers default).
+- The best checkpoint and early stopping follow the dev loss, as the papers do; the dev
+  metric is computed and logged at every evaluation too (`select="metric"` picks by it,
+  ties broken by the lower dev loss).
+- Examples longer than `max_len` (2048) tokens lose the start of their prompt (after BOS);
+  the response is kept whole. `Trainer.cut` counts them per split.
 - A checkpoint (adapter, optimizers, scheduler, data position, RNG states, best adapter,
   patience) is written after every evaluation and on request_stop(); resuming continues
   to the same result, bit for bit on the CPU, as an uninterrupted run.
@@ -36,6 +41,7 @@ from .errors import UserError
 from .generation import Decoder, GenerationConfig, generate
 
 CKPT_FORMAT = "minipara-train-checkpoint"
+CKPT_VERSION = 2  # 2: progress as TrainState, dev-loss selection, the arch scheduler
 Pair = tuple[list[int], list[int]]
 
 
@@ -50,6 +56,9 @@ class TrainConfig:
     arch_lr: float = 1e-6  # rational activations' own optimizer (bi-level)
     warmup: float = 0.06  # fraction of the steps
     weight_decay: float = 0.0  # HF Trainer's default; decay would pull PARA's scales (init 1) to 0
+    max_grad_norm: float = 1.0  # global gradient clipping (0: none), per optimizer group
+    max_len: int = 2048  # tokens per example; longer prompts are cut from the start
+    select: str = "loss"  # the best checkpoint and early stopping: dev "loss" or dev "metric"
     eval_every: int | None = None  # None: 200 steps, or each epoch when an epoch is shorter
     patience: int = 10  # evaluations without a better dev score before stopping
     eval_beams: int = 3
@@ -72,6 +81,10 @@ class TrainConfig:
             raise UserError("patience and eval_every must be at least 1", ("patience", "eval_every"))
         if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1 or c.seed < 0:
             raise UserError("need lr > 0, arch_lr >= 0, 0 <= warmup < 1 and seed >= 0", ("lr", "arch_lr", "warmup", "seed"))
+        if c.max_grad_norm < 0 or c.max_len < 2:
+            raise UserError("need max_grad_norm >= 0 (0: no clipping) and max_len >= 2", ("max_grad_norm", "max_len"))
+        if c.select not in ("loss", "metric"):
+            raise UserError(f"select must be loss or metric (got {c.select!r})", ("select",))
         per_epoch = math.ceil(n_train / c.batch_size)
         c.eval_every = c.eval_every or min(200, per_epoch)
         return c
@@ -118,6 +131,37 @@ def loss_sum(model, adapter, pairs: list[Pair]) -> torch.Tensor:
 def mean_loss(model, adapter, pairs: list[Pair], batch: int) -> float:
     total = sum(float(loss_sum(model, adapter, pairs[i:i + batch])) for i in range(0, len(pairs), batch))
     return total / sum(len(r) for _, r in pairs)
+
+
+def cut_prompt(prompt: list[int], keep: int) -> list[int]:
+    """The prompt's first token (BOS) and its last keep - 1 tokens: a long prompt loses its start."""
+    return prompt if len(prompt) <= keep else prompt[:1] + prompt[len(prompt) - keep + 1:]
+
+
+def fit_pairs(pairs: list[Pair], max_len: int, split: str) -> tuple[list[Pair], int]:
+    """Pairs of at most max_len tokens, prompts cut from the start (the response is kept
+    whole), and how many were cut."""
+    out, n = [], 0
+    for i, (p, r) in enumerate(pairs):
+        if len(p) + len(r) > max_len:
+            if len(r) + 2 > max_len:
+                raise UserError(f"{split} example {i + 1}: its response alone ({len(r)} tokens) leaves no room "
+                                f"for a prompt within max_len {max_len}; raise it or drop the example", ("max_len",))
+            out.append((cut_prompt(p, max_len - len(r)), r))
+            n += 1
+        else:
+            out.append(pairs[i])
+    return out, n
+
+
+def fit_eval(ev: "EvalSet", max_len: int, split: str) -> tuple["EvalSet", int]:
+    """The EvalSet with every prompt cut so that it and max_new_tokens fit in max_len."""
+    keep = max_len - ev.max_new_tokens
+    if keep < 2:
+        raise UserError(f"{split}: {ev.max_new_tokens} new tokens leave no room for a prompt within "
+                        f"max_len {max_len}; raise max_len or lower max_new_tokens", ("max_len", "max_new_tokens"))
+    prompts = [cut_prompt(p, keep) for p in ev.prompts]
+    return EvalSet(prompts, ev.score, ev.max_new_tokens, ev.stop_ids), sum(len(p) > keep for p in ev.prompts)
 
 
 def check_pairs(pairs: list[Pair], split: str, max_len: int, n_prefix: int = 0):
@@ -185,29 +229,59 @@ class Result:
     status: str  # "finished" (early stop, epochs or max steps) or "interrupted"
     step: int
     total_steps: int
-    best_metric: float | None
+    best_metric: float | None  # the dev metric of the selected checkpoint
     best_dev: dict | None
     best_step: int | None
     stopped_by: str = ""  # why training ended: max_steps | epochs | early_stopping
     wall_time: float = 0.0  # seconds, summed over interrupted sessions
     history: list = field(default_factory=list)
+    best_dev_loss: float | None = None
+
+
+@dataclass
+class TrainState:
+    """A run's progress: what a checkpoint keeps besides tensors and RNG states, and all a
+    resume needs to continue the same run."""
+    step: int = 0
+    epoch: int = 0  # the train split's permutation in use, and the next batch in it
+    pos: int = 0
+    dev_epoch: int = 0  # the same for bi-level dev batches
+    dev_pos: int = 0
+    best: list | None = None  # the selection score of the best evaluation (higher is better)
+    best_dev: dict | None = None  # its dev metrics, dev loss and step
+    best_dev_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the best one
+    eval_due: bool = False
+    done: bool = False
+    stopped_by: str = ""
+    loss_total: float = 0.0  # train loss since the last evaluation
+    loss_count: int = 0
+    elapsed: float = 0.0  # seconds of earlier sessions
+    history: list = field(default_factory=list)  # one event per evaluation
 
 
 class Trainer:
     """Train `adapter` on a frozen `model`.
 
-    train, dev: pairs; dev_eval: the dev EvalSet (the early-stopping metric); dev pairs also
-    give the dev loss and the bi-level batches. ckpt_path: where checkpoints go (None: none).
-    log(event dict), on_best(adapter), on_step(trainer): hooks for the caller.
+    train, dev: pairs; dev_eval: the dev EvalSet (its metric is logged at every evaluation);
+    dev pairs also give the dev loss (what selects and stops, by default) and the bi-level
+    batches. ckpt_path: where checkpoints go (None: none). log(event dict), on_best(adapter),
+    on_step(trainer): hooks for the caller. `state` holds the progress, `cut` the number of
+    examples per split whose prompt was cut to `max_len`.
     """
 
     def __init__(self, model, adapter, train: list[Pair], dev: list[Pair], dev_eval: EvalSet,
                  cfg: TrainConfig, ckpt_path=None, log=None, on_best=None, on_step=None, progress=None):
+        self.cfg = c = cfg.resolved(len(train))
+        train, n_train = fit_pairs(train, c.max_len, "train")
+        dev, n_dev = fit_pairs(dev, c.max_len, "dev")
+        dev_eval, n_eval = fit_eval(dev_eval, c.max_len, "dev")
+        self.cut = {"train": n_train, "dev": n_dev, "dev_eval": n_eval}
         check_pairs(train, "train", model.args.max_seq_len, adapter.n_prefix)
         check_pairs(dev, "dev", model.args.max_seq_len, adapter.n_prefix)
         check_eval(dev_eval, "dev", model.args.max_seq_len, adapter.n_prefix)
         self.model, self.adapter, self.train, self.dev, self.dev_eval = model, adapter, train, dev, dev_eval
-        self.cfg = cfg.resolved(len(train))
         self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
         self.log, self.on_best, self.on_step, self.progress = log, on_best, on_step, progress
         model.requires_grad_(False)  # the base stays frozen: only adapter tensors train
@@ -215,23 +289,20 @@ class Trainer:
         ids = {id(p) for p in arch}
         self.arch = arch
         self.weights = [p for p in adapter.parameters() if id(p) not in ids]
-        c = self.cfg
         self.per_epoch = math.ceil(len(train) / c.batch_size)
         self.total = min(c.max_steps or math.inf, c.epochs * self.per_epoch)
         adapter.requires_grad_(True)
-        self.opt = torch.optim.AdamW(self.weights, lr=c.lr, weight_decay=c.weight_decay)
         warm = math.ceil(c.warmup * self.total)
+        self.opt = torch.optim.AdamW(self.weights, lr=c.lr, weight_decay=c.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_linear(self.total, warm))
-        self.arch_opt = torch.optim.AdamW(self.arch, lr=c.arch_lr, weight_decay=0.0) if arch else None
+        self.arch_opt = self.arch_sched = None
+        if arch:  # the architecture parameters follow the same schedule at their own peak lr
+            self.arch_opt = torch.optim.AdamW(self.arch, lr=c.arch_lr, weight_decay=0.0)
+            self.arch_sched = torch.optim.lr_scheduler.LambdaLR(self.arch_opt, warmup_linear(self.total, warm))
         self.decoder = Decoder(model)
         self.stop_reason = None
-        # Progress, all of it saved in the checkpoint:
-        self.step = self.epoch = self.pos = self.dev_epoch = self.dev_pos = 0
-        self.best = None  # (metric, -dev loss): higher is better
-        self.best_dev, self.best_step, self.best_state, self.bad_evals = None, None, None, 0
-        self.eval_due, self.done, self.stopped_by = False, False, ""
-        self.loss_total = self.loss_count = 0.0  # train loss since the last evaluation
-        self.elapsed, self.history = 0.0, []
+        self.state = TrainState()
+        self.best_state = None  # the best adapter's tensors (saved in the checkpoint too)
         self.identity = self.run_identity()  # once: hashing a large training set takes a moment
         torch.manual_seed(c.seed)
         random.seed(c.seed)
@@ -257,24 +328,25 @@ class Trainer:
         return torch.randperm(n, generator=g).tolist()
 
     def _next_train(self) -> list[Pair]:
-        b = self.cfg.batch_size
-        idx = self._order(len(self.train), 0, self.epoch)[self.pos * b:(self.pos + 1) * b]
-        self.pos += 1
-        if self.pos == self.per_epoch:
-            self.epoch, self.pos = self.epoch + 1, 0
+        b, s = self.cfg.batch_size, self.state
+        idx = self._order(len(self.train), 0, s.epoch)[s.pos * b:(s.pos + 1) * b]
+        s.pos += 1
+        if s.pos == self.per_epoch:
+            s.epoch, s.pos = s.epoch + 1, 0
         return [self.train[i] for i in idx]
 
     def _next_dev(self) -> list[Pair]:
-        b = min(self.cfg.batch_size, len(self.dev))
-        idx = self._order(len(self.dev), 1, self.dev_epoch)[self.dev_pos * b:(self.dev_pos + 1) * b]
-        self.dev_pos += 1
-        if self.dev_pos == math.ceil(len(self.dev) / b):
-            self.dev_epoch, self.dev_pos = self.dev_epoch + 1, 0
+        b, s = min(self.cfg.batch_size, len(self.dev)), self.state
+        idx = self._order(len(self.dev), 1, s.dev_epoch)[s.dev_pos * b:(s.dev_pos + 1) * b]
+        s.dev_pos += 1
+        if s.dev_pos == math.ceil(len(self.dev) / b):
+            s.dev_epoch, s.dev_pos = s.dev_epoch + 1, 0
         return [self.dev[i] for i in idx]
 
     def _update(self, pairs: list[Pair], params: list, opt) -> float:
-        """One optimizer step of `params` on `pairs`, accumulated over micro-batches; the
-        adapter's other parameters are frozen meanwhile. Returns the mean token loss."""
+        """One optimizer step of `params` on `pairs`, accumulated over micro-batches and
+        clipped to the global norm; the adapter's other parameters are frozen meanwhile.
+        Returns the mean token loss."""
         keep = {id(p) for p in params}
         for p in self.adapter.parameters():
             p.requires_grad_(id(p) in keep)
@@ -286,6 +358,8 @@ class Trainer:
             loss = loss_sum(self.model, self.adapter, pairs[s:s + mb])
             (loss / n_tok).backward()
             total += loss.item()
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return total / n_tok
@@ -293,16 +367,18 @@ class Trainer:
     def _train_step(self):
         if self.arch:  # first-order DARTS: the rational parameters step on dev data at the current weights
             self._update(self._next_dev(), self.arch, self.arch_opt)
+            self.arch_sched.step()
         loss = self._update(self._next_train(), self.weights, self.opt)
         self.sched.step()
-        self.step += 1
-        self.loss_total += loss
-        self.loss_count += 1
+        s = self.state
+        s.step += 1
+        s.loss_total += loss
+        s.loss_count += 1
         return loss
 
     def _evaluate_dev(self) -> bool:
         """Score the dev set, track the best adapter and patience. False if interrupted."""
-        model, ad = self.model, self.adapter
+        model, ad, s = self.model, self.adapter, self.state
         gens = decode_all(model, ad, self.dev_eval, self.cfg.eval_beams, self.cfg.eval_batch, self.decoder,
                           should_stop=lambda: self.stop_reason is not None)
         if gens is None:
@@ -310,22 +386,21 @@ class Trainer:
         metrics = self.dev_eval.score(gens)
         primary = next(iter(metrics.values()))
         dev_loss = mean_loss(model, ad, self.dev, self.cfg.micro_batch)
-        score = (float(primary), -dev_loss)
-        better = self.best is None or score > tuple(self.best)
-        if better:
-            self.best, self.best_dev, self.best_step, self.bad_evals = list(score), metrics, self.step, 0
+        score = [-dev_loss] if self.cfg.select == "loss" else [float(primary), -dev_loss]
+        if s.best is None or score > s.best:
+            s.best, s.best_dev, s.best_dev_loss, s.best_step, s.bad_evals = score, metrics, dev_loss, s.step, 0
             self.best_state = _clone(ad.state_dict())
             if self.on_best is not None:
                 self.on_best(ad)
         else:
-            self.bad_evals += 1
-        event = {"event": "eval", "step": self.step, "epoch": round(self.step / self.per_epoch, 3),
-                 "train_loss": self.loss_total / max(1, self.loss_count), "lr": self.sched.get_last_lr()[0],
-                 "dev": metrics, "dev_loss": dev_loss, "best": self.best[0], "best_step": self.best_step,
-                 "bad_evals": self.bad_evals, "elapsed": round(self.elapsed + time.time() - self._t0, 3)}
-        self.history.append(event)
+            s.bad_evals += 1
+        event = {"event": "eval", "step": s.step, "epoch": round(s.step / self.per_epoch, 3),
+                 "train_loss": s.loss_total / max(1, s.loss_count), "lr": self.sched.get_last_lr()[0],
+                 "dev": metrics, "dev_loss": dev_loss, "best_step": s.best_step, "best_dev_loss": s.best_dev_loss,
+                 "bad_evals": s.bad_evals, "elapsed": round(s.elapsed + time.time() - self._t0, 3)}
+        s.history.append(event)
         self._log(event)
-        self.loss_total = self.loss_count = 0.0
+        s.loss_total, s.loss_count = 0.0, 0
         return True
 
     def _log(self, event: dict):
@@ -333,45 +408,47 @@ class Trainer:
             self.log(event)
 
     def run(self) -> Result:
-        c = self.cfg
+        c, s = self.cfg, self.state
         self._t0 = time.time()
         if self.progress is not None:
-            self.progress.start(self.step, self.total)
-        while not self.done:
-            if self.eval_due:
+            self.progress.start(s.step, self.total)
+        while not s.done:
+            if s.eval_due:
                 if not self._evaluate_dev():
                     break
-                self.eval_due = False
-                if self.bad_evals >= c.patience:
-                    self.done, self.stopped_by = True, "early_stopping"
-                elif self.step >= self.total:
-                    self.done = True
-                    self.stopped_by = "max_steps" if c.max_steps == self.total else "epochs"
+                s.eval_due = False
+                if s.bad_evals >= c.patience:
+                    s.done, s.stopped_by = True, "early_stopping"
+                elif s.step >= self.total:
+                    s.done = True
+                    s.stopped_by = "max_steps" if c.max_steps == self.total else "epochs"
                 self.save_checkpoint()
                 continue
             if self.stop_reason is not None:
                 break
             loss = self._train_step()
-            self.eval_due = self.step % c.eval_every == 0 or self.step >= self.total
+            s.eval_due = s.step % c.eval_every == 0 or s.step >= self.total
             if self.progress is not None:
-                self.progress.update(self.step, loss, self.sched.get_last_lr()[0])
+                self.progress.update(s.step, loss, self.sched.get_last_lr()[0])
             if self.on_step is not None:
                 self.on_step(self)
         if self.progress is not None:
             self.progress.finish()
         self.adapter.requires_grad_(True)  # undo _update's freezing of one group
-        if not self.done:
+        if not s.done:
             self.save_checkpoint()
-            self._log({"event": "interrupted", "step": self.step, "reason": self.stop_reason})
+            self._log({"event": "interrupted", "step": s.step, "reason": self.stop_reason})
         return self.result()
 
     def result(self) -> Result:
-        return Result("finished" if self.done else "interrupted", self.step, self.total,
-                      self.best[0] if self.best else None, self.best_dev, self.best_step, self.stopped_by,
-                      self.elapsed + (time.time() - self._t0 if hasattr(self, "_t0") else 0.0), self.history)
+        s = self.state
+        best_metric = float(next(iter(s.best_dev.values()))) if s.best_dev else None
+        return Result("finished" if s.done else "interrupted", s.step, self.total, best_metric, s.best_dev,
+                      s.best_step, s.stopped_by, s.elapsed + (time.time() - self._t0 if hasattr(self, "_t0") else 0.0),
+                      s.history, s.best_dev_loss)
 
     def load_best(self):
-        """Put the best adapter (by dev score) into the adapter, in place."""
+        """Put the best adapter (by the selection score) into the adapter, in place."""
         if self.best_state is not None:
             with torch.no_grad():
                 self.adapter.load_state_dict(self.best_state)
@@ -383,17 +460,14 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        elapsed = self.elapsed + time.time() - self._t0
-        ck = {"format": CKPT_FORMAT, "version": 1, "identity": self.identity,
+        progress = asdict(self.state)
+        progress["elapsed"] = self.state.elapsed + time.time() - self._t0
+        ck = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "identity": self.identity,
               "adapter": _clone(self.adapter.state_dict()), "best_adapter": self.best_state,
               "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
               "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
-              "progress": {"step": self.step, "epoch": self.epoch, "pos": self.pos, "dev_epoch": self.dev_epoch,
-                           "dev_pos": self.dev_pos, "best": self.best, "best_dev": self.best_dev,
-                           "best_step": self.best_step, "bad_evals": self.bad_evals, "eval_due": self.eval_due,
-                           "done": self.done, "stopped_by": self.stopped_by, "loss_total": self.loss_total,
-                           "loss_count": self.loss_count, "elapsed": elapsed, "history": self.history},
-              "rng": rng}
+              "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None,
+              "progress": progress, "rng": rng}
         tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.{os.getpid()}.tmp")
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -415,6 +489,9 @@ class Trainer:
             raise UserError(f"--resume: {path} is not a readable training checkpoint ({type(e).__name__})") from None
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise UserError(f"--resume: {path} is not a minipara training checkpoint")
+        if ck.get("version") != CKPT_VERSION:
+            raise UserError(f"--resume: {path} was written by an older minipara (checkpoint version "
+                            f"{ck.get('version')}, this one reads {CKPT_VERSION}); start over with --force")
         _check_identity(path, ck["identity"], self.identity)
         dev = next(self.adapter.parameters()).device
         with torch.no_grad():
@@ -423,14 +500,14 @@ class Trainer:
         self.sched.load_state_dict(ck["scheduler"])
         if self.arch_opt is not None:
             self.arch_opt.load_state_dict(ck["arch_optimizer"])
+            self.arch_sched.load_state_dict(ck["arch_scheduler"])
         self.best_state = ck["best_adapter"]
-        for k, v in ck["progress"].items():
-            setattr(self, k, v)
+        self.state = TrainState(**ck["progress"])
         torch.set_rng_state(ck["rng"]["torch"])
         random.setstate(_py_state(ck["rng"]["python"], back=True))
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        self._log({"event": "resumed", "step": self.step, "from": str(path)})
+        self._log({"event": "resumed", "step": self.state.step, "from": str(path)})
 
 
 def _py_state(state, back: bool = False):

@@ -106,7 +106,7 @@ def short_run(method, family, ckpt, stop_at=None, resume=False, seed=0, **over):
                                 eval_every=10, patience=100, seed=3), **over})
 
     def on_step(t):
-        if t.step == stop_at:
+        if t.state.step == stop_at:
             t.request_stop("test")  # what the CLI's SIGINT/SIGTERM handler calls
     tr = Trainer(model, ad, make(60, 1, bos, eos), dev, evset(dev, eos), cfg, ckpt_path=ckpt, on_step=on_step)
     if resume:
@@ -146,7 +146,7 @@ def test_resume_refuses_another_method_model_or_option(tmp_path):
         short_run("para", "llama", tmp_path / "none.ckpt", resume=True)
 
 
-def test_early_stopping_keeps_the_best(tmp_path):
+def test_early_stopping_by_metric_keeps_the_best(tmp_path):
     model = tiny_model("llama")
     ad = adapter_for("para", model)
     dev = make(16, 2)
@@ -154,13 +154,74 @@ def test_early_stopping_keeps_the_best(tmp_path):
     ev = evset(dev)
     ev.score = lambda gens: {"accuracy": next(scores)}
     snaps = {}
-    tr = Trainer(model, ad, make(32, 1), dev, ev, TrainConfig(lr=1e-2, batch_size=8, eval_every=2, patience=3),
-                 on_best=lambda a: snaps.__setitem__(tr.step, {k: v.clone() for k, v in a.state_dict().items()}))
+    cfg = TrainConfig(lr=1e-2, batch_size=8, eval_every=2, patience=3, select="metric")
+    tr = Trainer(model, ad, make(32, 1), dev, ev, cfg,
+                 on_best=lambda a: snaps.__setitem__(tr.state.step, {k: v.clone() for k, v in a.state_dict().items()}))
     res = tr.run()
     assert res.stopped_by == "early_stopping" and res.step == 10 and res.best_step == 4
     assert res.best_metric == 0.7 and list(snaps) == [2, 4]
     tr.load_best()
     assert all(torch.equal(v, ad.state_dict()[k]) for k, v in snaps[4].items())
+
+
+def test_dev_loss_selects_and_stops_while_the_metric_is_logged(monkeypatch):
+    """The papers' rule: keep the checkpoint of the lowest dev loss, stop after `patience`
+    evaluations without a lower one; the dev metric is still computed at each evaluation."""
+    import minipara.training as training
+    model = tiny_model("llama")
+    ad = adapter_for("para", model)
+    dev = make(16, 2)
+    losses, scores = iter([0.9, 0.8, 0.85, 0.7, 0.75, 0.72, 0.71]), iter([0.5, 0.9, 0.95, 0.4, 0.99, 0.99, 0.99])
+    monkeypatch.setattr(training, "mean_loss", lambda *a, **k: next(losses))
+    ev = evset(dev)
+    ev.score = lambda gens: {"accuracy": next(scores)}
+    tr = Trainer(model, ad, make(32, 1), dev, ev, TrainConfig(lr=1e-2, batch_size=8, eval_every=2, patience=3))
+    res = tr.run()
+    assert res.stopped_by == "early_stopping" and res.best_step == 8 and res.step == 14
+    assert res.best_dev_loss == 0.7 and res.best_metric == 0.4  # the metric of the loss-selected checkpoint
+    assert [e["dev"]["accuracy"] for e in res.history] == [0.5, 0.9, 0.95, 0.4, 0.99, 0.99, 0.99]
+
+
+def test_gradients_are_clipped_to_global_norm_one():
+    model = tiny_model("llama")
+    ad = adapter_for("lora", model)
+    tr = Trainer(model, ad, make(32, 1), make(8, 2), evset(make(8, 2)), TrainConfig(lr=1e-2, batch_size=8))
+    norms = []
+    tr.opt.register_step_pre_hook(lambda opt, args, kwargs: norms.append(
+        torch.cat([p.grad.flatten() for p in tr.weights if p.grad is not None]).norm().item()))
+    with torch.no_grad():  # a large loss: unclipped gradients would be far above 1
+        for p in ad.parameters():
+            p.add_(torch.randn_like(p))
+    tr._train_step()
+    assert norms[0] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_rational_parameters_follow_the_warmup_and_decay_schedule():
+    model = tiny_model("llama")
+    ad = adapter_for("pedro", model)
+    cfg = TrainConfig(lr=1e-2, arch_lr=1e-3, batch_size=8, max_steps=20, warmup=0.2, eval_every=100)
+    tr = Trainer(model, ad, make(32, 1), make(16, 2), evset(make(16, 2)), cfg)
+    seen = []
+    tr.on_step = lambda t: seen.append((t.opt.param_groups[0]["lr"], t.arch_opt.param_groups[0]["lr"]))
+    tr.run()
+    assert [a for _, a in seen] == pytest.approx([w * 1e-3 / 1e-2 for w, _ in seen])
+    assert seen[3][1] == pytest.approx(1e-3) and seen[-1][1] == 0.0 and seen[0][1] < 1e-3
+
+
+def test_long_prompts_lose_their_start_and_are_counted():
+    model = tiny_model("llama")
+    ad = adapter_for("para", model)
+    long = ([1] + list(range(20, 40)), [5, 2])  # 21 prompt tokens + 2 response tokens
+    short = ([1, 21, 12], [6, 2])
+    dev = [long, short]
+    ev = evset(dev)
+    ev.max_new_tokens = 4
+    tr = Trainer(model, ad, [long, short, long], dev, ev, TrainConfig(max_len=10))
+    assert tr.train[0] == ([1] + list(range(33, 40)), [5, 2]) and tr.train[1] == short  # BOS, then the end
+    assert tr.cut == {"train": 2, "dev": 1, "dev_eval": 1}
+    assert tr.dev_eval.prompts[0] == [1] + list(range(35, 40))  # room for the 4 new tokens
+    with pytest.raises(UserError, match="response alone"):
+        Trainer(model, ad, [([1, 3], [5] * 9 + [2])], dev, ev, TrainConfig(max_len=10))
 
 
 # ---- the batch path ----------------------------------------------------------------------------
@@ -279,6 +340,7 @@ def test_default_training_config():
     c = TrainConfig().resolved(400)
     assert (c.batch_size, c.micro_batch, c.eval_every, c.lr, c.arch_lr, c.warmup, c.patience, c.eval_beams) == \
         (16, 16, 25, 1e-4, 1e-6, 0.06, 10, 3)
+    assert (c.select, c.max_grad_norm, c.max_len) == ("loss", 1.0, 2048)  # SPEC.md, decisions after review
     c = TrainConfig().resolved(50_000)
     assert (c.batch_size, c.eval_every) == (128, 200)
     with pytest.raises(UserError, match="batch_size 16 is not divisible by micro_batch 5"):
