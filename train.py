@@ -77,7 +77,7 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="evaluation length (default: the longest train/dev response)")
     p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (default: the family's chat "
                    "template when the model ships one, else none, as generate.py chooses)")
-    p.add_argument("--data-dir", help="folder with the task's files (COPA ships with minipara)")
+    p.add_argument("--data-dir", help="folder with the task's files (COPA, RTE, SST-2 and GSM8K ship with minipara)")
     p.add_argument("--train", help="custom task: train jsonl of {prompt, response}")
     p.add_argument("--dev", help="custom task: dev jsonl")
     p.add_argument("--test", help="custom task: test jsonl (default: the dev file)")

@@ -1,10 +1,13 @@
 """Task registry: each task's files, prompt template, splits and metric.
 
 Prompts are the bare templates of SPEC.md "Prompt templates" (paper 002, Appendix C);
-chat wrapping is done later, per model family. Only COPA ships with minipara; every other
-task reads the files listed in `FILES` from `--data-dir`.
+chat wrapping is done later, per model family. COPA, RTE, SST-2 and GSM8K ship with
+minipara (minipara/data/<task>/, gzip-compressed where large, each with its licence);
+every other task reads the files listed in `FILES` from `--data-dir`. A file may be given
+as it is or gzip-compressed (`<name>.gz`).
 """
 import csv
+import gzip
 import json
 import random
 import re
@@ -17,7 +20,9 @@ from .errors import UserError
 
 TASKS = ("copa", "boolq", "rte", "sst2", "qnli", "squad", "record", "e2e", "gsm8k", "wikisql", "alpaca", "custom")
 SHIPPED = Path(__file__).with_name("data")
+SHIPPED_TASKS = ("copa", "rte", "sst2", "gsm8k")  # their files are in SHIPPED/<task>/
 DEV_SIZE = 1000  # large tasks: training examples held out as dev (SPEC.md "Training defaults")
+DEV_SIZES = {"gsm8k": 500}  # SPEC.md decisions after the first review: GSM8K holds out 500 problems
 SMALL = ("copa", "rte", "boolq")  # their original validation split is halved into dev and test
 
 # Files each task reads, relative to --data-dir (or directly inside it when it is the task's
@@ -58,8 +63,15 @@ class Task:
 
 
 # ---- reading files: every bad row is reported as path:line (or path:item) ----
+def _open(path: Path):
+    """A text file, read through gzip when its name ends in .gz."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
 def _jsonl(path: Path):
-    with open(path, encoding="utf-8") as f:
+    with _open(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -71,7 +83,7 @@ def _jsonl(path: Path):
 def _table(path: Path, delimiter: str):
     # GLUE's tsv files hold unbalanced quotes inside sentences, so quoting is off there.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, encoding="utf-8", newline="") as f:
+    with _open(path) as f:
         rows = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
         for row in rows:
             yield rows.line_num, row
@@ -79,7 +91,8 @@ def _table(path: Path, delimiter: str):
 
 def _json(path: Path):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with _open(path) as f:
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
@@ -285,21 +298,28 @@ def _split(examples: list, seed: int, sizes: list[int]) -> list[list]:
 
 def _task_dir(name: str, data_dir: str | None) -> Path:
     if data_dir is None:
-        if name == "copa":
-            return SHIPPED / "copa"
+        if name in SHIPPED_TASKS:
+            return SHIPPED / name
         expected = ", ".join(FILES[name].values())
         raise UserError(f"task {name} needs data_dir, a folder holding {expected}", ("data_dir",))
     root = Path(data_dir)
     folder = Path(FILES[name]["train"]).parent.name
     # Accept the task's own folder too: it is named after the task or already holds its files.
-    inside = root.name == folder or any((root / Path(p).name).is_file() for p in FILES[name].values())
+    inside = root.name == folder or any(_find(root / Path(p).name) for p in FILES[name].values())
     return root if inside and not (root / folder).is_dir() else root / folder
 
 
+def _find(path: Path) -> Path | None:
+    """path, or path.gz, whichever exists."""
+    gz = path.with_name(path.name + ".gz")
+    return path if path.is_file() else gz if gz.is_file() else None
+
+
 def _need(path: Path) -> Path:
-    if not path.is_file():
+    found = _find(path)
+    if found is None:
         raise UserError(f"missing file {path}")
-    return path
+    return found
 
 
 def load_task(name: str, data_dir: str | None = None, seed: int = 0,
@@ -329,7 +349,8 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
         dev_part, test_part = _split(val, seed, [len(val) // 2])
         splits = {"train": examples, "dev": dev_part, "test": test_part}
     else:
-        held = [DEV_SIZE] if read_val else [DEV_SIZE, DEV_SIZE]
+        size = DEV_SIZES.get(name, DEV_SIZE)
+        held = [size] if read_val else [size, size]
         if len(examples) <= sum(held):
             raise UserError(f"{files['train']} holds {len(examples)} examples; {name} needs more than "
                             f"{sum(held)}, as {sum(held)} of them are held out")

@@ -41,6 +41,30 @@ def test_copa_ships_with_its_splits_and_template():
     assert task.metric_name == "accuracy"
 
 
+@pytest.mark.parametrize("name, expected, first_response", [
+    ("rte", {"train": 2490, "dev": 138, "test": 139}, "not entailment"),  # SPEC.md: validation halved
+    ("sst2", {"train": 66349, "dev": 1000, "test": 872}, "negative"),  # 1,000 train rows as dev; GLUE dev as test
+    ("gsm8k", {"train": 6973, "dev": 500, "test": 1319}, None),  # 500 train problems as dev (SPEC.md)
+])
+def test_tasks_ship_gzipped_with_their_licence(name, expected, first_response):
+    from minipara.tasks import SHIPPED
+    task = load_task(name)
+    assert sizes(task) == expected
+    assert (SHIPPED / name / "LICENSE").is_file()
+    if first_response is not None:
+        assert task.splits["train"][0].response == first_response
+    assert load_task(name).splits == task.splits  # fixed split
+
+
+def test_gzipped_files_are_read_from_a_data_dir(tmp_path):
+    import gzip
+    path = tmp_path / "rte/val.jsonl.gz"
+    write_jsonl(tmp_path / "rte/train.jsonl", rte_rows(3))
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rte_rows(4)))
+    assert sizes(load_task("rte", str(tmp_path))) == {"train": 3, "dev": 2, "test": 2}
+
+
 def test_copa_effect_query_and_second_choice(tmp_path):
     row = {"premise": "P.", "choice1": "A.", "choice2": "B.", "question": "effect", "label": 1}
     write_jsonl(tmp_path / "copa/train.jsonl", [row])
@@ -212,8 +236,8 @@ def test_unknown_task_lists_the_valid_names():
 
 
 def test_missing_data_dir_names_the_expected_files():
-    with pytest.raises(UserError, match=r"task rte needs data_dir.*rte/train\.jsonl, rte/val\.jsonl"):
-        load_task("rte", None)
+    with pytest.raises(UserError, match=r"task boolq needs data_dir.*boolq/train\.jsonl, boolq/val\.jsonl"):
+        load_task("boolq", None)
 
 
 def test_missing_file_is_named(tmp_path):
