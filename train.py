@@ -74,6 +74,8 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--eval-beams", type=int, default=T.eval_beams)
     p.add_argument("--eval-batch", type=int, default=T.eval_batch, help="prompts decoded together in evaluation")
     p.add_argument("--max-eval", type=int, help="evaluate at most this many dev/test examples (default: all)")
+    p.add_argument("--max-test", type=int, help="evaluate at most this many test examples, 0 for all "
+                   "(default: as --max-eval)")
     p.add_argument("--max-new-tokens", type=int, help="evaluation length (default: the longest train/dev response)")
     p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (default: the family's chat "
                    "template when the model ships one, else none, as generate.py chooses)")
@@ -183,6 +185,8 @@ def main(argv=None):
     tcfg = TrainConfig(**{k: getattr(a, k) for k in TRAINING}).resolved(len(task.splits["train"]))
     if a.max_eval is not None and a.max_eval < 1:
         raise UserError("--max-eval must be at least 1")
+    if a.max_test is not None and a.max_test < 0:
+        raise UserError("--max-test must be at least 0 (0: the whole test split)")
     if a.template not in TEMPLATES + ("auto",):
         raise UserError(f"unknown template {a.template!r}; valid: {', '.join(TEMPLATES)}, auto")
     files = outputs(a)
@@ -192,8 +196,8 @@ def main(argv=None):
     model, tok, path = cli.load(a)
     template = resolve_template(a.template, model.args.model_type, path)
     if a.method == "none":
-        return score_bare_model(a, model, task, prepare_task(task, tok, template, a.max_eval, a.max_new_tokens),
-                                tcfg, files, str(path), template)
+        data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)
+        return score_bare_model(a, model, task, data, tcfg, files, str(path), template)
     import torch
     torch.manual_seed(a.seed)  # the adapter's initial values come from the seed too
     try:
@@ -201,7 +205,7 @@ def main(argv=None):
     except ValueError as e:
         raise UserError(f"cannot build the {cls.method} adapter: {e}") from None
     adapter.to(model.tok_embeddings.weight.device)
-    data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens)
+    data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)
     if a.force:
         for f in files.values():
             f.unlink(missing_ok=True)

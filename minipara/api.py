@@ -194,7 +194,7 @@ class LanguageModel:
         a task name such as "copa"), with the papers' recipe (config: a TrainConfig). Call
         `.run()` to train, `.request_stop()` to interrupt, `.resume()` to continue from
         `checkpoint`. `log(event)` receives evaluation records; `on_best(adapter)` is called
-        with each new best adapter (by dev score)."""
+        with each new best adapter (by dev loss, or TrainConfig.select)."""
         from .tasks import Task, load_task
         from .training import Progress, TrainConfig, Trainer, prepare_task
         if not isinstance(task, Task):
@@ -207,7 +207,7 @@ class LanguageModel:
 
     def train(self, adapter: Adapter, task, config=None, template: str = "auto", out=None, **options):
         """Train `adapter` in place on `task` (see `trainer` for the options) and leave the best
-        adapter by dev score in it; with `out`, that adapter is also written there each time it
+        adapter (by dev loss, or TrainConfig.select) in it; with `out`, that adapter is also written there each time it
         improves. Returns the training Result (steps, best dev metrics, history)."""
         if out is not None:
             options["on_best"] = lambda ad: self.save_adapter(out, ad)

@@ -568,8 +568,10 @@ class Progress:
 
 
 # ---- tasks on top: tokenise, score with the task's metric -------------------------------------
-def prepare_task(task, tokenizer, template: str, max_eval: int | None = None, max_new_tokens: int | None = None):
-    """(train pairs, dev pairs, dev EvalSet, test EvalSet) of a loaded task."""
+def prepare_task(task, tokenizer, template: str, max_eval: int | None = None, max_new_tokens: int | None = None,
+                 max_test: int | None = None):
+    """(train pairs, dev pairs, dev EvalSet, test EvalSet) of a loaded task. max_eval caps the
+    evaluated dev (and test) examples; max_test caps the test ones apart (0: all of them)."""
     from .tokenizer import encode_example, end_id
 
     def encode(examples):
@@ -579,11 +581,13 @@ def prepare_task(task, tokenizer, template: str, max_eval: int | None = None, ma
     stop = tuple(dict.fromkeys([end_id(tokenizer, template), tokenizer.eos_id]))
     new = max_new_tokens or max(len(r) for _, r in train + dev)
 
-    def evalset(examples, pairs):
-        examples, pairs = examples[:max_eval], pairs[:max_eval]
+    def evalset(examples, pairs, cap):
+        examples, pairs = examples[:cap], pairs[:cap]
 
         def score(gens):
             return task.metric([tokenizer.decode(g).strip() for g in gens], examples)
         return EvalSet([p for p, _ in pairs], score, new, stop)
 
-    return train, dev, evalset(task.splits["dev"], dev), evalset(task.splits["test"], encode(task.splits["test"]))
+    test_cap = max_eval if max_test is None else (max_test or None)
+    return (train, dev, evalset(task.splits["dev"], dev, max_eval),
+            evalset(task.splits["test"], encode(task.splits["test"]), test_cap))

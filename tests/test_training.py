@@ -332,7 +332,7 @@ def test_refuses_a_response_longer_than_the_context():
     long = [([1, 10], [5] * model.args.max_seq_len)]
     with pytest.raises(UserError, match="train example 1: prompt .* exceed the model's context"):
         Trainer(model, ad, long, make(4, 2), evset(make(4, 2)), TrainConfig(max_len=10 * model.args.max_seq_len))
-    with pytest.raises(UserError, match="train example 1: its response alone .* --max-len"):
+    with pytest.raises(UserError, match="train example 1: its response alone .* max_len"):
         Trainer(model, ad, long, make(4, 2), evset(make(4, 2)), TrainConfig(max_len=model.args.max_seq_len))
     with pytest.raises(UserError, match="train split is empty"):
         Trainer(model, ad, [], make(4, 2), evset(make(4, 2)), TrainConfig())
