@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import time
 import uuid
 
@@ -47,26 +48,25 @@ class ApiError(Exception):
                                        "code": self.code}}, status_code=self.status)
 
 
-class IdTokenizer:
-    """For models without a tokenizer (random --shape models, for load tests): prompts are
-    lists of token ids, and an id's text is itself, space-separated."""
-    bos_id = None
-
-    def encode(self, text, bos=False):
-        raise ApiError(400, "this server's model has no tokenizer: send the prompt as a list of token ids",
-                       param="prompt")
-
-    def decode(self, ids) -> str:
-        return "".join(f" {int(i)}" for i in ids)
+def id_text(ids) -> str:
+    """The text of generated ids for a model without a tokenizer: the ids, space-separated."""
+    return "".join(f" {int(i)}" for i in ids)
 
 
 class Server:
-    """What the routes share: the model's tokenizer and templates, the adapters, the engine."""
+    """What the routes share: the engine, the adapters and, through the public API's
+    LanguageModel `lm`, the tokenizer, templates and end markers (None for a random --shape
+    model, which has no tokenizer: prompts are then token ids and the text is the ids)."""
 
-    def __init__(self, engine: Engine, tokenizer, pool, template: str, name: str = "base", context: int = 2048):
-        self.engine, self.tok, self.pool, self.template, self.name = engine, tokenizer, pool, template, name
+    def __init__(self, engine: Engine, lm, pool, template: str = "auto", name: str = "base", context: int = 2048):
+        self.engine, self.lm, self.pool, self.template, self.name = engine, lm, pool, template, name
         self.context = context
         self.created = int(time.time())
+
+    def need_tokenizer(self, param: str):
+        if self.lm is None:
+            raise ApiError(400, "this server's model has no tokenizer: send the prompt as a list of token ids",
+                           param=param)
 
     # ---- reading a request ---------------------------------------------------------------
     async def body(self, http: HttpRequest) -> dict:
@@ -93,7 +93,8 @@ class Server:
             raise ApiError(400, f"adapter {name!r} cannot be used: {e}", param="model") from None
 
     def template_for(self, adapter) -> str:
-        return adapter.template if adapter is not None and adapter.template else self.template
+        """The request's template, as generate.py chooses it (the adapter's training template...)."""
+        return self.lm.template(self.template, [adapter]) if self.lm is not None else "none"
 
     def sampling(self, body: dict, adapter, n_prompt: int, default_max) -> tuple[GenerationConfig, tuple]:
         def number(key, default, lo, hi, lo_open=False):
@@ -142,22 +143,16 @@ class Server:
         return cfg, tuple(stop)
 
     def eos_ids(self, template: str) -> tuple:
-        eos = tuple(self.engine.model.args.eos_ids)
-        if isinstance(self.tok, IdTokenizer):
-            return eos
-        from .tokenizer import end_id
-        return tuple(dict.fromkeys((*eos, end_id(self.tok, template))))
+        return self.lm.stop_ids(template) if self.lm is not None else tuple(self.engine.model.args.eos_ids)
 
     def prompt_ids(self, prompt, template: str) -> list[int]:
-        from .tokenizer import encode_example
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
         if isinstance(prompt, str):
-            if not prompt:
+            self.need_tokenizer("prompt")
+            if not prompt.strip():
                 raise ApiError(400, "prompt is empty: give some text to continue", param="prompt")
-            if isinstance(self.tok, IdTokenizer):
-                self.tok.encode(prompt)
-            return encode_example(self.tok, template, prompt)[0]
+            return self.lm.encode_prompt(prompt, template)
         vocab = self.engine.model.args.vocab_size
         if (isinstance(prompt, list) and prompt
                 and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt)):
@@ -182,9 +177,8 @@ class Server:
             turns.append(("system" if role == "developer" else role, content))
         if turns[-1][0] != "user":
             raise ApiError(400, "the last message must be the user's", param="messages")
-        if isinstance(self.tok, IdTokenizer):
-            self.tok.encode("")
-        return chat_prompt(self.tok, template, turns)
+        self.need_tokenizer("messages")
+        return chat_prompt(self.lm.tokenizer, template, turns)
 
     # ---- the routes ------------------------------------------------------------------------
     async def models(self, http: HttpRequest):
@@ -392,36 +386,35 @@ def parse(argv=None):
 
 
 def make_server(a) -> Server:
-    """The model, tokenizer, adapters and engine for parsed arguments."""
+    """The model (through the public API), adapters and engine for parsed arguments."""
     from . import cli
     from .adapter_pool import AdapterPool
-    from .generation import Decoder
     from .loading import parse_device, parse_dtype
     if a.shape:
         from .benchmark import random_model
-        model, tok, template = random_model(a.shape, parse_dtype(a.dtype), parse_device(a.device)), IdTokenizer(), "none"
+        from .generation import Decoder
+        lm, model = None, random_model(a.shape, parse_dtype(a.dtype), parse_device(a.device))
+        decoder, text = Decoder(model), id_text
     else:
-        from .tokenizer import resolve_template
-        model, tok, path = cli.load(a)
-        template = resolve_template(a.template, model.args.model_type, path)
+        lm = cli.load_lm(a)
+        lm.template(a.template)  # an unknown name fails now, not at the first request
+        model, decoder, text = lm.model, lm.decoder, lm.tokenizer.decode
     context = a.context or min(model.args.max_seq_len, 2048)
     if a.max_batch < 1 or context < 2:
         raise UserError("--max-batch must be at least 1 and --context at least 2")
-    if a.adapters is not None and not __import__("os").path.isdir(a.adapters):
+    if a.adapters is not None and not os.path.isdir(a.adapters):
         raise UserError(f"--adapters {a.adapters} is not a folder")
-    device = model.tok_embeddings.weight.device
-    pool = AdapterPool(a.adapters, model.args, device, int(a.adapter_memory * 2**20))
+    pool = AdapterPool(a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20))
     pool.preload()
-    decoder = Decoder(model)
     if a.compile:
         from .fast import compile_decoder
         compile_decoder(decoder)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).
     slots = -(-(context + context // 2 + 64) // 128) * 128
-    engine = Engine(model, tok.decode, max_batch=a.max_batch, slots=slots, max_waiting=a.max_waiting,
+    engine = Engine(model, text, max_batch=a.max_batch, slots=slots, max_waiting=a.max_waiting,
                     prefill_budget=a.prefill_budget, decoder=decoder)
-    return Server(engine, tok, pool, template, a.name, context)
+    return Server(engine, lm, pool, a.template, a.name, context)
 
 
 def main(argv=None):

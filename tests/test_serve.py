@@ -20,12 +20,11 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+import minipara
 from minipara.adapter_io import save_adapter
-from minipara.generation import GenerationConfig, generate
 from minipara.loading import load_model
 from minipara.methods import build_adapter
 from minipara.serve import build_app, make_server, parse
-from minipara.tokenizer import Tokenizer, encode_example
 
 from conftest import write_tiny_model_dir
 from test_mixture import trained
@@ -78,15 +77,16 @@ def server(files):
     s.close()
 
 
+_LMS = {}
+
+
 def alone(model_dir, adapters, name, prompt, n):
-    """generate() on its own, as generate.py runs it: (text, token count)."""
-    tok = Tokenizer(model_dir)
-    model = load_model(model_dir, torch.float32, torch.device("cpu"))
-    from minipara.adapter_io import load_adapter
-    ad = None if name == "base" else load_adapter(adapters / f"{name}.safetensors", model.args)
-    cfg = GenerationConfig(max_new_tokens=n, eos_ids=tuple(model.args.eos_ids))
-    out = generate(model, [encode_example(tok, "none", prompt)[0]], cfg, adapter=ad)[0]
-    return tok.decode(out[:-1] if out[-1] in cfg.eos_ids else out), len(out)
+    """(text, token count) of the request run on its own through the public API, as generate.py
+    runs it (greedy)."""
+    lm = _LMS.get(model_dir) or _LMS.setdefault(model_dir, minipara.load(model_dir))
+    ad = None if name == "base" else lm.load_adapter(adapters / f"{name}.safetensors")
+    out = lm.generate(prompt, adapter=ad, max_new_tokens=n)
+    return out.text, len(out.tokens)
 
 
 PROMPTS = ["the cat is", "a big red dog", "sun moon", "is the small green cat a dog or the blue sun"]
