@@ -116,11 +116,12 @@ class Engine:
     def active(self) -> int:
         return sum(r is not None for r in self.rows)
 
-    def stats(self) -> dict:
-        s = sorted(self.stalls)
+    def stats(self, since: int = 0) -> dict:
+        """Steps, rows, queue and the prefill stalls (`since`: skip the first stalls, to see a later period)."""
+        s = sorted(self.stalls[since:])
         q = (lambda f: s[min(len(s) - 1, int(f * len(s)))] if s else 0.0)
         return {"steps": self.steps, "active": self.active(), "waiting": len(self.waiting),
-                "prefill_stalls": len(s), "stall_p50_s": q(0.5), "stall_p99_s": q(0.99),
+                "prefill_stalls": len(self.stalls), "stall_p50_s": q(0.5), "stall_p99_s": q(0.99),
                 "stall_max_s": s[-1] if s else 0.0}
 
     # ---- the engine thread ---------------------------------------------------------------

@@ -193,7 +193,9 @@ class Server:
         return await self.serve(http, chat=True)
 
     async def stats(self, http: HttpRequest):
-        return JSONResponse(self.engine.stats())
+        """The engine's counters; ?since=N leaves out the first N prefill stalls."""
+        since = http.query_params.get("since", "0")
+        return JSONResponse(self.engine.stats(int(since) if since.isdigit() else 0))
 
     async def serve(self, http: HttpRequest, chat: bool):
         try:

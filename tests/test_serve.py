@@ -256,3 +256,14 @@ def test_sigterm_finishes_in_flight_requests(files):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_loadgen_runs(files, tmp_path):
+    """The load generator starts its own server on random adapters and writes one row per run."""
+    from minipara import loadgen
+    out = tmp_path / "load.jsonl"
+    assert loadgen.main(["--model", str(files[0]), "--clients", "3", "--adapters", "2", "--methods", "base,mix",
+                         "--requests", "1", "--prompt-tokens", "8", "--max-tokens", "4", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["clients"]) for r in rows] == [("base", 3), ("mix", 3)]
+    assert all(r["tokens"] == 12 and r["tok_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
