@@ -125,7 +125,8 @@ class LanguageModel:
         if len(ids) <= room:
             return ids
         if not truncate or room < 2:
-            raise UserError(f"{which} has {len(ids)} tokens; with max_new_tokens {max_new_tokens} that exceeds "
+            slots = f" and {n_prefix} prefix slots of the adapter" if n_prefix else ""
+            raise UserError(f"{which} has {len(ids)} tokens; with max_new_tokens {max_new_tokens}{slots} that exceeds "
                             f"the model's context of {self.args.max_seq_len}"
                             + (" (set truncate to keep only the end of the prompt)" if room >= 2 else ""),
                             ("max_new_tokens", "truncate"))
@@ -240,7 +241,9 @@ def load(path=None, dtype="float32", device="cpu") -> LanguageModel:
     if path is None:
         from .weights import ensure_default_model
         path = ensure_default_model()
-    return LanguageModel(load_model(path, dtype, device), load_tokenizer(path), path)
+    model, tok = load_model(path, dtype, device), load_tokenizer(path)
+    tok.check_fits(model.args.vocab_size)
+    return LanguageModel(model, tok, path)
 
 
 def _batch_adapter(adapters: list):

@@ -1,9 +1,42 @@
 """What the three command-line scripts share: model options and one-line errors."""
 import argparse
+import math
+import os
 import sys
 import traceback
 
 from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its mistakes reported like every other: one `error:` line, status 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def finite(text: str) -> float:
+    """A float flag: NaN and infinity are never a setting (argparse type)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"needs a finite number, got {text!r}")
+    return v
+
+
+SEED_MAX = 2**32 - 1  # numpy's range; training derives data-order seeds from it in 64 bits
+
+
+def seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs an integer, got {text!r}") from None
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {SEED_MAX}, got {v}")
+    return v
 
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -26,9 +59,13 @@ def load(args):
 
 
 def run(main):
-    """Run main(); a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run main(); a UserError becomes `error: ...` on stderr and exit status 2. A closed
+    stdout (`| head -1`) ends the run quietly, as it ends any Unix tool (status 141, SIGPIPE's)."""
     try:
         sys.exit(main())
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush cannot fail again
+        sys.exit(141)
     except UserError as e:
         print(f"error: {e.flag_message()}", file=sys.stderr)
         sys.exit(2)

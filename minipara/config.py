@@ -61,17 +61,17 @@ class ModelArgs:
         return self.n_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelArgs":
-        """Build from the dict of an HF `config.json` (old and new rope spellings)."""
-        mt = cfg.get("model_type")
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelArgs":
+        """Build from the dict of an HF `config.json` (old and new rope spellings). Every value
+        used is checked for type and range by name, so a bad file is a one-line UserError."""
+        c = Fields(cfg, where)
+        mt = c.get("model_type", str)
         if mt == "gemma3" and "text_config" in cfg:  # multimodal wrapper: use its text part
-            cfg, mt = cfg["text_config"], "gemma3_text"
+            c = Fields(c.get("text_config", dict), f"{where}: text_config")
+            mt = "gemma3_text"
         if mt not in SUPPORTED:
             raise UserError(f"unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
-        try:
-            return _READERS[mt](cfg)
-        except KeyError as e:
-            raise UserError(f"config.json for {mt} lacks the field {e.args[0]!r}") from None
+        return _READERS[mt](c)
 
     @classmethod
     def from_dir(cls, path) -> "ModelArgs":
@@ -81,38 +81,101 @@ class ModelArgs:
             raise UserError(f"model directory {path} does not exist")
         if not f.is_file():
             raise UserError(f"{f} is missing: a model directory needs an HF config.json")
-        return cls.from_hf(read_json_object(f))
+        return cls.from_hf(read_json_object(f), str(f))
 
 
 def read_json_object(f: Path) -> dict:
     """A JSON file that must hold an object (HF and PEFT config files)."""
     try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{f} is not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
         raise UserError(f"{f} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{f} must hold a JSON object")
     return cfg
 
 
-def _common(cfg: dict) -> dict:
-    n_heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-    eos = cfg.get("eos_token_id")
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
+          list: "a JSON list"}
+
+
+class Fields:
+    """Typed, range-checked access to a JSON object's fields, by name: the one reader of
+    config.json values. null counts as absent (HF writes `"head_dim": null`)."""
+
+    def __init__(self, cfg: dict, where: str):
+        self.cfg, self.where = cfg, where
+
+    def __contains__(self, name):
+        return self.cfg.get(name) is not None
+
+    def get(self, name: str, kind: type, default=_REQUIRED, low=None, positive=False):
+        v = self.cfg.get(name)
+        if v is None:
+            if default is _REQUIRED:
+                raise UserError(f"{self.where} lacks the field {name!r}")
+            return default
+        return self.check(name, v, kind, low, positive)
+
+    def check(self, name: str, v, kind: type, low=None, positive=False):
+        # bool is an int subclass in Python; JSON true is never a count. An integral float (3.0)
+        # is not an integer either: HF would keep it a float and fail later. An integer is a
+        # number and is kept as written (fingerprints of existing adapters hash these values).
+        ok = isinstance(v, (int, float) if kind is float else kind) and not (kind is not bool and isinstance(v, bool))
+        if not ok or (kind is float and not math.isfinite(v)):
+            what = _KINDS[kind] if kind is not float else "a finite number"
+            raise UserError(f"{self.where}: {name} must be {what}, got {json.dumps(v)}")
+        if (low is not None and v < low) or (positive and v <= 0):
+            raise UserError(f"{self.where}: {name} must be {f'at least {low}' if low is not None else 'positive'}, "
+                            f"got {v}")
+        return v
+
+    def token_id(self, name: str, vocab: int, default):
+        v = self.get(name, int, default)
+        if v is not None and not 0 <= v < vocab:
+            raise UserError(f"{self.where}: {name} {v} is outside the vocabulary (0..{vocab - 1})")
+        return v
+
+    def sub(self, name: str) -> "Fields | None":
+        v = self.get(name, dict, None)
+        return None if v is None else Fields(v, f"{self.where}: {name}")
+
+
+def _common(c: Fields) -> dict:
+    vocab = c.get("vocab_size", int, low=1)
+    dim = c.get("hidden_size", int, low=1)
+    n_heads = c.get("num_attention_heads", int, low=1)
+    n_kv = c.get("num_key_value_heads", int, n_heads, low=1)
+    if n_heads % n_kv:
+        raise UserError(f"{c.where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
+    if "head_dim" not in c and dim % n_heads:
+        raise UserError(f"{c.where}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
+                        "(and no head_dim is given)")
+    eos = c.cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos_ids = tuple(Fields({"eos_token_id": e}, c.where).token_id("eos_token_id", vocab, None) for e in eos)
+    else:
+        eos_ids = () if eos is None else (c.token_id("eos_token_id", vocab, None),)
+    pad = c.get("pad_token_id", int, 0)
+    if pad < 0:  # some LLaMA configs write -1 for "no pad token"
+        pad = 0
     return dict(
-        model_type=cfg["model_type"],
-        vocab_size=cfg["vocab_size"],
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
+        model_type=c.get("model_type", str),
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=c.get("num_hidden_layers", int, low=1),
         n_heads=n_heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        head_dim=head_dim,
-        ffn_dim=cfg["intermediate_size"],
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        bos_id=cfg.get("bos_token_id") if cfg.get("bos_token_id") is not None else 1,
-        eos_ids=tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ()),
-        pad_id=cfg.get("pad_token_id") if cfg.get("pad_token_id") is not None else 0,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        n_kv_heads=n_kv,
+        head_dim=c.get("head_dim", int, dim // n_heads, low=1),
+        ffn_dim=c.get("intermediate_size", int, low=1),
+        attention_bias=c.get("attention_bias", bool, False),
+        bos_id=c.token_id("bos_token_id", vocab, 1 if vocab > 1 else 0),
+        eos_ids=eos_ids,
+        pad_id=Fields({"pad_token_id": pad}, c.where).token_id("pad_token_id", vocab, 0),
+        norm_eps=c.get("rms_norm_eps", float, 1e-6, positive=True),
     )
 
 
@@ -120,28 +183,44 @@ def _common(cfg: dict) -> dict:
 _GEMMA_TRAITS = dict(activation="gelu_tanh", norm_offset=1.0, embed_scale=True)
 
 
-def _rope(cfg: dict, kind: str | None = None) -> dict:
-    """The rope dict of one layer kind, whether written as `rope_parameters` (new) or flat (old)."""
-    rp = cfg.get("rope_parameters")
-    if rp and kind and kind in rp:
-        rp = rp[kind]
-    if rp and "rope_type" in rp or rp and "rope_theta" in rp:
-        return dict(rp)
-    scaling = dict(cfg.get("rope_scaling") or {})
-    return {**scaling, "rope_theta": cfg.get("rope_theta", 10000.0)}
+def _rope(c: Fields, kind: str | None = None) -> dict:
+    """The rope dict of one layer kind, whether written as `rope_parameters` (new) or flat (old),
+    with the numbers its rope type uses checked."""
+    rp = c.sub("rope_parameters")
+    if rp is not None and kind and kind in rp:
+        rp = rp.sub(kind)
+    if rp is None or not ("rope_type" in rp or "rope_theta" in rp):
+        scaling = c.sub("rope_scaling") or Fields({}, c.where)
+        rp = Fields({**scaling.cfg, "rope_theta": c.cfg.get("rope_theta", 10000.0)}, scaling.where)
+    rtype = _rope_type(rp.cfg)
+    rp.check("rope_type", rtype, str)
+    if "rope_theta" in rp:
+        rp.get("rope_theta", float, positive=True)
+    if rtype in ("linear", "llama3"):
+        rp.get("factor", float, positive=True)
+    if rtype == "llama3":
+        rp.get("original_max_position_embeddings", int, low=1)
+        lo, hi = rp.get("low_freq_factor", float, 1.0, positive=True), rp.get("high_freq_factor", float, 4.0, positive=True)
+        if hi <= lo:
+            raise UserError(f"{rp.where}: high_freq_factor {hi} must exceed low_freq_factor {lo}")
+    return {k: v for k, v in rp.cfg.items() if v is not None}
 
 
-def _llama(cfg: dict) -> ModelArgs:
-    common = _common(cfg)
-    rope = _rope(cfg)
-    rtype = rope.get("rope_type", rope.get("type", "default"))
+def _rope_type(rope: dict):
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _llama(c: Fields) -> ModelArgs:
+    common = _common(c)
+    rope = _rope(c)
+    rtype = _rope_type(rope)
     if rtype not in ("default", "llama3"):
         raise UserError(f"rope_scaling type {rtype!r} is not supported; supported: default, llama3")
     return ModelArgs(
         **common,
-        max_seq_len=cfg.get("max_position_embeddings", 4096),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        max_seq_len=c.get("max_position_embeddings", int, 4096, low=1),
+        tie_embeddings=c.get("tie_word_embeddings", bool, False),
+        mlp_bias=c.get("mlp_bias", bool, False),
         activation="silu",
         attn_scale=common["head_dim"] ** -0.5,
         rope_theta=rope.get("rope_theta", 10000.0),
@@ -150,14 +229,14 @@ def _llama(cfg: dict) -> ModelArgs:
     )
 
 
-def _gemma(cfg: dict) -> ModelArgs:
+def _gemma(c: Fields) -> ModelArgs:
     """Gemma 1: LLaMA layout with (1 + w) norms, scaled embeddings and GELU-tanh."""
-    common = _common(cfg)
-    theta = _rope(cfg).get("rope_theta", 10000.0)
+    common = _common(c)
+    theta = _rope(c).get("rope_theta", 10000.0)
     return ModelArgs(
         **common,
-        max_seq_len=cfg.get("max_position_embeddings", 8192),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_seq_len=c.get("max_position_embeddings", int, 8192, low=1),
+        tie_embeddings=c.get("tie_word_embeddings", bool, True),
         **_GEMMA_TRAITS,
         attn_scale=common["head_dim"] ** -0.5,
         rope_theta=theta,
@@ -165,35 +244,42 @@ def _gemma(cfg: dict) -> ModelArgs:
     )
 
 
-def _gemma3(cfg: dict) -> ModelArgs:
-    common = _common(cfg)
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma3(c: Fields) -> ModelArgs:
+    common = _common(c)
     n = common["n_layers"]
-    types = cfg.get("layer_types")
+    types = c.get("layer_types", list, None)
     if types is None:  # older configs give only the period: every Nth layer is global
-        period = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+        period = c.get("sliding_window_pattern", int, c.get("_sliding_window_pattern", int, 6, low=1), low=1)
         types = ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]
     if len(types) != n:
-        raise UserError(f"config.json: layer_types has {len(types)} entries for {n} layers")
-    if cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"):
+        raise UserError(f"{c.where}: layer_types has {len(types)} entries for {n} layers")
+    bad = [t for t in types if t not in LAYER_TYPES]
+    if bad:
+        raise UserError(f"{c.where}: layer_types entry {json.dumps(bad[0])} is not one of {', '.join(LAYER_TYPES)}")
+    if c.cfg.get("attn_logit_softcapping") or c.cfg.get("final_logit_softcapping"):
         raise UserError("Gemma 3 configs with logit soft-capping are not supported")
-    glob, loc = _rope(cfg, "full_attention"), _rope(cfg, "sliding_attention")
-    if glob.get("rope_type", "default") != "default":
-        # Gemma 3 long-context checkpoints use linear scaling of the global rope.
-        if glob.get("rope_type") != "linear":
-            raise UserError(f"Gemma 3 rope_type {glob.get('rope_type')!r} is not supported")
-    local_theta = loc.get("rope_theta") if "rope_parameters" in cfg else cfg.get("rope_local_base_freq", 10000.0)
+    glob, loc = _rope(c, "full_attention"), _rope(c, "sliding_attention")
+    if _rope_type(glob) not in ("default", "linear"):  # long-context checkpoints scale the global rope linearly
+        raise UserError(f"Gemma 3 rope_type {_rope_type(glob)!r} is not supported")
+    if "rope_parameters" in c:
+        local_theta = loc.get("rope_theta", 10000.0)
+    else:
+        local_theta = c.get("rope_local_base_freq", float, 10000.0, positive=True)
     return ModelArgs(
         **common,
-        max_seq_len=cfg.get("max_position_embeddings", 131072),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_seq_len=c.get("max_position_embeddings", int, 131072, low=1),
+        tie_embeddings=c.get("tie_word_embeddings", bool, True),
         **_GEMMA_TRAITS,
         qk_norm=True,
         sandwich_norm=True,
-        attn_scale=cfg.get("query_pre_attn_scalar", 256) ** -0.5,
+        attn_scale=c.get("query_pre_attn_scalar", float, 256.0, positive=True) ** -0.5,
         rope_theta=glob.get("rope_theta", 1_000_000.0),
-        rope_local_theta=local_theta or 10000.0,
-        rope_scaling=glob if glob.get("rope_type") == "linear" else None,
-        sliding_window=cfg.get("sliding_window", 4096),
+        rope_local_theta=local_theta,
+        rope_scaling=glob if _rope_type(glob) == "linear" else None,
+        sliding_window=c.get("sliding_window", int, 4096, low=1),
         sliding=tuple(t == "sliding_attention" for t in types),
     )
 

@@ -6,6 +6,7 @@ the cache with index ops. Beam search follows HF transformers' algorithm
 (2K candidates per step, length-penalised finished hypotheses, the same
 early-stop heuristic), so the two give the same sequences.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,9 @@ class GenerationConfig:
             raise UserError(f"beams must be at least 1 (got {self.beams})", ("beams",))
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})", ("max_new_tokens",))
+        if not all(map(math.isfinite, (self.temperature, self.top_p, self.length_penalty))):
+            raise UserError("temperature, top_p and length_penalty must be finite numbers",
+                            ("temperature", "top_p", "length_penalty"))
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0", ("temperature", "top_p", "top_k"))
         if self.beams > 1 and self.temperature > 0:
@@ -110,9 +114,10 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=Non
     eos = tuple(a.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
     n_pre = adapter.n_prefix if adapter is not None else 0
     longest = max(len(p) for p in prompts)
-    if longest + cfg.max_new_tokens > a.max_seq_len:
-        raise UserError(f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens}) exceeds the "
-                        f"model's context of {a.max_seq_len} tokens", ("max_new_tokens",))
+    if n_pre + longest + cfg.max_new_tokens > a.max_seq_len:
+        raise UserError(f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
+                        f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
+                        f"of {a.max_seq_len} tokens", ("max_new_tokens",))
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)
@@ -125,7 +130,10 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=Non
 def _pick(logits, cfg: GenerationConfig, gen):
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
+    # to -inf (greedy, its limit) rather than everything to +-inf and NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

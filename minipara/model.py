@@ -135,6 +135,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    weights_id: str | None = None  # fingerprint of the checkpoint's weights (loading.py); None: random
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -8,6 +8,7 @@ as it is or gzip-compressed (`<name>.gz`).
 """
 import csv
 import gzip
+import io
 import json
 import random
 import re
@@ -60,39 +61,56 @@ class Task:
     splits: dict[str, list[Example]]  # train, dev, test
     metric_name: str  # the primary key of metric()'s result
     metric: Callable[[list[str], list[Example]], dict[str, float]]  # scores are fractions in [0, 1]
+    files: tuple[Path, ...] = ()  # the files it was read from (a run must never write over them)
 
 
 # ---- reading files: every bad row is reported as path:line (or path:item) ----
-def _open(path: Path):
-    """A text file, read through gzip when its name ends in .gz."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+def read_text(path, what: str = "file") -> str:
+    """A UTF-8 text file (through gzip when its name ends in .gz); a byte that is not UTF-8
+    is reported as path:line."""
+    try:
+        data = Path(path).read_bytes()
+        if Path(path).suffix == ".gz":
+            data = gzip.decompress(data)
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    except EOFError:
+        raise UserError(f"{path} is truncated (its gzip stream ends early)") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}); "
+                        "save the file as UTF-8") from None
+
+
+def read_text_lines(path, what: str = "file") -> list[str]:
+    return read_text(path, what).splitlines()
 
 
 def _jsonl(path: Path):
-    with _open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in enumerate(io.StringIO(read_text(path)), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def _table(path: Path, delimiter: str):
     # GLUE's tsv files hold unbalanced quotes inside sentences, so quoting is off there.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with _open(path) as f:
-        rows = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+    rows = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter, quoting=quoting)
+    try:
         for row in rows:
             yield rows.line_num, row
+    except csv.Error as e:  # e.g. a field over csv's 131,072-character limit
+        raise UserError(f"{path}:{rows.line_num}: {e}") from None
 
 
 def _json(path: Path):
     try:
-        with _open(path) as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
 
@@ -337,7 +355,7 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
                             ("train", "dev"))
         splits = {"train": read_train(_need(Path(train))), "dev": read_val(_need(Path(dev)))}
         splits["test"] = read_val(_need(Path(test))) if test else splits["dev"]
-        return Task(name, splits, metric_name, metric)
+        return Task(name, splits, metric_name, metric, tuple(Path(f) for f in (train, dev, test) if f))
     if train or dev or test:
         raise UserError(f"train/dev/test files are for the custom task; task {name} reads data_dir",
                         ("data_dir",))
@@ -360,4 +378,4 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
     for split, items in splits.items():
         if not items:
             raise UserError(f"task {name}: the {split} split is empty")
-    return Task(name, splits, metric_name, metric)
+    return Task(name, splits, metric_name, metric, tuple(files.values()))

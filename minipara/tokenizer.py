@@ -29,7 +29,20 @@ class Tokenizer:
         path = Path(model_dir) / "tokenizer.model"
         if not path.is_file():
             raise UserError(f"{path} is missing: minipara needs a SentencePiece tokenizer.model")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:  # sentencepiece's only report of an unreadable model
+            raise UserError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0] if str(e) else 'empty'}); "
+                            "copy the checkpoint's tokenizer.model again") from None
+        if self.vocab_size < 1:
+            raise UserError(f"{path} holds no tokens")
+        self.path = path
+
+    def check_fits(self, model_vocab: int):
+        """Refuse a tokenizer whose ids the model's embedding cannot look up."""
+        if self.vocab_size > model_vocab:
+            raise UserError(f"{self.path} has {self.vocab_size} tokens but the model's vocabulary has "
+                            f"{model_vocab} (config.json vocab_size): tokenizer and weights are from different models")
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         return ([self.bos_id] if bos else []) + self.sp.encode(text)
