@@ -88,6 +88,18 @@ class LanguageModel:
         from .adapter_io import save_adapter
         save_adapter(path, adapter, self.args, template if template is not None else adapter.template)
 
+    def export_peft(self, adapter: Adapter, out_dir):
+        """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
+        of this checkpoint; other methods are refused with the reason (minipara.export)."""
+        from .export import export_peft
+        return export_peft(adapter, out_dir, base_model=str(self.path))
+
+    def export_merged(self, adapter: Adapter | None, out_dir):
+        """Write this model with a LoRA, (IA)^3 or BitFit adapter folded into its weights as an
+        HF-format directory (config, safetensors, this checkpoint's tokenizer files)."""
+        from .export import export_merged
+        return export_merged(self.model, adapter, out_dir, self.path)
+
     # ---- templates and prompts ----------------------------------------------------------------
     def template(self, name: str = "auto", adapters=()) -> str:
         """The template a request uses: `name` unless it is "auto"; then the one the adapters

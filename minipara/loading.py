@@ -8,6 +8,7 @@ as silent garbage).
 """
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from .config import ModelArgs, read_json_object
 from .errors import UserError
 from .model import Transformer
+from .projections import HF_MODULES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +42,10 @@ def parse_dtype(name) -> torch.dtype:
     return DTYPES[name]
 
 
+def _hf_linears(i: int, projections, kind: str = "weight") -> list[str]:
+    return [f"model.layers.{i}.{HF_MODULES[x]}.{kind}" for x in projections]
+
+
 def hf_names(args: ModelArgs) -> dict[str, list[str]]:
     """Our parameter name -> the HF tensors concatenated (along dim 0) to make it."""
     gemma3 = args.sandwich_norm
@@ -48,18 +54,19 @@ def hf_names(args: ModelArgs) -> dict[str, list[str]]:
         m["output.weight"] = ["lm_head.weight"]
     for i in range(args.n_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
-        attn, mlp = p + "self_attn.", p + "mlp."
+        attn = p + "self_attn."
+        hf = partial(_hf_linears, i)
         m[o + "attention_norm.weight"] = [p + "input_layernorm.weight"]
-        m[o + "attention.wqkv.weight"] = [attn + f"{x}_proj.weight" for x in "qkv"]
-        m[o + "attention.wo.weight"] = [attn + "o_proj.weight"]
+        m[o + "attention.wqkv.weight"] = hf("qkv")
+        m[o + "attention.wo.weight"] = hf("o")
         if args.attention_bias:
-            m[o + "attention.wqkv.bias"] = [attn + f"{x}_proj.bias" for x in "qkv"]
-            m[o + "attention.wo.bias"] = [attn + "o_proj.bias"]
-        m[o + "ffn.w_gate_up.weight"] = [mlp + "gate_proj.weight", mlp + "up_proj.weight"]
-        m[o + "ffn.w_down.weight"] = [mlp + "down_proj.weight"]
+            m[o + "attention.wqkv.bias"] = hf("qkv", "bias")
+            m[o + "attention.wo.bias"] = hf("o", "bias")
+        m[o + "ffn.w_gate_up.weight"] = hf(["gate", "up"])
+        m[o + "ffn.w_down.weight"] = hf(["down"])
         if args.mlp_bias:
-            m[o + "ffn.w_gate_up.bias"] = [mlp + "gate_proj.bias", mlp + "up_proj.bias"]
-            m[o + "ffn.w_down.bias"] = [mlp + "down_proj.bias"]
+            m[o + "ffn.w_gate_up.bias"] = hf(["gate", "up"], "bias")
+            m[o + "ffn.w_down.bias"] = hf(["down"], "bias")
         if args.qk_norm:
             m[o + "attention.q_norm.weight"] = [attn + "q_norm.weight"]
             m[o + "attention.k_norm.weight"] = [attn + "k_norm.weight"]
@@ -72,17 +79,31 @@ def hf_names(args: ModelArgs) -> dict[str, list[str]]:
     return m
 
 
+def _split_sizes(args: ModelArgs, ours: str, rows: int) -> list[int]:
+    """How our parameter `ours` (with `rows` rows) splits along dim 0 into its HF tensors."""
+    split = {"wqkv": [args.q_dim, args.kv_dim, args.kv_dim], "w_gate_up": [args.ffn_dim, args.ffn_dim]}
+    return next((v for k, v in split.items() if f".{k}." in ours), [rows])
+
+
 def _hf_shapes(model: Transformer, names: dict[str, list[str]]) -> dict[str, tuple]:
     """Expected shape of every HF tensor: our fused parameter split back along dim 0."""
-    a = model.args
     params = dict(model.named_parameters())
-    split = {"wqkv": [a.q_dim, a.kv_dim, a.kv_dim], "w_gate_up": [a.ffn_dim, a.ffn_dim]}
     out = {}
     for ours, theirs in names.items():
         shape = tuple(params[ours].shape)
-        rows = next((v for k, v in split.items() if f".{k}." in ours), [shape[0]])
-        for hf, r in zip(theirs, rows):
+        for hf, r in zip(theirs, _split_sizes(model.args, ours, shape[0])):
             out[hf] = (r, *shape[1:])
+    return out
+
+
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under HF names, fused projections split back: what loading reads."""
+    params = dict(model.named_parameters())
+    out = {}
+    for ours, theirs in hf_names(model.args).items():
+        p = params[ours].detach()
+        for hf, part in zip(theirs, p.split(_split_sizes(model.args, ours, p.shape[0]))):
+            out[hf] = part.contiguous()
     return out
 
 

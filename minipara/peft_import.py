@@ -20,14 +20,11 @@ from safetensors import SafetensorError, safe_open
 
 from .config import ModelArgs, read_json_object
 from .errors import UserError
-from .methods.base import PROJECTIONS, in_sizes, out_sizes
 from .methods.ia3 import IA3, IA3Config
 from .methods.lora import Lora, LoraConfig
+from .projections import HF_MODULES, PROJECTIONS, in_sizes, out_sizes
 
-# HF module (relative to a decoder layer) -> our projection name.
-MODULES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-           "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
-HF_NAME = {p: m for m, p in MODULES.items()}
+MODULES = {m: p for p, m in HF_MODULES.items()}  # HF module (relative to a decoder layer) -> our projection
 _TENSOR = re.compile(r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<module>self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
                      r"\.(?P<kind>lora_A|lora_B|ia3_l)(?:\.default)?(?:\.weight)?")
 
@@ -153,7 +150,7 @@ def _expect(path: Path, parts: dict, tensors: dict, key: tuple, shape: tuple, ar
     i, p, kind = key
     if key not in parts:
         sfx = ".weight" if kind.startswith("lora") else ""
-        raise UserError(f"{path}: tensor base_model.model.model.layers.{i}.{HF_NAME[p]}.{kind}{sfx} is missing")
+        raise UserError(f"{path}: tensor base_model.model.model.layers.{i}.{HF_MODULES[p]}.{kind}{sfx} is missing")
     name = parts.pop(key)
     if tuple(tensors[name].shape) != shape:
         raise UserError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, this {args.model_type} "
@@ -196,7 +193,7 @@ def _ia3(path, cfg, tensors, parts, targets, args) -> IA3:
         raise UserError(f"{path}: feedforward_modules must be a subset of target_modules")
     if ff - {"down"}:
         p = sorted(ff - {"down"})[0]
-        raise UserError(f"{path}: {HF_NAME[p]} is a feedforward module, so PEFT scales its input, which output "
+        raise UserError(f"{path}: {HF_MODULES[p]} is a feedforward module, so PEFT scales its input, which output "
                         "scaling cannot express; only down_proj may be a feedforward module")
     # down's input is act(gate) * up, so scaling it equals scaling the up output.
     ours = {"up" if p == "down" and p in ff else p for p in targets}

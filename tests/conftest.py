@@ -112,3 +112,25 @@ def write_tiny_model_dir(d):
             tensors[name] = part.contiguous()
     save_file(tensors, d / "model.safetensors")
     return d
+
+
+def hf_base(family: str, path):
+    """A tiny random HF transformers model of the family (llama or gemma: Gemma 3), saved to `path`."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        hf = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                            vocab_size=128, sliding_window=4, query_pre_attn_scalar=24,
+                                            layer_types=["sliding_attention", "full_attention"])
+        hf = transformers.Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # HF's zero Gemma norms would hide norm bugs
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.normal_(0, 0.3)
+    hf.eval().save_pretrained(path)
+    return hf

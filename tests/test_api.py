@@ -38,6 +38,8 @@ def test_readme_example_runs(model_dir, tmp_path, monkeypatch):
     assert (tmp_path / "runs/para-copa.safetensors").is_file()
     assert scope["result"].step == 2 and len(scope["outs"]) == 2
     assert scope["tenant"].template == "none"  # the tiny model ships no chat template
+    assert (tmp_path / "runs/lora-peft/adapter_config.json").is_file()
+    assert (tmp_path / "runs/lora-merged/model.safetensors").is_file()
 
 
 def test_every_public_name_has_a_docstring():

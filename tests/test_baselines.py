@@ -16,7 +16,7 @@ from minipara.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
 
-from conftest import DEVICE, prefill_then_decode, tiny_args, tiny_model, tol
+from conftest import DEVICE, hf_base, prefill_then_decode, tiny_args, tiny_model, tol
 
 IDENTITY = ("lora", "ia3", "bitfit")
 ALL = IDENTITY + ("ptuning_v2",)
@@ -136,27 +136,6 @@ def test_bad_targets_are_refused():
 # ---- PEFT import ------------------------------------------------------------------------------
 
 ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def hf_base(family: str, path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if family == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-        hf = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                                            vocab_size=128, sliding_window=4, query_pre_attn_scalar=24,
-                                            layer_types=["sliding_attention", "full_attention"])
-        hf = transformers.Gemma3ForCausalLM(cfg)
-        with torch.no_grad():  # HF's zero Gemma norms would hide norm bugs
-            for name, p in hf.named_parameters():
-                if "norm" in name:
-                    p.normal_(0, 0.3)
-    hf.eval().save_pretrained(path)
-    return hf
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma"])

@@ -19,30 +19,7 @@ from torch import nn
 
 from ..config import ModelArgs
 from ..errors import UserError
-
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
-
-
-def out_sizes(args: ModelArgs) -> dict[str, int]:
-    """Output width of each projection (from the projection shapes, not from `dim`)."""
-    return dict(q=args.q_dim, k=args.kv_dim, v=args.kv_dim, o=args.dim,
-                gate=args.ffn_dim, up=args.ffn_dim, down=args.dim)
-
-
-def in_sizes(args: ModelArgs) -> dict[str, int]:
-    return dict(q=args.dim, k=args.dim, v=args.dim, o=args.q_dim,
-                gate=args.dim, up=args.dim, down=args.ffn_dim)
-
-
-# Fused linear name -> (block submodule, attribute): where LayerState's parts live in the model.
-LINEARS = {"qkv": ("attention", "wqkv"), "o": ("attention", "wo"),
-           "gate_up": ("ffn", "w_gate_up"), "down": ("ffn", "w_down")}
-
-
-def fused_linear(model, i: int, f: str) -> nn.Linear:
-    sub, name = LINEARS[f]
-    return getattr(getattr(model.layers[i], sub), name)
+from ..projections import FUSED, PROJECTIONS, fused_linear, in_sizes, out_sizes, parts as _parts  # noqa: F401
 
 
 def check_targets(targets, method: str) -> tuple[str, ...]:
@@ -54,10 +31,6 @@ def check_targets(targets, method: str) -> tuple[str, ...]:
     if not names:
         raise UserError(f"{method} needs at least one target among {', '.join(PROJECTIONS)}")
     return tuple(p for p in PROJECTIONS if p in names)
-
-
-def _parts(fused: str) -> list[str]:
-    return [p for p in PROJECTIONS if FUSED[p] == fused]
 
 
 @dataclass
