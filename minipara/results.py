@@ -153,7 +153,7 @@ def _spread(values: list[float], digits: int) -> str:
     if not values:
         return "-"
     med = statistics.median(values)
-    if len(values) == 1:
+    if min(values) == max(values):
         return f"{med:.{digits}f}"
     return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
@@ -254,7 +254,8 @@ def plot(task: str, runs: list[dict], path: Path) -> str | None:
     ax.set_ylabel("dev loss (per response token)")
     ax.set_title(f"{task}: dev loss at each evaluation (one line per seed)")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    if colors:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
