@@ -7,11 +7,13 @@ not yet seen, so adapters copied in while the server runs are served too. An evi
 adapter is only dropped from the pool: a request that already holds it keeps it until
 its prefill has made its states.
 """
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from .adapter_io import load_adapter
+from .errors import UserError
 
 
 class AdapterPool:
@@ -63,7 +65,10 @@ class AdapterPool:
             files = [p] if p.is_file() else list(p.glob("*.safetensors"))
             if self.used() + sum(f.stat().st_size for f in files) > self.budget:
                 return
-            self.get(name)
+            try:
+                self.get(name)
+            except UserError as e:  # refused again, with this message, when a request names it
+                print(f"minipara: adapter {name!r} not loaded: {e}", file=sys.stderr, flush=True)
 
 
 def adapter_bytes(adapter) -> int:

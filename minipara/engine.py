@@ -30,6 +30,7 @@ import traceback
 
 import torch
 
+from .cache import KVCache
 from .generation import Decoder, GenerationConfig, _pick
 from .methods.base import LayerState
 
@@ -69,6 +70,7 @@ class Engine:
         self.next_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.packed: dict = {}  # (kind, linear) -> (layers, rows, ...) states of all rows
         self.users: dict = {}  # (kind, linear) -> rows whose adapter uses it
+        self._views: dict = {}  # k -> a cache over the first k rows (see _first_rows)
         self.waiting: collections.deque = collections.deque()
         self.cv = threading.Condition()
         self.stopping = False
@@ -196,17 +198,42 @@ class Engine:
         c = self.cache
         if c.length >= self.slots:
             self._compact()
-        logits = self.decoder.step(c, self.next_tok)
+        # Decode only the rows up to the last one in use, rounded up to a power of two (rows are
+        # taken lowest first): one client does not pay for a batch of 32.
+        last = max(r for r, req in enumerate(self.rows) if req is not None) + 1
+        k = min(self.max_batch, 1 << (last - 1).bit_length())
+        view = self._first_rows(k)
+        view.length = c.length
+        logits = self.decoder.step(view, self.next_tok[:k])
+        c.length = view.length
         nxt = logits.argmax(-1)
-        for r, req in enumerate(self.rows):
+        for r, req in enumerate(self.rows[:k]):
             if req is not None and req.cfg.temperature > 0:
                 nxt[r] = self._pick(req, logits[r:r + 1])
-        self.next_tok.copy_(nxt)
+        self.next_tok[:k].copy_(nxt)
         self.steps += 1
         for r, tok in enumerate(nxt.tolist()):
             req = self.rows[r]
             if req is not None and not req.cancelled and self._accept(req, tok):
                 self._release(r)
+
+    def _first_rows(self, k: int) -> KVCache:
+        """The cache's first k rows as a cache of their own: views, so the step writes into the
+        big cache (the shared slot too), with those rows' adapter states. Kept per k (fixed
+        addresses for a compiled step) until the states' structure changes."""
+        if k == self.max_batch:
+            return self.cache
+        v = self._views.get(k)
+        if v is None:
+            v = self._views[k] = self.model.new_cache(k, 1)
+            for name, buf in self.cache.named_buffers():
+                setattr(v, name, buf if name == "slot" else buf[:k])
+            v.max_len, v.packed = self.cache.max_len, None
+        if v.packed is None:
+            v.packed = {key: b[:, :k] for key, b in self.packed.items()}
+            v.states = ([LayerState.from_tensors({key: b[i] for key, b in v.packed.items()})
+                         for i in range(v.n_layers)] if v.packed else [None] * v.n_layers)
+        return v
 
     def _pick(self, req: Request, logits):
         return _pick(logits, req.cfg, req.gen)[0]
@@ -275,6 +302,8 @@ class Engine:
             self._repack()
 
     def _repack(self):
+        for v in self._views.values():
+            v.packed = None  # rebuilt from the new buffers when next used
         c, n = self.cache, self.model.args.n_layers
         c.packed = dict(self.packed)
         c.states = ([LayerState.from_tensors({k: b[i] for k, b in self.packed.items()}) for i in range(n)]

@@ -26,7 +26,7 @@ from minipara.loading import load_model
 from minipara.methods import build_adapter
 from minipara.serve import build_app, make_server, parse
 
-from conftest import write_tiny_model_dir
+from conftest import tiny_args, write_tiny_model_dir
 from test_mixture import trained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,10 @@ def files(tmp_path_factory):
     model = load_model(model_dir, torch.float32, torch.device("cpu"))
     (d / "adapters").mkdir()
     for i, m in enumerate(METHODS):
+        torch.manual_seed(i)  # the adapters' initial values, so every run serves the same ones
         save_adapter(d / "adapters" / f"{m}.safetensors", trained(build_adapter(m, model.args), seed=i), model.args)
+    other = tiny_args("gemma")  # an adapter made for another base model: listed, refused when asked for
+    save_adapter(d / "adapters" / "other.safetensors", build_adapter("ia3", other), other)
     return model_dir, d / "adapters"
 
 
@@ -138,15 +141,15 @@ def test_chat_and_streaming_shapes(server):
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     models = [m.id for m in c.models.list()]
-    assert models == ["base", "iapt", "lora", "para"]
+    assert models == ["base", "iapt", "lora", "other", "para"]
     # Sampling with a seed repeats; a stop string ends the text before it.
     a, b = (c.completions.create(model="para", prompt="the cat", max_tokens=10, temperature=1.0, seed=3).choices[0].text
             for _ in range(2))
     assert a == b
-    full = c.completions.create(model="iapt", prompt="the cat is", max_tokens=12, temperature=0).choices[0].text
+    full = c.completions.create(model="lora", prompt="the cat is", max_tokens=12, temperature=0).choices[0].text
     stop = full[5:8]
     assert len(stop) == 3
-    stopped = c.completions.create(model="iapt", prompt="the cat is", max_tokens=12, temperature=0, stop=[stop])
+    stopped = c.completions.create(model="lora", prompt="the cat is", max_tokens=12, temperature=0, stop=[stop])
     assert stopped.choices[0].text == full[:full.find(stop)] and stopped.choices[0].finish_reason == "stop"
 
 
@@ -161,6 +164,7 @@ def post(url, data: bytes):
 
 @pytest.mark.parametrize("kw, status, param", [
     (dict(model="no-such-adapter"), 404, "model"),
+    (dict(model="other"), 400, "model"),  # made for another base model
     (dict(prompt="the cat " * 200), 400, "max_tokens"),
     (dict(max_tokens=500), 400, "max_tokens"),
     (dict(temperature=-0.5), 400, "temperature"),
@@ -233,7 +237,9 @@ def test_sigterm_finishes_in_flight_requests(files):
                              str(adapters), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        assert "serving" in proc.stdout.readline()
+        for line in proc.stdout:  # the refused adapter is reported first
+            if "serving" in line:
+                break
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
         for _ in range(100):
             try:
