@@ -35,7 +35,12 @@ def parse():
                    help="with --tenants: the adapters are of different methods (those of --methods)")
     p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                    help="capture the decode step with torch.compile (auto: on CUDA only)")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also run each row through HF transformers generate() on the same weights (PEFT for "
+                   "LoRA and (IA)^3), runs taken in turns with minipara's; adds HF's figures and the ratio x_hf "
+                   "(needs transformers, and peft for the adapter rows)")
     p.add_argument("--json", help="write every figure and the machine to this file")
+    p.add_argument("--markdown", help="write the table as markdown to this file")
     p.add_argument("--plot", help="bar chart of tokens/s per method (needs matplotlib)")
     p.add_argument("--interleave", action="store_true",
                    help="take the timed runs of all methods in turns (A, B, A, B, ...) rather than method "
@@ -56,14 +61,20 @@ def main():
     if bad:
         raise UserError(f"unknown method {bad[0]!r} for --methods; choose from {', '.join(bm.VARIANTS)}")
     beams = [int(b) for b in a.beams.split(",")]
-    if a.interleave and (a.tenants or a.profile):
-        raise UserError("--interleave measures single-batch methods side by side: leave out --tenants and --profile")
+    if a.interleave and (a.tenants or a.profile or a.compare_hf):
+        raise UserError("--interleave measures single-batch methods side by side: leave out --tenants, --profile "
+                        "and --compare-hf (which takes minipara's and HF's runs in turns itself)")
     if a.tenants and a.batch < a.tenants:
         raise UserError(f"--batch {a.batch} is smaller than --tenants {a.tenants}: each tenant needs a row")
+    if a.compare_hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("--compare-hf needs HF transformers: pip install transformers peft") from None
     if a.shape:
-        model, tok = bm.random_model(a.shape, dtype, device), None
+        model, tok, path = bm.random_model(a.shape, dtype, device), None, None
     else:
-        model, tok, _ = cli.load(a)
+        model, tok, path = cli.load(a)
     compile_step = a.compile == "yes" or (a.compile == "auto" and device.type == "cuda")
     prompt = bm.prompt_ids(tok, model.args.bos_id, model.args.vocab_size, a.prompt_tokens)
     prompts = [prompt] * a.batch
@@ -73,14 +84,24 @@ def main():
     print(f"# {info}", file=sys.stderr)
     rows = []
 
-    def record(name, m, ad, nb):
-        r = bm.run_one(m, ad, prompts, nb, a.new_tokens, a.runs, a.warmup, compile_step, bool(a.profile))
+    def record(name, m, ad, nb, hf_variant=None):
+        hf = None
+        if a.compare_hf and hf_variant:
+            from minipara.hf_compare import hf_variant as make_hf
+            try:
+                hf = make_hf(m, hf_variant, path, a.tenants, a.batch)
+            except ImportError as e:
+                raise UserError(f"--compare-hf needs {e.name} for the {hf_variant} row: pip install {e.name}") from None
+        r = bm.run_row(m, ad, prompts, nb, a.new_tokens, a.runs, a.warmup, compile_step, hf, bool(a.profile))
+        del hf
         if a.profile:
             with open(a.profile, "a") as f:
                 f.write(f"## {name} beams={nb} batch={a.batch}: {r['tps']:.1f} tok/s\n{r.pop('profile')}\n")
         rows.append({"variant": name, "batch": a.batch, "beams": nb, **r})
+        vs_hf = f", HF {r['hf_tps']:.1f} tok/s (x{r['x_hf']:.2f})" if "hf_tps" in r else ""
         print(f"# {name} beams={nb} batch={a.batch}: {r['tps']:.1f} tok/s, decode {r['decode_tps']:.1f}, "
-              f"warm-up {r['warmup_s']:.0f} s", file=sys.stderr, flush=True)
+              f"warm-up {r['warmup_s']:.0f} s, KV cache {r['kv_mb']:.0f} MiB, peak {r['peak_mb']:.0f} MiB{vs_hf}",
+              file=sys.stderr, flush=True)
         if a.json:  # after every row, so an interrupted run keeps what it measured
             bm.save_json(a.json, rows, info, vars(a))
 
@@ -92,11 +113,12 @@ def main():
             groups = [[methods[i % len(methods)] for i in range(a.tenants)]]
         else:  # per method, a batch spread over `tenants` adapters of that method
             groups = [[v] * a.tenants for v in methods]
-        record("base", model, None, beams[0])
+        record("base", model, None, beams[0], "base")
         for g in groups:
             ad = tenant_mixture(model, g, a.batch)
-            record(f"{'+'.join(sorted(set(g)))} x{a.tenants} mixed", model, ad, beams[0])
-    elif a.interleave:
+            record(f"{'+'.join(sorted(set(g)))} x{a.tenants} mixed", model, ad, beams[0],
+                   g[0] if len(set(g)) == 1 else None)
+    elif a.interleave:  # (--compare-hf interleaves each row with HF's instead)
         made = {v: bm.make_adapter(v, model) for v in order}
         settings = [(v, nb) for v in order for nb in beams]
         results = bm.run_interleaved([(*made[v], nb) for v, nb in settings], prompts, a.new_tokens, a.runs,
@@ -112,10 +134,14 @@ def main():
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             for nb in beams:
-                record(v, m, ad, nb)
+                record(v, m, ad, nb, v)
             del m, ad
     bm.add_ratios(rows)
     bm.print_table(rows)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(f"{' '.join(sys.argv)}\n\n{info}\n\n")
+            bm.print_table(rows, f, markdown=True)
     if a.json:
         bm.save_json(a.json, rows, info, vars(a))
     if a.plot:

@@ -5,6 +5,7 @@ A 274-token prompt (the news-article instruction of paper 002, Appendix F), exac
 (and min/max) of repeated runs. Tokens per second as the papers count them: new
 tokens over the whole generation time (prefill included).
 """
+import gc
 import json
 import platform
 import resource
@@ -93,11 +94,37 @@ def _sync(t):
         torch.cuda.synchronize(t.device)
 
 
+def reset_peak(device):
+    """Start a new peak-memory measurement (CUDA: allocated tensors; CPU: resident set, where
+    Linux lets a process reset its high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss is KiB on Linux: the process's peak, which only grows.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:  # the high-water mark since reset_peak
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):  # ru_maxrss (KiB): the process's peak, which only grows
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release(device):
+    """Free what earlier rows left behind (compiled graphs and their CUDA-graph memory pools,
+    caches), so that the next row's memory is its own."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def make_adapter(variant: str, model, seed: int = 0):
@@ -123,35 +150,48 @@ class Runner:
 
     def __init__(self, model, adapter, prompts, beams, new_tokens, compile_step):
         self.model, self.adapter, self.prompts, self.n = model, adapter, prompts, new_tokens
-        self.device = model.tok_embeddings.weight.device
+        self.weight = model.tok_embeddings.weight  # for device syncs
+        self.device = self.weight.device
         self.decoder = TimedDecoder(model)
         if compile_step:
             from .fast import compile_decoder
             compile_decoder(self.decoder)
         self.cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
-        self.totals, self.ttfts, self.warmup_s = [], [], 0.0
+        self.totals, self.ttfts, self.warmup_s, self.peak_mb, self.last = [], [], 0.0, 0.0, None
 
     def generate(self):
         return generate(self.model, self.prompts, self.cfg, adapter=self.adapter, decoder=self.decoder)
+
+    def first_token_at(self) -> float:
+        return self.decoder.first_token_at
+
+    def kv_cache_mb(self) -> float:
+        """The KV caches (and positions) this setting holds: the prefill's and, for beams, the
+        expanded one."""
+        caches = getattr(self.decoder, "_caches", {}).values()
+        return sum(b.numel() * b.element_size() for c in caches for b in c.buffers()) / 2**20
 
     def warm(self, n: int):
         """Untimed runs: the first compiles the decode step; on CUDA the second records the prefill."""
         t = time.perf_counter()
         for _ in range(n):
             self.generate()
-        _sync(self.model.tok_embeddings.weight)
+        _sync(self.weight)
         self.warmup_s += time.perf_counter() - t
 
     def once(self):
-        """One timed generation: its total time and time to first token are kept."""
-        _sync(self.model.tok_embeddings.weight)
+        """One timed generation: its total time, time to first token and peak memory are kept."""
+        _sync(self.weight)
+        reset_peak(self.device)
         t0 = time.perf_counter()
         out = self.generate()
-        _sync(self.model.tok_embeddings.weight)
+        _sync(self.weight)
         t1 = time.perf_counter()
+        self.peak_mb = max(self.peak_mb, peak_memory_mb(self.device))
         assert all(len(o) == self.n for o in out), "EOS is ignored: every row makes exactly N tokens"
         self.totals.append(t1 - t0)
-        self.ttfts.append(self.decoder.first_token_at - t0)
+        self.ttfts.append(self.first_token_at() - t0)
+        self.last = out
 
     def profile(self) -> str:
         """torch.profiler's table of the costliest ops of one more generation."""
@@ -159,11 +199,11 @@ class Runner:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             self.generate()
-            _sync(self.model.tok_embeddings.weight)
+            _sync(self.weight)
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         return prof.key_averages().table(sort_by=key, row_limit=25)
 
-    def summary(self, peak_mb: float) -> dict:
+    def summary(self) -> dict:
         n, b = self.n, len(self.prompts)
         tps = sorted(n / t for t in self.totals)
         decode_tps = sorted((n - 1) / (t - f) for t, f in zip(self.totals, self.ttfts))
@@ -172,47 +212,73 @@ class Runner:
             "tps_all_rows": statistics.median(tps) * b,
             "decode_tps": statistics.median(decode_tps),
             "ttft_ms": statistics.median(self.ttfts) * 1e3,
-            "peak_mb": peak_mb,
+            "peak_mb": self.peak_mb,
+            "kv_mb": self.kv_cache_mb(),
             "warmup_s": self.warmup_s,
         }
 
 
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+class HFRunner(Runner):
+    """The same timed generations through HF transformers' generate() (hf_compare.py)."""
+
+    def __init__(self, hf, extra, prompts, beams, new_tokens, pad_id):
+        from .hf_compare import HFGenerate
+        self.prompts, self.n = prompts, new_tokens
+        self.weight = hf.get_input_embeddings().weight
+        self.device = self.weight.device
+        self.generate = HFGenerate(hf, extra, prompts, beams, new_tokens, pad_id)
+        self.totals, self.ttfts, self.warmup_s, self.peak_mb, self.last = [], [], 0.0, 0.0, None
+
+    def first_token_at(self) -> float:
+        return self.generate.clock.first_token_at
+
+    def kv_cache_mb(self) -> float:
+        return float("nan")  # HF's cache grows inside generate()
 
 
-def run_one(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step, profile=False):
-    """Median figures of `runs` generations after `warmup` ones; with `profile`, also the
-    table of the most time-consuming ops of one more generation (torch.profiler)."""
-    r = Runner(model, adapter, prompts, beams, new_tokens, compile_step)
-    r.warm(warmup)
-    reset_peak(r.device)
+def run_row(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_step, hf=None, profile=False):
+    """Median figures of `runs` generations after `warmup` ones, from a clean state (earlier
+    rows' graphs and pools released). hf: (HF model, generate kwargs) to run the same setting
+    through HF generate() too, its runs taken in turns with minipara's; its figures are added
+    as hf_* with x_hf = minipara's tok/s over HF's, and for the bare model (the same weights
+    on both sides) the fraction of identical tokens. profile: also torch.profiler's table of
+    one more generation."""
+    device = model.tok_embeddings.weight.device
+    release(device)
+    ours = Runner(model, adapter, prompts, beams, new_tokens, compile_step)
+    runners = [ours] + ([HFRunner(*hf, prompts, beams, new_tokens, model.args.pad_id)] if hf else [])
+    for r in runners:
+        r.warm(warmup)
     for _ in range(runs):
-        r.once()
-    out = r.summary(peak_memory_mb(r.device))
+        for r in runners:
+            r.once()
+    out = ours.summary()
+    if hf:
+        theirs = runners[1].summary()
+        out.update({f"hf_{k}": v for k, v in theirs.items() if k != "kv_mb"})
+        out["x_hf"] = out["tps"] / theirs["tps"]
+        if adapter is None and not hf[1]:
+            out["hf_same_tokens"] = sum(x == y for a, b in zip(ours.last, runners[1].last) for x, y in zip(a, b)) / (
+                new_tokens * len(prompts))
     if profile:
-        out["profile"] = r.profile()
+        out["profile"] = ours.profile()
+    del ours, runners
+    release(device)
     return out
 
 
 def run_interleaved(settings: list[tuple], prompts, new_tokens, runs, warmup, compile_step) -> list[dict]:
-    """run_one for several (model, adapter, beams) settings, their timed runs taken in turns
+    """run_row for several (model, adapter, beams) settings, their timed runs taken in turns
     (A, B, C, A, B, C, ...), so that a machine whose speed drifts during the measurement
-    (CPUs under other load, thermal limits) affects every setting alike. Peak memory is then
-    the whole measurement's, the same figure for every row."""
+    (CPUs under other load, thermal limits) affects every setting alike. Each row's peak
+    memory is the highest over its own runs (with the other settings' buffers alive)."""
     runners = [Runner(m, ad, prompts, nb, new_tokens, compile_step) for m, ad, nb in settings]
     for r in runners:
         r.warm(warmup)
-    if not runners:
-        return []
-    reset_peak(runners[0].device)
     for _ in range(runs):
         for r in runners:
             r.once()
-    peak = peak_memory_mb(runners[0].device)
-    return [r.summary(peak) for r in runners]
+    return [r.summary() for r in runners]
 
 
 def machine_info(device) -> dict:
@@ -226,11 +292,23 @@ def machine_info(device) -> dict:
     return info
 
 
-def print_table(rows: list[dict], file=sys.stdout):
-    cols = [("variant", "{}"), ("batch", "{}"), ("beams", "{}"), ("tps", "{:.1f}"), ("tps_min", "{:.1f}"),
-            ("tps_max", "{:.1f}"), ("x_base", "{:.2f}"), ("decode_tps", "{:.1f}"), ("x_base_decode", "{:.2f}"),
-            ("ttft_ms", "{:.1f}"), ("peak_mb", "{:.0f}"), ("tps_all_rows", "{:.1f}")]
+COLUMNS = [("variant", "{}"), ("batch", "{}"), ("beams", "{}"), ("tps", "{:.1f}"), ("tps_min", "{:.1f}"),
+           ("tps_max", "{:.1f}"), ("x_base", "{:.2f}"), ("decode_tps", "{:.1f}"), ("x_base_decode", "{:.2f}"),
+           ("ttft_ms", "{:.1f}"), ("peak_mb", "{:.0f}"), ("kv_mb", "{:.0f}"), ("tps_all_rows", "{:.1f}"),
+           ("warmup_s", "{:.0f}"), ("hf_tps", "{:.1f}"), ("hf_decode_tps", "{:.1f}"), ("hf_ttft_ms", "{:.1f}"),
+           ("hf_peak_mb", "{:.0f}"), ("x_hf", "{:.2f}"), ("hf_same_tokens", "{:.2f}")]
+
+
+def print_table(rows: list[dict], file=sys.stdout, markdown=False):
+    """The rows as aligned text, or as a markdown table; columns no row has are left out."""
+    cols = [(c, f) for c, f in COLUMNS if any(c in r for r in rows)]
     cells = [[c for c, _ in cols]] + [[f.format(r[c]) if c in r else "-" for c, f in cols] for r in rows]
+    if markdown:
+        for i, row in enumerate(cells):
+            print("| " + " | ".join(row) + " |", file=file)
+            if i == 0:
+                print("|" + "---|" * len(row), file=file)
+        return
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     for row in cells:
         print("  ".join(x.rjust(w) for x, w in zip(row, widths)), file=file)

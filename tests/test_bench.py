@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from minipara.benchmark import VARIANTS
+
+from conftest import write_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +54,35 @@ def test_bench_interleaved_runs_every_method(tmp_path):
     assert [(r["variant"], r["beams"]) for r in rows] == [(v, b) for v in ("base", "para", "lora-merged")
                                                           for b in (1, 3)]
     assert all(r["tps"] > 0 and r["x_base"] > 0 for r in rows)
-    assert len({r["peak_mb"] for r in rows}) == 1  # one measurement, one peak
+    assert all(r["peak_mb"] > 0 and r["kv_mb"] > 0 for r in rows)  # each row's own peak, over its own runs
     refused = subprocess.run([*cmd, "--batch", "2", "--tenants", "2"], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --interleave")
+
+
+def test_bench_compare_hf_runs_hf_on_the_same_weights(tmp_path):
+    """--compare-hf: HF generate() (PEFT for LoRA and (IA)^3) runs each row too; on the bare model,
+    with the same weights, greedy and beam search give exactly minipara's tokens."""
+    pytest.importorskip("peft")
+    model_dir = write_tiny_model_dir(tmp_path)
+    out, md = tmp_path / "hf.json", tmp_path / "hf.md"
+    common = [sys.executable, "bench.py", "--model", str(model_dir), "--runs", "1", "--warmup", "0",
+              "--new-tokens", "5", "--prompt-tokens", "12", "--compare-hf"]
+    run = subprocess.run([*common, "--methods", "base,lora,ia3,para", "--json", str(out), "--markdown", str(md)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {(r["variant"], r["beams"]): r for r in json.loads(out.read_text())["results"]}
+    for key in [("base", 1), ("base", 3), ("lora", 1), ("lora", 3), ("ia3", 1), ("ia3", 3)]:
+        r = rows[key]
+        assert r["hf_tps"] > 0 and r["hf_decode_tps"] > 0 and r["x_hf"] == pytest.approx(r["tps"] / r["hf_tps"])
+    assert rows[("base", 1)]["hf_same_tokens"] == 1.0 and rows[("base", 3)]["hf_same_tokens"] == 1.0
+    assert "hf_tps" not in rows[("para", 1)]  # no HF implementation
+    assert all(r["kv_mb"] > 0 for r in rows.values())
+    assert "| x_hf |" in md.read_text()
+    # Many tenants: PEFT's mixed-batch LoRA beside minipara's gathered one.
+    run = subprocess.run([*common, "--methods", "lora,para", "--batch", "4", "--tenants", "2", "--beams", "1",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
+    assert rows["base"]["hf_same_tokens"] == 1.0
+    assert rows["lora x2 mixed"]["hf_tps"] > 0 and "hf_tps" not in rows["para x2 mixed"]
