@@ -60,6 +60,18 @@ def exact_match(preds, answers) -> float:
 
 
 # ---- ROUGE-L ----
+# The `rouge-score` package's rougeL (what HF Evaluate's "rouge" reports), re-implemented so
+# that it is no runtime dependency (it pulls in nltk and absl): its default tokenizer
+# (lower-case, every run of characters outside a-z0-9 a separator, no stemming), the LCS,
+# F = 2PR / (P + R), and for several references the one with the highest F.
+# tests/test_tasks.py checks it against the package on generated text.
+_NON_ALPHANUM = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    return _NON_ALPHANUM.sub(" ", text.lower()).split()
+
+
 def _lcs(a: list[str], b: list[str]) -> int:
     row = [0] * (len(b) + 1)
     for x in a:
@@ -69,18 +81,18 @@ def _lcs(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-def rouge_l(preds, answers, beta: float = 1.2) -> float:
-    """ROUGE-L as the E2E challenge's scripts compute it (coco-caption's `Rouge`): lowercased
-    whitespace tokens, best precision and best recall over the references taken separately,
-    then F = (1 + b^2) P R / (R + b^2 P) with b = 1.2 (so recall weighs more than in F1)."""
-    def score(pred: str, refs) -> float:
-        cand = pred.lower().split()
-        pairs = [(_lcs(cand, r), len(r)) for r in (ref.lower().split() for ref in _refs(refs))]
-        p = max((lcs / len(cand) if cand else 0.0) for lcs, _ in pairs)
-        r = max((lcs / n if n else 0.0) for lcs, n in pairs)
-        return (1 + beta**2) * p * r / (r + beta**2 * p) if p and r else 0.0
-    # Each example's references are scored together, so wrap them as one "reference".
-    return _mean_best(preds, [[a] for a in answers], score)
+def _rouge_l_f(pred: str, ref: str) -> float:
+    cand, target = rouge_tokens(pred), rouge_tokens(ref)
+    if not cand or not target:
+        return 0.0
+    lcs = _lcs(target, cand)
+    p, r = lcs / len(cand), lcs / len(target)
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+def rouge_l(preds, answers) -> float:
+    """Mean over examples of the rougeL F-measure against the best-matching reference."""
+    return _mean_best(preds, answers, _rouge_l_f)
 
 
 # ---- GSM8K ----

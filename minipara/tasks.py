@@ -267,7 +267,9 @@ def _labels(preds, examples):
 
 
 def _span(preds, examples):
-    return {"f1": metrics.f1(preds, _answers(examples)), "exact_match": metrics.exact_match(preds, _answers(examples))}
+    # The papers report the mean of F1 and exact match for SQuAD and ReCoRD (SPEC.md).
+    f1, em = metrics.f1(preds, _answers(examples)), metrics.exact_match(preds, _answers(examples))
+    return {"f1_em": (f1 + em) / 2, "f1": f1, "exact_match": em}
 
 
 def _rouge(preds, examples):
@@ -294,8 +296,8 @@ def _free(preds, examples):
 _REGISTRY = {
     "copa": (_copa, _copa, _labels, "accuracy"), "boolq": (_boolq, _boolq, _labels, "accuracy"),
     "rte": (_rte, _rte, _labels, "accuracy"), "sst2": (_sst2, _sst2, _labels, "accuracy"),
-    "qnli": (_qnli, _qnli, _labels, "accuracy"), "squad": (_squad, _squad, _span, "f1"),
-    "record": (_record, _record, _span, "f1"), "e2e": (_e2e, _e2e_grouped, _rouge, "rouge_l"),
+    "qnli": (_qnli, _qnli, _labels, "accuracy"), "squad": (_squad, _squad, _span, "f1_em"),
+    "record": (_record, _record, _span, "f1_em"), "e2e": (_e2e, _e2e_grouped, _rouge, "rouge_l"),
     "gsm8k": (_gsm8k, _gsm8k, _math, "accuracy"), "wikisql": (_wikisql, _wikisql, _sql, "execution_accuracy"),
     "alpaca": (_alpaca, None, _rouge, "rouge_l"), "custom": (_custom, _custom, _free, "accuracy"),
 }

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from minipara import metrics
 from minipara.errors import UserError
@@ -148,7 +148,13 @@ def test_squad_json(tmp_path):
     task = load_task("squad", str(tmp_path))
     ex = task.splits["test"][1]
     assert (ex.prompt, ex.response, ex.answers) == ("Context:\nctx\nQuestion:\nq1?", "a1", ["a1", "the a1"])
-    assert task.metric(["x", "the A1!"], task.splits["test"]) == {"f1": 0.5, "exact_match": 0.5}
+    assert task.metric(["x", "the A1!"], task.splits["test"]) == {"f1_em": 0.5, "f1": 0.5, "exact_match": 0.5}
+    # The papers' SQuAD/ReCoRD score, first (primary): the mean of F1 and exact match (SPEC.md).
+    assert task.metric_name == "f1_em"
+    # "a0 b" vs "a0": F1 2/3, EM 0; "a1": F1 1, EM 1 -> F1 5/6, EM 1/2, f1_em 2/3
+    assert task.metric(["a0 b", "a1"], task.splits["test"]) == pytest.approx(
+        {"f1_em": 2 / 3, "f1": 5 / 6, "exact_match": 0.5})
+    assert list(task.metric(["a0 b", "a1"], task.splits["test"])) == ["f1_em", "f1", "exact_match"]
 
 
 def test_record_jsonl(tmp_path):
@@ -288,13 +294,27 @@ def test_squad_f1_and_exact_match():
     assert metrics.exact_match(["Eiffel"], [["eiffel tower"]]) == 0.0
 
 
-def test_rouge_l_known_pair():
-    # LCS("the cat sat", "the cat sat on the mat") = 3: P = 1, R = 1/2, F = 2.44 * 0.5 / (0.5 + 1.44)
-    assert metrics.rouge_l(["the cat sat"], [["The cat sat on the mat"]]) == pytest.approx(1.22 / 1.94)
-    # Best precision (1 from the long reference) and best recall (1 from the short one) are taken
-    # over the references separately, as coco-caption does; the best single pair would give 0.709.
-    assert metrics.rouge_l(["a b c d"], [["a b", "a b c d e f g h"]]) == 1.0
+def test_rouge_l_known_pairs():
+    # The issue's example: "a b c" against "a b c d e f": P = 1, R = 1/2, F1 = 2/3 (the E2E
+    # scripts' beta = 1.2 gave 0.629).
+    assert metrics.rouge_l(["a b c"], [["a b c d e f"]]) == pytest.approx(2 / 3)
+    # The best single reference by F, not best precision and best recall taken apart (which gave 1.0).
+    assert metrics.rouge_l(["a b c d"], [["a b", "a b c d e f g h"]]) == pytest.approx(2 / 3)
+    assert metrics.rouge_l(["Don't stop!"], [["don t STOP"]]) == 1.0  # its tokenizer: a-z0-9 runs only
     assert metrics.rouge_l([""], [["x"]]) == 0.0
+
+
+rouge_text = st.text(alphabet=st.sampled_from(list("abcAB 0,.'-é\n")), max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rouge_text, st.lists(rouge_text, min_size=1, max_size=3))
+def test_rouge_l_equals_the_rouge_score_package(pred, refs):
+    """SPEC.md: ROUGE-L is HF Evaluate's, i.e. rouge-score's rougeL F-measure, best over the
+    references (RougeScorer.score_multi)."""
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    expected = rouge_scorer.RougeScorer(["rougeL"]).score_multi(refs, pred)["rougeL"].fmeasure
+    assert metrics.rouge_l([pred], [refs]) == pytest.approx(expected, abs=1e-12)
 
 
 def test_gsm8k_final_numbers():
