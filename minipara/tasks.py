@@ -27,9 +27,11 @@ DEV_SIZES = {"gsm8k": 500}  # SPEC.md decisions after the first review: GSM8K ho
 SMALL = ("copa", "rte", "boolq")  # their original validation split is halved into dev and test
 
 # Files each task reads, relative to --data-dir (or directly inside it when it is the task's
-# own folder). "val" is the original held-out split: halved into dev/test for the SMALL tasks,
-# the test split for the others. GSM8K has no validation split, so its test split stands in;
-# Alpaca has none at all, so its dev and test are both held out of the training file.
+# own folder). Tasks with official "dev" and "test" files (E2E, WikiSQL) use them as they are.
+# Otherwise "val" is the original held-out split: halved into dev/test for the SMALL tasks,
+# the test split for the others, whose dev is held out of the training file (500 problems for
+# GSM8K, whose test split stands in for the missing validation split, 1,000 otherwise);
+# Alpaca has no held-out split at all, so its dev and test both come from the training file.
 # WikiSQL also reads each split's `.tables.jsonl` beside it (WikiSQL's own layout).
 FILES = {
     "copa": {"train": "copa/train.jsonl", "val": "copa/val.jsonl"},  # SuperGLUE
@@ -39,10 +41,11 @@ FILES = {
     "qnli": {"train": "qnli/train.tsv", "val": "qnli/dev.tsv"},  # GLUE
     "squad": {"train": "squad/train-v1.1.json", "val": "squad/dev-v1.1.json"},
     "record": {"train": "record/train.jsonl", "val": "record/val.jsonl"},  # SuperGLUE
-    "e2e": {"train": "e2e/trainset.csv", "val": "e2e/devset.csv"},  # E2E NLG challenge
+    "e2e": {"train": "e2e/trainset.csv", "dev": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"},  # E2E NLG
     "gsm8k": {"train": "gsm8k/train.jsonl", "val": "gsm8k/test.jsonl"},
     "wikisql": {"train": "wikisql/train.jsonl", "train_tables": "wikisql/train.tables.jsonl",
-                "val": "wikisql/dev.jsonl", "val_tables": "wikisql/dev.tables.jsonl"},
+                "dev": "wikisql/dev.jsonl", "dev_tables": "wikisql/dev.tables.jsonl",
+                "test": "wikisql/test.jsonl", "test_tables": "wikisql/test.tables.jsonl"},
     "alpaca": {"train": "alpaca/alpaca_data.json"},
 }
 
@@ -364,7 +367,9 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
     base = _task_dir(name, data_dir)
     files = {key: _need(base / Path(rel).name) for key, rel in FILES[name].items()}
     examples = read_train(files["train"])
-    if name in SMALL:
+    if "test" in files:  # official train / dev / test files (SPEC.md: E2E, WikiSQL)
+        splits = {"train": examples, "dev": read_val(files["dev"]), "test": read_val(files["test"])}
+    elif name in SMALL:
         val = read_val(files["val"])
         dev_part, test_part = _split(val, seed, [len(val) // 2])
         splits = {"train": examples, "dev": dev_part, "test": test_part}

@@ -169,14 +169,19 @@ def test_record_jsonl(tmp_path):
     assert ex.answers == ["Story"]
 
 
-def test_e2e_csv_groups_references_for_evaluation(tmp_path):
-    rows = "".join(f'"name[X{i}], food[Thai]","X{i} serves Thai food."\n' for i in range(DEV_SIZE + 1))
+def test_e2e_official_splits_group_references_for_evaluation(tmp_path):
+    rows = "".join(f'"name[X{i}], food[Thai]","X{i} serves Thai food."\n' for i in range(5))
     write_text(tmp_path / "e2e/trainset.csv", "mr,ref\n" + rows)
-    write_text(tmp_path / "e2e/devset.csv", 'mr,ref\n"name[A]","A is nice."\n"name[A]","A, nice."\n"name[B]","B."\n')
+    write_text(tmp_path / "e2e/devset.csv", 'mr,ref\n"name[D]","D."\n"name[D]","D!"\n')
+    write_text(tmp_path / "e2e/testset_w_refs.csv", 'mr,ref\n"name[A]","A is nice."\n"name[A]","A, nice."\n'
+               '"name[B]","B."\n')
     task = load_task("e2e", str(tmp_path))
+    # SPEC.md: the official files as they are; a random hold-out of training rows would leak
+    # (each meaning representation has several references).
+    assert sizes(task) == {"train": 5, "dev": 1, "test": 2}
     ex = task.splits["train"][0]
-    i = ex.response.split()[0]
-    assert ex.prompt == f"Reference:\nname[{i}], food[Thai]\nGenerate a customer review following the given reference."
+    assert ex.prompt == "Reference:\nname[X0], food[Thai]\nGenerate a customer review following the given reference."
+    assert [e.answers for e in task.splits["dev"]] == [["D.", "D!"]]
     assert [e.answers for e in task.splits["test"]] == [["A is nice.", "A, nice."], ["B."]]
     assert task.metric_name == "rouge_l"
 
@@ -197,11 +202,11 @@ def test_wikisql_renders_sql_and_executes(tmp_path):
              "rows": [["Ann", 3, "Red and Blue"], ["Bob", 5, "Green"], ["Cy", 7, "Red and Blue"]]}
     row = {"table_id": "t1", "question": "Most goals for Red and Blue?",
            "sql": {"sel": 1, "agg": 1, "conds": [[2, 0, "Red and Blue"]]}}
-    write_jsonl(tmp_path / "wikisql/train.tables.jsonl", [table])
-    write_jsonl(tmp_path / "wikisql/dev.tables.jsonl", [table])
-    write_jsonl(tmp_path / "wikisql/train.jsonl", [row] * (DEV_SIZE + 1))
-    write_jsonl(tmp_path / "wikisql/dev.jsonl", [row])
+    for split, n in (("train", 3), ("dev", 2), ("test", 1)):  # the official files (SPEC.md)
+        write_jsonl(tmp_path / f"wikisql/{split}.tables.jsonl", [table])
+        write_jsonl(tmp_path / f"wikisql/{split}.jsonl", [row] * n)
     task = load_task("wikisql", str(tmp_path))
+    assert sizes(task) == {"train": 3, "dev": 2, "test": 1}
     ex = task.splits["test"][0]
     assert ex.prompt == ("Answer the following query by writing a SQL query on the given table:\n"
                          "Most goals for Red and Blue?\nTable information:\nPlayer, Goals, Team.")
