@@ -25,6 +25,7 @@ VARIANTS = [
     ("parade", {}), ("parade", {"pooler": "last"}), ("parade", {"targets": "qkvgu", "r": 8, "up_bias": False}),
     ("iapt", {}), ("iapt", {"share_every": 2, "m": 16}), ("iapt", {"pooler": "mean", "activation": "gelu"}),
     ("iapt", {"share_every": 1, "soft_tokens": 2, "activation": "relu"}),
+    ("iapt", {"activation": "gelu-relu"}), ("pedro", {"activation": "relu-gelu"}),
 ]
 MODELS = {}
 
@@ -343,8 +344,24 @@ def test_arch_parameters_are_the_rational_ones(method):
     ("parade", {"pooler": "first"}, "parade has no pooler"),
     ("iapt", {"pooler": "max"}, "unknown IAPT pooler"),
     ("iapt", {"activation": "tanh"}, "unknown IAPT activation"),
+    ("pedro", {"activation": "relu_gelu"}, "unknown PEDRO activation"),
     ("iapt", {"share_every": 0}, "share_every must be at least 1"),
 ])
 def test_bad_options_are_refused(method, options, message):
     with pytest.raises(UserError, match=message):
         build_adapter(method, tiny_args("llama"), **options)
+
+
+@pytest.mark.parametrize("method", ["pedro", "iapt"])
+@pytest.mark.parametrize("activation, first, last", [("relu", F.relu, F.relu), ("gelu", F.gelu, F.gelu),
+                                                     ("relu-gelu", F.relu, F.gelu), ("gelu-relu", F.gelu, F.relu)])
+def test_fixed_activation_variants(method, activation, first, last):
+    """PEDRO-5/6/7 and IAPT-4..7 (SPEC.md): fixed activations, split by depth at half the layers;
+    with no rational left there are no architecture parameters (no bi-level steps)."""
+    args = ModelArgs(**{**tiny_args("llama").__dict__, "n_layers": 4})
+    ad = build_adapter(method, args, activation=activation)
+    z = torch.linspace(-3, 3, 13)
+    for layer, want in ((0, first), (1, first), (2, last), (3, last)):
+        assert torch.equal(ad.activation(layer, z), want(z)), (layer, activation)
+    assert ad.arch_parameters() == [] and not any(n.startswith("act.") for n, _ in ad.named_parameters())
+    assert len(build_adapter(method, args).arch_parameters()) > 0  # the default stays the rational

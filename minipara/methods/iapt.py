@@ -24,19 +24,18 @@ Parameters on LLaMA-2-7B (d 4096, 32 layers): 8 groups * 2 * 4096 * 256 + 32 * 2
 Variants (paper 003, Table 5) are config values:
     IAPT-1: pooler="mean"                  IAPT-2: share_every=16, m=1024
     IAPT-3: share_every=1, m=64            IAPT-4: activation="gelu"   IAPT-5: activation="relu"
+    IAPT-6: activation="relu-gelu"         IAPT-7: activation="gelu-relu"  (by layer depth)
 """
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from .base import Adapter, LayerState
-from .rational import Rational
+from .rational import Rational, check_activation, fixed_activation
 
 POOLERS = ("attention", "mean")
-ACTIVATIONS = ("rational", "gelu", "relu")
 
 
 @dataclass
@@ -45,7 +44,7 @@ class IaptConfig:
     share_every: int = 4  # L_s, consecutive layers sharing W_down, W_up and the activation
     m: int = 256  # bottleneck width
     pooler: str = "attention"  # attention | mean (IAPT-1)
-    activation: str = "rational"  # rational | gelu (IAPT-4) | relu (IAPT-5)
+    activation: str = "rational"  # rational | gelu (IAPT-4) | relu (IAPT-5) | relu-gelu (6) | gelu-relu (7)
 
 
 class Iapt(Adapter):
@@ -56,8 +55,7 @@ class Iapt(Adapter):
         super().__init__(config, args)
         if config.pooler not in POOLERS:
             raise UserError(f"unknown IAPT pooler {config.pooler!r}; use one of {', '.join(POOLERS)}")
-        if config.activation not in ACTIVATIONS:
-            raise UserError(f"unknown IAPT activation {config.activation!r}; use one of {', '.join(ACTIVATIONS)}")
+        check_activation(config.activation, "IAPT")
         for name in ("soft_tokens", "share_every", "m"):
             if getattr(config, name) < 1:
                 raise UserError(f"IAPT's {name} must be at least 1, got {getattr(config, name)}")
@@ -91,11 +89,14 @@ class Iapt(Adapter):
             keep = pool_mask[..., None].to(u.dtype)
             mean = (u * keep).sum(1) / keep.sum(1).clamp(min=1)
             p = mean[:, None].expand(-1, self.config.soft_tokens, -1)
-        return self.activation(g, p) @ self.w_up[g]
+        return self.activation(i, p) @ self.w_up[g]
 
-    def activation(self, g: int, p: torch.Tensor) -> torch.Tensor:
+    def activation(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        """Layer i's activation: its group's rational, or a fixed one chosen by the layer's depth."""
         kind = self.config.activation
-        return self.act[g](p) if kind == "rational" else F.gelu(p) if kind == "gelu" else F.relu(p)
+        if kind == "rational":
+            return self.act[i // self.config.share_every](p)
+        return fixed_activation(kind, i, self.args.n_layers)(p)
 
     def layer_state(self, i, h, pool_mask, model):
         s = self.soft_tokens(i, h, pool_mask)

@@ -7,19 +7,21 @@ GELU-shaped at init, so PEDRO starts as the identity like PARA. The rational par
 are architecture parameters: `arch_parameters()` hands them to the trainer, which trains
 them in their own optimizer group on dev batches (first-order DARTS, SPEC.md). Options
 and variants are PARA's: PEDRO-1/2 = pooler mean/max, PEDRO-3 = targets qkvgu with r=8,
-PEDRO-4 = targets qv with r=24.
+PEDRO-4 = targets qv with r=24; PEDRO-5/6/7 = activation relu / gelu / relu-gelu (fixed
+functions: no architecture parameters, so no bi-level steps).
 """
 from dataclasses import dataclass
 
 from torch import nn
 
 from .para import Para, ParaConfig
-from .rational import Rational
+from .rational import Rational, check_activation, fixed_activation
 
 
 @dataclass
 class PedroConfig(ParaConfig):
-    """PARA's options (r, pooler, targets, up_bias)."""
+    """PARA's options (r, pooler, targets, up_bias), and the generator activation."""
+    activation: str = "rational"  # rational | relu (PEDRO-5) | gelu (PEDRO-6) | relu-gelu (PEDRO-7) | gelu-relu
 
 
 class Pedro(Para):
@@ -27,11 +29,15 @@ class Pedro(Para):
     config_cls = PedroConfig
 
     def __init__(self, config: PedroConfig, args):
+        check_activation(config.activation, "PEDRO")
         super().__init__(config, args)
-        self.act = nn.ModuleList(Rational() for _ in range(args.n_layers))
+        if config.activation == "rational":
+            self.act = nn.ModuleList(Rational() for _ in range(args.n_layers))
 
     def activation(self, i, z):
-        return self.act[i](z)
+        if self.config.activation == "rational":
+            return self.act[i](z)
+        return fixed_activation(self.config.activation, i, self.args.n_layers)(z)
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return list(self.act.parameters())
+        return list(self.act.parameters()) if self.config.activation == "rational" else []

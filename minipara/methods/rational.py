@@ -18,11 +18,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
+
 # fit_gelu() on this file's grid (float64; b_1 = b_3 = b_5 = 0, see there).
 GELU_A = (2.7958403487266028e-05, 0.4999999999907111, 0.3985031977579699, 0.16223387411041676,
           0.0639959401609636, 0.01830169723203025, 0.0020992082896436953)
 GELU_B = (0.0, 0.3244677482036004, 0.0, 0.03660339446644223, 0.0)
 LIMIT = 1e5  # |x| beyond this is clamped (see the module docstring)
+
+# The generator activations PEDRO and IAPT accept (SPEC.md): the learnable rational, or fixed
+# ones for the papers' ablations (PEDRO-5/6/7, IAPT-4..7), split by depth in the last two.
+ACTIVATIONS = ("rational", "relu", "gelu", "relu-gelu", "gelu-relu")
 
 
 def rational(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -87,3 +93,16 @@ def fit_gelu(points: int = 6001) -> tuple[tuple[float, ...], tuple[float, ...]]:
     opt.step(closure)
     p = p.detach()
     return tuple(p[:7].tolist()), tuple((p[7:] * free[7:]).tolist())
+
+
+def check_activation(kind: str, method: str):
+    if kind not in ACTIVATIONS:
+        raise UserError(f"unknown {method} activation {kind!r}; use one of {', '.join(ACTIVATIONS)}", ("activation",))
+
+
+def fixed_activation(kind: str, layer: int, n_layers: int):
+    """The fixed function of a non-rational `kind` at `layer`: "relu-gelu" is ReLU on the first
+    half of the layers (the first 16 of LLaMA-2-7B's 32, as the papers split it) and GELU on
+    the rest, "gelu-relu" the reverse."""
+    name = kind if "-" not in kind else kind.split("-")[0 if layer < n_layers // 2 else 1]
+    return F.relu if name == "relu" else F.gelu
