@@ -82,19 +82,28 @@ def command_for(task: str, method: str, seed: int, folder: Path, lrs: dict, extr
     return cmd
 
 
-def run_all(task: str, methods: list[str], seeds: list[int], folder: Path, lrs: dict, extra: list[str],
+# Bi-level methods take a dev step besides every train step: started first, they do not
+# leave one long run going alone at the end.
+SLOW_FIRST = {"pedro": 0, "iapt": 0}
+
+
+def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, lrs: dict, extra: list[str],
             parallel: int, threads: int | None) -> list[str]:
-    """Run every (method, seed) without a report, `parallel` at a time. Returns the failures."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Run every (task, method, seed) without a report, `parallel` at a time, slow methods
+    first. Returns the failures."""
     todo = []
-    for method in methods:
-        for seed in (seeds if method != "none" else seeds[:1]):  # the bare model has no seed
-            stem = run_stem(folder, method, seed)
-            if Path(str(stem) + ".report.json").is_file():
-                continue
-            resume = Path(str(stem) + ".ckpt").is_file()
-            todo.append((method, seed, command_for(task, method, seed, folder, lrs, extra, resume)))
-    print(f"{task}: {len(todo)} runs to do, {parallel} at a time, in {folder}", file=sys.stderr)
+    for task in tasks:
+        folder = base / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for method in methods:
+            for seed in (seeds if method != "none" else seeds[:1]):  # the bare model has no seed
+                stem = run_stem(folder, method, seed)
+                if Path(str(stem) + ".report.json").is_file():
+                    continue
+                resume = Path(str(stem) + ".ckpt").is_file()
+                todo.append((task, method, seed, command_for(task, method, seed, folder, lrs, extra, resume)))
+    todo.sort(key=lambda t: SLOW_FIRST.get(t[1], 1))  # stable: otherwise in the order given
+    print(f"{', '.join(tasks)}: {len(todo)} runs to do, {parallel} at a time, in {base}", file=sys.stderr)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -103,17 +112,17 @@ def run_all(task: str, methods: list[str], seeds: list[int], folder: Path, lrs: 
     t0 = time.time()
     while todo or running:
         while todo and len(running) < parallel:
-            method, seed, cmd = todo.pop(0)
-            stem = run_stem(folder, method, seed)
+            task, method, seed, cmd = todo.pop(0)
+            stem = run_stem(base / task, method, seed)
             Path(str(stem) + ".run.json").write_text(json.dumps(
                 {"command": shlex.join(cmd), "commit": commit, "machine": where,
                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
             out = open(str(stem) + ".out", "w")
-            running.append((method, seed, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                                           cwd=ROOT), out))
+            running.append((f"{task} {method} seed {seed}", subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT), out))
         time.sleep(1)
         for item in list(running):
-            method, seed, proc, out = item
+            name, proc, out = item
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -121,9 +130,9 @@ def run_all(task: str, methods: list[str], seeds: list[int], folder: Path, lrs: 
             done += 1
             status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out.name})"
             if proc.returncode != 0:
-                failed.append(f"{method} seed {seed}")
+                failed.append(name)
             print(f"[{done} done, {len(running)} running, {len(todo)} waiting, {time.time() - t0:.0f} s] "
-                  f"{method} seed {seed}: {status}", file=sys.stderr)
+                  f"{name}: {status}", file=sys.stderr)
     return failed
 
 
@@ -295,7 +304,8 @@ def main(argv=None) -> int:
         argv = argv[:argv.index("--")]
     p = argparse.ArgumentParser(prog="python -m minipara.results", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True)
+    p.add_argument("--task", required=True, help="a task, or several (comma-separated) sharing the arguments "
+                   "after --, run in one pool")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; none = the bare model")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--lr-for", help="per-method lr overrides, e.g. ia3=3e-3,ptuning_v2=1e-2")
@@ -306,6 +316,7 @@ def main(argv=None) -> int:
     p.add_argument("--readme", help="also put the table into this file's results block")
     a = p.parse_args(argv)
     base = Path(a.dir)
+    tasks = [t for t in a.task.split(",") if t]
     failed = []
     if not a.table_only:
         methods = [m for m in a.methods.split(",") if m]
@@ -317,9 +328,9 @@ def main(argv=None) -> int:
             raise UserError(f"{TRAIN_SCRIPT} is missing: run from a source checkout of minipara")
         if a.parallel < 1:
             raise UserError("--parallel must be at least 1")
-        failed = run_all(a.task, methods, seeds, (base / a.task).resolve(), parse_lrs(a.lr_for), extra,
-                         a.parallel, a.threads)
-    print(write_outputs(a.task, base, Path(a.readme) if a.readme else None))
+        failed = run_all(tasks, methods, seeds, base.resolve(), parse_lrs(a.lr_for), extra, a.parallel, a.threads)
+    for task in tasks:
+        print(write_outputs(task, base, Path(a.readme) if a.readme else None))
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)} (their .out files say why)", file=sys.stderr)
         return 1

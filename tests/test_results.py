@@ -17,7 +17,7 @@ with open(stem + ".calls", "a") as f:
     f.write(" ".join(a) + "\n")
 if method == "bitfit":
     sys.exit(3)
-acc = {"none": 0.5, "para": 0.9, "lora": 0.8}[method] + seed / 100
+acc = {"none": 0.5, "para": 0.9, "lora": 0.8, "pedro": 0.85}[method] + seed / 100
 if method == "none":
     report = {"method": "none", "task": "sst2", "dev": {"accuracy": 0.5}, "test": {"accuracy": acc}, "wall_time_s": 2.0}
 else:
@@ -46,7 +46,7 @@ def test_runs_every_combination_once_and_tabulates(tmp_path, fake_train, capsys)
     argv = ["--task", "sst2", "--methods", "none,para,lora,bitfit", "--seeds", "0,1,2", "--lr-for", "lora=3e-3",
             "--parallel", "3", "--dir", str(base), "--", "--max-steps", "40", "--lr", "1e-4"]
     assert results.main(argv) == 1  # bitfit's runs fail, and say so
-    assert "3 runs failed: bitfit seed 0, bitfit seed 1, bitfit seed 2" in capsys.readouterr().err
+    assert "3 runs failed: sst2 bitfit seed 0, sst2 bitfit seed 1, sst2 bitfit seed 2" in capsys.readouterr().err
     calls = (base / "sst2/lora-seed1.calls").read_text().split()
     assert calls[-3:] == ["--lr", "0.003", "--force"] and "--max-steps" in calls  # the override wins (last)
     assert not (base / "sst2/none-seed1.calls").exists()  # the bare model has no seeds
@@ -69,6 +69,14 @@ def test_runs_every_combination_once_and_tabulates(tmp_path, fake_train, capsys)
     assert results.main(["--task", "sst2", "--dir", str(base), "--table-only"]) == 0
     assert (base / "sst2.md").read_text() == table
     assert len((base / "sst2/bitfit-seed0.calls").read_text().splitlines()) == 2
+
+
+def test_several_tasks_share_one_pool_slow_methods_first(tmp_path, fake_train, capsys):
+    base = tmp_path / "out"
+    assert results.main(["--task", "sst2,rte", "--methods", "para,pedro", "--seeds", "0", "--dir", str(base)]) == 0
+    done = [line.split("] ")[1] for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert done == ["sst2 pedro seed 0: ok", "rte pedro seed 0: ok", "sst2 para seed 0: ok", "rte para seed 0: ok"]
+    assert (base / "sst2.md").is_file() and (base / "rte.md").is_file()
 
 
 def test_an_interrupted_run_resumes(tmp_path, fake_train):
