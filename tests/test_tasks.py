@@ -191,6 +191,7 @@ def test_gsm8k_jsonl(tmp_path):
     write_jsonl(tmp_path / "gsm8k/train.jsonl", rows)
     write_jsonl(tmp_path / "gsm8k/test.jsonl", rows[1233:1234])
     task = load_task("gsm8k", str(tmp_path))
+    assert sizes(task) == {"train": DEV_SIZE + 300 - 500, "dev": 500, "test": 1}  # SPEC.md: 500 problems as dev
     ex = task.splits["test"][0]
     assert ex.prompt == "Answer the following math quesition:\n1233+1?\nInstruction: please think step by step."
     assert ex.response == rows[1233]["answer"] and ex.answers == ["1,234"]
