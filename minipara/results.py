@@ -52,6 +52,9 @@ def run_stem(folder: Path, method: str, seed: int) -> Path:
 
 
 def git_commit() -> str:
+    """The checkout's commit (+dirty), or $MINIPARA_COMMIT where the copy has no git history."""
+    if os.environ.get("MINIPARA_COMMIT"):
+        return os.environ["MINIPARA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
