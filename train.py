@@ -3,6 +3,7 @@
     python train.py --method iapt --task copa
     python train.py --method para --task custom --train t.jsonl --dev d.jsonl --out runs/mine.safetensors
     python train.py --method para --task copa --resume          # continue an interrupted run
+    torchrun --nproc-per-node 2 train.py --method para --task copa --device cuda   # data-parallel
 
 Writes <out> (the best adapter by dev score), <out stem>.ckpt (resumable checkpoint),
 <out stem>.log.jsonl (one line per evaluation) and <out stem>.report.json (final report).
@@ -85,6 +86,8 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--test", help="custom task: test jsonl (default: the dev file)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output and its checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from <out stem>.ckpt")
+    p.add_argument("--shard-base", action="store_true", help="under torchrun: shard the frozen base over the "
+                   "ranks (FSDP2), for bases that do not fit one GPU; the adapter stays replicated")
     g = p.add_argument_group("method options (each method's config fields)")
     taken = {a.dest for a in p._actions}
     for name in sorted(set(method_opts) | set(ALIASES)):
@@ -171,6 +174,15 @@ def peak_memory(device) -> tuple[int, str]:
 
 def main(argv=None):
     a = parser(method_fields()).parse_args(argv)
+    from minipara import distributed
+    ranks, a.device = distributed.init(a.device, a.shard_base)  # one process unless torchrun started this
+    try:
+        return run_on(a, ranks)
+    finally:
+        distributed.finish()
+
+
+def run_on(a, ranks) -> int:
     from minipara.methods import method_class
     from minipara.tasks import load_task
     from minipara.tokenizer import TEMPLATES, resolve_template
@@ -180,6 +192,9 @@ def main(argv=None):
     if a.method != "none":
         cls = method_class(a.method)
         config = method_config(a, cls)
+        if a.shard_base and not cls.shardable:
+            raise UserError(f"--shard-base: {a.method} runs the base's attention weights in its generators, "
+                            "which a sharded base does not allow; train it without --shard-base")
     # The dev/test split of a task is fixed (seed 0), so every training seed sees the same test set.
     task = load_task(a.task, a.data_dir, seed=0, train=a.train, dev=a.dev, test=a.test)
     tcfg = TrainConfig(**{k: getattr(a, k) for k in TRAINING}).resolved(len(task.splits["train"]))
@@ -192,12 +207,13 @@ def main(argv=None):
     files = outputs(a)
     if a.method != "none":
         check_outputs(a, files)
+    ranks.barrier()  # every rank has checked before rank 0 writes anything
 
-    model, tok, path = cli.load(a)
+    model, tok, path = cli.load(a, shard=a.shard_base)
     template = resolve_template(a.template, model.args.model_type, path)
     if a.method == "none":
         data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)
-        return score_bare_model(a, model, task, data, tcfg, files, str(path), template)
+        return score_bare_model(a, model, task, data, tcfg, files, str(path), template, ranks)
     import torch
     torch.manual_seed(a.seed)  # the adapter's initial values come from the seed too
     try:
@@ -206,6 +222,9 @@ def main(argv=None):
         raise UserError(f"cannot build the {cls.method} adapter: {e}") from None
     adapter.to(model.tok_embeddings.weight.device)
     data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)
+    if not ranks.main:  # rank 0 alone writes files and prints
+        return train_and_report(a, model, adapter, task, data, tcfg, files, lambda event: None, str(path),
+                                template, ranks)
     if a.force:
         for f in files.values():
             f.unlink(missing_ok=True)
@@ -214,7 +233,7 @@ def main(argv=None):
         def log(event):
             log_file.write(json.dumps(event) + "\n")
             log_file.flush()
-        return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template)
+        return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template, ranks)
 
 
 def command_argv() -> list[str]:
@@ -222,15 +241,17 @@ def command_argv() -> list[str]:
     return getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
 
 
-def score_bare_model(a, model, task, data, tcfg, files, model_path, template) -> int:
+def score_bare_model(a, model, task, data, tcfg, files, model_path, template, ranks) -> int:
     """The reference point of a task's table: the untrained model, decoded as training evaluates."""
     from minipara.training import evaluate, fit_eval
     _, _, dev_eval, test_eval = data
     (dev_eval, n_dev), (test_eval, n_test) = (fit_eval(ev, tcfg.max_len, s) for ev, s in
                                               ((dev_eval, "dev"), (test_eval, "test")))
     t = time.time()
-    scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch)
+    scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch, ranks=ranks)
               for split, ev in (("dev", dev_eval), ("test", test_eval))}
+    if not ranks.main:
+        return 0
     report = {"method": "none", "task": a.task, "model": model_path, "template": template, **scores,
               "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
               "cut_examples": {"dev_eval": n_dev, "test": n_test},
@@ -241,15 +262,18 @@ def score_bare_model(a, model, task, data, tcfg, files, model_path, template) ->
     return 0
 
 
-def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template) -> int:
+def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template, ranks) -> int:
     from minipara.adapter_io import save_adapter
     from minipara.training import Progress, Trainer, check_eval, evaluate, fit_eval
     train, dev, dev_eval, test_eval = data
     test_eval, n_test_cut = fit_eval(test_eval, tcfg.max_len, "test")
     check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
     trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
-                      on_best=lambda ad: save_adapter(files["out"], ad, model.args, template), progress=Progress())
+                      on_best=lambda ad: save_adapter(files["out"], ad, model.args, template), progress=Progress(),
+                      ranks=ranks)
     argv = command_argv()
+    if ranks.world > 1:  # each rank was started as `python -u train.py ...`: report what the user typed
+        argv = ["torchrun", "--nproc-per-node", str(ranks.world), *sys.argv]
     command = shlex.join(argv)
     n_params = sum(p.numel() for p in adapter.parameters())
     if a.resume:
@@ -259,21 +283,24 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
              "template": template, "trainable_params": n_params, "total_steps": trainer.total,
              "train_examples": len(train), "dev_examples": len(dev), "config": vars(trainer.cfg),
              "cut_examples": {**trainer.cut, "test": n_test_cut}})
-    print(f"{adapter.method} on {a.task}: {n_params:,} trainable parameters, {len(train)} train / {len(dev)} dev "
-          f"examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch {tcfg.micro_batch}), "
-          f"dev evaluation every {tcfg.eval_every} steps" + (f", resuming at step {trainer.state.step}" if a.resume else ""),
-          file=sys.stderr)
     cut = {**trainer.cut, "test": n_test_cut}
-    if any(cut.values()):
-        print(f"prompts cut from the start to fit --max-len {tcfg.max_len}: "
-              + ", ".join(f"{n} {split}" for split, n in cut.items() if n), file=sys.stderr)
+    if ranks.main:
+        print(f"{adapter.method} on {a.task}: {n_params:,} trainable parameters, {len(train)} train / {len(dev)} "
+              f"dev examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch {tcfg.micro_batch}"
+              + (f" per rank, {ranks.world} ranks" + (", base sharded" if ranks.lockstep else "")
+                 if ranks.world > 1 else "") + f"), dev evaluation every {tcfg.eval_every} steps"
+              + (f", resuming at step {trainer.state.step}" if a.resume else ""), file=sys.stderr)
+        if any(cut.values()):
+            print(f"prompts cut from the start to fit --max-len {tcfg.max_len}: "
+                  + ", ".join(f"{n} {split}" for split, n in cut.items() if n), file=sys.stderr)
 
     def on_signal(signum, frame):
         if trainer.stop_reason is not None:
             raise KeyboardInterrupt  # a second signal: stop at once
         trainer.request_stop(signal.Signals(signum).name)
-        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort without saving)...",
-              file=sys.stderr)
+        if ranks.main:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort without saving)...",
+                  file=sys.stderr)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = trainer.run()
@@ -281,14 +308,18 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
         for s, h in old.items():
             signal.signal(s, h)
     if result.status == "interrupted":
-        again = [x for x in argv if x != "--force"] + ([] if "--resume" in argv else ["--resume"])
-        print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved to {files['ckpt']}.\n"
-              f"Resume with: {shlex.join(again)}", file=sys.stderr)
+        if ranks.main:
+            again = [x for x in argv if x != "--force"] + ([] if "--resume" in argv else ["--resume"])
+            print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved to {files['ckpt']}.\n"
+                  f"Resume with: {shlex.join(again)}" + (" (any number of processes)" if ranks.world > 1 else ""),
+                  file=sys.stderr)
         return 128 + int(getattr(signal.Signals, trainer.stop_reason, signal.SIGINT))
 
     t_test = time.time()
     trainer.load_best()
-    test = evaluate(model, adapter, test_eval, tcfg.eval_beams, tcfg.eval_batch, trainer.decoder)
+    test = evaluate(model, adapter, test_eval, tcfg.eval_beams, tcfg.eval_batch, trainer.decoder, ranks)
+    if not ranks.main:
+        return 0
     peak, peak_kind = peak_memory(model.tok_embeddings.weight.device)
     primary = next(iter(test))
     report = {"method": adapter.method, "task": a.task, "model": model_path, "template": template, "seed": a.seed,
@@ -302,7 +333,7 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
               "wall_time_s": round(result.wall_time + time.time() - t_test, 2), "peak_memory_bytes": peak,
               "peak_memory_mb": round(peak / 2**20, 1), "peak_memory_kind": peak_kind,
               "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
-              "command": command}
+              "ranks": ranks.world, "sharded_base": ranks.lockstep, "command": command}
     log({"event": "end", **report})
     tmp = files["report"].with_name(files["report"].name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -243,17 +243,18 @@ class LanguageModel:
         return evaluate(self.model, adapter, data[2 if split == "dev" else 3], beams, batch, self.decoder)
 
 
-def load(path=None, dtype="float32", device="cpu") -> LanguageModel:
+def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     """A LanguageModel from an HF-format directory (config.json, safetensors weights and a
     tokenizer); without `path`, the default model (Gemma 3 270M, converted on first use).
-    dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N."""
+    dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N. shard(model): applied
+    before the weights are read, e.g. distributed.shard_layers under torchrun."""
     from .loading import load_model, parse_device, parse_dtype
     from .tokenizer import load_tokenizer
     device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
     if path is None:
         from .weights import ensure_default_model
         path = ensure_default_model()
-    model, tok = load_model(path, dtype, device), load_tokenizer(path)
+    model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
     tok.check_fits(model.args.vocab_size)
     return LanguageModel(model, tok, path)
 

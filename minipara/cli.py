@@ -46,15 +46,19 @@ def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
 
-def load_lm(args):
-    """The minipara.LanguageModel for parsed --model/--dtype/--device."""
+def load_lm(args, shard: bool = False):
+    """The minipara.LanguageModel for parsed --model/--dtype/--device; shard: the base's
+    weights sharded over torchrun's ranks (distributed.shard_layers)."""
     from .api import load
+    if shard:
+        from .distributed import shard_layers
+        return load(args.model, args.dtype, args.device, shard=shard_layers)
     return load(args.model, args.dtype, args.device)
 
 
-def load(args):
+def load(args, shard: bool = False):
     """(model, tokenizer, model_dir) for parsed --model/--dtype/--device."""
-    lm = load_lm(args)
+    lm = load_lm(args, shard)
     return lm.model, lm.tokenizer, lm.path
 
 

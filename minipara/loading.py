@@ -146,7 +146,20 @@ def _sample(t: torch.Tensor) -> bytes:
     return flat[::step][:FINGERPRINT_SAMPLES].float().numpy().tobytes()
 
 
-def load_model(path, dtype="float32", device="cpu") -> Transformer:
+def _copy_in(param, full) -> torch.Tensor:
+    """Copy a checkpoint tensor into a parameter, or this rank's slice of it if it is sharded;
+    returns what this process now holds."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(param, DTensor):  # every rank read the file: no communication needed
+        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+        return param.to_local().copy_(full.to_local())
+    return param.copy_(full)
+
+
+def load_model(path, dtype="float32", device="cpu", shard=None) -> Transformer:
+    """shard(model): applied on the meta device before any weight is read, e.g. FSDP2's
+    fully_shard (distributed.shard_layers); each rank then reads and keeps its slice only."""
     path = Path(path)
     args = ModelArgs.from_dir(path)
     dtype, device = parse_dtype(dtype), parse_device(device) if isinstance(device, str) else device
@@ -164,7 +177,10 @@ def load_model(path, dtype="float32", device="cpu") -> Transformer:
     if unexpected:
         raise UserError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
                         + f" for a {args.model_type} config")
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype)  # on meta: nothing is allocated in float32 first
+    if shard is not None:
+        model = shard(model)
+    model = model.to_empty(device=device)
     params = dict(model.named_parameters())
     handles = {}
     # The weights' identity, recorded in adapters and checkpoints: every tensor's name, shape and
@@ -188,9 +204,8 @@ def load_model(path, dtype="float32", device="cpu") -> Transformer:
                                     "a checkpoint's weights are floating point")
                 fingerprint.update(f"{hf}{list(t.shape)}".encode() + _sample(t))
                 parts.append(t)
-            p = params[ours]
             with torch.no_grad():
-                p.copy_(parts[0] if len(parts) == 1 else torch.cat(parts))
+                p = _copy_in(params[ours], parts[0] if len(parts) == 1 else torch.cat(parts))
             if not all_finite(p):  # checked once, on the copy; the file's parts only to name the culprit
                 bad = next((hf for hf, x in zip(theirs, parts) if not all_finite(x)), None)
                 if bad is not None:

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .distributed import Ranks
 from .errors import UserError
 from .generation import Decoder, GenerationConfig, generate
 
@@ -128,9 +129,11 @@ def loss_sum(model, adapter, pairs: list[Pair]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mean_loss(model, adapter, pairs: list[Pair], batch: int) -> float:
-    total = sum(float(loss_sum(model, adapter, pairs[i:i + batch])) for i in range(0, len(pairs), batch))
-    return total / sum(len(r) for _, r in pairs)
+def mean_loss(model, adapter, pairs: list[Pair], batch: int, ranks: Ranks = Ranks()) -> float:
+    """Mean cross-entropy per response token; split over the ranks unless the base is sharded."""
+    mine = pairs if ranks.lockstep else ranks.share(pairs)
+    total = sum(float(loss_sum(model, adapter, mine[i:i + batch])) for i in range(0, len(mine), batch))
+    return (total if ranks.lockstep else ranks.sum(total)) / sum(len(r) for _, r in pairs)
 
 
 def cut_prompt(prompt: list[int], keep: int) -> list[int]:
@@ -186,12 +189,22 @@ def check_eval(ev: "EvalSet", split: str, max_len: int, n_prefix: int = 0):
 
 # ---- evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
-def decode_all(model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None, should_stop=None):
+def decode_all(model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None, should_stop=None,
+               ranks: Ranks = Ranks()):
     """Generated ids (stop token removed) for every prompt, or None if should_stop() became true.
-    Prompts are batched by length to waste little on padding; the order is kept in the result."""
+    Prompts are batched by length to waste little on padding; the order is kept in the result.
+    Several ranks decode one contiguous part each of the length order, and all get the whole
+    result (with a sharded base every rank decodes everything: they must run the same forwards)."""
     cfg = GenerationConfig(max_new_tokens=ev.max_new_tokens, beams=beams, eos_ids=tuple(ev.stop_ids))
     order = sorted(range(len(ev.prompts)), key=lambda i: len(ev.prompts[i]))
     out = [None] * len(order)
+    if ranks.world > 1 and not ranks.lockstep:
+        mine = ranks.share(order)
+        part = decode_all(model, adapter, EvalSet([ev.prompts[i] for i in mine], ev.score, ev.max_new_tokens,
+                                                  ev.stop_ids), beams, batch, decoder)
+        for i, g in ranks.gather(list(zip(mine, part))):
+            out[i] = g
+        return out
     for s in range(0, len(order), batch):
         if should_stop is not None and should_stop():
             return None
@@ -202,8 +215,9 @@ def decode_all(model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None
     return out
 
 
-def evaluate(model, adapter, ev: EvalSet, beams: int = 3, batch: int = 16, decoder=None) -> dict:
-    return ev.score(decode_all(model, adapter, ev, beams, batch, decoder))
+def evaluate(model, adapter, ev: EvalSet, beams: int = 3, batch: int = 16, decoder=None,
+             ranks: Ranks = Ranks()) -> dict:
+    return ev.score(decode_all(model, adapter, ev, beams, batch, decoder, ranks=ranks))
 
 
 def warmup_linear(total: int, warmup: int):
@@ -268,11 +282,13 @@ class Trainer:
     dev pairs also give the dev loss (what selects and stops, by default) and the bi-level
     batches. ckpt_path: where checkpoints go (None: none). log(event dict), on_best(adapter),
     on_step(trainer): hooks for the caller. `state` holds the progress, `cut` the number of
-    examples per split whose prompt was cut to `max_len`.
+    examples per split whose prompt was cut to `max_len`. ranks: the torchrun processes
+    training together (distributed.py); log, on_best, progress and checkpoints are rank 0's.
     """
 
     def __init__(self, model, adapter, train: list[Pair], dev: list[Pair], dev_eval: EvalSet,
-                 cfg: TrainConfig, ckpt_path=None, log=None, on_best=None, on_step=None, progress=None):
+                 cfg: TrainConfig, ckpt_path=None, log=None, on_best=None, on_step=None, progress=None,
+                 ranks: Ranks = Ranks()):
         self.cfg = c = cfg.resolved(len(train))
         train, n_train = fit_pairs(train, c.max_len, "train")
         dev, n_dev = fit_pairs(dev, c.max_len, "dev")
@@ -283,7 +299,9 @@ class Trainer:
         check_eval(dev_eval, "dev", model.args.max_seq_len, adapter.n_prefix)
         self.model, self.adapter, self.train, self.dev, self.dev_eval = model, adapter, train, dev, dev_eval
         self.ckpt_path = Path(ckpt_path) if ckpt_path is not None else None
-        self.log, self.on_best, self.on_step, self.progress = log, on_best, on_step, progress
+        self.ranks = ranks
+        self.log, self.on_best, self.progress = (log, on_best, progress) if ranks.main else (None, None, None)
+        self.on_step = on_step
         model.requires_grad_(False)  # the base stays frozen: only adapter tensors train
         arch = list(adapter.arch_parameters()) if hasattr(adapter, "arch_parameters") else []
         ids = {id(p) for p in arch}
@@ -351,18 +369,18 @@ class Trainer:
         for p in self.adapter.parameters():
             p.requires_grad_(id(p) in keep)
         opt.zero_grad(set_to_none=True)
-        n_tok = sum(len(r) for _, r in pairs)
+        n_tok = sum(len(r) for _, r in pairs)  # of the global batch: N ranks sum to one process's gradient
         total = 0.0
-        mb = self.cfg.micro_batch
-        for s in range(0, len(pairs), mb):
-            loss = loss_sum(self.model, self.adapter, pairs[s:s + mb])
+        for part, counts in self.ranks.micro_batches(pairs, self.cfg.micro_batch):
+            loss = loss_sum(self.model, self.adapter, part) * (1.0 if counts else 0.0)
             (loss / n_tok).backward()
             total += loss.item()
+        self.ranks.sum_grads(params)  # before clipping: the global norm is that of the summed gradient
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return total / n_tok
+        return self.ranks.sum(total) / n_tok
 
     def _train_step(self):
         if self.arch:  # first-order DARTS: the rational parameters step on dev data at the current weights
@@ -379,13 +397,14 @@ class Trainer:
     def _evaluate_dev(self) -> bool:
         """Score the dev set, track the best adapter and patience. False if interrupted."""
         model, ad, s = self.model, self.adapter, self.state
+        alone = self.ranks.world == 1  # ranks abort only together, between steps
         gens = decode_all(model, ad, self.dev_eval, self.cfg.eval_beams, self.cfg.eval_batch, self.decoder,
-                          should_stop=lambda: self.stop_reason is not None)
+                          should_stop=(lambda: self.stop_reason is not None) if alone else None, ranks=self.ranks)
         if gens is None:
             return False
         metrics = self.dev_eval.score(gens)
         primary = next(iter(metrics.values()))
-        dev_loss = mean_loss(model, ad, self.dev, self.cfg.micro_batch)
+        dev_loss = mean_loss(model, ad, self.dev, self.cfg.micro_batch, self.ranks)
         score = [-dev_loss] if self.cfg.select == "loss" else [float(primary), -dev_loss]
         if s.best is None or score > s.best:
             s.best, s.best_dev, s.best_dev_loss, s.best_step, s.bad_evals = score, metrics, dev_loss, s.step, 0
@@ -424,7 +443,8 @@ class Trainer:
                     s.stopped_by = "max_steps" if c.max_steps == self.total else "epochs"
                 self.save_checkpoint()
                 continue
-            if self.stop_reason is not None:
+            if self.ranks.any(self.stop_reason is not None):  # a signal may reach one rank only
+                self.stop_reason = self.stop_reason or "stopped by another rank"
                 break
             loss = self._train_step()
             s.eval_due = s.step % c.eval_every == 0 or s.step >= self.total
@@ -457,6 +477,9 @@ class Trainer:
     def save_checkpoint(self):
         if self.ckpt_path is None:
             return
+        if not self.ranks.main:  # rank 0 writes; the others wait, so none runs ahead of the file
+            self.ranks.barrier()
+            return
         rng = {"torch": torch.get_rng_state(), "python": _py_state(random.getstate())}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -476,6 +499,7 @@ class Trainer:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        self.ranks.barrier()
 
     def resume(self, path=None):
         """Continue from a checkpoint written by a run with the same method, model, options and data."""

@@ -172,6 +172,7 @@ class Adapter(nn.Module):
     method: str = ""
     n_prefix: int = 0  # extra key/value entries each layer places before the text
     template: str | None = None  # the prompt template it was trained with (set by adapter files)
+    shardable: bool = True  # False: its generators call base weights outside the blocks' forward (FSDP)
 
     def __init__(self, config, args: ModelArgs):
         super().__init__()

@@ -50,6 +50,7 @@ class IaptConfig:
 class Iapt(Adapter):
     method = "iapt"
     config_cls = IaptConfig
+    shardable = False  # model.prefix_kv runs a block's norm and K/V projections outside its forward
 
     def __init__(self, config: IaptConfig, args):
         super().__init__(config, args)
