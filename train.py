@@ -87,7 +87,8 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output and its checkpoint")
     p.add_argument("--resume", action="store_true", help="continue from <out stem>.ckpt")
     p.add_argument("--shard-base", action="store_true", help="under torchrun: shard the frozen base over the "
-                   "ranks (FSDP2), for bases that do not fit one GPU; the adapter stays replicated")
+                   "ranks (FSDP2), for bases that do not fit one GPU; the adapter stays replicated (without "
+                   "torchrun: no effect)")
     g = p.add_argument_group("method options (each method's config fields)")
     taken = {a.dest for a in p._actions}
     for name in sorted(set(method_opts) | set(ALIASES)):
@@ -209,7 +210,7 @@ def run_on(a, ranks) -> int:
         check_outputs(a, files)
     ranks.barrier()  # every rank has checked before rank 0 writes anything
 
-    model, tok, path = cli.load(a, shard=a.shard_base)
+    model, tok, path = cli.load(a, shard=ranks.lockstep)
     template = resolve_template(a.template, model.args.model_type, path)
     if a.method == "none":
         data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)

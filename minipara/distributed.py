@@ -106,11 +106,10 @@ def launched() -> bool:
 
 def init(device: str, shard_base: bool = False, timeout_s: float = 1800) -> tuple[Ranks, str]:
     """Join the process group torchrun set up; (ranks, this rank's device). Without torchrun:
-    one process, the device as given. On CUDA each rank takes the GPU of its LOCAL_RANK."""
+    one process, the device as given (shard_base then means nothing: one process holds the
+    whole base, so a sharded run can be resumed without torchrun). On CUDA each rank takes
+    the GPU of its LOCAL_RANK."""
     if not launched():
-        if shard_base:
-            raise UserError("shard_base shards the base over torchrun's processes: start the run with "
-                            "torchrun --nproc-per-node N train.py ...", options=("shard_base",))
         return Ranks(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):

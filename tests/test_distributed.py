@@ -102,27 +102,31 @@ def torchrun(n: int, *args) -> list:
 
 
 def test_torchrun_ctrl_c_then_resume_with_one_process(tiny_dir, tmp_path):
-    """Ctrl-C (SIGINT to the terminal's process group) stops a 2-rank run after a step with a
-    checkpoint; resumed by ONE process, it ends with the adapter of an uninterrupted
-    one-process run. Bit for bit here: with 2 micro-batches of 2 the one process adds the
-    two micro-batch gradients and the all-reduce adds the same two numbers."""
+    """Ctrl-C (SIGINT to the terminal's process group) stops a 2-rank run, its base sharded
+    (read from the files slice by slice), after a step with a checkpoint; resumed by ONE
+    process with the whole base, it ends with the adapter of an uninterrupted one-process
+    run. Bit for bit here: the gathered weights are the file's, and with 2 micro-batches of 2
+    the one process adds the two micro-batch gradients as the all-reduce does."""
     from safetensors.torch import load_file
     steps = ["--eval-every", "40"]  # 10 epochs of 8 steps
     ref = tmp_path / "ref.safetensors"
     r = subprocess.run(train_cmd(tiny_dir, ref, *steps), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "b.safetensors"
-    cmd = torchrun(2, *train_cmd(tiny_dir, out, *steps)[1:])
+    cmd = torchrun(2, *train_cmd(tiny_dir, out, *steps, "--shard-base")[1:])
     p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err = ""
     for line in p.stderr:
+        err += line
         if line.startswith("step "):  # training has started
             os.killpg(p.pid, signal.SIGINT)
             break
-    err = p.stderr.read()
+    err += p.stderr.read()
     assert p.wait(timeout=120) != 0, err
-    assert "checkpoint saved" in err and "Resume with: torchrun --nproc-per-node 2 train.py" in err, err
+    assert "2 ranks, base sharded" in err and "checkpoint saved" in err, err
+    assert "Resume with: torchrun --nproc-per-node 2 train.py" in err, err
     assert not out.with_suffix(".report.json").exists()
-    r = subprocess.run(train_cmd(tiny_dir, out, *steps, "--resume"), cwd=ROOT, env=ENV,
+    r = subprocess.run(train_cmd(tiny_dir, out, *steps, "--shard-base", "--resume"), cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(ref), load_file(out)
