@@ -3,6 +3,7 @@
     python bench.py                                    # default model, CPU, beams 1 and 3
     python bench.py --shape llama-2-7b --dtype bfloat16 --device cuda --json out.json
     python bench.py --shape llama-2-7b --dtype bfloat16 --device cuda --batch 8 --tenants 4 --methods lora,para
+    torchrun --nproc-per-node 2 bench.py --train-steps 10 --shape llama-2-7b --dtype bfloat16 --device cuda --methods para
 """
 import argparse
 import gc
@@ -46,6 +47,10 @@ def parse():
                    help="take the timed runs of all methods in turns (A, B, A, B, ...) rather than method "
                    "after method, so a machine whose speed drifts affects all alike (peak memory is then "
                    "the whole run's)")
+    p.add_argument("--train-steps", type=int, help="measure training instead: optimizer steps/s over this many "
+                   "steps (after --warmup ones) of each of --methods on synthetic data; under torchrun data-parallel")
+    p.add_argument("--train-batch", type=int, default=16, help="global batch of --train-steps")
+    p.add_argument("--micro-batch", type=int, help="examples per forward pass and rank (default: the rank's share)")
     p.add_argument("--profile", help="append, per row, torch.profiler's table of the costliest ops "
                    "of one more generation to this text file")
     return p.parse_args()
@@ -71,6 +76,8 @@ def main():
             import transformers  # noqa: F401
         except ImportError:
             raise UserError("--compare-hf needs HF transformers: pip install transformers peft") from None
+    if a.train_steps:
+        return train_speed(a, variants, dtype)
     if a.shape:
         model, tok, path = bm.random_model(a.shape, dtype, device), None, None
     else:
@@ -146,6 +153,29 @@ def main():
         bm.save_json(a.json, rows, info, vars(a))
     if a.plot:
         plot(rows, a.plot)
+    return 0
+
+
+def train_speed(a, methods: list[str], dtype) -> int:
+    """Training steps/s per method, on one process or data-parallel under torchrun; rank 0 prints."""
+    import json
+
+    from minipara import distributed
+    methods = [m for m in methods if m not in ("base", "lora-merged")]  # nothing to train
+    ranks, device = distributed.init(a.device)
+    torch.manual_seed(0)  # every rank the same random base
+    try:
+        model = bm.random_model(a.shape, dtype, device) if a.shape else cli.load(argparse.Namespace(**{**vars(a),
+                                                                                   "device": device}))[0]
+        info = {**bm.machine_info(model.tok_embeddings.weight.device), "model": a.shape or a.model,
+                "dtype": a.dtype}
+        for m in methods:
+            r = bm.train_speed(model, m, ranks, a.train_steps, a.warmup, a.train_batch, a.micro_batch,
+                               a.prompt_tokens)
+            if ranks.main:
+                print(json.dumps({**info, **r}), flush=True)
+    finally:
+        distributed.finish()
     return 0
 
 

@@ -327,3 +327,37 @@ def add_ratios(rows: list[dict]):
 def save_json(path, rows, info, settings):
     with open(path, "w") as f:
         json.dump({"machine": info, "settings": settings, "results": rows}, f, indent=1)
+
+
+def train_speed(model, method: str, ranks, steps: int, warmup: int, batch: int, micro_batch: int | None,
+                prompt_tokens: int) -> dict:
+    """Optimizer steps per second of training `method` on `model` through the Trainer's own
+    step, over synthetic examples (random prompts of prompt_tokens ids, 2-token responses);
+    with several ranks (torchrun) each takes its share of every global batch of `batch`.
+    Evaluation is not timed. The figures are this rank's; every rank waits for the slowest."""
+    from .training import EvalSet, Trainer, TrainConfig
+    g = torch.Generator().manual_seed(0)
+    a = model.args
+    eos = a.eos_ids[0]
+
+    def example():
+        prompt = [a.bos_id] + torch.randint(3, a.vocab_size, (prompt_tokens - 1,), generator=g).tolist()
+        return prompt, [int(torch.randint(3, a.vocab_size, (1,), generator=g)), eos]
+    train = [example() for _ in range(batch * (steps + warmup))]  # no example seen twice
+    dev = train[:batch]
+    ev = EvalSet([p for p, _ in dev[:1]], lambda gens: {"none": 0.0}, 1, (eos,))
+    _, ad = make_adapter(method, model)
+    cfg = TrainConfig(max_steps=steps + warmup, batch_size=batch, micro_batch=micro_batch, eval_every=10**9)
+    trainer = Trainer(model, ad, train, dev, ev, cfg, ranks=ranks)
+    device = model.tok_embeddings.weight.device
+    for _ in range(warmup):
+        trainer._train_step()
+    reset_peak(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        trainer._train_step()
+    _sync(torch.empty(0, device=device))
+    dt = time.perf_counter() - t
+    return {"method": method, "ranks": ranks.world, "batch": batch, "micro_batch": trainer.cfg.micro_batch,
+            "prompt_tokens": prompt_tokens, "steps": steps, "steps_per_s": steps / dt,
+            "examples_per_s": steps * batch / dt, "peak_mb": peak_memory_mb(device)}

@@ -58,9 +58,9 @@ class Ranks:
     def sum_grads(self, params: list):
         """Sum the gradients of `params` over the ranks (one all-reduce per dtype). A tensor
         no rank produced a gradient for keeps none, so the optimizer skips it as one process would."""
-        if self.world == 1:
+        if self.world == 1 or not params:
             return
-        had = torch.tensor([float(p.grad is not None) for p in params])
+        had = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
         dist.all_reduce(had)
         for dtype in {p.dtype for p in params}:
             group = [p for p in params if p.dtype == dtype]

@@ -160,3 +160,10 @@ def test_a_failing_rank_ends_the_run(tiny_dir, tmp_path):
     assert r.returncode != 0 and time.time() - t < 60
     assert "RuntimeError: simulated failure on rank 1" in r.stderr
     assert "Root Cause" in r.stderr and "rank      : 1 (local_rank: 1)" in r.stderr.split("Root Cause", 1)[1]
+
+
+def test_train_speed_runs_the_trainers_step():
+    """bench.py --train-steps (the GPU scaling figure) on one process: the Trainer's step, timed."""
+    from minipara.benchmark import train_speed
+    r = train_speed(tiny_model("llama"), "para", Ranks(), steps=2, warmup=1, batch=4, micro_batch=2, prompt_tokens=8)
+    assert r["ranks"] == 1 and r["steps"] == 2 and r["steps_per_s"] > 0 and r["examples_per_s"] == 4 * r["steps_per_s"]
