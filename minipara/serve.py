@@ -96,7 +96,9 @@ class Server:
         """The request's template, as generate.py chooses it (the adapter's training template...)."""
         return self.lm.template(self.template, [adapter]) if self.lm is not None else "none"
 
-    def sampling(self, body: dict, adapter, n_prompt: int, default_max) -> tuple[GenerationConfig, tuple]:
+    def sampling(self, body: dict, adapter, n_prompt: int, default_max, prompt_param: str
+                 ) -> tuple[GenerationConfig, tuple]:
+        """The request's GenerationConfig and stop strings, every value checked."""
         def number(key, default, lo, hi, lo_open=False):
             v = body.get(key)
             if v is None:
@@ -116,10 +118,13 @@ class Server:
         for key, neutral in (("n", 1), ("best_of", 1), ("presence_penalty", 0), ("frequency_penalty", 0),
                              ("logprobs", None), ("top_logprobs", None), ("echo", False), ("logit_bias", None),
                              ("suffix", None)):
-            if body.get(key) not in (None, neutral, False, {}) and not (key == "logprobs" and body[key] is False):
+            if body.get(key) not in (None, neutral, False, {}):
                 raise ApiError(400, f"{key}={body[key]!r} is not supported by this server", param=key)
         n_pre = adapter.n_prefix if adapter is not None else 0
         room = min(self.context - n_prompt, self.engine.slots - n_pre - n_prompt)
+        if room < 1:
+            raise ApiError(400, f"this model's maximum context length is {self.context} tokens and the prompt "
+                                f"has {n_prompt}: shorten it", param=prompt_param, code="context_length_exceeded")
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_new = integer(max_key, min(default_max, room) if default_max else room, 1)
         if max_new > room:
@@ -208,7 +213,7 @@ class Server:
                 if "prompt" not in body:
                     raise ApiError(400, "'prompt' is required", param="prompt")
                 ids = self.prompt_ids(body["prompt"], template)
-            cfg, stop = self.sampling(body, adapter, len(ids), None if chat else 16)
+            cfg, stop = self.sampling(body, adapter, len(ids), None if chat else 16, "messages" if chat else "prompt")
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise ApiError(400, "stream must be true or false", param="stream")

@@ -140,6 +140,9 @@ def test_chat_and_streaming_shapes(server):
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == whole.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    # One user message is the prompt in the model's chat format: plain text for this base model.
+    plain = c.completions.create(model="lora", prompt="red dog", max_tokens=8, temperature=0).choices[0].text
+    assert whole.choices[0].message.content == plain
     models = [m.id for m in c.models.list()]
     assert models == ["base", "iapt", "lora", "other", "para"]
     # Sampling with a seed repeats; a stop string ends the text before it.
@@ -165,7 +168,7 @@ def post(url, data: bytes):
 @pytest.mark.parametrize("kw, status, param", [
     (dict(model="no-such-adapter"), 404, "model"),
     (dict(model="other"), 400, "model"),  # made for another base model
-    (dict(prompt="the cat " * 200), 400, "max_tokens"),
+    (dict(prompt="the cat " * 200), 400, "prompt"),
     (dict(max_tokens=500), 400, "max_tokens"),
     (dict(temperature=-0.5), 400, "temperature"),
     (dict(temperature=3), 400, "temperature"),
@@ -183,6 +186,12 @@ def test_bad_requests_get_openai_errors(server, kw, status, param):
         assert err["code"] == "context_length_exceeded"
     # ... and the server goes on serving.
     assert server.client.completions.create(model="para", prompt="the cat", max_tokens=2).usage.completion_tokens
+
+
+def test_chat_over_the_context(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model="base", messages=[{"role": "user", "content": "the cat " * 200}])
+    assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "messages"
 
 
 def test_malformed_json(server):
