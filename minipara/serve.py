@@ -28,6 +28,7 @@ import uuid
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -359,12 +360,18 @@ def build_app(server: Server) -> Starlette:
         cancelled = server.engine.stop()
         print(f"minipara: stopped, {cancelled} unfinished requests cancelled", flush=True)
 
+    async def http_error(http, exc):  # unknown path, wrong method: OpenAI's body too
+        return ApiError(exc.status_code, f"{http.method} {http.url.path}: {exc.detail}").response()
+
+    async def server_error(http, exc):  # a bug: the traceback goes to the log, the client gets a body
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
+
     return Starlette(routes=[
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/v1/completions", server.completions, methods=["POST"]),
         Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
         Route("/stats", server.stats, methods=["GET"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: server_error})
 
 
 def parse(argv=None):

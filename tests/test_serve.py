@@ -199,6 +199,8 @@ def test_malformed_json(server):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = post(server.url + "/chat/completions", b'[1, 2]')
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = post(server.url + "/no/such/path", b'{}')
+    assert status == 404 and "no/such/path" in body["error"]["message"]
 
 
 def test_disconnect_frees_row_and_overload_is_429(files):
