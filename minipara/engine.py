@@ -129,29 +129,32 @@ class Engine:
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self):
         while True:
-            with self.cv:
+            with self.cv, torch.no_grad():
                 while not self.stopping and not self.waiting and not self.active():
                     self.cv.wait()
                 if self.stopping:
                     return
-                joining, budget = [], self.prefill_budget
-                free = self.rows.count(None) + sum(r is not None and r.cancelled for r in self.rows)
-                while self.waiting and len(joining) < free and (not joining or budget > 0):
-                    req = self.waiting.popleft()
-                    if not req.cancelled:
-                        joining.append(req)
-                        budget -= len(req.prompt)
-            with torch.no_grad():
                 for r, req in enumerate(self.rows):
                     if req is not None and req.cancelled:
                         self._release(r)
-                decoding, t0 = self.active(), time.perf_counter()
-                for req in joining:
+                decoding = self.active()
+                joining, budget = [], self.prefill_budget
+                while self.waiting and None in self.rows and (not joining or budget > 0):
+                    req = self.waiting.popleft()
+                    if not req.cancelled:
+                        r = self.rows.index(None)
+                        self.rows[r] = req  # taken now: submit() counts the row as busy
+                        joining.append((r, req))
+                        budget -= len(req.prompt)
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                for r, req in joining:
                     try:
-                        self._join(req)
+                        self._join(r, req)
                     except Exception as e:  # a bug or out of memory: this request fails, the server goes on
                         traceback.print_exc()
                         req.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                        self._release(r)
                 if joining and decoding:
                     self.stalls.append(time.perf_counter() - t0)
                 if self.active():
@@ -164,7 +167,8 @@ class Engine:
                                 req.emit("error", f"generation failed: {type(e).__name__}: {e}")
                                 self._release(r)
 
-    def _join(self, req: Request):
+    def _join(self, r: int, req: Request):
+        """Prefill `req` alone and place it in row r (taken for it by _run)."""
         cfg, ad = req.cfg, req.adapter
         if cfg.temperature > 0:
             req.gen = torch.Generator(device=self.device)
@@ -176,8 +180,8 @@ class Engine:
         small, logits = self.decoder.prefill(tokens, valid, n_pre + n + cfg.max_new_tokens, ad)
         first = int(self._pick(req, logits))
         if self._accept(req, first):
+            self._release(r)
             return
-        r = self.rows.index(None)  # _run admits no more requests than there are free rows
         c, need = self.cache, n_pre + n
         if c.length < need:  # move the shared slot on: the slots skipped stay invalid in every row
             c.slot.fill_(need)
@@ -192,7 +196,6 @@ class Engine:
         c.next_pos[r] = small.next_pos[0]
         self._set_states(r, small.states)
         self.next_tok[r] = first
-        self.rows[r] = req
 
     def _step(self):
         c = self.cache
