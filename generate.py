@@ -22,7 +22,7 @@ def parse(argv=None):
     p.add_argument("--prompts", help="a file with one prompt per line, generated as one left-padded batch")
     cli.add_model_args(p)
     p.add_argument("--template", default="auto",
-                   help="llama2 | gemma | none | auto (default: the template the adapter was trained with; "
+                   help="llama2 | gemma | chatml | llama3 | none | auto (default: the template the adapter was trained with; "
                         "without one, the family's chat template when the model ships one in "
                         "tokenizer_config.json, else none: plain continuation for base models)")
     p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens)

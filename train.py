@@ -78,7 +78,7 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=int, help="evaluate at most this many test examples, 0 for all "
                    "(default: as --max-eval)")
     p.add_argument("--max-new-tokens", type=int, help="evaluation length (default: the longest train/dev response)")
-    p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (default: the family's chat "
+    p.add_argument("--template", default="auto", help="llama2 | gemma | chatml | llama3 | none | auto (default: the family's chat "
                    "template when the model ships one, else none, as generate.py chooses)")
     p.add_argument("--data-dir", help="folder with the task's files (COPA, RTE, SST-2 and GSM8K ship with minipara)")
     p.add_argument("--train", help="custom task: train jsonl of {prompt, response}")

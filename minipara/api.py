@@ -245,15 +245,16 @@ class LanguageModel:
 
 def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     """A LanguageModel from an HF-format directory (config.json, safetensors weights and a
-    tokenizer); without `path`, the default model (Gemma 3 270M, converted on first use).
+    tokenizer.model or tokenizer.json), or a shipped model by name (gemma-3-270m, the default,
+    or smollm2-135m-instruct), converted on first use.
     dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N. shard(model): applied
     before the weights are read, e.g. distributed.shard_layers under torchrun."""
     from .loading import load_model, parse_device, parse_dtype
     from .tokenizer import load_tokenizer
+    from .weights import DEFAULT_MODEL, MODELS, ensure_model
     device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
-    if path is None:
-        from .weights import ensure_default_model
-        path = ensure_default_model()
+    if path is None or str(path) in MODELS and not Path(path).exists():
+        path = ensure_model(DEFAULT_MODEL if path is None else str(path))
     model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
     tok.check_fits(model.args.vocab_size)
     return LanguageModel(model, tok, path)

@@ -41,7 +41,8 @@ def seed(text: str) -> int:
 
 def add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", default=None,
-                   help="HF-format model directory (default: the bundled Gemma 3 270M, converted on first use)")
+                   help="HF-format model directory, or a shipped model: gemma-3-270m (the default) or "
+                        "smollm2-135m-instruct (converted on first use)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 

