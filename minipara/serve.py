@@ -327,7 +327,9 @@ def sse(obj) -> str:
 def chat_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
     """Token ids of a conversation in the model family's chat format (tokenizer.py's templates,
     extended to several turns); one user message gives exactly encode_example's prompt."""
-    from .tokenizer import LLAMA2_SYSTEM, encode_example
+    from .tokenizer import LLAMA2_SYSTEM, encode_chat, encode_example
+    if template in ("chatml", "llama3"):  # tokenizer.json chat models: their own template, all roles
+        return encode_chat(tok, template, [{"role": r, "content": c} for r, c in turns])
     system = "\n\n".join(c for r, c in turns if r == "system")
     turns = [(r, c) for r, c in turns if r != "system"]
     if template == "none":  # a base model: the conversation as plain text

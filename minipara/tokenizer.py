@@ -214,6 +214,26 @@ def _prompt_text(tok, template: str, prompt: str) -> str:
     return (bos if template in _IN_TEXT else "") + p.replace("{prompt}", prompt)
 
 
+def encode_chat(tok, template: str, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ({"role", "content"} dicts: system, user, assistant) in an
+    in-text template (chatml, llama3), ready for the assistant's next turn: the checkpoint's own
+    chat template when it has one of that style, else the fixed format turn by turn. One user
+    message gives exactly encode_example's prompt."""
+    _check(template)
+    if template not in _IN_TEXT:
+        raise UserError(f"encode_chat takes chatml or llama3, not {template}")
+    own = getattr(tok, "chat_template", None)
+    if own and _IN_TEXT[template] in own:
+        return tok.encode(render_chat(own, messages, getattr(tok, "special_tokens", {})))
+    if template == "chatml":
+        turn, head = "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n"
+    else:
+        turn, head = ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    text = "".join(turn.format(role=m["role"], content=m["content"]) for m in messages)
+    return tok.encode(_FORMATS[template][0] + text + head)
+
+
 def apply_template(template: str, prompt: str, response: str | None = None) -> tuple[str, str]:
     """(prompt text, response text) as SPEC.md writes them, markers included; response "" if None."""
     _check(template)

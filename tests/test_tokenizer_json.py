@@ -67,3 +67,16 @@ def test_tokenizer_model_wins_over_tokenizer_json(tmp_path):
     assert not isinstance(load_tokenizer(d), JsonTokenizer)  # both present: SentencePiece, as before
     (d / "tokenizer.model").unlink()
     assert isinstance(load_tokenizer(d), JsonTokenizer)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_conversations_equal_apply_chat_template(tmp_path, chat):
+    """encode_chat (the server's chat format for these models): several turns, as transformers renders them."""
+    from minipara.tokenizer import encode_chat
+    tok = load_tokenizer(write_llama3_dir(tmp_path / "tok", chat))
+    ref = transformers.AutoTokenizer.from_pretrained(write_llama3_dir(tmp_path / "ref", True))
+    talk = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And 3+3?"}]
+    want = ref.apply_chat_template(talk, add_generation_prompt=True)
+    assert encode_chat(tok, "llama3", talk) == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert encode_chat(tok, "llama3", talk[1:2]) == encode_example(tok, "llama3", "What is 2+2?")[0]
