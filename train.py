@@ -6,13 +6,14 @@
     torchrun --nproc-per-node 2 train.py --method para --task copa --device cuda   # data-parallel
 
 Writes <out> (the best adapter by dev score), <out stem>.ckpt (resumable checkpoint),
-<out stem>.log.jsonl (one line per evaluation) and <out stem>.report.json (final report).
+<out stem>.log.jsonl (one line per evaluation) and <out stem>.report.json (final report),
+holding <out>.lock meanwhile: one run per output. Every option, file and path is checked
+before the first of these is written; an output never overwrites an input.
 Method options (--r, --pooler, --targets, ...) are the chosen method's config fields;
 an option the method does not have is refused.
 """
 import argparse
 import json
-import os
 import resource
 import shlex
 import signal
@@ -47,25 +48,25 @@ def method_fields() -> dict:
 
 def parser(method_opts) -> argparse.ArgumentParser:
     from minipara.training import TrainConfig as T  # the training options' defaults live there, once
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help="para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2 "
                    "| none (no training: score the bare model on dev and test, as a reference)")
     p.add_argument("--task", required=True, help="copa | boolq | rte | sst2 | ... | custom")
     cli.add_model_args(p)
     p.add_argument("--out", help="adapter file to write (default: runs/<method>-<task>-seed<seed>.safetensors)")
-    p.add_argument("--seed", type=int, default=T.seed)
+    p.add_argument("--seed", type=cli.seed, default=T.seed)
     p.add_argument("--epochs", type=int, default=T.epochs)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (default: the epochs decide)")
     p.add_argument("--batch-size", type=int, help="default: 16 for under 10k training examples, else 128")
     p.add_argument("--micro-batch", type=int, help="examples per forward pass; gradients are accumulated "
                    "up to --batch-size (default: the whole batch)")
-    p.add_argument("--lr", type=float, default=T.lr)
-    p.add_argument("--arch-lr", type=float, default=T.arch_lr, help="peak lr of rational activations (PEDRO, IAPT), "
+    p.add_argument("--lr", type=cli.finite, default=T.lr)
+    p.add_argument("--arch-lr", type=cli.finite, default=T.arch_lr, help="peak lr of rational activations (PEDRO, IAPT), "
                    "trained on dev batches (bi-level) with the same warm-up and decay")
-    p.add_argument("--max-grad-norm", type=float, default=T.max_grad_norm, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--max-grad-norm", type=cli.finite, default=T.max_grad_norm, help="clip gradients to this global norm (0: off)")
     p.add_argument("--max-len", type=int, default=T.max_len, help="tokens per example; longer prompts lose their "
                    "start (the response is kept whole) and are counted in the report")
-    p.add_argument("--warmup", type=float, default=T.warmup, help="warm-up fraction of the steps")
+    p.add_argument("--warmup", type=cli.finite, default=T.warmup, help="warm-up fraction of the steps")
     p.add_argument("--eval-every", type=int,
                    help="steps between dev evaluations (default: 200, or one epoch if shorter)")
     p.add_argument("--patience", type=int, default=T.patience,
@@ -153,17 +154,54 @@ def outputs(a) -> dict:
             "report": out.with_suffix(".report.json")}
 
 
-def check_outputs(a, files: dict):
-    """Refuse to overwrite a finished or interrupted run unless --force (checked before any work)."""
+def check_outputs(a, files: dict, task):
+    """Refuse, before any work: an output that is an input or another output, one that cannot be
+    written, and overwriting a finished or interrupted run without --force."""
+    from minipara.files import OutputLock, check_paths, check_writable
     if a.resume and a.force:
         raise UserError("--resume continues a run and --force starts over: give one of them")
+    if a.resume and a.method == "none":
+        raise UserError("--method none scores the bare model: there is nothing to resume")
     if files["out"].is_dir():
         raise UserError(f"--out {files['out']} is a directory: give a file name such as "
                         f"{files['out'] / 'adapter.safetensors'}")
-    existing = [str(files[k]) for k in ("out", "ckpt") if files[k].exists()]
+    mine = {"report": files["report"]} if a.method == "none" else files
+    inputs = {f"--{k}" if k in ("train", "dev", "test") else f"task's {k}": f
+              for k, f in zip(("train", "dev", "test"), task.files)} if a.task == "custom" else \
+        {f"task file {f.name}": f for f in task.files}
+    if a.model is not None and Path(a.model).is_dir():
+        inputs.update({f"model's {f.name}": f for f in Path(a.model).iterdir() if f.is_file()})
+    named = {("--out" if k == "out" else f"the {k} file"): f for k, f in mine.items()}
+    named["the lock file"] = OutputLock(files["out"]).path
+    check_paths(named, inputs)
+    for k, f in mine.items():
+        check_writable(f, f"the {k} file")
+    existing = [str(f) for k, f in mine.items() if k in ("out", "ckpt", "report") and f.exists()]
     if existing and not (a.force or a.resume):
-        raise UserError(f"{existing[0]} exists; pass --force to overwrite it, --resume to continue an "
-                        "interrupted run, or choose another --out")
+        raise UserError(f"{existing[0]} exists; pass --force to overwrite it"
+                        + (", --resume to continue an interrupted run," if a.method != "none" else "")
+                        + " or choose another --out")
+    if a.resume and not files["ckpt"].is_file():
+        raise UserError(f"--resume: no checkpoint {files['ckpt']} (it is written at the first evaluation "
+                        "or when a run is interrupted)")
+
+
+class Log:
+    """The run's jsonl log, opened (for appending) at its first line: a run refused before
+    then leaves no file behind."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+
+    def __call__(self, event: dict):
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(json.dumps(event) + "\n")
+        self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
 
 
 def peak_memory(device) -> tuple[int, str]:
@@ -186,10 +224,11 @@ def main(argv=None):
 def run_on(a, ranks) -> int:
     from minipara.methods import method_class
     from minipara.tasks import load_task
-    from minipara.tokenizer import TEMPLATES, resolve_template
-    from minipara.training import TrainConfig, prepare_task
+    from minipara.tokenizer import TEMPLATES
+    from minipara.training import TrainConfig
 
     # Everything that can be refused without the model is checked first.
+    cls = config = None
     if a.method != "none":
         cls = method_class(a.method)
         config = method_config(a, cls)
@@ -203,13 +242,25 @@ def run_on(a, ranks) -> int:
         raise UserError("--max-eval must be at least 1")
     if a.max_test is not None and a.max_test < 0:
         raise UserError("--max-test must be at least 0 (0: the whole test split)")
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens}); leave it out for the "
+                        "longest train/dev response")
     if a.template not in TEMPLATES + ("auto",):
         raise UserError(f"unknown template {a.template!r}; valid: {', '.join(TEMPLATES)}, auto")
     files = outputs(a)
-    if a.method != "none":
-        check_outputs(a, files)
+    check_outputs(a, files, task)
     ranks.barrier()  # every rank has checked before rank 0 writes anything
+    if not ranks.main:  # rank 0 alone writes files, so it alone holds the lock
+        return run_locked(a, ranks, cls, config, task, tcfg, files)
+    from minipara.files import OutputLock
+    with OutputLock(files["out"]):
+        return run_locked(a, ranks, cls, config, task, tcfg, files)
 
+
+def run_locked(a, ranks, cls, config, task, tcfg, files) -> int:
+    """The run itself (on rank 0, holding the output's lock)."""
+    from minipara.tokenizer import resolve_template
+    from minipara.training import prepare_task
     model, tok, path = cli.load(a, shard=ranks.lockstep)
     template = resolve_template(a.template, model.args.model_type, path)
     if a.method == "none":
@@ -226,15 +277,11 @@ def run_on(a, ranks) -> int:
     if not ranks.main:  # rank 0 alone writes files and prints
         return train_and_report(a, model, adapter, task, data, tcfg, files, lambda event: None, str(path),
                                 template, ranks)
-    if a.force:
-        for f in files.values():
-            f.unlink(missing_ok=True)
-    files["out"].parent.mkdir(parents=True, exist_ok=True)
-    with open(files["log"], "a", encoding="utf-8") as log_file:
-        def log(event):
-            log_file.write(json.dumps(event) + "\n")
-            log_file.flush()
+    log = Log(files["log"])
+    try:
         return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template, ranks)
+    finally:
+        log.close()
 
 
 def command_argv() -> list[str]:
@@ -257,10 +304,14 @@ def score_bare_model(a, model, task, data, tcfg, files, model_path, template, ra
               "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
               "cut_examples": {"dev_eval": n_dev, "test": n_test},
               "wall_time_s": round(time.time() - t, 2), "command": shlex.join(command_argv())}
-    files["report"].parent.mkdir(parents=True, exist_ok=True)
-    files["report"].write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    write_report(files["report"], report)
     return 0
+
+
+def write_report(path: Path, report: dict):
+    from minipara.files import atomic_write
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    print(json.dumps(report, indent=2))
 
 
 def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template, ranks) -> int:
@@ -269,9 +320,11 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     train, dev, dev_eval, test_eval = data
     test_eval, n_test_cut = fit_eval(test_eval, tcfg.max_len, "test")
     check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
+
+    def save(ad):
+        save_adapter(files["out"], ad, model.args, template, model.weights_id)
     trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
-                      on_best=lambda ad: save_adapter(files["out"], ad, model.args, template), progress=Progress(),
-                      ranks=ranks)
+                      on_best=save, progress=Progress(), ranks=ranks)
     argv = command_argv()
     if ranks.world > 1:  # each rank was started as `python -u train.py ...`: report what the user typed
         argv = ["torchrun", "--nproc-per-node", str(ranks.world), *sys.argv]
@@ -280,6 +333,9 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     if a.resume:
         trainer.resume()
     else:
+        if a.force and ranks.main:  # every check has passed: only now is the old run given up
+            for f in files.values():
+                f.unlink(missing_ok=True)
         log({"event": "start", "command": command, "method": adapter.method, "task": a.task, "model": model_path,
              "template": template, "trainable_params": n_params, "total_steps": trainer.total,
              "train_examples": len(train), "dev_examples": len(dev), "config": vars(trainer.cfg),
@@ -321,6 +377,7 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
     test = evaluate(model, adapter, test_eval, tcfg.eval_beams, tcfg.eval_batch, trainer.decoder, ranks)
     if not ranks.main:
         return 0
+    save(adapter)  # again: a resumed finished run whose adapter file was deleted gets it back
     peak, peak_kind = peak_memory(model.tok_embeddings.weight.device)
     primary = next(iter(test))
     report = {"method": adapter.method, "task": a.task, "model": model_path, "template": template, "seed": a.seed,
@@ -336,10 +393,7 @@ def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path
               "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
               "ranks": ranks.world, "sharded_base": ranks.lockstep, "command": command}
     log({"event": "end", **report})
-    tmp = files["report"].with_name(files["report"].name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, files["report"])
-    print(json.dumps(report, indent=2))
+    write_report(files["report"], report)
     return 0
 
 

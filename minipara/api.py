@@ -80,13 +80,14 @@ class LanguageModel:
         """The adapter stored at `path` (a minipara .safetensors file or a PEFT directory), on
         this model's device; refused with a UserError if it was made for another base model."""
         from .adapter_io import load_adapter
-        return load_adapter(path, self.args).to(self.device)
+        return load_adapter(path, self.args, self.model.weights_id).to(self.device)
 
     def save_adapter(self, path, adapter: Adapter, template: str | None = None):
         """Write `adapter` to the file `path` atomically, recording this base model (and the
         prompt template it was trained with, so generation picks the same one)."""
         from .adapter_io import save_adapter
-        save_adapter(path, adapter, self.args, template if template is not None else adapter.template)
+        save_adapter(path, adapter, self.args, template if template is not None else adapter.template,
+                     self.model.weights_id)
 
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model

@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 
 from .errors import UserError
 
@@ -63,9 +64,14 @@ def load(args, shard: bool = False):
     return lm.model, lm.tokenizer, lm.path
 
 
+def _show_warning(message, *_, **__):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def run(main):
     """Run main(); a UserError becomes `error: ...` on stderr and exit status 2. A closed
     stdout (`| head -1`) ends the run quietly, as it ends any Unix tool (status 141, SIGPIPE's)."""
+    warnings.showwarning = _show_warning
     try:
         sys.exit(main())
     except BrokenPipeError:

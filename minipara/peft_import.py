@@ -130,6 +130,8 @@ def _matching(path: Path, spec, field: str) -> set[str]:
         return set()
     if spec == "all-linear":
         return set(PROJECTIONS)
+    if not isinstance(spec, (str, list)) or isinstance(spec, list) and not all(isinstance(t, str) for t in spec):
+        raise UserError(f"{path}: {field} must be a string or a list of strings, got {spec!r}")
     if isinstance(spec, str):
         try:
             return {p for n, p in names.items() if re.fullmatch(spec, n)}
@@ -176,7 +178,11 @@ def _lora(path, cfg, tensors, parts, targets, args) -> Lora:
         raise UserError(f"{path}: adapter_config.json needs a positive integer 'r' and a number 'lora_alpha'")
     if not targets:
         raise UserError(f"{path}: target_modules selects none of the projections minipara adapts")
-    ad = Lora(LoraConfig(r=r, alpha=alpha, targets=tuple(targets), rslora=bool(cfg.get("use_rslora"))), args)
+    try:  # LoraConfig checks each value's type and range (a JSON true is no alpha, NaN no number)
+        config = LoraConfig(r=r, alpha=alpha, targets=tuple(sorted(targets)), rslora=cfg.get("use_rslora") or False)
+    except UserError as e:
+        raise UserError(f"{path}: adapter_config.json: {e}") from None
+    ad = Lora(config, args)
     ins, outs = in_sizes(args), out_sizes(args)
     with torch.no_grad():
         for i in range(args.n_layers):

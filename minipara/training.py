@@ -26,11 +26,10 @@ tokenizer or task files; `prepare_task` builds both from a task and a tokenizer.
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -39,10 +38,11 @@ import torch.nn.functional as F
 
 from .distributed import Ranks
 from .errors import UserError
+from .files import atomic_write
 from .generation import Decoder, GenerationConfig, generate
 
 CKPT_FORMAT = "minipara-train-checkpoint"
-CKPT_VERSION = 2  # 2: progress as TrainState, dev-loss selection, the arch scheduler
+CKPT_VERSION = 3  # 2: progress as TrainState, dev-loss selection, the arch scheduler; 3: weights fingerprint
 Pair = tuple[list[int], list[int]]
 
 
@@ -80,7 +80,13 @@ class TrainConfig:
             raise UserError(f"max_steps must be at least 1 (got {c.max_steps})", ("max_steps",))
         if c.patience < 1 or (c.eval_every is not None and c.eval_every < 1):
             raise UserError("patience and eval_every must be at least 1", ("patience", "eval_every"))
-        if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1 or c.seed < 0:
+        floats = ("lr", "arch_lr", "warmup", "weight_decay", "max_grad_norm")
+        bad = [n for n in floats if not math.isfinite(getattr(c, n))]
+        if bad:  # an infinite lr trains to NaN and would still save a "best" adapter
+            raise UserError(f"{bad[0]} must be a finite number (got {getattr(c, bad[0])})", (bad[0],))
+        if not 0 <= c.seed < 2**32:  # data-order seeds are derived from it in 64 bits
+            raise UserError(f"seed must be between 0 and {2**32 - 1} (got {c.seed})", ("seed",))
+        if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1:
             raise UserError("need lr > 0, arch_lr >= 0, 0 <= warmup < 1 and seed >= 0", ("lr", "arch_lr", "warmup", "seed"))
         if c.max_grad_norm < 0 or c.max_len < 2:
             raise UserError("need max_grad_norm >= 0 (0: no clipping) and max_len >= 2", ("max_grad_norm", "max_len"))
@@ -327,10 +333,12 @@ class Trainer:
 
     # -- identity of a run, checked on resume --
     def run_identity(self) -> dict:
+        from .identity import base_record, canonical_args
         from .methods.base import config_dict
         return {"method": self.adapter.method,
                 "adapter_config": json.loads(json.dumps(config_dict(self.adapter.config), default=list)),
-                "model": json.loads(json.dumps(asdict(self.model.args), default=list)),
+                "model": base_record(self.model.args, self.model.weights_id),
+                "model_args": canonical_args(self.model.args),
                 "train_config": asdict(self.cfg),
                 "data": fingerprint([self.train, self.dev, self.dev_eval.prompts, self.dev_eval.max_new_tokens,
                                      list(self.dev_eval.stop_ids)])}
@@ -491,14 +499,7 @@ class Trainer:
               "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
               "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None,
               "progress": progress, "rng": rng}
-        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.{os.getpid()}.tmp")
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.save(ck, tmp)
-            os.replace(tmp, self.ckpt_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(ck, tmp))
         self.ranks.barrier()
 
     def resume(self, path=None):
@@ -516,21 +517,30 @@ class Trainer:
         if ck.get("version") != CKPT_VERSION:
             raise UserError(f"--resume: {path} was written by an older minipara (checkpoint version "
                             f"{ck.get('version')}, this one reads {CKPT_VERSION}); start over with --force")
-        _check_identity(path, ck["identity"], self.identity)
+        if not isinstance(ck.get("identity"), dict) or set(ck["identity"]) != set(self.identity):
+            raise UserError(f"--resume: {path} lacks the record of the run that wrote it; start over with --force")
+        _check_identity(path, ck["identity"], self.identity, self.model)
+        state = _checked_progress(path, ck.get("progress"))
         dev = next(self.adapter.parameters()).device
-        with torch.no_grad():
-            self.adapter.load_state_dict({k: v.to(dev) for k, v in ck["adapter"].items()})
-        self.opt.load_state_dict(ck["optimizer"])
-        self.sched.load_state_dict(ck["scheduler"])
-        if self.arch_opt is not None:
-            self.arch_opt.load_state_dict(ck["arch_optimizer"])
-            self.arch_sched.load_state_dict(ck["arch_scheduler"])
+        try:  # a damaged checkpoint: mis-shaped or missing tensors, optimizer state of another size
+            with torch.no_grad():
+                if ck["best_adapter"] is not None:
+                    self.adapter.load_state_dict(ck["best_adapter"])  # to check its names and shapes
+                self.adapter.load_state_dict({k: v.to(dev) for k, v in ck["adapter"].items()})
+            self.opt.load_state_dict(ck["optimizer"])
+            self.sched.load_state_dict(ck["scheduler"])
+            if self.arch_opt is not None:
+                self.arch_opt.load_state_dict(ck["arch_optimizer"])
+                self.arch_sched.load_state_dict(ck["arch_scheduler"])
+            torch.set_rng_state(ck["rng"]["torch"])
+            random.setstate(_py_state(ck["rng"]["python"], back=True))
+            if "cuda" in ck["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise UserError(f"--resume: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                            "start over with --force") from None
         self.best_state = ck["best_adapter"]
-        self.state = TrainState(**ck["progress"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(_py_state(ck["rng"]["python"], back=True))
-        if "cuda" in ck["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
+        self.state = state
         self._log({"event": "resumed", "step": self.state.step, "from": str(path)})
 
 
@@ -541,15 +551,40 @@ def _py_state(state, back: bool = False):
     return [state[0], list(state[1]), state[2]]
 
 
-def _check_identity(path, saved: dict, here: dict):
+def _checked_progress(path, progress) -> TrainState:
+    """The checkpoint's TrainState, each field of the type its default has (None allowed where
+    the default is None), so a damaged record is refused rather than trained on."""
+    if not isinstance(progress, dict) or set(progress) != {f.name for f in fields(TrainState)}:
+        raise UserError(f"--resume: {path} has a damaged progress record; start over with --force")
+    for f in fields(TrainState):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        v = progress[f.name]
+        if default is None:  # the best evaluation's record: None until there is one
+            ok = v is None or isinstance(v, (int, float, list, dict)) and not isinstance(v, bool)
+        elif isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = type(v) is int and v >= 0
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = isinstance(v, type(default))
+        if not ok:
+            raise UserError(f"--resume: {path} has a damaged progress record ({f.name} = {v!r}); "
+                            "start over with --force")
+    return TrainState(**progress)
+
+
+def _check_identity(path, saved: dict, here: dict, model):
     if saved["method"] != here["method"]:
         raise UserError(f"--resume: {path} is a checkpoint of method {saved['method']}, not {here['method']}")
-    if saved["model"] != here["model"]:
-        s, h = saved["model"], here["model"]
-        diff = sorted(k for k in set(s) | set(h) if s.get(k) != h.get(k))
-        raise UserError(f"--resume: {path} was made with another model ({s.get('model_type')}, {s.get('n_layers')} "
-                        f"layers, dim {s.get('dim')}; this one: {h.get('model_type')}, {h.get('n_layers')} "
-                        f"layers, dim {h.get('dim')}; differing: {', '.join(diff)})")
+    if not isinstance(saved["model"], dict):
+        raise UserError(f"--resume: {path} lacks the record of its base model; start over with --force")
+    from .identity import compare_base
+    refusal, other_weights = compare_base(saved["model"], saved.get("model_args"), model.args, model.weights_id)
+    if refusal or other_weights:  # a run continues on the very weights it started on
+        raise UserError(f"--resume: {path} is a checkpoint of another model: it was {refusal or other_weights}; "
+                        "resume with the original --model")
     for key, what in (("adapter_config", "method option"), ("train_config", "training option")):
         s, h = saved[key], here[key]
         for k in sorted(set(s) | set(h)):

@@ -167,7 +167,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, saved):
             f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a few bytes, then the disk fills up
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapter_io, "save_file", half_write)
+    monkeypatch.setattr(adapter_io, "_write_safetensors", half_write)
     with pytest.raises(OSError):
         save_adapter(path, trained(build_adapter("para", args), seed=5), args)
     assert path.read_bytes() == good  # the old file is untouched

@@ -48,7 +48,7 @@ def refused(script, argv, capsys, *words, watch=()):
     under watch."""
     before = snapshot(*watch)
     code, out, err = run_script(script, argv, capsys)
-    assert code == 2, err
+    assert code == 2, ([str(x) for x in argv[-6:]], err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for w in words:
@@ -247,3 +247,250 @@ def test_generate_into_a_closed_pipe_is_quiet(model_dir):
     run = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.stderr == "", run.stderr[-2000:]
     assert run.stdout.strip() == "status 141", run.stdout
+
+
+# ---- causes 4 and 9: adapter files, PEFT configs, reproducible bytes ------------------------------
+def rewrite_header(path, edit):
+    """Rewrite a safetensors file's JSON header through edit(header) (tensor bytes unchanged)."""
+    import struct
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def meta_edit(**changes):
+    def edit(h):
+        h["__metadata__"].update(changes)
+    return edit
+
+
+def config_field(**changes):
+    def edit(h):
+        cfg = json.loads(h["__metadata__"]["config"])
+        cfg.update(changes)
+        h["__metadata__"]["config"] = json.dumps(cfg)
+    return edit
+
+
+@pytest.mark.parametrize("method, edit, words", [
+    ("para", lambda h: h.__setitem__("__metadata__", ["x"]), ("__metadata__ must map names to strings",)),
+    ("para", meta_edit(format_version=None), ("__metadata__ must map",)),
+    ("para", meta_edit(format_version="0"), ("format_version '0'",)),
+    ("para", meta_edit(format_version="-7"), ("format_version '-7'",)),
+    ("para", meta_edit(config={"r": 12}), ("__metadata__ must map",)),
+    ("para", config_field(r="abc"), ("option r must be an integer",)),
+    ("para", config_field(r=-1), ("option r must be an integer of at least 1",)),
+    ("para", config_field(r=2.5), ("option r",)),
+    ("para", config_field(r=None), ("option r",)),
+    ("para", config_field(up_bias="false"), ("option up_bias must be true or false",)),
+    ("lora", config_field(alpha="x"), ("option alpha must be a finite number",)),
+    ("lora", config_field(rslora="no"), ("option rslora must be true or false",)),
+    ("lora", config_field(targets=5), ("option targets",)),
+    ("para", lambda h: h[next(k for k in h if k != "__metadata__")].__setitem__("dtype", "I64"),
+     ("holds I64 values", "floating point")),
+])
+def test_bad_adapter_metadata(tmp_path, method, edit, words):
+    from minipara.adapter_io import load_adapter, save_adapter
+    from minipara.errors import UserError
+    from minipara.methods import build_adapter
+    from conftest import tiny_args
+    args = tiny_args("llama")
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, build_adapter(method, args), args)
+    rewrite_header(path, edit)
+    with pytest.raises(UserError) as e:
+        load_adapter(path, args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapter_tensor(tmp_path, value):
+    from minipara.adapter_io import load_adapter, save_adapter
+    from minipara.errors import UserError
+    from minipara.methods import build_adapter
+    from conftest import tiny_args
+    args = tiny_args("llama")
+    ad = build_adapter("lora", args)
+    with torch.no_grad():
+        ad.b["v"][1, 0, 3] = value
+    save_adapter(tmp_path / "a.safetensors", ad, args)
+    with pytest.raises(UserError, match="NaN or infinite"):
+        load_adapter(tmp_path / "a.safetensors", args)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"target_modules": 5}, ("target_modules must be a string or a list of strings",)),
+    ({"lora_alpha": True}, ("option alpha must be a finite number",)),
+    ({"lora_alpha": float("nan")}, ("option alpha must be a finite number",)),
+    ({"r": True}, ("option r must be an integer",)),
+    ({"use_rslora": "no"}, ("rslora must be true or false",)),
+])
+def test_bad_peft_config(tmp_path, changes, words):
+    from minipara.adapter_io import load_adapter
+    from minipara.errors import UserError
+    from conftest import tiny_args
+    args = tiny_args("llama")
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **changes}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    t = {}
+    for i in range(args.n_layers):
+        p = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        t[f"{p}.lora_A.weight"] = torch.zeros(2, args.dim)
+        t[f"{p}.lora_B.weight"] = torch.zeros(args.q_dim, 2)
+    save_file(t, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(UserError) as e:
+        load_adapter(tmp_path, args)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_adapter_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors keeps metadata in a hash map: the key order changed from process to process."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import torch; from conftest import tiny_args; "
+            "from minipara.methods import build_adapter; from minipara.adapter_io import save_adapter; "
+            "a = tiny_args('llama'); torch.manual_seed(0); "
+            "save_adapter(sys.argv[1], build_adapter('lora', a), a, template='none', weights_id='0123')")
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], cwd=ROOT, check=True, timeout=120)
+    files = [(tmp_path / n).read_bytes() for n in "abc"]
+    assert files[0] == files[1] == files[2]
+    import struct
+    (n,) = struct.unpack("<Q", files[0][:8])
+    header = files[0][8:8 + n].rstrip(b" ")
+    assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_adapter_on_other_weights_warns(model_dir, tmp_path, capsys):
+    """Cause 12: same config, other weights (a fine-tune, a chat variant): allowed, with a warning."""
+    from minipara.adapter_io import save_adapter
+    from minipara.loading import load_model
+    from minipara.methods import build_adapter
+    model = load_model(model_dir)
+    path = tmp_path / "a.safetensors"
+    save_adapter(path, build_adapter("para", model.args), model.args, weights_id=model.weights_id)
+
+    def edit(d):
+        t = load_file(d / "model.safetensors")
+        t["model.layers.0.mlp.up_proj.weight"] *= 1.5
+        save_file(t, d / "model.safetensors")
+    other = copy_with(model_dir, tmp_path, edit)
+    args = ["red cat", "--adapter", path, "--max-new-tokens", "2", "--model"]
+    code, out, err = run_script("generate", [*args, model_dir], capsys)
+    assert code == 0 and err == "", err
+    code, out, err = run_script("generate", [*args, other], capsys)
+    assert code == 0, err
+    assert err.startswith("warning: ") and "other weights" in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---- causes 3, 5, 6, 7, 8: train.py ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    rows = [{"prompt": f"the {c} cat", "response": "yes" if c == "red" else "no"} for c in ["red", "blue"] * 4]
+    for name in ("train", "dev"):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "long.jsonl").write_text(json.dumps({"prompt": "red cat " * 200, "response": "yes"}) + "\n")
+    (d / "bad.jsonl").write_bytes(b'{"prompt": "red", "response": "yes"}\n{"prompt": "bl\xffue", "response": "no"}\n')
+    return d
+
+
+def train_args(model_dir, data_dir, out, *extra, method="para"):
+    return ["--method", method, "--task", "custom", "--model", model_dir, "--train", data_dir / "train.jsonl",
+            "--dev", data_dir / "dev.jsonl", "--out", out, "--batch-size", "4", "--max-steps", "1",
+            "--eval-beams", "1", "--max-eval", "2", *extra]
+
+
+def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
+    w = tmp_path / "w"
+    w.mkdir()
+    out = w / "a.safetensors"
+    (w / "report-only.report.json").write_text("{}")
+    (w / "file").write_text("x")
+    t = data_dir / "train.jsonl"
+    d = dict(model_dir=model_dir, data_dir=data_dir)
+    cases = [
+        (train_args(**d, out=out, method="iapt") + ["--soft-tokens", "600"], ("600 prefix slots",)),
+        (train_args(**d, out=out, method="ptuning_v2") + ["--prefix-len", "1000"], ("1000 prefix slots",)),
+        (train_args(model_dir, data_dir, out) + ["--train", data_dir / "long.jsonl"], ("train example 1",)),
+        (train_args(**d, out=out) + ["--train", data_dir / "bad.jsonl"], ("bad.jsonl:2", "not UTF-8")),
+        (train_args(**d, out=out) + ["--resume"], ("--resume: no checkpoint",)),
+        (train_args(**d, out=out) + ["--lr", "nan"], ("--lr", "finite")),
+        (train_args(**d, out=out) + ["--lr", "inf"], ("--lr", "finite")),
+        (train_args(**d, out=out) + ["--arch-lr", "nan"], ("--arch-lr", "finite")),
+        (train_args(**d, out=out) + ["--seed", "100000000000000000000000"], ("--seed",)),
+        (train_args(**d, out=out) + ["--max-new-tokens", "-3"], ("--max-new-tokens must be at least 1",)),
+        (train_args(**d, out=out) + ["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1",)),
+        (train_args(**d, out=out) + ["--r", "0"], ("--r must be an integer of at least 1",)),
+        (train_args(**d, out=out) + ["--r", "abc"], ("--r needs an integer",)),
+        (train_args(**d, out=t) + ["--force"], ("is the --train file",)),
+        (train_args(**d, out=w / "run.ckpt"), ("would both be",)),
+        (train_args(**d, out=data_dir / "x.safetensors") + ["--dev", data_dir / "x.log.jsonl"], ("is the --dev file",)),
+        (train_args(**d, out=w / "report-only.safetensors", method="none"), ("report-only.report.json exists",)),
+        (train_args(**d, out=w / "file" / "a.safetensors"), ("not a writable folder",)),
+        (train_args(**d, out=w / "new" / "deeper" / "a.safetensors", method="iapt") + ["--soft-tokens", "600"],
+         ("600 prefix slots",)),
+    ]
+    (data_dir / "x.log.jsonl").write_text((data_dir / "dev.jsonl").read_text())
+    for argv, words in cases:
+        refused("train", argv, capsys, *words, watch=[w, data_dir])
+
+
+def test_train_refuses_an_output_in_use(model_dir, data_dir, tmp_path, capsys):
+    from minipara.files import OutputLock
+    out = tmp_path / "a.safetensors"
+    with OutputLock(out):  # another run holds it
+        refused("train", train_args(model_dir, data_dir, out), capsys, "being written by another run", "pid",
+                watch=[tmp_path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_train_resume_refusals_and_repair(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "a.safetensors"
+    args = train_args(model_dir, data_dir, out)
+    code, _, err = run_script("train", args, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.log.jsonl", "a.report.json", "a.safetensors"]
+    good = torch.load(out.with_suffix(".ckpt"), weights_only=True)
+
+    def damaged(edit):
+        ck = torch.load(out.with_suffix(".ckpt"), weights_only=True)
+        edit(ck)
+        torch.save(ck, out.with_suffix(".ckpt"))
+
+    for edit, words in [
+        (lambda ck: ck.pop("identity"), ("lacks the record",)),
+        (lambda ck: ck["adapter"].__setitem__("gen.w_up", torch.zeros(1, 2)), ("is damaged",)),
+        (lambda ck: ck["progress"].__setitem__("step", "seven"), ("step = 'seven'",)),
+        (lambda ck: ck["progress"].__setitem__("step", -3), ("step = -3",)),
+    ]:
+        torch.save(good, out.with_suffix(".ckpt"))
+        damaged(edit)
+        refused("train", args + ["--resume"], capsys, *words, watch=[tmp_path])
+
+    # Cause 12: the same config with other weights: a run continues on the weights it started on.
+    torch.save(good, out.with_suffix(".ckpt"))
+
+    def edit(d):
+        t = load_file(d / "model.safetensors")
+        t["model.norm.weight"] += 0.5
+        save_file(t, d / "model.safetensors")
+    other = copy_with(model_dir, tmp_path / "m", edit)
+    refused("train", train_args(other, data_dir, out) + ["--resume"], capsys, "other weights", watch=[tmp_path])
+
+    # A finished run whose adapter was deleted: resuming writes it again.
+    first = out.read_bytes()
+    out.unlink()
+    code, _, err = run_script("train", args + ["--resume"], capsys)
+    assert code == 0, err
+    assert out.read_bytes() == first
+
+
+def test_identical_runs_write_identical_adapters(model_dir, data_dir, tmp_path, capsys):
+    outs = [tmp_path / f"r{i}" / "a.safetensors" for i in range(2)]
+    for out in outs:
+        code, _, err = run_script("train", train_args(model_dir, data_dir, out), capsys)
+        assert code == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()

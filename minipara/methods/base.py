@@ -12,7 +12,8 @@ fuses q|k|v and gate|up, so `LayerState.build` concatenates the parts, filling
 ones (multipliers) or zeros (biases, low-rank blocks) for projections the
 method leaves alone.
 """
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -196,3 +197,31 @@ class Adapter(nn.Module):
 
 def config_dict(config) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+class MethodConfig:
+    """Base of every method's config dataclass: each field's type and range are checked when a
+    config is made, whoever makes it (an adapter file, a PEFT config, a command-line flag, a
+    Python call), so there is one place that says what a valid value is. The type is the
+    default's: counts (ints) are at least 1, numbers finite, flags true or false, names strings,
+    projection lists strings or lists of strings."""
+
+    def __post_init__(self):
+        method = getattr(self, "method_name", type(self).__name__.removesuffix("Config").lower())
+        for f in fields(self):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            v = getattr(self, f.name)
+            if isinstance(default, bool):
+                ok, want = isinstance(v, bool), "true or false"
+            elif isinstance(default, int):
+                ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer of at least 1"
+            elif isinstance(default, float):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                want = "a finite number"
+            elif isinstance(default, tuple):
+                ok = isinstance(v, str) or isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
+                want = "a list of names"
+            else:
+                ok, want = isinstance(v, str), "a string"
+            if not ok:
+                raise UserError(f"{method} option {f.name} must be {want}, got {v!r}", (f.name,))

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, LayerState, PROJECTIONS, check_targets, fused_linear, out_sizes
+from .base import Adapter, LayerState, MethodConfig, PROJECTIONS, check_targets, fused_linear, out_sizes
 
 
 @dataclass
-class BitFitConfig:
+class BitFitConfig(MethodConfig):
     targets: tuple[str, ...] = PROJECTIONS
 
     def __post_init__(self):
+        super().__post_init__()
         self.targets = check_targets(self.targets, "bitfit")
 
 

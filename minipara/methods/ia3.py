@@ -10,14 +10,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, LayerState, check_targets, fused_linear, out_sizes
+from .base import Adapter, LayerState, MethodConfig, check_targets, fused_linear, out_sizes
 
 
 @dataclass
-class IA3Config:
+class IA3Config(MethodConfig):
     targets: tuple[str, ...] = ("k", "v", "up")
 
     def __post_init__(self):
+        super().__post_init__()
         self.targets = check_targets(self.targets, "ia3")
 
 

@@ -32,14 +32,14 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import Adapter, LayerState
+from .base import Adapter, LayerState, MethodConfig
 from .rational import Rational, check_activation, fixed_activation
 
 POOLERS = ("attention", "mean")
 
 
 @dataclass
-class IaptConfig:
+class IaptConfig(MethodConfig):
     soft_tokens: int = 4  # l_sp, soft tokens (prefix key/value entries) per layer
     share_every: int = 4  # L_s, consecutive layers sharing W_down, W_up and the activation
     m: int = 256  # bottleneck width
@@ -57,9 +57,6 @@ class Iapt(Adapter):
         if config.pooler not in POOLERS:
             raise UserError(f"unknown IAPT pooler {config.pooler!r}; use one of {', '.join(POOLERS)}")
         check_activation(config.activation, "IAPT")
-        for name in ("soft_tokens", "share_every", "m"):
-            if getattr(config, name) < 1:
-                raise UserError(f"IAPT's {name} must be at least 1, got {getattr(config, name)}")
         self.n_prefix = config.soft_tokens
         groups = -(-args.n_layers // config.share_every)
         self.w_down = nn.Parameter(torch.randn(groups, args.dim, config.m) * 0.02)

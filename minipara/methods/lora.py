@@ -13,20 +13,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .base import PROJECTIONS, Adapter, LayerState, check_targets, fused_linear, in_sizes, out_sizes
+from .base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
 
 @dataclass
-class LoraConfig:
+class LoraConfig(MethodConfig):
     r: int = 4
     alpha: float = 8.0
     targets: tuple[str, ...] = PROJECTIONS
     rslora: bool = False  # scale alpha / sqrt(r) (PEFT's use_rslora) instead of alpha / r
 
     def __post_init__(self):
+        super().__post_init__()
         self.targets = check_targets(self.targets, "lora")
-        if self.r < 1:
-            raise UserError(f"lora rank r must be at least 1, got {self.r}")
 
     @property
     def scale(self) -> float:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LayerState, out_sizes
+from .base import Adapter, LayerState, MethodConfig, out_sizes
 from ..errors import UserError
 from .poolers import POOLERS, pool
 
@@ -25,7 +25,7 @@ TARGETS = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv"
 
 
 @dataclass
-class ParaConfig:
+class ParaConfig(MethodConfig):
     r: int = 12
     pooler: str = "last"  # last | mean | max
     targets: str = "qvu"  # qvu | qkvgu | qv

@@ -12,17 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .base import Adapter, LayerState
+from .base import Adapter, LayerState, MethodConfig
 
 
 @dataclass
-class PTuningV2Config:
+class PTuningV2Config(MethodConfig):
     prefix_len: int = 64
-
-    def __post_init__(self):
-        if self.prefix_len < 1:
-            raise UserError(f"ptuning_v2 prefix_len must be at least 1, got {self.prefix_len}")
 
 
 class PTuningV2(Adapter):
