@@ -200,7 +200,8 @@ def _rope(c: Fields, kind: str | None = None) -> dict:
         rp.get("factor", float, positive=True)
     if rtype == "llama3":
         rp.get("original_max_position_embeddings", int, low=1)
-        lo, hi = rp.get("low_freq_factor", float, 1.0, positive=True), rp.get("high_freq_factor", float, 4.0, positive=True)
+        lo = rp.get("low_freq_factor", float, 1.0, positive=True)
+        hi = rp.get("high_freq_factor", float, 4.0, positive=True)
         if hi <= lo:
             raise UserError(f"{rp.where}: high_freq_factor {hi} must exceed low_freq_factor {lo}")
     return {k: v for k, v in rp.cfg.items() if v is not None}

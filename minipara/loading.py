@@ -209,7 +209,8 @@ def load_model(path, dtype="float32", device="cpu", shard=None) -> Transformer:
             if not all_finite(p):  # checked once, on the copy; the file's parts only to name the culprit
                 bad = next((hf for hf, x in zip(theirs, parts) if not all_finite(x)), None)
                 if bad is not None:
-                    raise UserError(f"{where[bad]}: tensor {bad} holds NaN or infinite values; the checkpoint is damaged")
+                    raise UserError(f"{where[bad]}: tensor {bad} holds NaN or infinite values; "
+                                    "the checkpoint is damaged")
                 raise UserError(f"{path}: tensor {theirs[0]} overflows {str(dtype).replace('torch.', '')} "
                                 "(values beyond its range); load it in float32 or bfloat16")
     except (SafetensorError, OSError) as e:

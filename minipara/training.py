@@ -87,7 +87,7 @@ class TrainConfig:
         if not 0 <= c.seed < 2**32:  # data-order seeds are derived from it in 64 bits
             raise UserError(f"seed must be between 0 and {2**32 - 1} (got {c.seed})", ("seed",))
         if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1:
-            raise UserError("need lr > 0, arch_lr >= 0, 0 <= warmup < 1 and seed >= 0", ("lr", "arch_lr", "warmup", "seed"))
+            raise UserError("need lr > 0, arch_lr >= 0 and 0 <= warmup < 1", ("lr", "arch_lr", "warmup"))
         if c.max_grad_norm < 0 or c.max_len < 2:
             raise UserError("need max_grad_norm >= 0 (0: no clipping) and max_len >= 2", ("max_grad_norm", "max_len"))
         if c.select not in ("loss", "metric"):
