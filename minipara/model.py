@@ -84,9 +84,9 @@ class Attention(nn.Module):
                 v = torch.cat([st.prefix_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         else:
             k_buf, v_buf, slots = kv
-            k_buf.index_copy_(2, slots, k)
-            v_buf.index_copy_(2, slots, v)
-            k, v = k_buf, v_buf
+            k_buf.index_copy_(2, slots, k.to(k_buf.dtype))  # (a float32 prefill of a 16-bit model: see upcast)
+            v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
+            k, v = k_buf.to(q.dtype), v_buf.to(q.dtype)
         # Grouped-query attention without copying K/V: fold the query heads that share
         # a K/V head into the time axis, so each K/V head serves n_rep*T queries.
         rep = a.n_heads // a.n_kv_heads
@@ -256,12 +256,15 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         if a.embed_scale:  # HF rounds sqrt(dim) to the model dtype first
             x = x * torch.tensor(math.sqrt(a.dim), dtype=x.dtype).item()
+        dtype, upcast = x.dtype, upcast_layers(x)
+        if upcast:
+            x = x.float()
         masks = {w: attention_mask(q_pos, q_slot, k_pos, k_ok, w) for w in
                  {a.sliding_window if s else None for s in a.sliding}}
         ropes = {s: self.rope(a.sliding.index(s), q_pos, x.dtype) for s in set(a.sliding)}
         for i, layer in enumerate(self.layers):
-            if adapter is not None:
-                st = states[i] = adapter.layer_state(i, x, pool_mask, self)
+            if adapter is not None:  # (in the model's dtype: its states are kept for decode)
+                st = states[i] = adapter.layer_state(i, x.to(dtype), pool_mask, self)
             else:
                 st = states[i]
             kv = None
@@ -272,11 +275,29 @@ class Transformer(nn.Module):
                     v_buf[:, :, :n_pre] = st.prefix_v.to(v_buf.dtype)
                 kv = (k_buf, v_buf, q_slot)
             window = a.sliding_window if a.sliding[i] else None
-            x = layer(x, ropes[a.sliding[i]], masks[window], kv, st)
+            inputs = (x, ropes[a.sliding[i]], masks[window], kv, st)
+            if upcast:  # this layer's weights in float32, for this call only
+                x = torch.func.functional_call(layer, {n: p.float() for n, p in layer.named_parameters()}, inputs)
+            else:
+                x = layer(*inputs)
+        x = x.to(dtype)
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
         return x if hidden_only else self.logits(x)
+
+
+# A CPU without bf16/fp16 matrix units (AMX) runs 16-bit prefills several times slower than
+# float32 (README, "CPU"); decoding one token per row is bound by reading the weights and is
+# faster in 16 bits. So inputs (not one-token steps) of at least this many tokens run each layer in float32, its
+# weights upcast for the call, and write the KV cache back in the model's dtype.
+UPCAST_MIN_TOKENS = 32
+
+
+def upcast_layers(x) -> bool:
+    """Whether to run the layers of this forward in float32 (x: the embedded input)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[1] > 1 and x.shape[0] * x.shape[1] >= UPCAST_MIN_TOKENS and not torch.cpu._is_amx_tile_supported())
 
 
 def attention_mask(q_pos, q_slot, k_pos, k_ok, window: int | None):
