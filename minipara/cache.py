@@ -98,12 +98,27 @@ class KVCache(nn.Module):
             if buf.dim() > 1:  # (rows, slots) or (rows, heads, slots, head_dim)
                 buf = buf[:, since:self.length] if buf.dim() == 2 else buf[:, :, since:self.length]
             buf.copy_(buf.index_select(0, rows))
+        self._reorder_states(rows)
+
+    def _reorder_states(self, rows):
         if self.packed:
-            for buf in self.packed.values():  # stacked: (layers, rows or 1, ...)
-                if buf.dim() >= 4 and buf.shape[1] == self.batch:
-                    buf.copy_(buf.index_select(1, rows))
+            reorder_packed(self.packed.values(), rows, self.batch)
         else:
             self.states = [s.select(rows) if s is not None else None for s in self.states]
+
+    @torch.no_grad()
+    def reorder_slots(self, rows: torch.Tensor, slots: torch.Tensor):
+        """As `reorder` for the buffers, moving only the given slots (a tensor, so that a
+        captured step can take a window whose start is data): every entry the rows differ in
+        must be among them. Packed adapter states are left to `reorder_packed`."""
+        for name, buf in self.named_buffers():
+            if name == "slot":
+                continue
+            if buf.dim() == 1:
+                buf.copy_(buf.index_select(0, rows))
+            else:
+                d = 1 if buf.dim() == 2 else 2  # the slot axis: (rows, slots) or (rows, heads, slots, head_dim)
+                buf.index_copy_(d, slots, buf.index_select(d, slots).index_select(0, rows))
 
     @torch.no_grad()
     def load_rows(self, src: "KVCache", rows: torch.Tensor):
@@ -114,3 +129,11 @@ class KVCache(nn.Module):
             dst.copy_(s if name == "slot" else s.index_select(0, rows))
         self.n_prefix, self.length = src.n_prefix, src.length
         self.pack_states([s.select(rows) if s is not None else None for s in src.states])
+
+
+def reorder_packed(bufs, rows: torch.Tensor, batch: int):
+    """Row i of packed adapter states (layers, rows or 1, ...) becomes old row rows[i];
+    states shared by all rows stay."""
+    for buf in bufs:
+        if buf.dim() >= 4 and buf.shape[1] == batch:
+            buf.copy_(buf.index_select(1, rows))

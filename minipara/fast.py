@@ -16,7 +16,12 @@ from collections import OrderedDict
 
 import torch
 
+from .cache import reorder_packed
 from .methods.base import LayerState
+
+# A captured beam step moves this many slots after the shared prompt (bucketed statically,
+# so one graph serves every step and prompt length); longer generations reorder eagerly.
+BEAM_WINDOW = 64
 
 
 def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None = None):
@@ -40,22 +45,45 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
             states = [LayerState.from_tensors({k: b[i] for k, b in zip(keys, bufs)}) for i in range(n_layers)]
         return model.step(tokens[:, None], cache, states=states)[:, -1]
 
-    compiled = torch.compile(raw_step, mode=mode, fullgraph=True, dynamic=False)
-    eager_step = decoder.step
+    def raw_beam_step(cache, rows, since, tokens, keys, bufs):
+        # Beam search's reorder inside the graph: one gather and scatter per buffer over a
+        # fixed-width window of slots from `since` (a tensor), instead of ~150 small kernels
+        # launched eagerly between replays. Slots past the end clamp to the last one.
+        window = (since + torch.arange(BEAM_WINDOW, device=rows.device)).clamp(max=cache.max_len - 1)
+        cache.reorder_slots(rows, window)
+        reorder_packed(bufs, rows, cache.batch)
+        return raw_step(cache, tokens, keys, bufs)
 
-    @torch.no_grad()
-    def step(cache, tokens):
-        if any(s is not None for s in cache.states) and not cache.packed:
-            return eager_step(cache, tokens)  # states of differing structure: no stacked tensors
+    compiled = torch.compile(raw_step, mode=mode, fullgraph=True, dynamic=False)
+    compiled_beam = torch.compile(raw_beam_step, mode=mode, fullgraph=True, dynamic=False)
+    eager_step, eager_beam_step = decoder.step, decoder.beam_step
+    starts = {}  # since -> its device tensor, made once
+
+    def run(fn, cache, *args):
         cache.advance(1)  # the graph advances cache.slot on the device
         keys = tuple(cache.packed)
         bufs = [cache.packed[k] for k in keys]
         for t in (*cache.buffers(), *bufs):  # fixed addresses: no copy into the graph per replay
             torch._dynamo.mark_static_address(t, guard=False)
         # The graph's output buffer is reused by the next replay: hand back a copy.
-        return compiled(cache, tokens, keys, bufs).clone()
+        return fn(cache, *args, keys, bufs).clone()
 
-    decoder.step = step
+    def unstacked(cache):  # states of differing structure: no stacked tensors to capture
+        return any(s is not None for s in cache.states) and not cache.packed
+
+    @torch.no_grad()
+    def step(cache, tokens):
+        return eager_step(cache, tokens) if unstacked(cache) else run(compiled, cache, tokens)
+
+    @torch.no_grad()
+    def beam_step(cache, rows, since, tokens):
+        if unstacked(cache) or cache.length - since > BEAM_WINDOW:
+            return eager_beam_step(cache, rows, since, tokens)
+        if since not in starts:
+            starts[since] = torch.tensor(since, device=rows.device)
+        return run(compiled_beam, cache, rows, starts[since], tokens)
+
+    decoder.step, decoder.beam_step = step, beam_step
     if graph_prefill:
         decoder.run_prefill = PrefillGraphs(decoder.run_prefill)
     return decoder

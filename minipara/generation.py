@@ -99,6 +99,13 @@ class Decoder:
         """Logits (B, V) for one new token per row."""
         return self.model(tokens[:, None], cache=cache)[:, -1]
 
+    def beam_step(self, cache, rows, since: int, tokens):
+        """Beam search's step: row i first becomes old row rows[i] (slots before `since` are
+        shared by the rows it maps between, see KVCache.reorder), then `step`. fast.py does
+        both in one captured graph."""
+        cache.reorder(rows, since=since)
+        return self.step(cache, tokens)
+
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=None,
@@ -225,6 +232,5 @@ def _beam_search(decoder, cache, logits, cfg, eos):
         improvable &= best_running > worst_fin
         if t + 1 == N or eos and (not bool(improvable.any()) or bool(hits.all())):
             break
-        cache.reorder((src_beam + batch_off).flatten(), since=prompt_end)
-        logits = decoder.step(cache, run_seq[:, :, t].flatten())
+        logits = decoder.beam_step(cache, (src_beam + batch_off).flatten(), prompt_end, run_seq[:, :, t].flatten())
     return [fin_seq[b, 0, : fin_len[b, 0]].tolist() for b in range(B)]
