@@ -5,10 +5,11 @@
     python train.py --method para --task copa --resume          # continue an interrupted run
     torchrun --nproc-per-node 2 train.py --method para --task copa --device cuda   # data-parallel
 
-Writes <out> (the best adapter by dev score), <out stem>.ckpt (resumable checkpoint),
-<out stem>.log.jsonl (one line per evaluation) and <out stem>.report.json (final report),
-holding <out>.lock meanwhile: one run per output. Every option, file and path is checked
-before the first of these is written; an output never overwrites an input.
+Writes <out> (the best adapter by dev loss, or by the dev metric with --select metric),
+<out stem>.ckpt (resumable checkpoint), <out stem>.log.jsonl (one line per evaluation) and
+<out stem>.report.json (final report), holding <out>.lock meanwhile: one run per output.
+Every option, file and path is checked before the first of these is written; an output
+never overwrites an input.
 Method options (--r, --pooler, --targets, ...) are the chosen method's config fields;
 an option the method does not have is refused.
 """
@@ -63,14 +64,15 @@ def parser(method_opts) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=cli.finite, default=T.lr)
     p.add_argument("--arch-lr", type=cli.finite, default=T.arch_lr, help="peak lr of rational activations (PEDRO, IAPT), "
                    "trained on dev batches (bi-level) with the same warm-up and decay")
-    p.add_argument("--max-grad-norm", type=cli.finite, default=T.max_grad_norm, help="clip gradients to this global norm (0: off)")
+    p.add_argument("--max-grad-norm", type=cli.finite, default=T.max_grad_norm,
+                   help="clip gradients to this global norm (0: off)")
     p.add_argument("--max-len", type=int, default=T.max_len, help="tokens per example; longer prompts lose their "
                    "start (the response is kept whole) and are counted in the report")
     p.add_argument("--warmup", type=cli.finite, default=T.warmup, help="warm-up fraction of the steps")
     p.add_argument("--eval-every", type=int,
                    help="steps between dev evaluations (default: 200, or one epoch if shorter)")
     p.add_argument("--patience", type=int, default=T.patience,
-                   help="stop after this many evaluations without a better dev score")
+                   help="stop after this many evaluations without a lower dev loss (or better metric, --select metric)")
     p.add_argument("--select", default=T.select, help="what picks the best checkpoint and stops early: dev "
                    "loss (the papers') or the dev metric (metric)")
     p.add_argument("--eval-beams", type=int, default=T.eval_beams)

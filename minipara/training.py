@@ -61,7 +61,7 @@ class TrainConfig:
     max_len: int = 2048  # tokens per example; longer prompts are cut from the start
     select: str = "loss"  # the best checkpoint and early stopping: dev "loss" or dev "metric"
     eval_every: int | None = None  # None: 200 steps, or each epoch when an epoch is shorter
-    patience: int = 10  # evaluations without a better dev score before stopping
+    patience: int = 10  # evaluations without a better selection score (see select) before stopping
     eval_beams: int = 3
     eval_batch: int = 16  # prompts decoded together
 
