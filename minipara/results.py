@@ -183,7 +183,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             metric = next(iter(rs[0]["test"]))
             test = [r["test"][metric] for r in rs]
             dev = [r["dev"][metric] for r in rs]
-            dev_loss, params, lr, steps, seconds = [], 0, None, [0], [r["wall_time_s"] for r in rs]
+            dev_loss, params, lr, steps, seconds = [], 0, None, [], [r["wall_time_s"] for r in rs]
         else:
             metric = next(iter(rs[0]["test_metric"]))
             test = [r["test_metric"][metric] for r in rs]
@@ -206,7 +206,7 @@ def markdown(task: str, rows: list[dict], runs: list[dict]) -> str:
     caps = sorted({r["launch"].get("command", "") for r in runs})
     machines = sorted({m for row in rows for m in row["machine"]})
     started = sorted(r["launch"].get("started", "") for r in runs if r["launch"].get("started"))
-    lines = [f"| method | test {metric} median (min-max) | best dev {metric} | best dev loss | trainable params "
+    lines = [f"| method | test {metric} median (min-max) | dev {metric} | dev loss | trainable params "
              "| lr | steps | time (s) | seeds | commit |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -216,10 +216,11 @@ def markdown(task: str, rows: list[dict], runs: list[dict]) -> str:
                      f"{_spread(row['steps'], 0)} | {_spread(row['time_s'], 0)} | {len(row['test'])} | "
                      f"{row['commit']} |")
     shared = common_arguments(caps)
-    note = (f"\n{task}: test score of the checkpoint with the lowest dev loss, median over seeds (min-max). "
+    note = (f"\n{task}: the checkpoint with the lowest dev loss, its test score, dev score and dev loss; "
+            "median over seeds (min-max); the bare model is scored as it is. "
             f"Machine: {', '.join(machines)}; runs started {started[0][:10] if started else '?'}. "
-            f"Every run: `train.py --task {task} {shared}` (per-method lr as listed; time = training "
-            "and test evaluation, as the runs shared the machine). Written by "
+            f"Every run: `train.py --task {task} {shared}` (per-method lr as listed; time: training and "
+            "test evaluation, with other runs sharing the machine). Written by "
             f"`python -m minipara.results --task {task} --table-only`.\n")
     return "\n".join(lines) + "\n" + note
 
