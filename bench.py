@@ -7,7 +7,9 @@
 """
 import argparse
 import gc
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -16,8 +18,8 @@ from minipara import cli
 from minipara.errors import UserError
 
 
-def parse():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None):
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_model_args(p)
     p.add_argument("--shape", choices=sorted(bm.SHAPES),
                    help="a randomly initialised model of this shape instead of --model (no weights needed)")
@@ -53,19 +55,66 @@ def parse():
     p.add_argument("--micro-batch", type=int, help="examples per forward pass and rank (default: the rank's share)")
     p.add_argument("--profile", help="append, per row, torch.profiler's table of the costliest ops "
                    "of one more generation to this text file")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def main():
-    a = parse()
-    from minipara.loading import parse_device, parse_dtype
-    device, dtype = parse_device(a.device), parse_dtype(a.dtype)
+def check_options(a) -> tuple[list[str], list[int]]:
+    """(variants, beam sizes), every option checked before the model loads or a row runs."""
     variants = [v.strip() if v.strip() == "lora-merged" else v.strip().replace("-", "_")
                 for v in a.methods.split(",") if v.strip()]
+    if not variants:
+        raise UserError(f"--methods {a.methods!r} names no method; choose from {', '.join(bm.VARIANTS)}")
     bad = [v for v in variants if v not in bm.VARIANTS]
     if bad:
         raise UserError(f"unknown method {bad[0]!r} for --methods; choose from {', '.join(bm.VARIANTS)}")
-    beams = [int(b) for b in a.beams.split(",")]
+    try:
+        beams = [int(b) for b in a.beams.split(",")]
+    except ValueError:
+        raise UserError(f"--beams {a.beams!r} must be comma-separated integers, such as 1,3") from None
+    least = {"--runs": (a.runs, 1), "--warmup": (a.warmup, 0), "--new-tokens": (a.new_tokens, 2),
+             "--prompt-tokens": (a.prompt_tokens, 1), "--batch": (a.batch, 1), "--tenants": (a.tenants, 0),
+             "--train-steps": (a.train_steps, 1), "--train-batch": (a.train_batch, 1),
+             "--micro-batch": (a.micro_batch, 1), "--beams": (min(beams), 1)}
+    for flag, (v, low) in least.items():
+        if v is not None and v < low:
+            why = " (decode speed needs a token after the first)" if flag == "--new-tokens" else ""
+            raise UserError(f"{flag} must be at least {low}{why}, got {v}")
+    if a.mix and not a.tenants:
+        raise UserError("--mix spreads --tenants over methods: give --tenants too")
+    if a.tenants and not [v for v in variants if v not in ("base", "lora-merged")]:
+        raise UserError("--tenants needs at least one adapter method in --methods (base and lora-merged have none)")
+    for flag in ("json", "markdown", "profile", "plot"):
+        path = getattr(a, flag)
+        if path is not None:
+            folder = Path(path).absolute().parent
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise UserError(f"--{flag} {path}: {folder} is not a writable folder")
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--plot needs matplotlib (pip install matplotlib), which is not installed") from None
+    return variants, beams
+
+
+def check_context(model, variants: list[str], a):
+    """Prompt, new tokens and the largest prefix (P-tuning v2, IAPT) must fit the context."""
+    from minipara.methods import build_adapter
+    with torch.device("meta"):  # only n_prefix is wanted: no memory, no time
+        prefix = max((build_adapter(v, model.args).n_prefix for v in variants
+                      if v not in ("base", "lora-merged")), default=0)
+    need = a.prompt_tokens + a.new_tokens + prefix
+    if need > model.args.max_seq_len:
+        raise UserError(f"--prompt-tokens {a.prompt_tokens} plus --new-tokens {a.new_tokens}"
+                        + (f" plus {prefix} prefix slots" if prefix else "")
+                        + f" exceed the model's context of {model.args.max_seq_len} tokens")
+
+
+def main(argv=None):
+    a = parse(argv)
+    from minipara.loading import parse_device, parse_dtype
+    device, dtype = parse_device(a.device), parse_dtype(a.dtype)
+    variants, beams = check_options(a)
     if a.interleave and (a.tenants or a.profile or a.compare_hf):
         raise UserError("--interleave measures single-batch methods side by side: leave out --tenants, --profile "
                         "and --compare-hf (which takes minipara's and HF's runs in turns itself)")
@@ -82,6 +131,7 @@ def main():
         model, tok, path = bm.random_model(a.shape, dtype, device), None, None
     else:
         model, tok, path = cli.load(a)
+    check_context(model, variants, a)
     compile_step = a.compile == "yes" or (a.compile == "auto" and device.type == "cuda")
     prompt = bm.prompt_ids(tok, model.args.bos_id, model.args.vocab_size, a.prompt_tokens)
     prompts = [prompt] * a.batch
@@ -192,7 +242,7 @@ def plot(rows, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
+    except ImportError:  # checked before the run; kept for a matplotlib that fails to import later
         print("--plot needs matplotlib (pip install matplotlib); skipped", file=sys.stderr)
         return
     labels = [f"{r['variant']} b{r['beams']}" for r in rows]

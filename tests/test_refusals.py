@@ -495,3 +495,29 @@ def test_identical_runs_write_identical_adapters(model_dir, data_dir, tmp_path, 
         code, _, err = run_script("train", train_args(model_dir, data_dir, out), capsys)
         assert code == 0, err
     assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+# ---- cause 10: bench.py flags ------------------------------------------------------------------
+def test_bench_refusals(model_dir, tmp_path, capsys):
+    m = ["--model", model_dir, "--runs", "1", "--warmup", "0"]
+    cases = [
+        (["--beams", "abc"], ("--beams 'abc'",)),
+        (["--beams", "1,"], ("--beams '1,'",)),
+        (["--beams", "0"], ("--beams must be at least 1",)),
+        (["--runs", "0"], ("--runs must be at least 1",)),
+        (["--new-tokens", "1"], ("--new-tokens must be at least 2",)),
+        (["--tenants", "-1"], ("--tenants must be at least 0",)),
+        (["--tenants", "1", "--mix", "--methods", "base"], ("--tenants needs at least one adapter method",)),
+        (["--json", tmp_path / "missing" / "x.json"], ("--json", "not a writable folder")),
+        (["--profile", tmp_path / "missing" / "p.txt"], ("--profile", "not a writable folder")),
+        (["--prompt-tokens", "-400"], ("--prompt-tokens must be at least 1",)),
+        (["--methods", ","], ("names no method",)),
+        (["--prompt-tokens", "250", "--new-tokens", "8", "--methods", "base"], ("exceed the model's context",)),
+        (["--prompt-tokens", "190", "--new-tokens", "8", "--methods", "base,ptuning_v2"], ("64 prefix slots",)),
+    ]
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        cases.append((["--plot", tmp_path / "p.png"], ("--plot needs matplotlib",)))
+    for argv, words in cases:
+        refused("bench", [*m, *argv], capsys, *words, watch=[tmp_path])
