@@ -74,10 +74,12 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server(files):
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models gain nothing from more, and the machine is shared
     s = Running(files, "--max-batch", "4")
     yield s
     s.close()
+    torch.set_num_threads(threads)
 
 
 _LMS = {}
