@@ -174,6 +174,8 @@ def main(argv=None):
     bad = sorted(set(methods) - {"base", "lora", "para", "mix"})
     if bad:
         raise UserError(f"--methods: unknown {bad[0]!r}; choose among base, lora, para, mix")
+    if a.shape and a.shape not in SHAPES:
+        raise UserError(f"unknown --shape {a.shape!r}; known: {', '.join(SHAPES)}")
     args = ModelArgs(**SHAPES[a.shape]) if a.shape else ModelArgs.from_dir(a.model)
     prompt = prompt_ids(None, args.bos_id, min(args.vocab_size, 32000), a.prompt_tokens)
     with tempfile.TemporaryDirectory(prefix="minipara-loadgen-") as tmp, socket.socket() as sock:

@@ -406,8 +406,14 @@ def make_server(a) -> Server:
     from . import cli
     from .adapter_pool import AdapterPool
     from .loading import parse_device, parse_dtype
+    if a.shape and a.model:
+        raise UserError("give --model or --shape, not both")
+    if a.adapters is not None and not os.path.isdir(a.adapters):
+        raise UserError(f"--adapters {a.adapters} is not a folder")
     if a.shape:
-        from .benchmark import random_model
+        from .benchmark import SHAPES, random_model
+        if a.shape not in SHAPES:
+            raise UserError(f"unknown --shape {a.shape!r}; known: {', '.join(SHAPES)}")
         from .generation import Decoder
         lm, model = None, random_model(a.shape, parse_dtype(a.dtype), parse_device(a.device))
         decoder, text = Decoder(model), id_text
@@ -418,8 +424,6 @@ def make_server(a) -> Server:
     context = a.context or min(model.args.max_seq_len, 2048)
     if a.max_batch < 1 or context < 2:
         raise UserError("--max-batch must be at least 1 and --context at least 2")
-    if a.adapters is not None and not os.path.isdir(a.adapters):
-        raise UserError(f"--adapters {a.adapters} is not a folder")
     pool = AdapterPool(a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20))
     pool.preload()
     if a.compile:
