@@ -380,7 +380,9 @@ class Trainer:
         n_tok = sum(len(r) for _, r in pairs)  # of the global batch: N ranks sum to one process's gradient
         total = 0.0
         for part, counts in self.ranks.micro_batches(pairs, self.cfg.micro_batch):
-            loss = loss_sum(self.model, self.adapter, part) * (1.0 if counts else 0.0)
+            loss = loss_sum(self.model, self.adapter, part)
+            if not counts:  # a sharded base's padding: the ranks run the same passes, this one adds nothing
+                loss = loss * 0.0
             (loss / n_tok).backward()
             total += loss.item()
         self.ranks.sum_grads(params)  # before clipping: the global norm is that of the summed gradient
