@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import ModelArgs
+from .layer_state import LayerState
 
 
 class KVCache(nn.Module):
@@ -31,7 +32,7 @@ class KVCache(nn.Module):
         self.register_buffer("slot", torch.full((1,), n_prefix, dtype=torch.long, device=device), persistent=False)
         self.n_layers, self.batch, self.max_len, self.n_prefix = args.n_layers, batch, max_len, n_prefix
         self.length = n_prefix  # slots in use; the text starts after the prefix region
-        self.states = [None] * args.n_layers  # each layer's adapter state (methods/base.py: LayerState)
+        self.states = [None] * args.n_layers  # each layer's adapter state (layer_state.py: LayerState)
         self.packed = {}  # (kind, linear) -> the states' tensors of all layers, stacked (see pack_states)
         self._spare = {}  # packed buffers of earlier requests, kept to be refilled (fixed addresses)
 
@@ -62,7 +63,6 @@ class KVCache(nn.Module):
         this cache owns and reuses from request to request: a beam reorder is then one index
         op per kind, and a captured decode step finds them at the same addresses.
         Layers whose states differ in structure are kept as they are, unstacked."""
-        from .methods.base import LayerState
         self.states = list(states)
         self._spare.update(self.packed)
         self.packed = {}

@@ -32,7 +32,7 @@ import torch
 
 from .cache import KVCache
 from .generation import Decoder, GenerationConfig, _pick
-from .methods.base import LayerState
+from .layer_state import LayerState
 
 FILL = {"scale": 1.0, "bias": 0.0, "lora_a": 0.0, "lora_b": 0.0}  # a row without the state: identity
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import torch
 
 from .cache import reorder_packed
-from .methods.base import LayerState
+from .layer_state import LayerState
 
 # A captured beam step moves this many slots after the shared prompt (bucketed statically,
 # so one graph serves every step and prompt length); longer generations reorder eagerly.

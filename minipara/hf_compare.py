@@ -16,6 +16,7 @@ import torch
 from .config import ModelArgs
 from .generation import left_pad
 from .loading import hf_names
+from .projections import HF_MODULES
 
 HF_VARIANTS = ("base", "lora", "ia3")  # methods HF + PEFT can run
 
@@ -66,7 +67,7 @@ def _random_lora(hf, names: list[str], seed: int):
     as the papers' baseline), all with nonzero random weights."""
     import peft
     cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                          target_modules=[m.split(".")[1] for m in HF_MODULES.values()])
     torch.manual_seed(seed)
     pm = peft.get_peft_model(hf, cfg, adapter_name=names[0])
     for n in names[1:]:

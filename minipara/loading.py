@@ -7,7 +7,6 @@ every value is checked to be finite once copied (a NaN weight would otherwise de
 as silent garbage).
 """
 import hashlib
-import json
 from functools import partial
 from pathlib import Path
 

@@ -65,6 +65,53 @@ def family(request):
     return request.param
 
 
+_SHARED = {}
+
+
+def shared_tiny_model(family: str) -> Transformer:
+    """tiny_model(family), made once per test session (tests must not modify it)."""
+    if family not in _SHARED:
+        _SHARED[family] = tiny_model(family)
+    return _SHARED[family]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's waiting
+    threads make their tests many times slower. Use with pytest.mark.usefixtures."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def perturbed(ad, seed: int = 0, std: float = 0.3):
+    """Make an adapter look trained: tensors still at a constant init (zeros, ones) get noise."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ad.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(torch.randn(p.shape, generator=g).to(p.device) * std)
+    return ad
+
+
+def prompt_batch(seed: int, lengths: list[int], extra: int, pad: int = 0, vocab: int = 97):
+    """Prompts of `lengths`, left-padded to the longest plus `pad`, then `extra` response tokens:
+    tokens, valid, prompt mask."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths) + pad
+    tokens = torch.randint(3, vocab, (len(lengths), P + extra), generator=g)
+    valid = torch.arange(P + extra)[None] >= P - torch.tensor(lengths)[:, None]
+    prompt = valid & (torch.arange(P + extra)[None] < P)
+    return tokens.to(DEVICE), valid.to(DEVICE), prompt.to(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny HF-format LLaMA directory (write_tiny_model_dir), one per test module."""
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
 def prefill_then_decode(model, adapter, tokens, valid, prompt_len: int):
     """Logits (B, T, V) from prefilling tokens[:, :prompt_len] with the adapter, then decoding
     the rest one token at a time through the cache (decode runs no generator)."""
@@ -96,20 +143,15 @@ def write_tiny_model_dir(d):
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     (d / "config.json").write_text(json.dumps(cfg))
-    from minipara.config import ModelArgs
-    from minipara.model import Transformer
-    args = ModelArgs.from_hf(cfg)
-    with torch.device("meta"):  # only the parameter shapes are needed
-        model = Transformer(args)
+    from minipara.loading import hf_state_dict
+    model = Transformer(ModelArgs.from_hf(cfg))
     g = torch.Generator().manual_seed(0)
-    sizes = {"wqkv": [args.q_dim, args.kv_dim, args.kv_dim], "w_gate_up": [args.ffn_dim, args.ffn_dim]}
-    tensors = {}
-    for ours, theirs in hf_names(args).items():
-        p = dict(model.named_parameters())[ours]
-        w = torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() == 2 else torch.ones(p.shape)
-        split = next((v for k, v in sizes.items() if f".{k}." in ours), [p.shape[0]])
-        for name, part in zip(theirs, w.split(split)):
-            tensors[name] = part.contiguous()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for ours in hf_names(model.args):  # the order the weights were always drawn in
+            p = params[ours]
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 if p.dim() == 2 else torch.ones(p.shape))
+    tensors = hf_state_dict(model)
     save_file(tensors, d / "model.safetensors")
     return d
 

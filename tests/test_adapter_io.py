@@ -14,24 +14,14 @@ from minipara.adapter_io import adapter_info, load_adapter, save_adapter
 from minipara.errors import UserError
 from minipara.methods import METHODS, build_adapter
 
-from conftest import DEVICE, tiny_args, tiny_model
-
-
-def trained(ad, seed: int = 0, std: float = 0.3):
-    """Tensors still at a constant init (zeros, ones) get noise, so the adapter does something."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ad.parameters():
-            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return ad
+from conftest import DEVICE, perturbed, tiny_args, tiny_model
 
 
 @pytest.fixture
 def saved(tmp_path):
     """A PARA adapter saved for the tiny LLaMA: (path, adapter)."""
     args = tiny_args("llama")
-    ad = trained(build_adapter("para", args))
+    ad = perturbed(build_adapter("para", args))
     path = tmp_path / "para.safetensors"
     save_adapter(path, ad, args)
     return path, ad
@@ -61,7 +51,7 @@ def refused(path, args=None, *words):
 def test_round_trip_is_exact(method, family, tmp_path):
     model = tiny_model(family)
     args = model.args
-    ad = trained(build_adapter(method, args), seed=1).to(DEVICE)
+    ad = perturbed(build_adapter(method, args), seed=1).to(DEVICE)
     path = tmp_path / f"{method}.safetensors"
     save_adapter(path, ad, args)
     back = load_adapter(path, args)
@@ -169,7 +159,7 @@ def test_save_is_atomic(tmp_path, monkeypatch, saved):
 
     monkeypatch.setattr(adapter_io, "_write_safetensors", half_write)
     with pytest.raises(OSError):
-        save_adapter(path, trained(build_adapter("para", args), seed=5), args)
+        save_adapter(path, perturbed(build_adapter("para", args), seed=5), args)
     assert path.read_bytes() == good  # the old file is untouched
     with pytest.raises(OSError):
         save_adapter(tmp_path / "new.safetensors", ad, args)

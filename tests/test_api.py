@@ -6,16 +6,10 @@ from pathlib import Path
 import pytest
 
 import minipara
-from conftest import write_tiny_model_dir
 from minipara.generation import GenerationConfig, generate
 from minipara.tokenizer import encode_example
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_dir(tmp_path_factory.mktemp("api"))
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,12 @@ from safetensors.torch import load_file, save_file
 from minipara.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
+from minipara.projections import HF_MODULES
 
-from conftest import DEVICE, hf_base, prefill_then_decode, tiny_args, tiny_model, tol
+from conftest import DEVICE, hf_base, prefill_then_decode, prompt_batch, shared_tiny_model, tiny_args, tol
 
 IDENTITY = ("lora", "ia3", "bitfit")
 ALL = IDENTITY + ("ptuning_v2",)
-MODELS = {}
-
-
-def model_of(family):
-    if family not in MODELS:
-        MODELS[family] = tiny_model(family)
-    return MODELS[family]
 
 
 def trained(method: str, family: str, seed: int = 0):
@@ -42,20 +36,10 @@ def trained(method: str, family: str, seed: int = 0):
     return ad.to(DEVICE)
 
 
-def batch(seed: int, lengths: list[int], extra: int, vocab: int = 97):
-    """Left-padded prompts of `lengths` followed by `extra` response tokens."""
-    g = torch.Generator().manual_seed(seed)
-    P = max(lengths)
-    tokens = torch.randint(3, vocab, (len(lengths), P + extra), generator=g)
-    valid = torch.arange(P + extra)[None] >= P - torch.tensor(lengths)[:, None]
-    prompt = valid & (torch.arange(P + extra)[None] < P)
-    return tokens.to(DEVICE), valid.to(DEVICE), prompt.to(DEVICE)
-
-
 @pytest.mark.parametrize("method", IDENTITY)
 def test_zero_init_is_identity(family, method):
-    model = model_of(family)
-    tokens, valid, _ = batch(0, [7, 4, 9], 0)
+    model = shared_tiny_model(family)
+    tokens, valid, _ = prompt_batch(0, [7, 4, 9], 0)
     with torch.no_grad():
         base = model(tokens, valid=valid)
         out = model(tokens, valid=valid, adapter=build_adapter(method, model.args).to(DEVICE))
@@ -63,10 +47,10 @@ def test_zero_init_is_identity(family, method):
 
 
 def test_ptuning_v2_is_not_identity_and_shifts_positions():
-    model = model_of("llama")
+    model = shared_tiny_model("llama")
     ad = build_adapter("ptuning_v2", model.args).to(DEVICE)
     assert ad.n_prefix == 64 and ad.prefix.shape == (3, 2, 2, 64, 12)
-    tokens, valid, _ = batch(0, [6], 0)
+    tokens, valid, _ = prompt_batch(0, [6], 0)
     with torch.no_grad():
         assert not torch.allclose(model(tokens, valid=valid), model(tokens, valid=valid, adapter=ad))
 
@@ -76,8 +60,8 @@ def test_ptuning_v2_is_not_identity_and_shifts_positions():
        lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), extra=st.integers(1, 4),
        seed=st.integers(0, 1000))
 def test_decode_matches_full_forward(family, method, lengths, extra, seed):
-    model, ad = model_of(family), trained(method, family, seed)
-    tokens, valid, prompt = batch(seed, lengths, extra)
+    model, ad = shared_tiny_model(family), trained(method, family, seed)
+    tokens, valid, prompt = prompt_batch(seed, lengths, extra)
     with torch.no_grad():
         full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
     cached = prefill_then_decode(model, ad, tokens, valid, max(lengths))
@@ -86,10 +70,10 @@ def test_decode_matches_full_forward(family, method, lengths, extra, seed):
 
 @pytest.mark.parametrize("method", IDENTITY)
 def test_merge_gives_the_unmerged_logits(family, method):
-    model, ad = model_of(family), trained(method, family, 1)
+    model, ad = shared_tiny_model(family), trained(method, family, 1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     merged = ad.merge(model)
-    tokens, valid, _ = batch(1, [9, 5], 0)
+    tokens, valid, _ = prompt_batch(1, [9, 5], 0)
     with torch.no_grad():
         ref = model(tokens, valid=valid, adapter=ad)
         got = merged(tokens, valid=valid)
@@ -102,7 +86,7 @@ def test_merge_gives_the_unmerged_logits(family, method):
 @pytest.mark.parametrize("method", ["ptuning_v2", "para"])
 def test_merge_refused_for_prefix_and_prompt_aware_methods(method):
     with pytest.raises(UserError, match="cannot be merged"):
-        build_adapter(method, tiny_args("llama")).merge(model_of("llama"))
+        build_adapter(method, tiny_args("llama")).merge(shared_tiny_model("llama"))
 
 
 def test_parameter_counts_on_llama2_7b_shape():
@@ -118,8 +102,8 @@ def test_parameter_counts_on_llama2_7b_shape():
 
 @pytest.mark.parametrize("method", ALL)
 def test_only_adapter_parameters_get_gradients(family, method):
-    model, ad = model_of(family), trained(method, family, 2)
-    tokens, valid, prompt = batch(2, [6, 3], 3)
+    model, ad = shared_tiny_model(family), trained(method, family, 2)
+    tokens, valid, prompt = prompt_batch(2, [6, 3], 3)
     logits = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
     torch.nn.functional.cross_entropy(logits[:, :-1][valid[:, 1:]], tokens[:, 1:][valid[:, 1:]]).backward()
     assert all(p.grad is None for p in model.parameters())
@@ -135,7 +119,7 @@ def test_bad_targets_are_refused():
 
 # ---- PEFT import ------------------------------------------------------------------------------
 
-ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_LINEARS = [m.split(".")[1] for m in HF_MODULES.values()]  # q_proj ... down_proj
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma"])

@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_dir(tmp_path_factory.mktemp("cli"))
 
 
 def broken_copy(model_dir, tmp_path, edit):

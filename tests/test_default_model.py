@@ -16,14 +16,14 @@ from minipara.weights import hf_name
 
 
 @pytest.fixture(scope="module")
-def model_dir():
+def default_dir():
     from minipara.weights import ensure_default_model
     return ensure_default_model()
 
 
 @pytest.fixture(scope="module")
-def tok(model_dir):
-    return Tokenizer(model_dir)
+def tok(default_dir):
+    return Tokenizer(default_dir)
 
 
 def test_tensor_names_map_to_hf():
@@ -36,18 +36,18 @@ def test_tensor_names_map_to_hf():
         hf_name("blk.0.attn_qkv.weight")
 
 
-def test_converted_directory(model_dir):
+def test_converted_directory(default_dir):
     for f in ("config.json", "model.safetensors", "tokenizer.model"):
-        assert (model_dir / f).is_file()
-    cfg = json.loads((model_dir / "config.json").read_text())
+        assert (default_dir / f).is_file()
+    cfg = json.loads((default_dir / "config.json").read_text())
     assert cfg["model_type"] == "gemma3_text" and cfg["num_hidden_layers"] == 18 and cfg["head_dim"] == 256
     assert cfg["layer_types"].count("full_attention") == 3 and cfg["layer_types"][5] == "full_attention"
 
 
 @pytest.fixture(scope="module")
-def hf_model(model_dir):
+def hf_model(default_dir):
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("prompt, expected", [("The capital of France is the city of", "Paris"),
@@ -59,9 +59,9 @@ def test_hf_transformers_continues_correctly(hf_model, tok, prompt, expected):
 
 
 @pytest.fixture(scope="module")
-def model(model_dir):
+def model(default_dir):
     from minipara.loading import load_model
-    return load_model(model_dir)
+    return load_model(default_dir)
 
 
 @pytest.mark.parametrize("prompt, expected", [("The capital of France is the city of", " Paris. It is the most visited"),

@@ -4,22 +4,14 @@ import random
 import threading
 
 import pytest
-import torch
 
 from minipara.engine import Engine, Request
 from minipara.generation import GenerationConfig, generate
 from minipara.methods import METHODS, build_adapter
 
-from conftest import DEVICE, exact_only, tiny_model
-from test_mixture import trained
+from conftest import DEVICE, exact_only, perturbed, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_engine(engine, reqs):
@@ -56,7 +48,7 @@ def test_mixed_methods_join_and_leave_as_if_alone(family):
     request's tokens equal generate()'s for it alone; some sample with a seed."""
     model = tiny_model(family)
     options = {"ptuning_v2": dict(prefix_len=6)}  # the default 64 would need a longer cache
-    adapters = [None] + [trained(build_adapter(m, model.args, **options.get(m, {})), seed=i)
+    adapters = [None] + [perturbed(build_adapter(m, model.args, **options.get(m, {})), seed=i).to(DEVICE)
                          for i, m in enumerate(METHODS)]
     rng = random.Random(0)
     reqs, alone = [], []

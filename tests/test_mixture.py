@@ -13,34 +13,22 @@ from torch import nn
 from minipara.errors import UserError
 from minipara.generation import GenerationConfig, generate
 from minipara.methods import METHODS, build_adapter
-from minipara.methods.base import Adapter, LayerState, in_sizes, out_sizes
+from minipara.layer_state import LayerState
+from minipara.methods.base import Adapter
 from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
+from minipara.projections import in_sizes, out_sizes
 
-from conftest import DEVICE, LOW_PRECISION, exact_only, tiny_args, tiny_model, tol
+from conftest import DEVICE, LOW_PRECISION, exact_only, perturbed, tiny_args, tiny_model, tol
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's
-    waiting threads make these tests many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 METHODS_HERE = METHODS
 
 
 def trained(ad: Adapter, seed: int, std: float = 0.3) -> Adapter:
-    """Make an adapter look trained: tensors still at a constant init (zeros, ones) get noise."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ad.parameters():
-            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
-                p.add_(torch.randn(p.shape, generator=g) * std)
-    return ad.to(DEVICE)
+    return perturbed(ad, seed, std).to(DEVICE)
 
 
 class SoftPrefix(Adapter):

@@ -14,7 +14,9 @@ from minipara.methods import build_adapter
 from minipara.methods.parade import squash
 from minipara.methods.rational import rational
 
-from conftest import DEVICE, prefill_then_decode, tiny_args, tiny_model, tol
+from conftest import DEVICE, prefill_then_decode, prompt_batch, shared_tiny_model, tiny_args, tol
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PARA_FAMILY = ("para", "pedro", "parade")
 METHODS = PARA_FAMILY + ("iapt",)
@@ -27,23 +29,6 @@ VARIANTS = [
     ("iapt", {"share_every": 1, "soft_tokens": 2, "activation": "relu"}),
     ("iapt", {"activation": "gelu-relu"}), ("pedro", {"activation": "relu-gelu"}),
 ]
-MODELS = {}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy machine OpenMP's waiting
-    threads make these tests many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def model_of(family):
-    if family not in MODELS:
-        MODELS[family] = tiny_model(family)
-    return MODELS[family]
 
 
 def trained(method: str, family: str, seed: int = 0, **options):
@@ -63,17 +48,6 @@ def trained(method: str, family: str, seed: int = 0, **options):
             else:  # weights (layers/groups, fan_in, fan_out...): O(1) outputs
                 p.copy_(r * 0.5 / p.shape[-2] ** 0.5)
     return ad.to(DEVICE)
-
-
-def batch(seed: int, lengths: list[int], extra: int, pad: int = 0, vocab: int = 97):
-    """Prompts of `lengths`, left-padded to the longest plus `pad`, then `extra` response tokens:
-    tokens, valid, prompt mask."""
-    g = torch.Generator().manual_seed(seed)
-    P = max(lengths) + pad
-    tokens = torch.randint(3, vocab, (len(lengths), P + extra), generator=g)
-    valid = torch.arange(P + extra)[None] >= P - torch.tensor(lengths)[:, None]
-    prompt = valid & (torch.arange(P + extra)[None] < P)
-    return tokens.to(DEVICE), valid.to(DEVICE), prompt.to(DEVICE)
 
 
 def record(ad, monkeypatch) -> list:
@@ -101,8 +75,8 @@ def parts(state) -> dict:
 @pytest.mark.parametrize("method, options", [("para", {}), ("para", {"up_bias": False}), ("pedro", {}),
                                              ("parade", {}), ("parade", {"pooler": "last"})])
 def test_zero_init_is_identity(family, method, options):
-    model = model_of(family)
-    tokens, valid, prompt = batch(0, [7, 4, 9], 3)
+    model = shared_tiny_model(family)
+    tokens, valid, prompt = prompt_batch(0, [7, 4, 9], 3)
     with torch.no_grad():
         base = model(tokens, valid=valid)
         out = model(tokens, valid=valid, pool_mask=prompt,
@@ -111,10 +85,10 @@ def test_zero_init_is_identity(family, method, options):
 
 
 def test_iapt_is_not_identity_and_shifts_text_positions():
-    model = model_of("llama")
+    model = shared_tiny_model("llama")
     ad = build_adapter("iapt", model.args).to(DEVICE)
     assert ad.n_prefix == 4
-    tokens, valid, _ = batch(0, [6], 0)
+    tokens, valid, _ = prompt_batch(0, [6], 0)
     with torch.no_grad():
         assert not torch.allclose(model(tokens, valid=valid), model(tokens, valid=valid, adapter=ad))
 
@@ -127,12 +101,12 @@ def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
     Gemma's logits by the same order as LLaMA's (SPEC.md, decisions after the first review)."""
     moved = {}
     for family in ("llama", "gemma"):
-        model = model_of(family)
+        model = shared_tiny_model(family)
         ad = build_adapter(method, model.args, **options).to(DEVICE)
         ahead = model.args.q_dim + (model.args.kv_dim if "k" in ad.targets else 0)  # l_q (and l_k) lead v
         with torch.no_grad():
             ad.gen.b_up[:, :ahead] = 3.0
-            tokens, valid, prompt = batch(0, [7, 4, 9], 3)
+            tokens, valid, prompt = prompt_batch(0, [7, 4, 9], 3)
             base = model(tokens, valid=valid)
             out = model(tokens, valid=valid, pool_mask=prompt, adapter=ad)
         moved[family] = (out - base)[valid].abs().max().item()
@@ -148,8 +122,8 @@ def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
        seed=st.integers(0, 1000))
 def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
     method, options = variant
-    model, ad = model_of(family), trained(method, family, seed, **options)
-    tokens, valid, prompt = batch(seed, lengths, extra)
+    model, ad = shared_tiny_model(family), trained(method, family, seed, **options)
+    tokens, valid, prompt = prompt_batch(seed, lengths, extra)
     with torch.no_grad():
         full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
     cached = prefill_then_decode(model, ad, tokens, valid, max(lengths))
@@ -162,12 +136,12 @@ def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
 def test_states_come_from_the_prompt_alone(family, method, monkeypatch):
     """Teacher-forced states (response appended, extra left and right padding) equal the
     prefill's from each prompt alone; a different response changes nothing at all."""
-    model, ad = model_of(family), trained(method, family, 3)
+    model, ad = shared_tiny_model(family), trained(method, family, 3)
     lengths, L = [5, 2, 7], model.args.n_layers
     calls = record(ad, monkeypatch)
     tf = []
     for seed in (1, 2):  # same prompts, other responses (and response lengths per row)
-        tokens, valid, prompt = batch(11, lengths, 4, pad=2)
+        tokens, valid, prompt = prompt_batch(11, lengths, 4, pad=2)
         g = torch.Generator().manual_seed(seed)
         resp = ~prompt & valid
         tokens = torch.where(resp, torch.randint(3, 97, tokens.shape, generator=g).to(DEVICE), tokens)
@@ -196,7 +170,7 @@ def test_capsule_pooler_is_the_spec_on_the_prompt_slice():
     """The batched, masked capsule pooler equals SPEC.md's formulas run on each row's prompt alone."""
     ad = trained("parade", "llama", 4)
     h = torch.randn(3, 9, ad.args.dim, device=DEVICE)
-    _, _, mask = batch(0, [4, 9, 1], 0)
+    _, _, mask = prompt_batch(0, [4, 9, 1], 0)
     got = ad.pooled(1, h, mask)
     W_cap, v = ad.caps.w_cap[1], ad.caps.v[1]
     for b in range(3):
@@ -220,7 +194,7 @@ def test_iapt_soft_tokens_are_the_spec_on_the_prompt_slice(options):
     layers 0-1 and 2 (a smaller last group) sharing W_down, W_up and R."""
     ad = trained("iapt", "gemma", 5, share_every=2, **options)
     h = torch.randn(2, 8, ad.args.dim, device=DEVICE)
-    _, _, mask = batch(0, [3, 8], 0)
+    _, _, mask = prompt_batch(0, [3, 8], 0)
     for i in range(ad.args.n_layers):
         g = i // 2
         got = ad.soft_tokens(i, h, mask)
@@ -243,9 +217,9 @@ def test_generators_run_once_per_request_also_with_beams(family, method, since, 
     reorders (of every slot, or, as beam search does, of the slots after the shared
     prompt only): every layer's generator ran exactly once, and each step's logits equal
     a full forward over that beam's tokens."""
-    model, ad = model_of(family), trained(method, family, 6)
+    model, ad = shared_tiny_model(family), trained(method, family, 6)
     calls = record(ad, monkeypatch)
-    tokens, valid, _ = batch(6, [6, 3], 0)
+    tokens, valid, _ = prompt_batch(6, [6, 3], 0)
     P, steps, n_pre = tokens.shape[1], 5, ad.n_prefix
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -275,8 +249,8 @@ def test_generators_run_once_per_request_also_with_beams(family, method, since, 
 def test_decode_state_does_not_depend_on_generator_size(method, small, large):
     """What a decode step reads (cache buffers and the stored per-layer states) has the same
     shapes for a small and a large generator: decode cost is independent of r and m."""
-    model = model_of("llama")
-    tokens, valid, _ = batch(7, [5, 2], 0)
+    model = shared_tiny_model("llama")
+    tokens, valid, _ = prompt_batch(7, [5, 2], 0)
 
     def footprint(options):
         ad = trained(method, "llama", 7, **options)
@@ -322,8 +296,8 @@ def test_parameter_counts_on_llama2_7b_shape():
 
 @pytest.mark.parametrize("method, options", [(m, {}) for m in METHODS] + [("iapt", {"share_every": 2})])
 def test_only_adapter_parameters_get_gradients(family, method, options):
-    model, ad = model_of(family), trained(method, family, 2, **options)
-    tokens, valid, prompt = batch(2, [6, 3], 3)
+    model, ad = shared_tiny_model(family), trained(method, family, 2, **options)
+    tokens, valid, prompt = prompt_batch(2, [6, 3], 3)
     logits = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
     F.cross_entropy(logits[:, :-1][valid[:, 1:]], tokens[:, 1:][valid[:, 1:]]).backward()
     assert all(p.grad is None for p in model.parameters())

@@ -13,16 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_tiny_model_dir
 from minipara import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def snapshot(*dirs) -> dict:

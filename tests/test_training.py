@@ -16,10 +16,12 @@ import torch
 
 from minipara import cli
 from minipara.errors import UserError
-from minipara.methods import METHODS, build_adapter, method_class
+from minipara.methods import METHODS, build_adapter
 from minipara.training import EvalSet, Trainer, TrainConfig, evaluate, loss_sum
 
 from conftest import DEVICE, tiny_model, write_tiny_model_dir
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Per-method learning rates for the tiny model, 300 steps (each reached >= 0.96 test accuracy
@@ -29,22 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # 5e-2 to 1e-1; LoRA fails to converge at 3e-2.
 LR = {"para": 1e-2, "pedro": 1e-2, "parade": 1e-2, "iapt": 2e-2,
       "lora": 1e-2, "ia3": 5e-2, "bitfit": 1e-1, "ptuning_v2": 1e-2}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: threads only add overhead, and on a busy 2-core machine a lot of it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def need(method: str):
-    try:
-        return method_class(method)
-    except ImportError as e:
-        pytest.skip(f"method {method} is not available yet ({e})")
 
 
 def make(n: int, seed: int, bos: int = 1, eos: int = 2) -> list:
@@ -64,7 +50,6 @@ def evset(pairs, eos: int = 2) -> EvalSet:
 
 
 def adapter_for(method, model, seed=0):
-    need(method)
     torch.manual_seed(seed)
     return build_adapter(method, model.args).to(DEVICE)
 

@@ -1,0 +1,148 @@
+"""The contract between the model and the adapters: one layer's adapter state.
+
+A method never patches the model. At each layer of a full forward or a prefill, the model
+calls `adapter.layer_state(i, h, pool_mask, model)` with the hidden states `h` entering layer
+i; the method returns a `LayerState`: multipliers and biases for the outputs of the layer's
+linears, low-rank updates, and prefix keys/values. The model applies it (`apply`), the KV
+cache keeps it for every decode step (so a generator runs once per request), and the compiled
+decode step reads it as plain tensors (`tensors`, `from_tensors`).
+
+Methods speak in per-projection names (q, k, v, o, gate, up, down: projections.py); the model
+fuses q|k|v and gate|up, so `LayerState.build` concatenates the parts, filling ones
+(multipliers) or zeros (biases, low-rank blocks) for projections the method leaves alone.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelArgs
+from .projections import FUSED, out_sizes, parts as _parts
+
+
+@dataclass
+class LayerState:
+    """One layer's adapter contribution for a batch. Every tensor's first dim is the
+    batch (one row per request) or 1 (shared by all rows).
+
+    scale[f]: (B|1, 1, out) multiplies fused linear f's output; scale["q_norm"|"k_norm"]
+              multiplies the output of a per-head query/key norm (models with qk_norm)
+    bias[f]:  (B|1, 1, out) is added to it
+    lora[f]:  (A, Bm) with A (in, r) or (B, in, r) and Bm (r, out) or (B, r, out),
+              the scaling already folded into Bm: y += x @ A @ Bm
+    prefix_k, prefix_v: (B|1, n_kv, P, head_dim) extra keys/values before the text
+    """
+    scale: dict = field(default_factory=dict)
+    bias: dict = field(default_factory=dict)
+    lora: dict = field(default_factory=dict)
+    prefix_k: torch.Tensor | None = None
+    prefix_v: torch.Tensor | None = None
+
+    def apply(self, name: str, x, y):
+        if name in self.lora:
+            a, b = (t.to(x.dtype) for t in self.lora[name])
+            if x.shape[-2] == 1:
+                # One token per row (decode): the two products as sums, which the compiler fuses
+                # into reductions. As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel
+                # that took 63 us per call at 3 rows on an H100 (bench.py --profile).
+                if a.dim() == 3:  # per-row pairs (B, in, r), (B, r, out)
+                    a, b = a[:, None], b[:, None]
+                y = y + ((x[..., None] * a).sum(-2)[..., None] * b).sum(-2)
+            else:
+                y = y + (x @ a) @ b
+        if name in self.scale:
+            y = y * self.scale[name]
+        if name in self.bias:
+            y = y + self.bias[name]
+        return y
+
+    def scale_heads(self, name: str, t):
+        """t (B, T, heads, head_dim) times scale[name] (B|1, 1, heads * head_dim), if any."""
+        s = self.scale.get(name)
+        return t if s is None else t * s.view(s.shape[0], 1, t.shape[2], t.shape[3])
+
+    def tensors(self) -> dict[tuple[str, str], torch.Tensor]:
+        """The decode-time tensors by (kind, linear); prefix k/v are left out: after the
+        prefill they live in the KV cache."""
+        out = {("scale", k): v for k, v in self.scale.items()}
+        out.update({("bias", k): v for k, v in self.bias.items()})
+        for k, (a, b) in self.lora.items():
+            out[("lora_a", k)], out[("lora_b", k)] = a, b
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict) -> "LayerState":
+        st = cls()
+        for (kind, name), t in tensors.items():
+            if kind in ("scale", "bias"):
+                getattr(st, kind)[name] = t
+        for (kind, name), t in tensors.items():
+            if kind == "lora_a":
+                st.lora[name] = (t, tensors[("lora_b", name)])
+        return st
+
+    def select(self, rows: torch.Tensor) -> "LayerState":
+        """The state for rows `rows` (beam expansion/reorder); shared tensors stay shared."""
+        def pick(t):
+            return t if t.dim() < 3 or t.shape[0] == 1 else t.index_select(0, rows)
+        return LayerState(
+            scale={k: pick(v) for k, v in self.scale.items()},
+            bias={k: pick(v) for k, v in self.bias.items()},
+            lora={k: (pick(a), pick(b)) for k, (a, b) in self.lora.items()},
+            prefix_k=None if self.prefix_k is None else pick(self.prefix_k),
+            prefix_v=None if self.prefix_v is None else pick(self.prefix_v),
+        )
+
+    @classmethod
+    def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None,
+              qk_after_norm=False):
+        """Fuse per-projection parts into the model's fused linears.
+
+        scale/bias: {proj: (B|1, out) or (out,)}; lora: {proj: (A (in, r), B (r, out))},
+        unbatched or batched; prefix_kv: (k, v) or None.
+        qk_after_norm: on models with a per-head query/key norm, scale q and k after that
+        norm (whose RMS would divide a per-head magnitude away) instead of at the projection.
+        """
+        outs, st = out_sizes(args), cls()
+        if qk_after_norm and args.qk_norm and scale:
+            scale = dict(scale)
+            for p in ("q", "k"):
+                if p in scale:
+                    v = scale.pop(p)
+                    lead = v.shape[:-1] if v.dim() > 1 else (1,)
+                    st.scale[f"{p}_norm"] = v.reshape(*lead, 1, -1).to(dtype)
+        for kind, parts, fill in (("scale", scale, 1.0), ("bias", bias, 0.0)):
+            for f in {FUSED[p] for p in parts or ()}:
+                ref = next(parts[p] for p in _parts(f) if p in parts)
+                lead = ref.shape[:-1] if ref.dim() > 1 else (1,)
+                pieces = [parts[p].reshape(*lead, -1) if p in parts else
+                          torch.full((*lead, outs[p]), fill, dtype=ref.dtype, device=ref.device)
+                          for p in _parts(f)]
+                getattr(st, kind)[f] = torch.cat(pieces, -1).unsqueeze(-2).to(dtype)
+        for f in {FUSED[p] for p in lora or ()}:
+            fused = _fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
+            st.lora[f] = tuple(t.to(dtype) for t in fused)
+        if prefix_kv is not None:
+            st.prefix_k, st.prefix_v = (t.to(dtype) for t in prefix_kv)
+        return st
+
+
+def _fuse_lora(pairs, outs):
+    """Concatenate A's along the rank and place B's block-diagonally, so one pair of
+    matmuls serves q|k|v (or gate|up). Absent projections get no block."""
+    present = [(a, b, o) for (ab, o) in zip(pairs, outs) for a, b in [ab or (None, None)] if a is not None]
+    a_cat = torch.cat([a for a, _, _ in present], dim=-1)
+    lead, ref = a_cat.shape[:-2], present[0][1]
+    blocks, col = [], 0
+    for (ab, o) in zip(pairs, outs):
+        if ab is None:
+            col += o
+            continue
+        blocks.append((ab[1], col))
+        col += o
+    b_full = torch.zeros(*lead, a_cat.shape[-1], col, dtype=ref.dtype, device=ref.device)
+    row = 0
+    for b, c in blocks:
+        r, o = b.shape[-2], b.shape[-1]
+        b_full[..., row:row + r, c:c + o] = b
+        row += r
+    return a_cat, b_full
