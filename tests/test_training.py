@@ -245,7 +245,11 @@ def test_response_never_reaches_a_pooler(method):
     for sa, sb, sc, sp in zip(a, b, c, prefill):
         for x, y, z, w in zip(tensors(sa), tensors(sb), tensors(sc), tensors(sp)):
             assert torch.equal(x, y)
-            torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)  # reductions over another T
+            # Reductions over another T round differently: allow ~100 float32 ulps at the
+            # tensor's own scale (soft tokens pass a norm, so an element near 0 carries the
+            # rounding of its whole head). A response token reaching the pooler moves the
+            # states by O(0.1), four orders above this.
+            torch.testing.assert_close(x, z, rtol=0, atol=1e-5 * float(x.abs().max()))
             row = x[1:2] if x.shape[0] == 3 else x
             torch.testing.assert_close(row, w, rtol=0, atol=1e-5)
 
