@@ -261,7 +261,8 @@ def plot(task: str, runs: list[dict], path: Path) -> str | None:
         steps, losses = zip(*r["dev_loss_curve"])
         m = r["method"]
         first = m not in colors
-        line, = ax.plot(steps, losses, color=colors.get(m), alpha=0.8, linewidth=1.2, label=m if first else None)
+        line, = ax.plot(steps, losses, color=colors.get(m), alpha=0.8, linewidth=1.2, marker="o", markersize=3,
+                        label=m if first else None)
         colors.setdefault(m, line.get_color())
     ax.set_xlabel("step")
     ax.set_ylabel("dev loss (per response token)")
