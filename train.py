@@ -249,6 +249,8 @@ def run_on(a, ranks) -> int:
                         "longest train/dev response")
     if a.template not in TEMPLATES + ("auto",):
         raise UserError(f"unknown template {a.template!r}; valid: {', '.join(TEMPLATES)}, auto")
+    if a.out == "":
+        raise UserError("--out is empty: give the adapter file to write (or leave --out out for the default)")
     files = outputs(a)
     check_outputs(a, files, task)
     ranks.barrier()  # every rank has checked before rank 0 writes anything

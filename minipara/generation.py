@@ -31,6 +31,9 @@ class GenerationConfig:
             raise UserError(f"beams must be at least 1 (got {self.beams})", ("beams",))
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})", ("max_new_tokens",))
+        if abs(self.length_penalty) > 50:  # the length's power overflows beyond (131072 ** 60 > 1e308)
+            raise UserError(f"length_penalty must be between -50 and 50 (got {self.length_penalty})",
+                            ("length_penalty",))
         if not all(map(math.isfinite, (self.temperature, self.top_p, self.length_penalty))):
             raise UserError("temperature, top_p and length_penalty must be finite numbers",
                             ("temperature", "top_p", "length_penalty"))

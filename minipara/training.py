@@ -68,8 +68,10 @@ class TrainConfig:
     def resolved(self, n_train: int) -> "TrainConfig":
         """A copy with the data-dependent defaults filled in, checked."""
         c = TrainConfig(**asdict(self))
-        c.batch_size = c.batch_size or (16 if n_train < 10_000 else 128)
-        c.micro_batch = c.micro_batch or c.batch_size
+        if c.batch_size is None:  # (0 is refused below, not taken for "the default")
+            c.batch_size = 16 if n_train < 10_000 else 128
+        if c.micro_batch is None:
+            c.micro_batch = c.batch_size
         for name in ("batch_size", "micro_batch", "epochs", "eval_beams", "eval_batch"):
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(c, name)})", (name,))
