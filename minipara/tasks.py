@@ -107,8 +107,8 @@ def _table(path: Path, delimiter: str):
     try:
         for row in rows:
             yield rows.line_num, row
-    except csv.Error as e:  # e.g. a field over csv's 131,072-character limit
-        raise UserError(f"{path}:{rows.line_num}: {e}") from None
+    except csv.Error as e:  # e.g. a field over csv's 131,072-character limit (its line is not yet counted)
+        raise UserError(f"{path}:{rows.line_num + 1}: {e}") from None
 
 
 def _json(path: Path):

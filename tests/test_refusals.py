@@ -140,6 +140,23 @@ def test_tokenizer_larger_than_vocabulary(model_dir, tmp_path, capsys):
     refused("generate", ["red cat", "--model", d], capsys, "26 tokens", "vocabulary has 20", watch=[tmp_path])
 
 
+def test_data_files_report_path_and_line(tmp_path):
+    """Cause 2: a GLUE tsv field over csv's 131,072-character limit, and non-UTF-8 bytes in a
+    gzip-compressed file, are reported as path:line."""
+    import gzip
+
+    from minipara.errors import UserError
+    from minipara.tasks import _jsonl, _table
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("sentence\tlabel\nfine\t1\n" + "x" * 140_000 + "\t0\n")
+    with pytest.raises(UserError, match=r"train.tsv:3: field larger than field limit"):
+        list(_table(tsv, "\t"))
+    gz = tmp_path / "train.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"a": 1}\n{"a": "\xff"}\n'))
+    with pytest.raises(UserError, match=r"train.jsonl.gz:2: not UTF-8"):
+        list(_jsonl(gz))
+
+
 # ---- cause 3: NaN in the weights ---------------------------------------------------------------
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_weight(model_dir, tmp_path, capsys, value):
@@ -420,6 +437,7 @@ def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
         (train_args(**d, out=out) + ["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1",)),
         (train_args(**d, out=out) + ["--r", "0"], ("--r must be an integer of at least 1",)),
         (train_args(**d, out=out) + ["--batch-size", "0"], ("--batch-size must be at least 1",)),
+        (train_args(**d, out=out, method="lora") + ["--alpha", "nan"], ("--alpha must be a finite number",)),
         (train_args(**d, out=""), ("--out is empty",)),
         (train_args(**d, out=out) + ["--r", "abc"], ("--r needs an integer",)),
         (train_args(**d, out=t) + ["--force"], ("is the --train file",)),
