@@ -294,8 +294,8 @@ def config_field(**changes):
     ("para", meta_edit(format_version="0"), ("format_version '0'",)),
     ("para", meta_edit(format_version="-7"), ("format_version '-7'",)),
     ("para", meta_edit(config={"r": 12}), ("__metadata__ must map",)),
-    ("para", config_field(r="abc"), ("option r must be an integer",)),
-    ("para", config_field(r=-1), ("option r must be an integer of at least 1",)),
+    ("para", config_field(r="abc"), ("option r must be at least 1 (an integer)",)),
+    ("para", config_field(r=-1), ("option r must be at least 1 (an integer)",)),
     ("para", config_field(r=2.5), ("option r",)),
     ("para", config_field(r=None), ("option r",)),
     ("para", config_field(up_bias="false"), ("option up_bias must be true or false",)),
@@ -338,7 +338,7 @@ def test_non_finite_adapter_tensor(tmp_path, value):
     ({"target_modules": 5}, ("target_modules must be a string or a list of strings",)),
     ({"lora_alpha": True}, ("option alpha must be a finite number",)),
     ({"lora_alpha": float("nan")}, ("option alpha must be a finite number",)),
-    ({"r": True}, ("option r must be an integer",)),
+    ({"r": True}, ("option r must be at least 1 (an integer)",)),
     ({"use_rslora": "no"}, ("rslora must be true or false",)),
 ])
 def test_bad_peft_config(tmp_path, changes, words):
@@ -435,7 +435,7 @@ def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
         (train_args(**d, out=out) + ["--seed", "100000000000000000000000"], ("--seed",)),
         (train_args(**d, out=out) + ["--max-new-tokens", "-3"], ("--max-new-tokens must be at least 1",)),
         (train_args(**d, out=out) + ["--max-new-tokens", "0"], ("--max-new-tokens must be at least 1",)),
-        (train_args(**d, out=out) + ["--r", "0"], ("--r must be an integer of at least 1",)),
+        (train_args(**d, out=out) + ["--r", "0"], ("--r must be at least 1 (an integer)",)),
         (train_args(**d, out=out) + ["--batch-size", "0"], ("--batch-size must be at least 1",)),
         (train_args(**d, out=out, method="lora") + ["--alpha", "nan"], ("--alpha must be a finite number",)),
         (train_args(**d, out=""), ("--out is empty",)),

@@ -77,7 +77,7 @@ class MethodConfig:
             if isinstance(default, bool):
                 ok, want = isinstance(v, bool), "true or false"
             elif isinstance(default, int):
-                ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer of at least 1"
+                ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "at least 1 (an integer)"
             elif isinstance(default, float):
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 want = "a finite number"
