@@ -121,6 +121,8 @@ def _json(path: Path):
 def _build(path: Path, rows, make) -> list[Example]:
     out = []
     for where, row in rows:
+        if not isinstance(row, dict):  # e.g. a jsonl line holding an array
+            raise UserError(f"{path}:{where}: expected a JSON object of named fields, got {type(row).__name__}")
         try:
             made = make(row)
         except KeyError as e:

@@ -146,7 +146,7 @@ def test_data_files_report_path_and_line(tmp_path):
     import gzip
 
     from minipara.errors import UserError
-    from minipara.tasks import _jsonl, _table
+    from minipara.tasks import _build, _jsonl, _table
     tsv = tmp_path / "train.tsv"
     tsv.write_text("sentence\tlabel\nfine\t1\n" + "x" * 140_000 + "\t0\n")
     with pytest.raises(UserError, match=r"train.tsv:3: field larger than field limit"):
@@ -155,6 +155,10 @@ def test_data_files_report_path_and_line(tmp_path):
     gz.write_bytes(gzip.compress(b'{"a": 1}\n{"a": "\xff"}\n'))
     with pytest.raises(UserError, match=r"train.jsonl.gz:2: not UTF-8"):
         list(_jsonl(gz))
+    arr = tmp_path / "rows.jsonl"  # a line that is valid JSON but not an object
+    arr.write_text('{"prompt": "red", "response": "yes"}\n["red", "yes"]\n')
+    with pytest.raises(UserError, match=r"rows.jsonl:2: expected a JSON object"):
+        _build(arr, _jsonl(arr), lambda row: row["prompt"])
 
 
 # ---- cause 3: NaN in the weights ---------------------------------------------------------------
