@@ -15,20 +15,15 @@ an option the method does not have is refused.
 """
 import argparse
 import json
-import resource
+import os
 import shlex
 import signal
 import sys
-import time
 from dataclasses import MISSING, fields
-from pathlib import Path
 
 from minipara import cli
 from minipara.errors import UserError
 
-# Issue-level spellings for config fields whose names differ between methods.
-ALIASES = {"rank": ("r",), "soft_tokens": ("soft_tokens", "l_sp", "n_soft"),
-           "share_every": ("share_every", "l_s", "share")}
 TRAINING = ("seed", "epochs", "max_steps", "batch_size", "micro_batch", "lr", "arch_lr", "warmup",
             "eval_every", "patience", "eval_beams", "eval_batch", "max_grad_norm", "max_len", "select")
 
@@ -93,6 +88,7 @@ def parser(method_opts) -> argparse.ArgumentParser:
                    "ranks (FSDP2), for bases that do not fit one GPU; the adapter stays replicated (without "
                    "torchrun: no effect)")
     g = p.add_argument_group("method options (each method's config fields)")
+    from minipara.runs import ALIASES
     taken = {a.dest for a in p._actions}
     for name in sorted(set(method_opts) | set(ALIASES)):
         if name in taken:
@@ -131,273 +127,48 @@ def convert(text: str, f, flag: str):
         raise UserError(f"{flag} needs {kind}, got {text!r}") from None
 
 
-def method_config(a, cls):
-    """The chosen method's config from the method options given; others are refused."""
-    own = {f.name: f for f in fields(cls.config_cls)}
+def method_options(a) -> dict:
+    """The method options given, as typed values under the method's field names; an option
+    the method does not have is refused."""
+    if a.method == "none":  # nothing is trained: method options mean nothing
+        return {}
+    from minipara.methods import method_class
+    from minipara.runs import option_field
+    cls = method_class(a.method)
     opts = {}
     for key, value in vars(a).items():
-        if not key.startswith("m_") or value is None:
-            continue
-        name, flag = key[2:], "--" + key[2:].replace("_", "-")
-        target = name if name in own else next((t for t in ALIASES.get(name, ()) if t in own), None)
-        if target is None:
-            have = ", ".join("--" + n.replace("_", "-") for n in own) or "none"
-            raise UserError(f"method {cls.method} has no option {flag}; its options: {have}")
-        opts[target] = convert(value, own[target], flag)
-    try:
-        return cls.config_cls(**opts)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"bad {cls.method} options: {e}") from None
-
-
-def outputs(a) -> dict:
-    out = Path(a.out or f"runs/{a.method}-{a.task}-seed{a.seed}.safetensors")
-    return {"out": out, "ckpt": out.with_suffix(".ckpt"), "log": out.with_suffix(".log.jsonl"),
-            "report": out.with_suffix(".report.json")}
-
-
-def check_outputs(a, files: dict, task):
-    """Refuse, before any work: an output that is an input or another output, one that cannot be
-    written, and overwriting a finished or interrupted run without --force."""
-    from minipara.files import OutputLock, check_paths, check_writable
-    if a.resume and a.force:
-        raise UserError("--resume continues a run and --force starts over: give one of them")
-    if a.resume and a.method == "none":
-        raise UserError("--method none scores the bare model: there is nothing to resume")
-    if files["out"].is_dir():
-        raise UserError(f"--out {files['out']} is a directory: give a file name such as "
-                        f"{files['out'] / 'adapter.safetensors'}")
-    mine = {"report": files["report"]} if a.method == "none" else files
-    inputs = {f"--{k}" if k in ("train", "dev", "test") else f"task's {k}": f
-              for k, f in zip(("train", "dev", "test"), task.files)} if a.task == "custom" else \
-        {f"task file {f.name}": f for f in task.files}
-    if a.model is not None and Path(a.model).is_dir():
-        inputs.update({f"model's {f.name}": f for f in Path(a.model).iterdir() if f.is_file()})
-    named = {("--out" if k == "out" else f"the {k} file"): f for k, f in mine.items()}
-    named["the lock file"] = OutputLock(files["out"]).path
-    check_paths(named, inputs)
-    for k, f in mine.items():
-        check_writable(f, f"the {k} file")
-    existing = [str(f) for k, f in mine.items() if k in ("out", "ckpt", "report") and f.exists()]
-    if existing and not (a.force or a.resume):
-        raise UserError(f"{existing[0]} exists; pass --force to overwrite it"
-                        + (", --resume to continue an interrupted run," if a.method != "none" else "")
-                        + " or choose another --out")
-    if a.resume and not files["ckpt"].is_file():
-        raise UserError(f"--resume: no checkpoint {files['ckpt']} (it is written at the first evaluation "
-                        "or when a run is interrupted)")
-
-
-class Log:
-    """The run's jsonl log, opened (for appending) at its first line: a run refused before
-    then leaves no file behind."""
-
-    def __init__(self, path: Path):
-        self.path, self.file = path, None
-
-    def __call__(self, event: dict):
-        if self.file is None:
-            self.file = open(self.path, "a", encoding="utf-8")
-        self.file.write(json.dumps(event) + "\n")
-        self.file.flush()
-
-    def close(self):
-        if self.file is not None:
-            self.file.close()
-
-
-def peak_memory(device) -> tuple[int, str]:
-    if device.type == "cuda":
-        import torch
-        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
-
-
-def main(argv=None):
-    a = parser(method_fields()).parse_args(argv)
-    from minipara import distributed
-    ranks, a.device = distributed.init(a.device, a.shard_base)  # one process unless torchrun started this
-    try:
-        return run_on(a, ranks)
-    finally:
-        distributed.finish()
-
-
-def run_on(a, ranks) -> int:
-    from minipara.methods import method_class
-    from minipara.tasks import load_task
-    from minipara.tokenizer import TEMPLATES
-    from minipara.training import TrainConfig
-
-    # Everything that can be refused without the model is checked first.
-    cls = config = None
-    if a.method != "none":
-        cls = method_class(a.method)
-        config = method_config(a, cls)
-        if a.shard_base and not cls.shardable:
-            raise UserError(f"--shard-base: {a.method} runs the base's attention weights in its generators, "
-                            "which a sharded base does not allow; train it without --shard-base")
-    # The dev/test split of a task is fixed (seed 0), so every training seed sees the same test set.
-    task = load_task(a.task, a.data_dir, seed=0, train=a.train, dev=a.dev, test=a.test)
-    tcfg = TrainConfig(**{k: getattr(a, k) for k in TRAINING}).resolved(len(task.splits["train"]))
-    if a.max_eval is not None and a.max_eval < 1:
-        raise UserError("--max-eval must be at least 1")
-    if a.max_test is not None and a.max_test < 0:
-        raise UserError("--max-test must be at least 0 (0: the whole test split)")
-    if a.max_new_tokens is not None and a.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1 (got {a.max_new_tokens}); leave it out for the "
-                        "longest train/dev response")
-    if a.template not in TEMPLATES + ("auto",):
-        raise UserError(f"unknown template {a.template!r}; valid: {', '.join(TEMPLATES)}, auto")
-    if a.out == "":
-        raise UserError("--out is empty: give the adapter file to write (or leave --out out for the default)")
-    files = outputs(a)
-    check_outputs(a, files, task)
-    ranks.barrier()  # every rank has checked before rank 0 writes anything
-    if not ranks.main:  # rank 0 alone writes files, so it alone holds the lock
-        return run_locked(a, ranks, cls, config, task, tcfg, files)
-    from minipara.files import OutputLock
-    with OutputLock(files["out"]):
-        return run_locked(a, ranks, cls, config, task, tcfg, files)
-
-
-def run_locked(a, ranks, cls, config, task, tcfg, files) -> int:
-    """The run itself (on rank 0, holding the output's lock)."""
-    from minipara.tokenizer import resolve_template
-    from minipara.training import prepare_task
-    model, tok, path = cli.load(a, shard=ranks.lockstep)
-    template = resolve_template(a.template, model.args.model_type, path)
-    if a.method == "none":
-        data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)
-        return score_bare_model(a, model, task, data, tcfg, files, str(path), template, ranks)
-    import torch
-    torch.manual_seed(a.seed)  # the adapter's initial values come from the seed too
-    try:
-        adapter = cls(config, model.args)
-    except ValueError as e:
-        raise UserError(f"cannot build the {cls.method} adapter: {e}") from None
-    adapter.to(model.tok_embeddings.weight.device)
-    data = prepare_task(task, tok, template, a.max_eval, a.max_new_tokens, a.max_test)
-    if not ranks.main:  # rank 0 alone writes files and prints
-        return train_and_report(a, model, adapter, task, data, tcfg, files, lambda event: None, str(path),
-                                template, ranks)
-    log = Log(files["log"])
-    try:
-        return train_and_report(a, model, adapter, task, data, tcfg, files, log, str(path), template, ranks)
-    finally:
-        log.close()
+        if key.startswith("m_") and value is not None:
+            f = option_field(cls, key[2:])
+            opts[f.name] = convert(value, f, "--" + key[2:].replace("_", "-"))
+    return opts
 
 
 def command_argv() -> list[str]:
     """The command line as typed (interpreter included), for reports and the resume hint."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # each rank ran `python -u train.py ...`
+        return ["torchrun", "--nproc-per-node", os.environ["WORLD_SIZE"], *sys.argv]
     return getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
 
 
-def score_bare_model(a, model, task, data, tcfg, files, model_path, template, ranks) -> int:
-    """The reference point of a task's table: the untrained model, decoded as training evaluates."""
-    from minipara.training import evaluate, fit_eval
-    _, _, dev_eval, test_eval = data
-    (dev_eval, n_dev), (test_eval, n_test) = (fit_eval(ev, tcfg.max_len, s) for ev, s in
-                                              ((dev_eval, "dev"), (test_eval, "test")))
-    t = time.time()
-    scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch, ranks=ranks)
-              for split, ev in (("dev", dev_eval), ("test", test_eval))}
-    if not ranks.main:
-        return 0
-    report = {"method": "none", "task": a.task, "model": model_path, "template": template, **scores,
-              "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
-              "cut_examples": {"dev_eval": n_dev, "test": n_test},
-              "wall_time_s": round(time.time() - t, 2), "command": shlex.join(command_argv())}
-    write_report(files["report"], report)
-    return 0
-
-
-def write_report(path: Path, report: dict):
-    from minipara.files import atomic_write
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    print(json.dumps(report, indent=2))
-
-
-def train_and_report(a, model, adapter, task, data, tcfg, files, log, model_path, template, ranks) -> int:
-    from minipara.adapter_io import save_adapter
-    from minipara.training import Progress, Trainer, check_eval, evaluate, fit_eval
-    train, dev, dev_eval, test_eval = data
-    test_eval, n_test_cut = fit_eval(test_eval, tcfg.max_len, "test")
-    check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
-
-    def save(ad):
-        save_adapter(files["out"], ad, model.args, template, model.weights_id)
-    trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
-                      on_best=save, progress=Progress(), ranks=ranks)
-    argv = command_argv()
-    if ranks.world > 1:  # each rank was started as `python -u train.py ...`: report what the user typed
-        argv = ["torchrun", "--nproc-per-node", str(ranks.world), *sys.argv]
-    command = shlex.join(argv)
-    n_params = sum(p.numel() for p in adapter.parameters())
-    if a.resume:
-        trainer.resume()
-    else:
-        if a.force and ranks.main:  # every check has passed: only now is the old run given up
-            for f in files.values():
-                f.unlink(missing_ok=True)
-        log({"event": "start", "command": command, "method": adapter.method, "task": a.task, "model": model_path,
-             "template": template, "trainable_params": n_params, "total_steps": trainer.total,
-             "train_examples": len(train), "dev_examples": len(dev), "config": vars(trainer.cfg),
-             "cut_examples": {**trainer.cut, "test": n_test_cut}})
-    cut = {**trainer.cut, "test": n_test_cut}
-    if ranks.main:
-        print(f"{adapter.method} on {a.task}: {n_params:,} trainable parameters, {len(train)} train / {len(dev)} "
-              f"dev examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch {tcfg.micro_batch}"
-              + (f" per rank, {ranks.world} ranks" + (", base sharded" if ranks.lockstep else "")
-                 if ranks.world > 1 else "") + f"), dev evaluation every {tcfg.eval_every} steps"
-              + (f", resuming at step {trainer.state.step}" if a.resume else ""), file=sys.stderr)
-        if any(cut.values()):
-            print(f"prompts cut from the start to fit --max-len {tcfg.max_len}: "
-                  + ", ".join(f"{n} {split}" for split, n in cut.items() if n), file=sys.stderr)
-
-    def on_signal(signum, frame):
-        if trainer.stop_reason is not None:
-            raise KeyboardInterrupt  # a second signal: stop at once
-        trainer.request_stop(signal.Signals(signum).name)
-        if ranks.main:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort without saving)...",
-                  file=sys.stderr)
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+def main(argv=None):
+    a = parser(method_fields()).parse_args(argv)
+    from minipara.runs import RunInterrupted, run
+    typed = command_argv()
     try:
-        result = trainer.run()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if result.status == "interrupted":
-        if ranks.main:
-            again = [x for x in argv if x != "--force"] + ([] if "--resume" in argv else ["--resume"])
-            print(f"interrupted at step {result.step}/{result.total_steps}; checkpoint saved to {files['ckpt']}.\n"
-                  f"Resume with: {shlex.join(again)}" + (" (any number of processes)" if ranks.world > 1 else ""),
+        report = run(a.method, a.task, out=a.out, model=a.model, dtype=a.dtype, device=a.device,
+                     template=a.template, data_dir=a.data_dir, train=a.train, dev=a.dev, test=a.test,
+                     max_eval=a.max_eval, max_test=a.max_test, max_new_tokens=a.max_new_tokens, resume=a.resume,
+                     force=a.force, shard_base=a.shard_base, command=shlex.join(typed),
+                     **{k: getattr(a, k) for k in TRAINING}, **method_options(a))
+    except RunInterrupted as e:
+        if e.rank == 0:
+            again = [x for x in typed if x != "--force"] + ([] if "--resume" in typed else ["--resume"])
+            print(f"interrupted at step {e.step}/{e.total_steps}; checkpoint saved to {e.checkpoint}.\n"
+                  f"Resume with: {shlex.join(again)}" + (" (any number of processes)" if e.world > 1 else ""),
                   file=sys.stderr)
-        return 128 + int(getattr(signal.Signals, trainer.stop_reason, signal.SIGINT))
-
-    t_test = time.time()
-    trainer.load_best()
-    test = evaluate(model, adapter, test_eval, tcfg.eval_beams, tcfg.eval_batch, trainer.decoder, ranks)
-    if not ranks.main:
-        return 0
-    save(adapter)  # again: a resumed finished run whose adapter file was deleted gets it back
-    peak, peak_kind = peak_memory(model.tok_embeddings.weight.device)
-    primary = next(iter(test))
-    report = {"method": adapter.method, "task": a.task, "model": model_path, "template": template, "seed": a.seed,
-              "out": str(files["out"]), "test_metric": {primary: test[primary]}, "test": test,
-              "dev_metric_best": {task.metric_name: result.best_metric}, "dev_best": result.best_dev,
-              "dev_loss_best": result.best_dev_loss, "selected_by": f"dev {tcfg.select}",
-              "best_step": result.best_step, "lr": tcfg.lr, "batch_size": tcfg.batch_size,
-              "cut_examples": cut, "trainable_params": n_params, "steps": result.step,
-              "total_steps": result.total_steps, "stopped_by": result.stopped_by,
-              # training (summed over resumed sessions) and the test evaluation; not model loading
-              "wall_time_s": round(result.wall_time + time.time() - t_test, 2), "peak_memory_bytes": peak,
-              "peak_memory_mb": round(peak / 2**20, 1), "peak_memory_kind": peak_kind,
-              "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
-              "ranks": ranks.world, "sharded_base": ranks.lockstep, "command": command}
-    log({"event": "end", **report})
-    write_report(files["report"], report)
+        return 128 + int(getattr(signal.Signals, e.signal, signal.SIGINT))
+    if report is not None:  # rank 0's
+        print(json.dumps(report, indent=2))
     return 0
 
 

@@ -7,6 +7,8 @@ The public API (see README, "Python"):
     Completion           one prompt's generated text, ids and finish reason
     GenerationConfig     decoding options (max_new_tokens, beams, temperature, ...)
     TrainConfig          the training recipe's options
+    run                  a whole training run as train.py does it: files, resume, torchrun, report
+    RunInterrupted       raised by run when a signal (Ctrl-C) stopped it after a checkpoint
     load_task            a task's train/dev/test examples (COPA ships with minipara)
     METHODS              the adapter methods' names
     UserError            the error raised for anything a user can fix
@@ -18,7 +20,7 @@ __version__ = "0.1.0"
 _WHERE = {
     "load": "api", "LanguageModel": "api", "Completion": "api",
     "GenerationConfig": "generation", "TrainConfig": "training", "load_task": "tasks",
-    "METHODS": "methods", "UserError": "errors",
+    "METHODS": "methods", "UserError": "errors", "run": "runs", "RunInterrupted": "runs",
 }
 __all__ = ["__version__", *_WHERE]
 

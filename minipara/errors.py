@@ -21,5 +21,6 @@ class UserError(Exception):
         msg = str(self)
         for name in self.options:
             flag = (flags or {}).get(name) or "--" + name.replace("_", "-")
-            msg = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag, msg)
+            # a whole word, not part of a path or file name (`runs/out/a.safetensors`, `train.jsonl`)
+            msg = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w/-]|\.\w)", flag, msg)
         return msg

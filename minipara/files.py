@@ -49,16 +49,22 @@ def _same(a: Path, b: Path) -> bool:
 
 def check_paths(outputs: dict[str, Path], inputs: dict[str, Path]):
     """Refuse an output that is an input, or two outputs that are one file. Keys name them in
-    the message (flags, for the scripts)."""
+    the message; keys that are option names (`out`, `train`) are marked as options, so the
+    scripts print them as flags."""
     outs = list(outputs.items())
     for i, (name, out) in enumerate(outs):
         for in_name, src in inputs.items():
             if src is not None and _same(out, Path(src)):
-                raise UserError(f"{name} {out} is the {in_name} file: it would be overwritten; choose another --out")
+                raise UserError(f"{name} {out} is the {in_name} file: it would be overwritten; choose another out",
+                                _options(name, in_name))
         for other, out2 in outs[i + 1:]:
             if _same(out, out2):
-                raise UserError(f"{name} and {other} would both be {out}; choose an --out whose name ends in "
-                                ".safetensors")
+                raise UserError(f"{name} and {other} would both be {out}; choose an out whose name ends in "
+                                ".safetensors", _options(name, other))
+
+
+def _options(*names: str) -> tuple[str, ...]:
+    return ("out", *(n for n in names if n.isidentifier() and n != "out"))
 
 
 def check_writable(path: Path, what: str):
@@ -97,7 +103,7 @@ class OutputLock:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
                 raise UserError(f"{self.target} is being written by another run ({holder}); wait for it to end "
-                                f"or choose another --out (if no such run exists, delete {self.path})") from None
+                                f"or choose another out (if no such run exists, delete {self.path})", ("out",)) from None
             # The holder may have removed the file between our open and flock: lock the current one.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

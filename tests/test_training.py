@@ -480,3 +480,37 @@ def test_cli_method_none_scores_the_bare_model(tiny_dir, tmp_path):
     task = load_task("custom", None, seed=0, train=tiny_dir / "train.jsonl", dev=tiny_dir / "dev.jsonl")
     _, _, dev_eval, test_eval = prepare_task(task, tok, report["template"])
     assert report["dev"] == evaluate(model, None, dev_eval) and report["test"] == evaluate(model, None, test_eval)
+
+
+def test_python_run_writes_what_train_py_writes(tiny_dir, tmp_path, capsys):
+    """minipara.run, the Python entry point train.py is a shell over, does the same run from
+    keyword options: the same files, adapter, checkpoint, log events and report (but for the
+    command, the output name and the measured time and memory)."""
+    import json
+
+    import minipara
+    opts = ["--max-steps", "4", "--eval-every", "2", "--eval-beams", "1", "--r", "2"]
+    cli_out, py_out = tmp_path / "cli" / "a.safetensors", tmp_path / "py" / "a.safetensors"
+    code, err = run_cli([str(x) for x in train_cmd(tiny_dir, cli_out, *opts)[2:]], capsys)
+    assert code == 0, err
+    report = minipara.run("para", "custom", model=tiny_dir, train=tiny_dir / "train.jsonl",
+                          dev=tiny_dir / "dev.jsonl", out=py_out, batch_size=4, micro_batch=2, lr=1e-2,
+                          max_steps=4, eval_every=2, eval_beams=1, r=2, progress=False)
+    assert sorted(p.name for p in py_out.parent.iterdir()) == sorted(p.name for p in cli_out.parent.iterdir()) \
+        == ["a.ckpt", "a.log.jsonl", "a.report.json", "a.safetensors"]
+    assert py_out.read_bytes() == cli_out.read_bytes()
+    assert report == json.loads(py_out.with_suffix(".report.json").read_text())
+    assert report["command"].startswith("minipara.run('para', 'custom', out=") and "r=2" in report["command"]
+
+    def comparable(rep):
+        return {k: v for k, v in rep.items() if k not in ("command", "out", "wall_time_s", "peak_memory_bytes",
+                                                          "peak_memory_mb")}
+    assert comparable(report) == comparable(json.loads(cli_out.with_suffix(".report.json").read_text()))
+    events = [[json.loads(x)["event"] for x in f.with_suffix(".log.jsonl").read_text().splitlines()]
+              for f in (cli_out, py_out)]
+    assert events[0] == events[1] == ["start", "eval", "eval", "end"]
+    cks = [torch.load(f.with_suffix(".ckpt"), weights_only=True) for f in (cli_out, py_out)]
+    assert all(torch.equal(cks[0]["adapter"][k], cks[1]["adapter"][k]) for k in cks[0]["adapter"])
+    with pytest.raises(UserError, match="exists; pass force"):  # the same refusals, in Python's terms
+        minipara.run("para", "custom", model=tiny_dir, train=tiny_dir / "train.jsonl", dev=tiny_dir / "dev.jsonl",
+                     out=py_out, max_steps=4)
