@@ -17,7 +17,6 @@ step with a checkpoint (`RunInterrupted`); `resume=True` continues it.
 import inspect
 import json
 import resource
-import shlex
 import signal
 import sys
 import threading
