@@ -21,10 +21,8 @@ streams, so it runs wherever the server does, without an HTTP client package.
 import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -2,7 +2,6 @@
 model with adapters of three methods: outputs equal generate.py's, concurrent mixed requests
 equal each run alone, streaming, and every error case. Servers bind to 127.0.0.1 only."""
 import json
-import os
 import signal
 import socket
 import subprocess
