@@ -17,9 +17,10 @@ from .errors import UserError
 
 
 class AdapterPool:
-    def __init__(self, folder, model_args, device, budget_bytes: int):
+    def __init__(self, folder, model_args, device, budget_bytes: int, weights_id: str | None = None):
         self.folder = Path(folder) if folder is not None else None
         self.args, self.device, self.budget = model_args, device, budget_bytes
+        self.weights_id = weights_id  # the served weights' fingerprint: warn for adapters made on others
         self.loaded: OrderedDict = OrderedDict()  # name -> adapter, least recently used first
         self.lock = threading.Lock()
 
@@ -48,7 +49,7 @@ class AdapterPool:
             path = self.path(name)
             if path is None:
                 raise KeyError(name)
-            adapter = load_adapter(path, self.args).to(self.device).requires_grad_(False)
+            adapter = load_adapter(path, self.args, self.weights_id).to(self.device).requires_grad_(False)
             size = adapter_bytes(adapter)
             while self.loaded and self.used() + size > self.budget:
                 self.loaded.popitem(last=False)

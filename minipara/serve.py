@@ -424,7 +424,8 @@ def make_server(a) -> Server:
     context = a.context or min(model.args.max_seq_len, 2048)
     if a.max_batch < 1 or context < 2:
         raise UserError("--max-batch must be at least 1 and --context at least 2")
-    pool = AdapterPool(a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20))
+    pool = AdapterPool(a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20),
+                        model.weights_id)
     pool.preload()
     if a.compile:
         from .fast import compile_decoder

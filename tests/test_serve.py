@@ -285,3 +285,20 @@ def test_loadgen_runs(files, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["method"], r["clients"]) for r in rows] == [("base", 3), ("mix", 3)]
     assert all(r["tokens"] == 12 and r["tok_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
+
+
+def test_pool_warns_for_adapters_made_on_other_weights(tmp_path):
+    """The server's pool checks the weights fingerprint as load_adapter does elsewhere: an
+    adapter saved on other weights of the same architecture loads, with a warning."""
+    import warnings
+    from minipara.adapter_io import BaseModelWarning
+    from minipara.adapter_pool import AdapterPool
+    args = tiny_args("llama")
+    save_adapter(tmp_path / "mine.safetensors", build_adapter("para", args), args, weights_id="aaaa")
+    save_adapter(tmp_path / "other.safetensors", build_adapter("para", args), args, weights_id="bbbb")
+    pool = AdapterPool(tmp_path, args, "cpu", 2**30, weights_id="aaaa")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool.get("mine")
+    with pytest.warns(BaseModelWarning, match="other weights"):
+        pool.get("other")
