@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -111,8 +112,37 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     commit, where = git_commit(), machine()
-    running, failed, done = [], [], 0
+    running, failed = [], []
     t0 = time.time()
+
+    def on_sigterm(signum, frame):  # (Ctrl-C reaches the runs from the terminal by itself)
+        raise _Stopped
+
+    old = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        _loop(todo, running, failed, base, env, commit, where, parallel, t0)
+    except (_Stopped, KeyboardInterrupt) as e:
+        # Each run stops after its current step and saves a checkpoint (train.py's own signal
+        # handling); wait for them, so that the same command resumes every one.
+        for _, proc, _ in running:
+            if isinstance(e, _Stopped):
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, out in running:
+            proc.wait()
+            out.close()
+        raise UserError(f"interrupted: {len(running)} running run(s) saved their checkpoints and stopped, "
+                        f"{len(todo)} not started; the same command resumes them") from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    return failed
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _loop(todo, running, failed, base, env, commit, where, parallel, t0):
+    done = 0
     while todo or running:
         while todo and len(running) < parallel:
             task, method, seed, cmd = todo.pop(0)
@@ -136,7 +166,6 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
                 failed.append(name)
             print(f"[{done} done, {len(running)} running, {len(todo)} waiting, {time.time() - t0:.0f} s] "
                   f"{name}: {status}", file=sys.stderr)
-    return failed
 
 
 # ---- the table ----------------------------------------------------------------------------------

@@ -120,3 +120,47 @@ def test_runs_the_real_train_script_on_a_tiny_model(tmp_path):
     assert [r["method"] for r in rows] == ["none", "bitfit"] and rows[1]["steps"] == [2]
     assert rows[1]["commit"] and sys.executable in json.loads((tmp_path / "out/custom.json").read_text())[
         "runs"][1]["launch"]["command"]
+
+
+SLOW_TRAIN = r'''
+import os, signal, sys, time
+a = sys.argv[1:]
+stem = a[a.index("--out") + 1][:-len(".safetensors")]
+def stop(signum, frame):  # as train.py does: finish the step, save a checkpoint, exit
+    open(stem + ".ckpt", "w").write("saved")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+open(stem + ".pid", "w").write(str(os.getpid()))
+time.sleep(60)
+'''
+
+
+def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
+    """SIGTERM to the results command (a job scheduler's timeout) reaches its runs, which save
+    their checkpoints, and the command waits for them: nothing is left running or lost."""
+    import os
+    import signal
+    import subprocess
+    import time
+    script = tmp_path / "train.py"
+    script.write_text(SLOW_TRAIN)
+    base = tmp_path / "out"
+    driver = (f"import sys; from pathlib import Path; from minipara import results, cli; "
+              f"results.TRAIN_SCRIPT = Path({str(script)!r}); "
+              f"cli.run(lambda: results.main(['--task', 'sst2', '--methods', 'para,lora', '--seeds', '0,1', "
+              f"'--parallel', '2', '--dir', {str(base)!r}]))")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
+    pids = []
+    for _ in range(200):
+        pids = list((base / "sst2").glob("*.pid")) if (base / "sst2").is_dir() else []
+        if len(pids) == 2 and all(p.read_text() for p in pids):
+            break
+        time.sleep(0.1)
+    assert len(pids) == 2, proc.stderr.read() if proc.poll() is not None else "runs did not start"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "interrupted" in err and "the same command resumes" in err, err
+    assert sorted(p.name for p in (base / "sst2").glob("*.ckpt")) == ["para-seed0.ckpt", "para-seed1.ckpt"]
+    for p in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)
