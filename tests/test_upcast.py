@@ -1,6 +1,7 @@
-"""16-bit models on a CPU without bf16 matrix units run long inputs' layers in float32
+"""16-bit models on a CPU without 16-bit matrix instructions run long inputs' layers in float32
 (model.upcast_layers): the results stay those of the model, closer to float32 arithmetic,
-and the KV cache and adapter states stay in the model's dtype for decoding."""
+and the KV cache and adapter states stay in the model's dtype for decoding. The tests force
+that path (model.fast_16bit_matmul), so they run whatever this CPU has."""
 import pytest
 import torch
 
@@ -9,7 +10,20 @@ from minipara.methods import build_adapter
 
 from conftest import prefill_then_decode, tiny_model
 
-pytestmark = pytest.mark.skipif(torch.cpu._is_amx_tile_supported(), reason="this CPU has bf16 matrix units")
+
+
+@pytest.fixture(autouse=True)
+def slow_16bit_cpu(monkeypatch):
+    monkeypatch.setattr(model_mod, "fast_16bit_matmul", lambda dtype: False)
+
+
+def test_upcast_only_where_16bit_matmuls_are_slow(monkeypatch):
+    x = torch.zeros(1, 64, 8, dtype=torch.bfloat16)
+    assert model_mod.upcast_layers(x)
+    monkeypatch.setattr(model_mod, "fast_16bit_matmul", lambda dtype: dtype == torch.bfloat16)
+    assert not model_mod.upcast_layers(x)  # e.g. AVX512-BF16 or AMX: bf16 runs as it is
+    assert model_mod.upcast_layers(x.half())  # fp16 needs AMX-FP16
+    assert not model_mod.upcast_layers(x.float())
 
 
 def test_long_bf16_input_runs_in_float32_and_decodes_on_in_bf16(monkeypatch, family):
