@@ -189,7 +189,13 @@ def _cut(row: list[int], eos) -> list[int]:
 
 
 def _beam_search(decoder, cache, logits, cfg, eos):
-    """HF transformers' beam search (generation/utils.py `_beam_search`), batched."""
+    """HF transformers' beam search (generation/utils.py `_beam_search`), batched.
+
+    The stop test never waits for the step it tests: each step's "still searching" flag is
+    copied to the host without blocking and read one step later, when the device has long
+    finished it, so the host keeps queueing steps (on a GPU, the next graph replay) instead
+    of idling between them. The step after a stop is therefore computed but changes nothing:
+    every update is gated by the device-side flag `live`."""
     B, V = logits.shape
     K, N, lp = cfg.beams, cfg.max_new_tokens, cfg.length_penalty
     dev = logits.device
@@ -206,8 +212,12 @@ def _beam_search(decoder, cache, logits, cfg, eos):
     fin_score = torch.full((B, K), -1e9, device=dev)
     fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
     improvable = torch.ones(B, dtype=torch.bool, device=dev)
+    live = torch.ones((), dtype=torch.bool, device=dev)
     top_k_mask = torch.arange(keep, device=dev) < K
     batch_off = (torch.arange(B, device=dev) * K)[:, None]
+    cuda = dev.type == "cuda"
+    flags = torch.ones(N, dtype=torch.bool, pin_memory=cuda)  # live after step t, on the host
+    copied = [None] * N  # CUDA: an event after step t's flag copy
     for t in range(N):
         logp = F.log_softmax(logits.float(), -1).view(B, K, V) + run_score[:, :, None]
         cand_score, idx = logp.view(B, K * V).topk(keep)
@@ -218,22 +228,35 @@ def _beam_search(decoder, cache, logits, cfg, eos):
         # Running beams: the best K candidates that did not finish.
         alive = cand_score - 1e9 * hits.float()
         nxt = alive.topk(K).indices
-        run_seq = cand_seq.gather(1, nxt[:, :, None].expand(B, K, N))
-        run_score = alive.gather(1, nxt)
+        run_seq = torch.where(live, cand_seq.gather(1, nxt[:, :, None].expand(B, K, N)), run_seq)
+        run_score = torch.where(live, alive.gather(1, nxt), run_score)
         src_beam = beam.gather(1, nxt)
         # Finished hypotheses: candidates among the top K that hit EOS or the length limit.
         just = hits & top_k_mask[None]
         fs = cand_score / ((t + 1) ** lp) - 1e9 * (~improvable[:, None]).float() - 1e9 * (~just).float()
         m_score = torch.cat([fin_score, fs], 1)
         best = m_score.topk(K).indices
-        fin_seq = torch.cat([fin_seq, cand_seq], 1).gather(1, best[:, :, None].expand(B, K, N))
-        fin_len = torch.cat([fin_len, torch.full_like(fs, t + 1, dtype=torch.long)], 1).gather(1, best)
-        fin_done = torch.cat([fin_done, just], 1).gather(1, best)
-        fin_score = m_score.gather(1, best)
+        fin_seq = torch.where(live, torch.cat([fin_seq, cand_seq], 1).gather(1, best[:, :, None].expand(B, K, N)),
+                              fin_seq)
+        fin_len = torch.where(live, torch.cat([fin_len, torch.full_like(fs, t + 1, dtype=torch.long)], 1)
+                              .gather(1, best), fin_len)
+        fin_done = torch.where(live, torch.cat([fin_done, just], 1).gather(1, best), fin_done)
+        fin_score = torch.where(live, m_score.gather(1, best), fin_score)
         best_running = run_score[:, 0] / ((t + 1) ** lp)
         worst_fin = torch.where(fin_done.all(1), fin_score.min(1).values, torch.full_like(best_running, -1e9))
         improvable &= best_running > worst_fin
-        if t + 1 == N or eos and (not bool(improvable.any()) or bool(hits.all())):
+        if t + 1 == N:
             break
+        if eos:
+            live = live & improvable.any() & ~hits.all()
+            flags[t].copy_(live, non_blocking=True)
+            if cuda:
+                copied[t] = torch.cuda.Event()
+                copied[t].record()
+            if t > 0:  # read a step late: see the docstring
+                if cuda:
+                    copied[t - 1].synchronize()
+                if not bool(flags[t - 1]):
+                    break
         logits = decoder.beam_step(cache, (src_beam + batch_off).flatten(), prompt_end, run_seq[:, :, t].flatten())
     return [fin_seq[b, 0, : fin_len[b, 0]].tolist() for b in range(B)]

@@ -1,4 +1,6 @@
 """minipara's forward, cache and generation against HF transformers on tiny random checkpoints."""
+import random
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -122,6 +124,48 @@ def test_beam_search_matches_hf(pair, eos):
     prompts = [t[v].tolist() for t, v in zip(tokens, valid)]
     got = generate(ours, prompts, GenerationConfig(max_new_tokens=12, beams=3, eos_ids=(eos,) if eos else ()))
     assert got == ref
+
+
+_STOP_PAIR = {}
+
+
+@exact_only
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), n_eos=st.integers(0, 8), first_tokens=st.booleans(), beams=st.integers(2, 4),
+       lengths=st.lists(st.integers(2, 12), min_size=1, max_size=3))
+def test_beam_search_stops_as_hf_does(tmp_path_factory, seed, n_eos, first_tokens, beams, lengths):
+    """The search ends where HF's does, with the same hypotheses, having run at most one more
+    model step: the stop test reads each step's flag one step late (generation.py,
+    _beam_search). `first_tokens` makes every row's best first tokens EOS ids, so that the
+    searches end at once."""
+    if not _STOP_PAIR:
+        hf = hf_llama(2, True, 1)
+        path = tmp_path_factory.mktemp("stop")
+        hf.save_pretrained(path)
+        _STOP_PAIR["pair"] = hf.to(DEVICE, DTYPE), load_model(path, DTYPE, DEVICE)
+    hf, ours = _STOP_PAIR["pair"]
+    tokens, valid = padded_batch(seed, lengths)
+    eos = set(random.Random(seed).sample(range(3, VOCAB), n_eos))
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        if first_tokens:
+            first = hf(tokens, attention_mask=valid.long(), position_ids=pos).logits[:, -1]
+            eos |= {int(t) for t in first.topk(beams).indices.flatten()}
+        eos = sorted(eos) or [2]
+        out = hf.generate(tokens, attention_mask=valid.long(), max_new_tokens=12, num_beams=beams, do_sample=False,
+                          pad_token_id=0, length_penalty=1.0, eos_token_id=eos, return_dict_in_generate=True,
+                          output_scores=True)
+    ref, hf_steps = out.sequences, len(out.scores)  # one score per step HF ran
+    ref = [r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))] for r in ref[:, tokens.shape[1]:].tolist()]
+    dec, steps = Decoder(ours), []
+    step = dec.beam_step
+    dec.beam_step = lambda *a: steps.append(1) or step(*a)
+    prompts = [t[v].tolist() for t, v in zip(tokens, valid)]
+    got = generate(ours, prompts, GenerationConfig(max_new_tokens=12, beams=beams, eos_ids=tuple(eos)), decoder=dec)
+    assert got == ref
+    assert hf_steps <= len(steps) + 1 <= hf_steps + 1  # (+ 1: the first token comes from the prefill)
+    if first_tokens:
+        assert hf_steps == 1
 
 
 @settings(max_examples=20, deadline=None)
