@@ -115,25 +115,28 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
     running, failed = [], []
     t0 = time.time()
 
-    def on_sigterm(signum, frame):  # (Ctrl-C reaches the runs from the terminal by itself)
-        raise _Stopped
+    # The runs get signals from this command only (each is started in its own session): a
+    # terminal's Ctrl-C or a scheduler's group-wide SIGTERM reaches them once, forwarded,
+    # since train.py takes a second signal as "abort without saving".
+    def on_signal(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise _Stopped(signum)
 
-    old = signal.signal(signal.SIGTERM, on_sigterm)
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         _loop(todo, running, failed, base, env, commit, where, parallel, t0)
-    except (_Stopped, KeyboardInterrupt) as e:
-        # Each run stops after its current step and saves a checkpoint (train.py's own signal
-        # handling); wait for them, so that the same command resumes every one.
-        for _, proc, _ in running:
-            if isinstance(e, _Stopped):
-                proc.send_signal(signal.SIGTERM)
+    except _Stopped as e:
+        for _, proc, _ in running:  # each stops after its current step and saves a checkpoint
+            proc.send_signal(e.args[0])
         for _, proc, out in running:
             proc.wait()
             out.close()
         raise UserError(f"interrupted: {len(running)} running run(s) saved their checkpoints and stopped, "
                         f"{len(todo)} not started; the same command resumes them") from None
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     return failed
 
 
@@ -152,7 +155,7 @@ def _loop(todo, running, failed, base, env, commit, where, parallel, t0):
                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
             out = open(str(stem) + ".out", "w")
             running.append((f"{task} {method} seed {seed}", subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT), out))
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True), out))
         time.sleep(1)
         for item in list(running):
             name, proc, out = item

@@ -126,18 +126,25 @@ SLOW_TRAIN = r'''
 import os, signal, sys, time
 a = sys.argv[1:]
 stem = a[a.index("--out") + 1][:-len(".safetensors")]
-def stop(signum, frame):  # as train.py does: finish the step, save a checkpoint, exit
-    open(stem + ".ckpt", "w").write("saved")
-    sys.exit(130)
-signal.signal(signal.SIGTERM, stop)
+signals = []  # as train.py: a first signal saves a checkpoint after the step, a second aborts
+signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
+signal.signal(signal.SIGINT, lambda signum, frame: signals.append(signum))
 open(stem + ".pid", "w").write(str(os.getpid()))
-time.sleep(60)
+for _ in range(1200):
+    time.sleep(0.05)
+    if signals:
+        time.sleep(1.0)  # the step finishing, while more signals may come
+        if len(signals) > 1:
+            sys.exit(137)  # aborted without saving
+        open(stem + ".ckpt", "w").write("saved")
+        sys.exit(130)
 '''
 
 
 def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
-    """SIGTERM to the results command (a job scheduler's timeout) reaches its runs, which save
-    their checkpoints, and the command waits for them: nothing is left running or lost."""
+    """SIGTERM to the results command's whole process group, twice (as `timeout` sends it),
+    reaches each run once, so they save their checkpoints, and the command waits for them:
+    nothing is left running or lost."""
     import os
     import signal
     import subprocess
@@ -149,7 +156,7 @@ def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
               f"results.TRAIN_SCRIPT = Path({str(script)!r}); "
               f"cli.run(lambda: results.main(['--task', 'sst2', '--methods', 'para,lora', '--seeds', '0,1', "
               f"'--parallel', '2', '--dir', {str(base)!r}]))")
-    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids = []
     for _ in range(200):
         pids = list((base / "sst2").glob("*.pid")) if (base / "sst2").is_dir() else []
@@ -157,7 +164,8 @@ def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
             break
         time.sleep(0.1)
     assert len(pids) == 2, proc.stderr.read() if proc.poll() is not None else "runs did not start"
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "interrupted" in err and "the same command resumes" in err, err
     assert sorted(p.name for p in (base / "sst2").glob("*.ckpt")) == ["para-seed0.ckpt", "para-seed1.ckpt"]
