@@ -1,4 +1,6 @@
 # Call 1 (nvidia-h100-x2): issue 15's 1- vs 2-GPU training steps/s, then issue 13's single-request
+# (`pack` added after the run: this call returned only 8 of its files, so single.json, its
+# profile and the warm-start row were lost; call 6 re-measured the single-request rows.)
 # rows on GPU 0 and the prompt-aware rows on GPU 1 side by side.
 . scripts/gpu_session/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"; python3 -c "import torch,transformers,peft;print(torch.__version__,transformers.__version__,peft.__version__)" >> "$OUT/gpus.txt" 2>&1
@@ -15,3 +17,4 @@ left=$((${DEADLINE:-440} - SECONDS))
   step prompt_aware $((left - 5)) $B --methods base,para,pedro,parade,iapt --beams 1 --runs 5 --json "$OUT/prompt_aware.json" --markdown "$OUT/prompt_aware.md" ) &
 cp .carry/gemma.gguf.part00 ~/parts/ 2>/dev/null
 wait; cat "$OUT/steps.txt"; ls ~/parts
+pack

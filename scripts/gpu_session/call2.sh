@@ -10,3 +10,4 @@ L=${DEADLINE:-440}
 ( export CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$HOME/site
   step loadgen $((L - 5)) python3 -m minipara.loadgen --shape llama-2-7b --dtype bfloat16 --device cuda --requests 3 --out "$OUT/load.jsonl" ) &
 wait; cat "$OUT/steps.txt"; ls ~/parts
+pack

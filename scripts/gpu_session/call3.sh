@@ -6,3 +6,4 @@ cp .carry/gemma.gguf.part02 ~/parts/ 2>/dev/null
 ( export CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$HOME/site
   step test_engine 100 env MINIPARA_TEST_DEVICE=cuda python3 -m pytest -q -x -p no:cacheprovider tests/test_engine.py ) &
 wait; cat "$OUT/steps.txt"; ls ~/parts
+pack

@@ -24,3 +24,4 @@ LR=ia3=3e-3,ptuning_v2=1e-2,parade=1e-3
 wait
 mkdir -p "$OUT/results"; cp -r results/* "$OUT/results/"; rm -f "$OUT"/results/*/*.safetensors "$OUT"/results/*/*.ckpt
 ls "$OUT/results/sst2" | grep -c report
+pack

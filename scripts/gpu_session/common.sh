@@ -11,3 +11,6 @@ step() {  # step NAME SECONDS COMMAND... (log in $OUT/NAME.log, how it ended in 
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - t0)) s (limit $limit)" | tee -a "$OUT/steps.txt"
 }
+pack() {  # the device returns only a handful of files per call: one archive of everything
+  (cd "$OUT" && tar czf /tmp/all.tgz . && rm -rf "$OUT"/* && mv /tmp/all.tgz "$OUT"/)
+}
