@@ -1,7 +1,7 @@
 # Call 1 (nvidia-h100-x2): issue 15's 1- vs 2-GPU training steps/s, then issue 13's single-request
+# rows on GPU 0 and the prompt-aware rows on GPU 1 side by side.
 # (`pack` added after the run: this call returned only 8 of its files, so single.json, its
 # profile and the warm-start row were lost; call 6 re-measured the single-request rows.)
-# rows on GPU 0 and the prompt-aware rows on GPU 1 side by side.
 . scripts/gpu_session/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"; python3 -c "import torch,transformers,peft;print(torch.__version__,transformers.__version__,peft.__version__)" >> "$OUT/gpus.txt" 2>&1
 T="--methods para --prompt-tokens 274"
