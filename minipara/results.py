@@ -112,7 +112,7 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     commit, where = git_commit(), machine()
-    running, failed = [], []
+    running, failed, done = [], [], 0
     t0 = time.time()
 
     # The runs get signals from this command only (each is started in its own session): a
@@ -125,7 +125,29 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        _loop(todo, running, failed, base, env, commit, where, parallel, t0)
+        while todo or running:
+            while todo and len(running) < parallel:
+                task, method, seed, cmd = todo.pop(0)
+                stem = run_stem(base / task, method, seed)
+                Path(str(stem) + ".run.json").write_text(json.dumps(
+                    {"command": shlex.join(cmd), "commit": commit, "machine": where,
+                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+                out = open(str(stem) + ".out", "w")
+                running.append((f"{task} {method} seed {seed}", subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True), out))
+            time.sleep(1)
+            for item in list(running):
+                name, proc, out = item
+                if proc.poll() is None:
+                    continue
+                running.remove(item)
+                out.close()
+                done += 1
+                status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out.name})"
+                if proc.returncode != 0:
+                    failed.append(name)
+                print(f"[{done} done, {len(running)} running, {len(todo)} waiting, {time.time() - t0:.0f} s] "
+                      f"{name}: {status}", file=sys.stderr)
     except _Stopped as e:
         for _, proc, _ in running:  # each stops after its current step and saves a checkpoint
             proc.send_signal(e.args[0])
@@ -142,33 +164,6 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
 
 class _Stopped(Exception):
     pass
-
-
-def _loop(todo, running, failed, base, env, commit, where, parallel, t0):
-    done = 0
-    while todo or running:
-        while todo and len(running) < parallel:
-            task, method, seed, cmd = todo.pop(0)
-            stem = run_stem(base / task, method, seed)
-            Path(str(stem) + ".run.json").write_text(json.dumps(
-                {"command": shlex.join(cmd), "commit": commit, "machine": where,
-                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
-            out = open(str(stem) + ".out", "w")
-            running.append((f"{task} {method} seed {seed}", subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True), out))
-        time.sleep(1)
-        for item in list(running):
-            name, proc, out = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            out.close()
-            done += 1
-            status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out.name})"
-            if proc.returncode != 0:
-                failed.append(name)
-            print(f"[{done} done, {len(running)} running, {len(todo)} waiting, {time.time() - t0:.0f} s] "
-                  f"{name}: {status}", file=sys.stderr)
 
 
 # ---- the table ----------------------------------------------------------------------------------
