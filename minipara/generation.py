@@ -217,7 +217,7 @@ def _beam_search(decoder, cache, logits, cfg, eos):
     batch_off = (torch.arange(B, device=dev) * K)[:, None]
     cuda = dev.type == "cuda"
     flags = torch.ones(N, dtype=torch.bool, pin_memory=cuda)  # live after step t, on the host
-    copied = [None] * N  # CUDA: an event after step t's flag copy
+    copied = None  # CUDA: the event after the previous step's flag copy
     for t in range(N):
         logp = F.log_softmax(logits.float(), -1).view(B, K, V) + run_score[:, :, None]
         cand_score, idx = logp.view(B, K * V).topk(keep)
@@ -250,13 +250,13 @@ def _beam_search(decoder, cache, logits, cfg, eos):
         if eos:
             live = live & improvable.any() & ~hits.all()
             flags[t].copy_(live, non_blocking=True)
-            if cuda:
-                copied[t] = torch.cuda.Event()
-                copied[t].record()
             if t > 0:  # read a step late: see the docstring
-                if cuda:
-                    copied[t - 1].synchronize()
+                if copied is not None:
+                    copied.synchronize()
                 if not bool(flags[t - 1]):
                     break
+            if cuda:
+                copied = torch.cuda.Event()
+                copied.record()
         logits = decoder.beam_step(cache, (src_beam + batch_off).flatten(), prompt_end, run_seq[:, :, t].flatten())
     return [fin_seq[b, 0, : fin_len[b, 0]].tolist() for b in range(B)]
