@@ -126,24 +126,24 @@ def test_beam_search_matches_hf(pair, eos):
     assert got == ref
 
 
-_STOP_PAIR = {}
+@pytest.fixture(scope="module")
+def stop_pair(tmp_path_factory):
+    hf = hf_llama(2, True, 1)
+    path = tmp_path_factory.mktemp("stop")
+    hf.save_pretrained(path)
+    return hf.to(DEVICE, DTYPE), load_model(path, DTYPE, DEVICE)
 
 
 @exact_only
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), n_eos=st.integers(0, 8), first_tokens=st.booleans(), beams=st.integers(2, 4),
        lengths=st.lists(st.integers(2, 12), min_size=1, max_size=3))
-def test_beam_search_stops_as_hf_does(tmp_path_factory, seed, n_eos, first_tokens, beams, lengths):
+def test_beam_search_stops_as_hf_does(stop_pair, seed, n_eos, first_tokens, beams, lengths):
     """The search ends where HF's does, with the same hypotheses, having run at most one more
     model step: the stop test reads each step's flag one step late (generation.py,
     _beam_search). `first_tokens` makes every row's best first tokens EOS ids, so that the
     searches end at once."""
-    if not _STOP_PAIR:
-        hf = hf_llama(2, True, 1)
-        path = tmp_path_factory.mktemp("stop")
-        hf.save_pretrained(path)
-        _STOP_PAIR["pair"] = hf.to(DEVICE, DTYPE), load_model(path, DTYPE, DEVICE)
-    hf, ours = _STOP_PAIR["pair"]
+    hf, ours = stop_pair
     tokens, valid = padded_batch(seed, lengths)
     eos = set(random.Random(seed).sample(range(3, VOCAB), n_eos))
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)

@@ -11,7 +11,6 @@ from minipara.methods import build_adapter
 from conftest import prefill_then_decode, tiny_model
 
 
-
 @pytest.fixture(autouse=True)
 def slow_16bit_cpu(monkeypatch):
     monkeypatch.setattr(model_mod, "fast_16bit_matmul", lambda dtype: False)
