@@ -4,7 +4,7 @@
 # importance, each under its own time limit and all under one deadline, so that a step that
 # runs long costs only itself and the steps after it (bench.py writes its JSON after every
 # row). Output: $OUT/*.json, *.md, *.log and steps.txt (how each step ended).
-#   OUT=out bash scripts/gpu_bench.sh [total seconds, default 465]
+#   OUT=out bash scripts/gpu_session/gpu_bench.sh [total seconds, default 465]
 set -u
 OUT=${OUT:-out}
 DEADLINE=${1:-465}
