@@ -3,7 +3,7 @@
 A method never patches the model. At each layer of a full forward or a prefill, the model
 calls `adapter.layer_state(i, h, pool_mask, model)` with the hidden states `h` entering layer
 i; the method returns a `LayerState`: multipliers and biases for the outputs of the layer's
-linears, low-rank updates, and prefix keys/values. The model applies it (`apply`), the KV
+linears, low-rank updates, and prefix keys/values. The model runs its linears through it (`linear`), the KV
 cache keeps it for every decode step (so a generator runs once per request), and the compiled
 decode step reads it as plain tensors (`tensors`, `from_tensors`).
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelArgs
+from .matvec import matvec
 from .projections import FUSED, out_sizes, parts as _parts
 
 
@@ -37,18 +38,23 @@ class LayerState:
     prefix_k: torch.Tensor | None = None
     prefix_v: torch.Tensor | None = None
 
-    def apply(self, name: str, x, y):
+    def linear(self, name: str, x, linear):
+        """linear(x) (a model.Linear: fused linear `name`) with this state's update."""
         if name in self.lora:
             a, b = (t.to(x.dtype) for t in self.lora[name])
             if x.shape[-2] == 1:
                 # One token per row (decode): the two products as sums, which the compiler fuses
-                # into reductions. As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel
-                # that took 63 us per call at 3 rows on an H100 (bench.py --profile).
+                # into reductions (x.A into the base product's where model.matvec makes that a
+                # reduction). As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel that
+                # took 63 us per call at 3 rows on an H100 (bench.py --profile).
                 if a.dim() == 3:  # per-row pairs (B, in, r), (B, r, out)
                     a, b = a[:, None], b[:, None]
-                y = y + ((x[..., None] * a).sum(-2)[..., None] * b).sum(-2)
+                y, xa = matvec(x, linear.weight, linear.bias, extra=a)
+                y = y + (xa[..., None] * b).sum(-2)
             else:
-                y = y + (x @ a) @ b
+                y = linear(x) + (x @ a) @ b
+        else:
+            y = linear(x)
         if name in self.scale:
             y = y * self.scale[name]
         if name in self.bias:

@@ -1,8 +1,8 @@
 """LLaMA / Gemma decoder in plain PyTorch, numerically matching HF transformers.
 
 Projections are fused (q|k|v and gate|up) for speed; adapters attach through
-`LayerState.apply(name, x, y)` on the outputs of the four fused linears
-("qkv", "o", "gate_up", "down"), on the outputs of Gemma 3's per-head query/key norms
+`LayerState.linear(name, x, linear)`, which runs the four fused linears
+("qkv", "o", "gate_up", "down") with the adapter's update, on the outputs of Gemma 3's per-head query/key norms
 ("q_norm", "k_norm"), and through per-layer prefix key/values. With no adapter the
 hooks are a single `is None` test.
 """
@@ -14,6 +14,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelArgs, rope_inv_freq
+from .matvec import Linear, matvec
 
 
 class RMSNorm(nn.Module):
@@ -48,8 +49,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.wqkv = nn.Linear(args.dim, args.q_dim + 2 * args.kv_dim, bias=args.attention_bias)
-        self.wo = nn.Linear(args.q_dim, args.dim, bias=args.attention_bias)
+        self.wqkv = Linear(args.dim, args.q_dim + 2 * args.kv_dim, bias=args.attention_bias)
+        self.wo = Linear(args.q_dim, args.dim, bias=args.attention_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
@@ -58,9 +59,7 @@ class Attention(nn.Module):
         """q, k, v heads (B, H, T, D) of normed hidden states h, RoPE applied."""
         a = self.args
         B, T, _ = h.shape
-        qkv = self.wqkv(h)
-        if st is not None:
-            qkv = st.apply("qkv", h, qkv)
+        qkv = self.wqkv(h) if st is None else st.linear("qkv", h, self.wqkv)
         q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim)
         k = k.view(B, T, a.n_kv_heads, a.head_dim)
@@ -96,26 +95,22 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.attn_scale)
         # reshape, not view: some kernels return the output in a layout view cannot take
         o = o.reshape(B, a.n_heads, T, a.head_dim).transpose(1, 2).reshape(B, T, a.q_dim)
-        y = self.wo(o)
-        return st.apply("o", o, y) if st is not None else y
+        return self.wo(o) if st is None else st.linear("o", o, self.wo)
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.ffn_dim = args.ffn_dim
-        self.w_gate_up = nn.Linear(args.dim, 2 * args.ffn_dim, bias=args.mlp_bias)
-        self.w_down = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+        self.w_gate_up = Linear(args.dim, 2 * args.ffn_dim, bias=args.mlp_bias)
+        self.w_down = Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
         self.act = F.silu if args.activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
 
     def forward(self, x, st):
-        gu = self.w_gate_up(x)
-        if st is not None:
-            gu = st.apply("gate_up", x, gu)
+        gu = self.w_gate_up(x) if st is None else st.linear("gate_up", x, self.w_gate_up)
         gate, up = gu.split(self.ffn_dim, dim=-1)
         a = self.act(gate) * up
-        y = self.w_down(a)
-        return st.apply("down", a, y) if st is not None else y
+        return self.w_down(a) if st is None else st.linear("down", a, self.w_down)
 
 
 class Block(nn.Module):
@@ -144,7 +139,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         if not args.tie_embeddings:
-            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            self.output = Linear(args.dim, args.vocab_size, bias=False)
+        # sqrt(dim) rounded to each dtype, as Python numbers (a tensor's .item() would break a compiled graph)
+        self.embed_scale = {dt: torch.tensor(math.sqrt(args.dim), dtype=dt).item()
+                            for dt in (torch.float32, torch.bfloat16, torch.float16)}
         self.register_buffer("inv_freq_global", torch.empty(args.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_local", torch.empty(args.head_dim // 2), persistent=False)
         self.setup_rope()
@@ -173,7 +171,7 @@ class Transformer(nn.Module):
     def logits(self, h):
         """Vocabulary logits of final (normed) hidden states."""
         w = self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
-        return F.linear(h, w)
+        return matvec(h, w)
 
     def new_cache(self, batch: int, max_len: int, n_prefix: int = 0) -> KVCache:
         p = self.tok_embeddings.weight
@@ -255,7 +253,7 @@ class Transformer(nn.Module):
         a = self.args
         x = self.tok_embeddings(tokens)
         if a.embed_scale:  # HF rounds sqrt(dim) to the model dtype first
-            x = x * torch.tensor(math.sqrt(a.dim), dtype=x.dtype).item()
+            x = x * self.embed_scale[x.dtype]
         dtype, upcast = x.dtype, upcast_layers(x)
         if upcast:
             x = x.float()

@@ -84,3 +84,22 @@ def test_every_method_and_mixtures_across_repeated_requests(setup, beams):
     for _ in range(3):
         for name, ad in ads.items():
             assert generate(model, PROMPTS, cfg, adapter=ad, decoder=fast) == expected[name], name
+
+
+@pytest.fixture(scope="module")
+def reducing(setup):
+    """A decoder whose steps of up to 8 rows run their linear products as generated reductions
+    (matvec.py; on CUDA the default is 1 row, on CPU none)."""
+    return compile_decoder(Decoder(setup[0]), matvec_rows=8)
+
+
+@exact_only
+@pytest.mark.parametrize("beams", [1, 3])
+def test_products_as_reductions_generate_as_eager(setup, reducing, beams):
+    """The same tokens as eager generation with the products as reductions: LoRA's x.A folded
+    into the base product (one adapter for the batch) or computed beside it (per-row pairs)."""
+    model, _ = setup
+    lora = adapter_for(model, "lora")
+    cfg = GenerationConfig(max_new_tokens=8, beams=beams, eos_ids=())
+    for name, ad in (("bare", None), ("lora", lora), ("lora+bare mixed", Mixture([lora], [0, None]))):
+        assert generate(model, PROMPTS, cfg, adapter=ad, decoder=reducing) == generate(model, PROMPTS, cfg, adapter=ad), name

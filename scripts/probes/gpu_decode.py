@@ -1,108 +1,34 @@
 """GPU probe for issue 13: where the decode step and the prefill spend their time, and what
-candidate changes buy, on the LLaMA-2-7B shape (random weights, bf16, 274-token prompt, 32 new
-tokens, batch 1), each variant in the same process as the base it is compared to.
+candidate settings buy, on the LLaMA-2-7B shape (random weights, bf16, 274-token prompt, 32 new
+tokens, batch 1), each variant in the same process as the others.
 
-  python scripts/probes/gpu_decode.py VARIANT[,VARIANT...] [--profile FILE] [--gemv]
+  python scripts/probes/gpu_decode.py VARIANT[,VARIANT...] [--profile FILE] [--gemv FILE]
 
-Variants are patches applied for one row and removed after it (not the library's code paths):
-  base        the library as it is
-  cdt         inductor's coordinate-descent tuning of its generated kernels (gpt-fast sets it)
-  attn_math   one-token attention as two products and a softmax, instead of SDPA's kernel
-  redlin      one-token linears as (x * W).sum(-1), which inductor generates as its own
-              reduction kernels (and may fuse neighbours into), instead of cuBLAS GEMV
-  redlin_cdt  both
-  lora        LoRA r4 all linears, as the library computes it at decode
-  lora_split  LoRA with x.A written as r reductions shaped like the RMSNorm's (fusable with it)
-  lora_mm     LoRA with plain matmuls (cuBLAS) at decode
-  prefill_c   the prefill compiled by inductor (then recorded as a CUDA graph as today)
---gemv: matrix-vector products of the 7B's shapes, cuBLAS against inductor's reduction,
-  in GB/s, and the copy bandwidth.
+VARIANT is METHOD/bBEAMS/rROWS: the library's compiled decoder with matvec_rows=ROWS (fast.py),
+METHOD's adapter (base: none) and BEAMS beams; rold: the options before 2026-11-25 late
+(reduce-overhead, every product through cuBLAS; the prefill is compiled either way).
+--profile: per-kernel GPU times of one generation of each beam-1 variant.
+--gemv: matrix-vector products of the 7B's shapes, cuBLAS against inductor's reduction (one
+row; three rows as three reductions fused into one kernel), in GB/s, and the copy bandwidth.
+
+The first run of this probe (commit 6ecacdc) patched the model instead, to try what the
+library then took up (coordinate-descent tuning, products as reductions, a compiled prefill)
+and what it did not (LoRA's x.A as r separate reductions or as cuBLAS products, one-token
+attention as plain products): results/probes/gpu-decode-2026-11-25.txt.
 """
 import argparse
-import contextlib
+import functools
 import json
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, ".")
 from minipara import benchmark as bm  # noqa: E402
-from minipara import layer_state, model as model_mod, generation  # noqa: E402
-
-
-def _red_linear(self, x):
-    if x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= 4:
-        y = (x[..., None, :] * self.weight).sum(-1)
-        return y if self.bias is None else y + self.bias
-    return F.linear(x, self.weight, self.bias)
-
-
-def _red_logits(self, h):
-    w = self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
-    if h.dim() == 3 and h.shape[1] == 1 and h.shape[0] <= 4:
-        return (h[..., None, :] * w).sum(-1)
-    return F.linear(h, w)
-
-
-_sdpa = F.scaled_dot_product_attention
-
-
-def _math_sdpa(q, k, v, attn_mask=None, scale=None):
-    if q.shape[-2] > 8:  # prefill: as before
-        return _sdpa(q, k, v, attn_mask=attn_mask, scale=scale)
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.float().masked_fill(~attn_mask, float("-inf"))
-    return (s.softmax(-1).to(q.dtype)) @ v
-
-
-_apply = layer_state.LayerState.apply
-
-
-def _apply_split(self, name, x, y):
-    if name in self.lora and x.shape[-2] == 1:
-        a, b = (t.to(x.dtype) for t in self.lora[name])
-        if a.dim() == 2:
-            xa = torch.stack([(x * a[:, j]).sum(-1) for j in range(a.shape[1])], -1)
-            y = y + (xa[..., None] * b).sum(-2)
-            rest = layer_state.LayerState(scale=self.scale, bias=self.bias)
-            return _apply(rest, name, x, y)
-    return _apply(self, name, x, y)
-
-
-def _apply_mm(self, name, x, y):
-    if name in self.lora and x.shape[-2] == 1:
-        a, b = (t.to(x.dtype) for t in self.lora[name])
-        y = y + (x @ a) @ b
-        rest = layer_state.LayerState(scale=self.scale, bias=self.bias)
-        return _apply(rest, name, x, y)
-    return _apply(self, name, x, y)
-
-
-@contextlib.contextmanager
-def patched(variant):
-    ind = torch._inductor.config
-    saved = (nn.Linear.forward, model_mod.Transformer.logits, F.scaled_dot_product_attention,
-             layer_state.LayerState.apply, generation.Decoder.run_prefill, ind.coordinate_descent_tuning)
-    try:
-        if "cdt" in variant:
-            ind.coordinate_descent_tuning = True
-        if variant.startswith("redlin"):
-            nn.Linear.forward, model_mod.Transformer.logits = _red_linear, _red_logits
-        if variant == "attn_math":
-            F.scaled_dot_product_attention = _math_sdpa
-        if variant == "lora_split":
-            layer_state.LayerState.apply = _apply_split
-        if variant == "lora_mm":
-            layer_state.LayerState.apply = _apply_mm
-        if variant == "prefill_c":
-            generation.Decoder.run_prefill = torch.compile(saved[4], dynamic=False)
-        yield
-    finally:
-        (nn.Linear.forward, model_mod.Transformer.logits, F.scaled_dot_product_attention,
-         layer_state.LayerState.apply, generation.Decoder.run_prefill, ind.coordinate_descent_tuning) = saved
+from minipara import fast  # noqa: E402
+from minipara.fast import compile_decoder  # noqa: E402
 
 
 def kernel_table(model, adapter, prompts, label, file):
@@ -123,12 +49,13 @@ def kernel_table(model, adapter, prompts, label, file):
 def gemv(file):
     shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
               "logits": (32000, 4096)}
-    red = torch.compile(lambda x, w: (x[..., None, :] * w).sum(-1), dynamic=False)
+    torch._inductor.config.coordinate_descent_tuning = True
+    red = torch.compile(lambda x, w: torch.stack([(r * w).sum(-1) for r in x.unbind(0)]), dynamic=False)
     out = []
     for m in (1, 3):
         for name, (n, k) in shapes.items():
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(4)]  # > L2
-            x = torch.randn(m, 1, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             row = {"m": m, "shape": name, "n": n, "k": k}
             for label, fn in (("cublas", lambda w: F.linear(x, w)), ("inductor", lambda w: red(x, w))):
                 for w in ws:
@@ -186,11 +113,15 @@ def main():
         gemv(a.gemv)
     for v in a.variants.split(","):
         t0 = time.time()
-        with patched(v):
-            m, ad = bm.make_adapter("lora" if v.startswith("lora") else "base", model)
-            r = bm.run_row(m, ad, prompts, 1, 32, a.runs, 2, True)
-            if a.profile and v in ("base", "lora", "lora_split"):
-                kernel_table(m, ad, prompts, v, a.profile)
+        method, beams, rows = v.split("/")
+        beams = int(beams[1:])
+        opts = {"mode": "reduce-overhead", "matvec_rows": 0} if rows == "rold" else {"matvec_rows": int(rows[1:])}
+        fast.compile_decoder = functools.partial(compile_decoder, **opts)  # what bench's Runner calls
+        m, ad = bm.make_adapter(method, model)
+        r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True)
+        if a.profile and beams == 1:
+            kernel_table(m, ad, prompts, v, a.profile)
+        fast.compile_decoder = compile_decoder
         r = {k: v2 for k, v2 in r.items() if isinstance(v2, (int, float))}
         print(json.dumps({"variant": v, "wall_s": round(time.time() - t0, 1), **r}), flush=True)
         bm.release(dev)
