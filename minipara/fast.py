@@ -7,9 +7,10 @@ CUDA graph recorded once is replayed for every token. Adapter states enter as pl
 tensors: PARA's vectors become one multiply that the compiler fuses into the
 neighbouring kernels, LoRA a pair of small matmuls.
 
-On CUDA the step's linear products of up to `matvec_rows` rows run as reductions the
-compiler generates, tuned by coordinate descent (matvec.py): on an H100 they read the
-weights faster than cuBLAS's GEMV kernels, and LoRA's x.A joins the base product.
+On CUDA the compiler tunes its kernels by coordinate descent, under which it also makes a
+one-row product a reduction of its own (fused with the input's norm) instead of a cuBLAS
+GEMV: on an H100 the 7B's decode step goes from 5.6 to 5.2 ms of GPU time
+(scripts/probes/gpu_decode.py, results/probes/), and LoRA's x.A can join that product.
 
 The prefill runs once per request but launches a few thousand small kernels (norms,
 RoPE, and each layer's generator): eagerly, a batch-1 prefill of a 7B model is
@@ -23,8 +24,7 @@ from collections import OrderedDict
 import torch
 
 from .cache import reorder_packed
-from .layer_state import LayerState
-from .matvec import matvec_by_reduction
+from .layer_state import LayerState, lora_folded
 
 # A captured beam step moves this many slots after the shared prompt (bucketed statically,
 # so one graph serves every step and prompt length); longer generations reorder eagerly.
@@ -32,13 +32,13 @@ BEAM_WINDOW = 64
 
 
 def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None = None,
-                    matvec_rows: int | None = None):
+                    fold_lora: bool | None = None):
     """Replace `decoder.step` with a compiled step (default: on CUDA, reduce-overhead, which
     records CUDA graphs, with coordinate-descent tuning of the generated kernels; plain
     inductor on CPU), and on CUDA `decoder.run_prefill` with compiled, recorded graphs
-    (`graph_prefill`). matvec_rows: steps of at most this many rows run their linear
-    products as generated reductions (default: 1 on CUDA, 0 on CPU). Numerics match the
-    eager path to float rounding: the compiler may fuse and reorder the arithmetic."""
+    (`graph_prefill`). fold_lora: one-row steps take LoRA's x.A from the base product's
+    kernel (layer_state.FOLD_LORA; default: on CUDA). Numerics match the eager path to float
+    rounding: the compiler may fuse and reorder the arithmetic."""
     model = decoder.model
     n_layers = model.args.n_layers
     cuda = model.tok_embeddings.weight.is_cuda
@@ -48,8 +48,8 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         how = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}} if cuda else {}
     if graph_prefill is None:
         graph_prefill = cuda
-    if matvec_rows is None:
-        matvec_rows = 1 if cuda else 0
+    if fold_lora is None:
+        fold_lora = cuda
     # One graph per (cache, method structure): allow more than the default handful.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
@@ -80,7 +80,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         for t in (*cache.buffers(), *bufs):  # fixed addresses: no copy into the graph per replay
             torch._dynamo.mark_static_address(t, guard=False)
         # The graph's output buffer is reused by the next replay: hand back a copy.
-        with matvec_by_reduction(matvec_rows):
+        with lora_folded(fold_lora):
             return fn(cache, *args, keys, bufs).clone()
 
     def unstacked(cache):  # states of differing structure: no stacked tensors to capture
@@ -154,11 +154,15 @@ class PrefillGraphs:
     def _record(self, cache, tokens, valid, adapter):
         tokens, valid, n_pre = tokens.clone(), valid.clone(), cache.n_prefix
         # Warm up on a side stream (as torch.cuda.graph asks); this also gives the cache
-        # buffers for the adapter states outside the graph's pool (cache.pack_states).
+        # buffers for the adapter states outside the graph's pool (cache.pack_states). Twice:
+        # the second run finds those buffers, as the recorded one will, and any compiling
+        # that this changes happens here rather than during the recording.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.compiled(cache, tokens, valid, adapter)
+            for _ in range(2):
+                cache.reset(n_pre)
+                self.compiled(cache, tokens, valid, adapter)
         torch.cuda.current_stream().wait_stream(side)
         cache.reset(n_pre)
         graph = torch.cuda.CUDAGraph()

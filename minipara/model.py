@@ -14,7 +14,6 @@ from torch import nn
 
 from .cache import KVCache
 from .config import ModelArgs, rope_inv_freq
-from .matvec import Linear, matvec
 
 
 class RMSNorm(nn.Module):
@@ -49,8 +48,8 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.wqkv = Linear(args.dim, args.q_dim + 2 * args.kv_dim, bias=args.attention_bias)
-        self.wo = Linear(args.q_dim, args.dim, bias=args.attention_bias)
+        self.wqkv = nn.Linear(args.dim, args.q_dim + 2 * args.kv_dim, bias=args.attention_bias)
+        self.wo = nn.Linear(args.q_dim, args.dim, bias=args.attention_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps, args.norm_offset)
@@ -102,8 +101,8 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.ffn_dim = args.ffn_dim
-        self.w_gate_up = Linear(args.dim, 2 * args.ffn_dim, bias=args.mlp_bias)
-        self.w_down = Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
+        self.w_gate_up = nn.Linear(args.dim, 2 * args.ffn_dim, bias=args.mlp_bias)
+        self.w_down = nn.Linear(args.ffn_dim, args.dim, bias=args.mlp_bias)
         self.act = F.silu if args.activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
 
     def forward(self, x, st):
@@ -139,7 +138,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         if not args.tie_embeddings:
-            self.output = Linear(args.dim, args.vocab_size, bias=False)
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # sqrt(dim) rounded to each dtype, as Python numbers (a tensor's .item() would break a compiled graph)
         self.embed_scale = {dt: torch.tensor(math.sqrt(args.dim), dtype=dt).item()
                             for dt in (torch.float32, torch.bfloat16, torch.float16)}
@@ -171,7 +170,7 @@ class Transformer(nn.Module):
     def logits(self, h):
         """Vocabulary logits of final (normed) hidden states."""
         w = self.tok_embeddings.weight if self.args.tie_embeddings else self.output.weight
-        return matvec(h, w)
+        return F.linear(h, w)
 
     def new_cache(self, batch: int, max_len: int, n_prefix: int = 0) -> KVCache:
         p = self.tok_embeddings.weight

@@ -4,12 +4,14 @@ tokens, batch 1), each variant in the same process as the others.
 
   python scripts/probes/gpu_decode.py VARIANT[,VARIANT...] [--profile FILE] [--gemv FILE]
 
-VARIANT is METHOD/bBEAMS/rROWS: the library's compiled decoder with matvec_rows=ROWS (fast.py),
-METHOD's adapter (base: none) and BEAMS beams; rold: the options before 2026-11-25 late
-(reduce-overhead, every product through cuBLAS; the prefill is compiled either way).
+VARIANT is METHOD/bBEAMS/OPTS: the library's compiled decoder (fast.py) with METHOD's adapter
+(base: none) at BEAMS beams; OPTS f1: its defaults, f0: LoRA's x.A not folded into the base
+product, old: the options before 2026-11-25 late (reduce-overhead without coordinate-descent
+tuning: every product through cuBLAS; the prefill is compiled either way).
 --profile: per-kernel GPU times of one generation of each beam-1 variant.
 --gemv: matrix-vector products of the 7B's shapes, cuBLAS against inductor's reduction (one
 row; three rows as three reductions fused into one kernel), in GB/s, and the copy bandwidth.
+(It turns coordinate-descent tuning on for the rest of the process.)
 
 The first run of this probe (commit 6ecacdc) patched the model instead, to try what the
 library then took up (coordinate-descent tuning, products as reductions, a compiled prefill)
@@ -113,9 +115,9 @@ def main():
         gemv(a.gemv)
     for v in a.variants.split(","):
         t0 = time.time()
-        method, beams, rows = v.split("/")
+        method, beams, how = v.split("/")
         beams = int(beams[1:])
-        opts = {"mode": "reduce-overhead", "matvec_rows": 0} if rows == "rold" else {"matvec_rows": int(rows[1:])}
+        opts = {"mode": "reduce-overhead", "fold_lora": False} if how == "old" else {"fold_lora": how == "f1"}
         fast.compile_decoder = functools.partial(compile_decoder, **opts)  # what bench's Runner calls
         m, ad = bm.make_adapter(method, model)
         r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True)
