@@ -59,44 +59,46 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
             states = [LayerState.from_tensors({k: b[i] for k, b in zip(keys, bufs)}) for i in range(n_layers)]
         return model.step(tokens[:, None], cache, states=states)[:, -1]
 
-    def raw_beam_step(cache, rows, since, tokens, keys, bufs):
-        # Beam search's reorder inside the graph: one gather and scatter per buffer over a
-        # fixed-width window of slots from `since` (a tensor), instead of ~150 small kernels
-        # launched eagerly between replays. Slots past the end clamp to the last one.
-        window = (since + torch.arange(BEAM_WINDOW, device=rows.device)).clamp(max=cache.max_len - 1)
-        cache.reorder_slots(rows, window)
-        reorder_packed(bufs, rows, cache.batch)
-        return raw_step(cache, tokens, keys, bufs)
+    def raw_beam_step(cache, since, beams, keys, bufs):
+        # Beam search's whole step in one graph: the search's bookkeeping (Beams.update) and
+        # the cache's reorder, one gather and scatter per buffer over a fixed-width window of
+        # slots from `since` (a tensor; slots past the end clamp to the last one), instead of
+        # ~30 + ~150 small kernels launched eagerly between replays.
+        window = (since + torch.arange(BEAM_WINDOW, device=since.device)).clamp(max=cache.max_len - 1)
+        cache.reorder_slots(beams.rows, window)
+        reorder_packed(bufs, beams.rows, cache.batch)
+        beams.update(raw_step(cache, beams.tokens, keys, bufs))
 
     compiled = torch.compile(raw_step, fullgraph=True, dynamic=False, **how)
     compiled_beam = torch.compile(raw_beam_step, fullgraph=True, dynamic=False, **how)
     eager_step, eager_beam_step = decoder.step, decoder.beam_step
     starts = {}  # since -> its device tensor, made once
 
-    def run(fn, cache, *args):
+    def run(fn, cache, *args, static=()):
         cache.advance(1)  # the graph advances cache.slot on the device
         keys = tuple(cache.packed)
         bufs = [cache.packed[k] for k in keys]
-        for t in (*cache.buffers(), *bufs):  # fixed addresses: no copy into the graph per replay
+        for t in (*cache.buffers(), *bufs, *static):  # fixed addresses: no copy into the graph per replay
             torch._dynamo.mark_static_address(t, guard=False)
-        # The graph's output buffer is reused by the next replay: hand back a copy.
         with lora_folded(fold_lora):
-            return fn(cache, *args, keys, bufs).clone()
+            return fn(cache, *args, keys, bufs)
 
     def unstacked(cache):  # states of differing structure: no stacked tensors to capture
         return any(s is not None for s in cache.states) and not cache.packed
 
     @torch.no_grad()
     def step(cache, tokens):
-        return eager_step(cache, tokens) if unstacked(cache) else run(compiled, cache, tokens)
+        if unstacked(cache):
+            return eager_step(cache, tokens)
+        return run(compiled, cache, tokens).clone()  # the graph's output buffer is reused by the next replay
 
     @torch.no_grad()
-    def beam_step(cache, rows, since, tokens):
+    def beam_step(cache, beams, since):
         if unstacked(cache) or cache.length - since > BEAM_WINDOW:
-            return eager_beam_step(cache, rows, since, tokens)
+            return eager_beam_step(cache, beams, since)  # (its `step` is the compiled one)
         if since not in starts:
-            starts[since] = torch.tensor(since, device=rows.device)
-        return run(compiled_beam, cache, rows, starts[since], tokens)
+            starts[since] = torch.tensor(since, device=beams.t.device)
+        run(compiled_beam, cache, starts[since], beams, static=beams.buffers())
 
     decoder.step, decoder.beam_step = step, beam_step
     if graph_prefill:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .errors import UserError
 
@@ -63,6 +64,7 @@ class Decoder:
     def __init__(self, model):
         self.model = model
         self._caches = {}
+        self._beams = {}
 
     def cache(self, batch: int, max_len: int, n_prefix: int):
         # Round the length up, so requests of similar length share one cache (and one
@@ -102,12 +104,21 @@ class Decoder:
         """Logits (B, V) for one new token per row."""
         return self.model(tokens[:, None], cache=cache)[:, -1]
 
-    def beam_step(self, cache, rows, since: int, tokens):
-        """Beam search's step: row i first becomes old row rows[i] (slots before `since` are
-        shared by the rows it maps between, see KVCache.reorder), then `step`. fast.py does
-        both in one captured graph."""
-        cache.reorder(rows, since=since)
-        return self.step(cache, tokens)
+    def beams(self, B: int, K: int, N: int, keep: int, V: int) -> "Beams":
+        """Beam search's state for this shape, reused from request to request (fixed addresses
+        for a captured step); N is rounded up, as the cache length is."""
+        key = (B, K, -(-N // 128) * 128, keep, V)
+        if key not in self._beams:
+            self._beams[key] = Beams(*key, device=self.model.tok_embeddings.weight.device)
+        return self._beams[key]
+
+    def beam_step(self, cache, beams: "Beams", since: int):
+        """Beam search's step: row i first becomes old row beams.rows[i] (slots before `since`
+        are shared by the rows it maps between, see KVCache.reorder), runs beams.tokens
+        (`step`), and the search takes the logits (`Beams.update`). fast.py does all three in
+        one captured graph."""
+        cache.reorder(beams.rows, since=since)
+        beams.update(self.step(cache, beams.tokens))
 
 
 @torch.no_grad()
@@ -189,74 +200,124 @@ def _cut(row: list[int], eos) -> list[int]:
 
 
 def _beam_search(decoder, cache, logits, cfg, eos):
-    """HF transformers' beam search (generation/utils.py `_beam_search`), batched.
+    """HF transformers' beam search (generation/utils.py `_beam_search`), batched; the
+    algorithm is `Beams.update`, run once per step.
 
     The stop test never waits for the step it tests: each step's "still searching" flag is
-    copied to the host without blocking and read one step later, when the device has long
-    finished it, so the host keeps queueing steps (on a GPU, the next graph replay) instead
-    of idling between them. The step after a stop is therefore computed but changes nothing:
-    every update is gated by the device-side flag `live`."""
+    copied to the host without blocking and read while the next step runs, so the host keeps
+    queueing steps (on a GPU, the next graph replay) instead of idling between them. The
+    model step after a stop is therefore computed but changes nothing: every update is gated
+    by the device-side flag `live`."""
     B, V = logits.shape
-    K, N, lp = cfg.beams, cfg.max_new_tokens, cfg.length_penalty
-    dev = logits.device
-    keep = max(2, 1 + len(eos)) * K
+    K, N = cfg.beams, cfg.max_new_tokens
+    beams = decoder.beams(B, K, N, max(2, 1 + len(eos)) * K, V)
+    beams.reset(N, cfg.length_penalty, eos)
     cache = decoder.expand(cache, K)
     prompt_end = cache.length  # the beams of a prompt share everything before this slot
-    logits = logits.repeat_interleave(K, 0)
-    eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
-    run_seq = torch.zeros(B, K, N, dtype=torch.long, device=dev)
-    run_score = torch.zeros(B, K, device=dev)
-    run_score[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
-    fin_seq = torch.zeros(B, K, N, dtype=torch.long, device=dev)
-    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
-    fin_score = torch.full((B, K), -1e9, device=dev)
-    fin_done = torch.zeros(B, K, dtype=torch.bool, device=dev)
-    improvable = torch.ones(B, dtype=torch.bool, device=dev)
-    live = torch.ones((), dtype=torch.bool, device=dev)
-    top_k_mask = torch.arange(keep, device=dev) < K
-    batch_off = (torch.arange(B, device=dev) * K)[:, None]
-    cuda = dev.type == "cuda"
+    cuda = logits.device.type == "cuda"
     flags = torch.ones(N, dtype=torch.bool, pin_memory=cuda)  # live after step t, on the host
-    copied = None  # CUDA: the event after the previous step's flag copy
+    copied = {}  # CUDA: step -> the event after its flag copy (two at most)
     for t in range(N):
-        logp = F.log_softmax(logits.float(), -1).view(B, K, V) + run_score[:, :, None]
-        cand_score, idx = logp.view(B, K * V).topk(keep)
+        if t == 0:
+            beams.update(logits.repeat_interleave(K, 0))
+        else:
+            # Step t-2's flag, copied after step t-2 while step t-1 still runs: stop if the
+            # search ended then (step t-1 was the one extra model step).
+            if eos and t > 1:
+                if cuda:
+                    copied.pop(t - 2).synchronize()
+                if not bool(flags[t - 2]):
+                    break
+            decoder.beam_step(cache, beams, prompt_end)  # the cache follows the beams, then step t
+        if eos:  # nothing stops early without EOS ids: no flags to read
+            flags[t].copy_(beams.live, non_blocking=True)
+            if cuda:
+                copied[t] = torch.cuda.Event()
+                copied[t].record()
+    seqs, lens = beams.fin_seq[:, 0].tolist(), beams.fin_len[:, 0].tolist()
+    return [s[:n] for s, n in zip(seqs, lens)]
+
+
+def _take(x, idx):
+    """x[b, idx[b, j]] for x (B, n, ...) and idx (B, m): the rows idx picks, per batch entry."""
+    idx = idx.reshape(*idx.shape, *[1] * (x.dim() - 2))
+    return x.gather(1, idx.expand(*idx.shape[:2], *x.shape[2:]))
+
+
+class Beams(nn.Module):
+    """Beam search's state for B prompts x K beams, in buffers that `update` changes in place,
+    with the step index on the device: a captured step (fast.py) then serves every step and
+    every request of this shape without copies. Made once per shape by `Decoder.beams`.
+
+    Sequences hold N_max >= max_new_tokens slots (the rest stay 0), so requests of
+    similar length share the buffers and the captured step."""
+
+    def __init__(self, B: int, K: int, N_max: int, keep: int, V: int, device=None):
+        super().__init__()
+        self.keep = keep  # candidates per prompt and step: HF's max(2, 1 + #EOS ids) * K
+        for name, shape, dtype in [
+                ("run_seq", (B, K, N_max), torch.long), ("run_score", (B, K), torch.float),  # running beams
+                ("fin_seq", (B, K, N_max), torch.long), ("fin_len", (B, K), torch.long),  # best finished ones
+                ("fin_score", (B, K), torch.float), ("fin_done", (B, K), torch.bool),
+                ("improvable", (B,), torch.bool),  # HF's early-stop heuristic, per prompt
+                ("live", (), torch.bool),  # still searching: gates every update
+                ("rows", (B * K,), torch.long),  # the next step's cache row for each beam ...
+                ("tokens", (B * K,), torch.long),  # ... and its token
+                ("t", (), torch.long), ("n_new", (), torch.long),  # the step; max_new_tokens
+                ("lp", (), torch.float64), ("is_eos", (V,), torch.bool)]:  # length penalty; EOS ids
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @torch.no_grad()
+    def reset(self, n_new: int, length_penalty: float, eos):
+        self.run_seq.zero_()
+        self.run_score.zero_()
+        self.run_score[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
+        self.fin_seq.zero_()
+        self.fin_len.zero_()
+        self.fin_score.fill_(-1e9)
+        self.fin_done.zero_()
+        self.improvable.fill_(True)
+        self.live.fill_(True)
+        self.t.zero_()
+        self.n_new.fill_(n_new)
+        self.lp.fill_(length_penalty)
+        self.is_eos.zero_()
+        if eos:
+            self.is_eos[list(eos)] = True
+
+    @torch.no_grad()
+    def update(self, logits):
+        """One step of the search, given the running beams' next-token logits (B*K, V):
+        choose the beams' tokens, keep the best finished hypotheses, and set `rows` and
+        `tokens` for the next model step. Every tensor op, and t a tensor, so that it can
+        be captured. (Buffers change only by in-place ops: a captured graph writes them.)"""
+        B, K, N = self.run_seq.shape
+        V, t, live = logits.shape[-1], self.t, self.live
+        logp = F.log_softmax(logits.float(), -1).view(B, K, V) + self.run_score[:, :, None]
+        cand_score, idx = logp.view(B, K * V).topk(self.keep)
         beam, tok = idx // V, idx % V
-        cand_seq = run_seq.gather(1, beam[:, :, None].expand(B, keep, N)).clone()
-        cand_seq[:, :, t] = tok
-        hits = torch.isin(tok, eos_t) | (t + 1 == N)
+        at_t = torch.arange(N, device=t.device) == t
+        cand_seq = torch.where(at_t, tok[:, :, None], _take(self.run_seq, beam))  # with [:, :, t] = tok
+        hits = self.is_eos[tok] | (t + 1 == self.n_new)
         # Running beams: the best K candidates that did not finish.
         alive = cand_score - 1e9 * hits.float()
         nxt = alive.topk(K).indices
-        run_seq = torch.where(live, cand_seq.gather(1, nxt[:, :, None].expand(B, K, N)), run_seq)
-        run_score = torch.where(live, alive.gather(1, nxt), run_score)
-        src_beam = beam.gather(1, nxt)
+        self.run_seq.copy_(torch.where(live, _take(cand_seq, nxt), self.run_seq))
+        self.run_score.copy_(torch.where(live, alive.gather(1, nxt), self.run_score))
+        self.rows.copy_((beam.gather(1, nxt) + K * torch.arange(B, device=t.device)[:, None]).flatten())
+        self.tokens.copy_(tok.gather(1, nxt).flatten())
         # Finished hypotheses: candidates among the top K that hit EOS or the length limit.
-        just = hits & top_k_mask[None]
-        fs = cand_score / ((t + 1) ** lp) - 1e9 * (~improvable[:, None]).float() - 1e9 * (~just).float()
-        m_score = torch.cat([fin_score, fs], 1)
+        # The length's power in float64, as HF's Python float.
+        penalty = ((t + 1).double() ** self.lp).float()
+        just = hits & (torch.arange(self.keep, device=t.device) < K)
+        fs = cand_score / penalty - 1e9 * (~self.improvable[:, None]).float() - 1e9 * (~just).float()
+        m_score = torch.cat([self.fin_score, fs], 1)
         best = m_score.topk(K).indices
-        fin_seq = torch.where(live, torch.cat([fin_seq, cand_seq], 1).gather(1, best[:, :, None].expand(B, K, N)),
-                              fin_seq)
-        fin_len = torch.where(live, torch.cat([fin_len, torch.full_like(fs, t + 1, dtype=torch.long)], 1)
-                              .gather(1, best), fin_len)
-        fin_done = torch.where(live, torch.cat([fin_done, just], 1).gather(1, best), fin_done)
-        fin_score = torch.where(live, m_score.gather(1, best), fin_score)
-        best_running = run_score[:, 0] / ((t + 1) ** lp)
-        worst_fin = torch.where(fin_done.all(1), fin_score.min(1).values, torch.full_like(best_running, -1e9))
-        improvable &= best_running > worst_fin
-        if t + 1 == N:
-            break
-        if eos:
-            live = live & improvable.any() & ~hits.all()
-            flags[t].copy_(live, non_blocking=True)
-            if t > 0:  # read a step late: see the docstring
-                if copied is not None:
-                    copied.synchronize()
-                if not bool(flags[t - 1]):
-                    break
-            if cuda:
-                copied = torch.cuda.Event()
-                copied.record()
-        logits = decoder.beam_step(cache, (src_beam + batch_off).flatten(), prompt_end, run_seq[:, :, t].flatten())
-    return [fin_seq[b, 0, : fin_len[b, 0]].tolist() for b in range(B)]
+        for buf, new in ((self.fin_seq, cand_seq), (self.fin_len, (t + 1).expand(B, self.keep)),
+                         (self.fin_done, just), (self.fin_score, fs)):
+            buf.copy_(torch.where(live, _take(torch.cat([buf, new], 1), best), buf))
+        best_running = self.run_score[:, 0] / penalty
+        worst_fin = torch.where(self.fin_done.all(1), self.fin_score.min(1).values, -1e9)
+        self.improvable.logical_and_(best_running > worst_fin)
+        self.live.logical_and_(self.improvable.any() & ~hits.all())
+        self.t.add_(1)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minipara.fast import compile_decoder
+from minipara.fast import BEAM_WINDOW, compile_decoder
 from minipara.generation import Decoder, GenerationConfig, generate, left_pad
 from minipara.methods import METHODS, build_adapter
 from minipara.methods.mixture import Mixture
@@ -102,3 +102,37 @@ def test_lora_folded_into_the_base_product_generates_as_eager(setup, folding, be
     cfg = GenerationConfig(max_new_tokens=8, beams=beams, eos_ids=())
     for prompt in PROMPTS:
         assert generate(model, [prompt], cfg, adapter=lora, decoder=folding) == generate(model, [prompt], cfg, adapter=lora)
+
+
+@exact_only
+@pytest.mark.parametrize("beams", [2, 4])
+def test_captured_beam_search_equals_eager_and_replays_one_graph(setup, monkeypatch, beams):
+    """The captured beam step, whose graph holds the search's bookkeeping (Beams.update), finds
+    eager's hypotheses, also where EOS ids end the search early; requests with other prompt
+    lengths, max_new_tokens, EOS ids and length penalties replay the first one's graph: the
+    step index and the settings are data in the graph, not constants."""
+    model, fast = setup
+    steps = []
+    step = fast.beam_step
+    monkeypatch.setattr(fast, "beam_step", lambda *a: steps.append(1) or step(*a))
+    g = torch.Generator().manual_seed(beams)
+    graphs, early = None, 0
+    for lengths, n_new, lp in [((3, 8), 10, 0.0), ((5, 2), 6, 1.0), ((9, 4), 13, -1.0), ((7, 7), 10, 2.0)]:
+        prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+        eos = tuple(torch.randperm(94, generator=g)[:40].add(3).tolist())  # 40 of the 94 ids: searches end early
+        cfg = GenerationConfig(max_new_tokens=n_new, beams=beams, eos_ids=eos, length_penalty=lp)
+        steps.clear()
+        assert generate(model, prompts, cfg, decoder=fast) == generate(model, prompts, cfg), cfg
+        early += len(steps) < n_new - 1
+        if graphs is None:  # the first request compiled this shape's graph
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "a request recompiled the step"
+    assert early >= 2  # the EOS ids did end searches early
+
+
+@exact_only
+def test_beam_search_past_the_captured_window_equals_eager(setup):
+    """Past BEAM_WINDOW new tokens the reorder, and so the search's step, runs eagerly (fast.py)."""
+    model, fast = setup
+    cfg = GenerationConfig(max_new_tokens=BEAM_WINDOW + 6, beams=3, eos_ids=())
+    assert generate(model, PROMPTS, cfg, decoder=fast) == generate(model, PROMPTS, cfg)
