@@ -139,8 +139,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps, args.norm_offset)
         if not args.tie_embeddings:
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # sqrt(dim) rounded to each dtype, as Python numbers (a tensor's .item() would break a compiled graph)
-        self.embed_scale = {dt: torch.tensor(math.sqrt(args.dim), dtype=dt).item()
+        # sqrt(dim) rounded to each dtype, as Python numbers (a tensor's .item() would break a compiled graph);
+        # made on the CPU, as load_model builds the model under the meta device
+        self.embed_scale = {dt: torch.tensor(math.sqrt(args.dim), dtype=dt, device="cpu").item()
                             for dt in (torch.float32, torch.bfloat16, torch.float16)}
         self.register_buffer("inv_freq_global", torch.empty(args.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_local", torch.empty(args.head_dim // 2), persistent=False)
