@@ -228,7 +228,7 @@ def _beam_search(decoder, cache, logits, cfg, eos):
                     copied.pop(t - 2).synchronize()
                 if not bool(flags[t - 2]):
                     break
-            decoder.beam_step(cache, beams, prompt_end)  # the cache follows the beams, then step t
+            decoder.beam_step(cache, beams, prompt_end)  # reorder the cache, run the tokens, update: step t
         if eos:  # nothing stops early without EOS ids: no flags to read
             flags[t].copy_(beams.live, non_blocking=True)
             if cuda:
