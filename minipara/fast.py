@@ -10,7 +10,7 @@ neighbouring kernels, LoRA a pair of small matmuls.
 On CUDA the compiler tunes its kernels by coordinate descent, under which it also makes a
 one-row product a reduction of its own (fused with the input's norm) instead of a cuBLAS
 GEMV: on an H100 the 7B's decode step goes from 5.6 to 5.2 ms of GPU time
-(scripts/probes/gpu_decode.py, results/probes/), and LoRA's x.A can join that product.
+(scripts/probes/gpu_decode.py, results/probes/).
 
 The prefill runs once per request but launches a few thousand small kernels (norms,
 RoPE, and each layer's generator): eagerly, a batch-1 prefill of a 7B model is
@@ -24,32 +24,33 @@ from collections import OrderedDict
 import torch
 
 from .cache import reorder_packed
-from .layer_state import LayerState, lora_folded
+from .layer_state import LayerState
 
 # A captured beam step moves this many slots after the shared prompt (bucketed statically,
 # so one graph serves every step and prompt length); longer generations reorder eagerly.
 BEAM_WINDOW = 64
 
 
-def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None = None,
-                    fold_lora: bool | None = None):
+def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None = None):
     """Replace `decoder.step` with a compiled step (default: on CUDA, reduce-overhead, which
-    records CUDA graphs, with coordinate-descent tuning of the generated kernels; plain
-    inductor on CPU), and on CUDA `decoder.run_prefill` with compiled, recorded graphs
-    (`graph_prefill`). fold_lora: one-row steps take LoRA's x.A from the base product's
-    kernel (layer_state.FOLD_LORA; default: on CUDA). Numerics match the eager path to float
-    rounding: the compiler may fuse and reorder the arithmetic."""
+    records CUDA graphs, with coordinate-descent tuning of the generated kernels except for
+    LoRA's steps; plain inductor on CPU), and on CUDA `decoder.run_prefill` with compiled,
+    recorded graphs (`graph_prefill`). Numerics match the eager path to float rounding: the
+    compiler may fuse and reorder the arithmetic."""
     model = decoder.model
     n_layers = model.args.n_layers
     cuda = model.tok_embeddings.weight.is_cuda
-    if mode is not None:
-        how = {"mode": mode}
-    else:  # reduce-overhead's options, and the tuning that makes generated reductions fast (gpt-fast sets it too)
-        how = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}} if cuda else {}
+    tuned = plain = {"mode": mode} if mode is not None else {}
+    if mode is None and cuda:
+        # reduce-overhead's option, plus the tuning under which one-row products become fast
+        # generated reductions (gpt-fast sets it too). LoRA's steps compile untuned: with tuning,
+        # their many small reduction kernels kept a cold compile on an H100 going past 165 s
+        # (and past 290 s in another process), against about 50 s untuned
+        # (scripts/gpu_session/final.sh, results/probes/).
+        plain = {"mode": "reduce-overhead"}
+        tuned = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
     if graph_prefill is None:
         graph_prefill = cuda
-    if fold_lora is None:
-        fold_lora = cuda
     # One graph per (cache, method structure): allow more than the default handful.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
@@ -69,19 +70,20 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         reorder_packed(bufs, beams.rows, cache.batch)
         beams.update(raw_step(cache, beams.tokens, keys, bufs))
 
-    compiled = torch.compile(raw_step, fullgraph=True, dynamic=False, **how)
-    compiled_beam = torch.compile(raw_beam_step, fullgraph=True, dynamic=False, **how)
+    def compile(fn):  # by whether to tune: see above
+        return {t: torch.compile(fn, fullgraph=True, dynamic=False, **o) for t, o in ((True, tuned), (False, plain))}
+
+    compiled, compiled_beam = compile(raw_step), compile(raw_beam_step)
     eager_step, eager_beam_step = decoder.step, decoder.beam_step
     starts = {}  # since -> its device tensor, made once
 
-    def run(fn, cache, *args, static=()):
+    def run(fns, cache, *args, static=()):
         cache.advance(1)  # the graph advances cache.slot on the device
         keys = tuple(cache.packed)
         bufs = [cache.packed[k] for k in keys]
         for t in (*cache.buffers(), *bufs, *static):  # fixed addresses: no copy into the graph per replay
             torch._dynamo.mark_static_address(t, guard=False)
-        with lora_folded(fold_lora):
-            return fn(cache, *args, keys, bufs)
+        return fns[not any(kind == "lora_a" for kind, _ in keys)](cache, *args, keys, bufs)
 
     def unstacked(cache):  # states of differing structure: no stacked tensors to capture
         return any(s is not None for s in cache.states) and not cache.packed

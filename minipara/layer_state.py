@@ -3,7 +3,7 @@
 A method never patches the model. At each layer of a full forward or a prefill, the model
 calls `adapter.layer_state(i, h, pool_mask, model)` with the hidden states `h` entering layer
 i; the method returns a `LayerState`: multipliers and biases for the outputs of the layer's
-linears, low-rank updates, and prefix keys/values. The model runs its linears through it (`linear`), the KV
+linears, low-rank updates, and prefix keys/values. The model applies it (`apply`), the KV
 cache keeps it for every decode step (so a generator runs once per request), and the compiled
 decode step reads it as plain tensors (`tensors`, `from_tensors`).
 
@@ -11,44 +11,12 @@ Methods speak in per-projection names (q, k, v, o, gate, up, down: projections.p
 fuses q|k|v and gate|up, so `LayerState.build` concatenates the parts, filling ones
 (multipliers) or zeros (biases, low-rank blocks) for projections the method leaves alone.
 """
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .config import ModelArgs
 from .projections import FUSED, out_sizes, parts as _parts
-
-
-# Inside a compiled CUDA decode step with one row, LoRA's A^T joins the base weight's rows, so
-# that x.A comes out of the base product's kernel instead of one of its own (fast.py sets this
-# around its compiled steps; eagerly, or on CPU where inductor copies a concatenation, it stays off).
-FOLD_LORA = False
-
-
-@contextlib.contextmanager
-def lora_folded(on: bool):
-    global FOLD_LORA
-    old, FOLD_LORA = FOLD_LORA, on
-    try:
-        yield
-    finally:
-        FOLD_LORA = old
-
-
-def _with_lora_a(x, linear, a):
-    """(linear(x), x @ a) of one-token rows x (B, 1, in); a (in, r) or per row (B, 1, in, r)."""
-    w = linear.weight
-    if FOLD_LORA and a.dim() == 2 and x.shape[0] == 1:
-        # The form inductor gives a one-row product itself under coordinate-descent tuning
-        # (decomposition.py `mm`: a float32 reduction it fuses with the input's norm), over w's
-        # rows and A's columns at once.
-        wa = torch.cat([w, a.T]).T.unsqueeze(0).float()
-        y = (x.reshape(1, -1, 1).float() * wa).sum(1).to(x.dtype).view(1, 1, -1)
-        y, xa = y.split([w.shape[0], a.shape[-1]], -1)
-        return (y if linear.bias is None else y + linear.bias), xa
-    return F.linear(x, w, linear.bias), (x[..., None] * a).sum(-2)
 
 
 @dataclass
@@ -69,23 +37,18 @@ class LayerState:
     prefix_k: torch.Tensor | None = None
     prefix_v: torch.Tensor | None = None
 
-    def linear(self, name: str, x, linear):
-        """linear(x) (nn.Linear: the fused linear `name`) with this state's update."""
+    def apply(self, name: str, x, y):
         if name in self.lora:
             a, b = (t.to(x.dtype) for t in self.lora[name])
             if x.shape[-2] == 1:
                 # One token per row (decode): the two products as sums, which the compiler fuses
-                # into reductions (x.A into the base product's, see FOLD_LORA). As GEMMs with 1-3
-                # rows and r columns, cuBLAS picked a kernel that took 63 us per call at 3 rows on
-                # an H100 (bench.py --profile).
+                # into reductions. As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel
+                # that took 63 us per call at 3 rows on an H100 (bench.py --profile).
                 if a.dim() == 3:  # per-row pairs (B, in, r), (B, r, out)
                     a, b = a[:, None], b[:, None]
-                y, xa = _with_lora_a(x, linear, a)
-                y = y + (xa[..., None] * b).sum(-2)
+                y = y + ((x[..., None] * a).sum(-2)[..., None] * b).sum(-2)
             else:
-                y = linear(x) + (x @ a) @ b
-        else:
-            y = linear(x)
+                y = y + (x @ a) @ b
         if name in self.scale:
             y = y * self.scale[name]
         if name in self.bias:

@@ -1,8 +1,8 @@
 """LLaMA / Gemma decoder in plain PyTorch, numerically matching HF transformers.
 
 Projections are fused (q|k|v and gate|up) for speed; adapters attach through
-`LayerState.linear(name, x, linear)`, which runs the four fused linears
-("qkv", "o", "gate_up", "down") with the adapter's update, on the outputs of Gemma 3's per-head query/key norms
+`LayerState.apply(name, x, y)` on the outputs of the four fused linears
+("qkv", "o", "gate_up", "down"), on the outputs of Gemma 3's per-head query/key norms
 ("q_norm", "k_norm"), and through per-layer prefix key/values. With no adapter the
 hooks are a single `is None` test.
 """
@@ -58,7 +58,9 @@ class Attention(nn.Module):
         """q, k, v heads (B, H, T, D) of normed hidden states h, RoPE applied."""
         a = self.args
         B, T, _ = h.shape
-        qkv = self.wqkv(h) if st is None else st.linear("qkv", h, self.wqkv)
+        qkv = self.wqkv(h)
+        if st is not None:
+            qkv = st.apply("qkv", h, qkv)
         q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim)
         k = k.view(B, T, a.n_kv_heads, a.head_dim)
@@ -94,7 +96,8 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.attn_scale)
         # reshape, not view: some kernels return the output in a layout view cannot take
         o = o.reshape(B, a.n_heads, T, a.head_dim).transpose(1, 2).reshape(B, T, a.q_dim)
-        return self.wo(o) if st is None else st.linear("o", o, self.wo)
+        y = self.wo(o)
+        return st.apply("o", o, y) if st is not None else y
 
 
 class FeedForward(nn.Module):
@@ -106,10 +109,13 @@ class FeedForward(nn.Module):
         self.act = F.silu if args.activation == "silu" else lambda x: F.gelu(x, approximate="tanh")
 
     def forward(self, x, st):
-        gu = self.w_gate_up(x) if st is None else st.linear("gate_up", x, self.w_gate_up)
+        gu = self.w_gate_up(x)
+        if st is not None:
+            gu = st.apply("gate_up", x, gu)
         gate, up = gu.split(self.ffn_dim, dim=-1)
         a = self.act(gate) * up
-        return self.w_down(a) if st is None else st.linear("down", a, self.w_down)
+        y = self.w_down(a)
+        return st.apply("down", a, y) if st is not None else y
 
 
 class Block(nn.Module):

@@ -5,9 +5,10 @@ tokens, batch 1), each variant in the same process as the others.
   python scripts/probes/gpu_decode.py VARIANT[,VARIANT...] [--profile FILE] [--gemv FILE]
 
 VARIANT is METHOD/bBEAMS/OPTS: the library's compiled decoder (fast.py) with METHOD's adapter
-(base: none) at BEAMS beams; OPTS f1: its defaults, f0: LoRA's x.A not folded into the base
-product, old: the options before 2026-11-25 late (reduce-overhead without coordinate-descent
-tuning: every product through cuBLAS; the prefill is compiled either way).
+(base: none) at BEAMS beams; OPTS new: its defaults, old: the options before 2026-11-25 late
+(reduce-overhead without coordinate-descent tuning: every product through cuBLAS; the prefill
+is compiled either way). (Commit 583680c had f1/f0 for LoRA's x.A folded into the base
+product or not, since removed: LoRA steps no longer compile tuned.)
 --profile: per-kernel GPU times of one generation of each beam-1 variant.
 --gemv: matrix-vector products of the 7B's shapes, cuBLAS against inductor's reduction (one
 row; three rows as three reductions fused into one kernel), in GB/s, and the copy bandwidth.
@@ -117,7 +118,7 @@ def main():
         t0 = time.time()
         method, beams, how = v.split("/")
         beams = int(beams[1:])
-        opts = {"mode": "reduce-overhead", "fold_lora": False} if how == "old" else {"fold_lora": how == "f1"}
+        opts = {"mode": "reduce-overhead"} if how == "old" else {}
         fast.compile_decoder = functools.partial(compile_decoder, **opts)  # what bench's Runner calls
         m, ad = bm.make_adapter(method, model)
         r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True)
