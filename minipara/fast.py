@@ -70,10 +70,11 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         reorder_packed(bufs, beams.rows, cache.batch)
         beams.update(raw_step(cache, beams.tokens, keys, bufs))
 
-    def compile(fn):  # by whether to tune: see above
-        return {t: torch.compile(fn, fullgraph=True, dynamic=False, **o) for t, o in ((True, tuned), (False, plain))}
+    def by_tuning(fn):  # {tune: fn compiled with or without the tuning}: see above
+        return {tune: torch.compile(fn, fullgraph=True, dynamic=False, **(tuned if tune else plain))
+                for tune in (True, False)}
 
-    compiled, compiled_beam = compile(raw_step), compile(raw_beam_step)
+    compiled, compiled_beam = by_tuning(raw_step), by_tuning(raw_beam_step)
     eager_step, eager_beam_step = decoder.step, decoder.beam_step
     starts = {}  # since -> its device tensor, made once
 
@@ -83,7 +84,8 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         bufs = [cache.packed[k] for k in keys]
         for t in (*cache.buffers(), *bufs, *static):  # fixed addresses: no copy into the graph per replay
             torch._dynamo.mark_static_address(t, guard=False)
-        return fns[not any(kind == "lora_a" for kind, _ in keys)](cache, *args, keys, bufs)
+        tune = not any(kind == "lora_a" for kind, _ in keys)
+        return fns[tune](cache, *args, keys, bufs)
 
     def unstacked(cache):  # states of differing structure: no stacked tensors to capture
         return any(s is not None for s in cache.states) and not cache.packed
@@ -124,8 +126,8 @@ class PrefillGraphs:
     A shape met for the first time runs eagerly (a one-off prompt costs no compiling or
     recording); the second time it runs `compiled` (the compiler makes its kernels for the
     first such shape, and once more, for any length, at the second) and is recorded, then
-    replayed. The adapter's parameters are read
-    in place, so training them between requests is seen; replacing them is not.
+    replayed. The adapter's parameters are read in place, so training them between requests
+    is seen; replacing them is not.
     All records share one memory pool: each record's output is copied out right after
     its replay, and the adapter states it keeps live in the cache's own buffers."""
 
