@@ -9,7 +9,8 @@ VARIANT is METHOD/bBEAMS/OPTS: the library's compiled decoder (fast.py) with MET
 (reduce-overhead without coordinate-descent tuning: every product through cuBLAS; the prefill
 is compiled either way). (Commit 583680c had f1/f0 for LoRA's x.A folded into the base
 product or not, since removed: LoRA steps no longer compile tuned.)
---profile: per-kernel GPU times of one generation of each beam-1 variant.
+--profile: per-kernel GPU times of one more generation of each beam-1 variant (bench.py --profile's
+table; the first runs used a 40-row version of it, with the total GPU time on its title line).
 --gemv: matrix-vector products of the 7B's shapes, cuBLAS against inductor's reduction (one
 row; three rows as three reductions fused into one kernel), in GB/s, and the copy bandwidth.
 (It turns coordinate-descent tuning on for the rest of the process.)
@@ -32,21 +33,6 @@ sys.path.insert(0, ".")
 from minipara import benchmark as bm  # noqa: E402
 from minipara import fast  # noqa: E402
 from minipara.fast import compile_decoder  # noqa: E402
-
-
-def kernel_table(model, adapter, prompts, label, file):
-    """Per-kernel GPU time over one generation (32 tokens), and the GPU time per decode step."""
-    r = bm.Runner(model, adapter, prompts, 1, 32, compile_step=True)
-    r.warm(3)
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        r.generate()
-        torch.cuda.synchronize()
-    total = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA")
-    with open(file, "a") as f:
-        f.write(f"## {label}: GPU time in kernels over one generation: {total / 1e3:.2f} ms\n")
-        f.write(prof.key_averages().table(sort_by="self_device_time_total", row_limit=40))
-        f.write("\n")
 
 
 def gemv(file):
@@ -97,7 +83,7 @@ def gemv(file):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("variants")
-    p.add_argument("--profile", help="kernel tables of base and lora into this file")
+    p.add_argument("--profile", help="kernel tables of the beam-1 variants into this file")
     p.add_argument("--gemv", help="GEMV micro-benchmark JSON into this file")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--device", default="cuda")
@@ -121,9 +107,10 @@ def main():
         opts = {"mode": "reduce-overhead"} if how == "old" else {}
         fast.compile_decoder = functools.partial(compile_decoder, **opts)  # what bench's Runner calls
         m, ad = bm.make_adapter(method, model)
-        r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True)
-        if a.profile and beams == 1:
-            kernel_table(m, ad, prompts, v, a.profile)
+        r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True, profile=bool(a.profile) and beams == 1)
+        if "profile" in r:  # bench.py --profile's table; its footer gives the GPU time in kernels
+            with open(a.profile, "a") as f:
+                f.write(f"## {v}\n{r.pop('profile')}\n")
         fast.compile_decoder = compile_decoder
         r = {k: v2 for k, v2 in r.items() if isinstance(v2, (int, float))}
         print(json.dumps({"variant": v, "wall_s": round(time.time() - t0, 1), **r}), flush=True)
