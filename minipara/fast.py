@@ -26,6 +26,9 @@ import torch
 from .cache import reorder_packed
 from .layer_state import LayerState
 
+# LoRA's steps compile without coordinate-descent tuning (see compile_decoder); the probe
+# (scripts/probes/gpu_decode.py) sets this to measure them tuned.
+TUNE_LORA_STEPS = False
 # A captured beam step moves this many slots after the shared prompt (bucketed statically,
 # so one graph serves every step and prompt length); longer generations reorder eagerly.
 BEAM_WINDOW = 64
@@ -57,7 +60,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     def raw_step(cache, tokens, keys, bufs):
         states = [None] * n_layers
         if keys:
-            states = [LayerState.from_tensors({k: b[i] for k, b in zip(keys, bufs)}) for i in range(n_layers)]
+            states = [LayerState.from_tensors(dict(zip(keys, layer))) for layer in bufs]
         return model.step(tokens[:, None], cache, states=states)[:, -1]
 
     def raw_beam_step(cache, since, beams, keys, bufs):
@@ -67,7 +70,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         # ~30 + ~150 small kernels launched eagerly between replays.
         window = (since + torch.arange(BEAM_WINDOW, device=since.device)).clamp(max=cache.max_len - 1)
         cache.reorder_slots(beams.rows, window)
-        reorder_packed(bufs, beams.rows, cache.batch)
+        reorder_packed([t[None] for layer in bufs for t in layer], beams.rows, cache.batch)
         beams.update(raw_step(cache, beams.tokens, keys, bufs))
 
     def by_tuning(fn):  # {tune: fn compiled with or without the tuning}: see above
@@ -81,11 +84,20 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     def run(fns, cache, *args, static=()):
         cache.advance(1)  # the graph advances cache.slot on the device
         keys = tuple(cache.packed)
-        bufs = [cache.packed[k] for k in keys]
-        for t in (*cache.buffers(), *bufs, *static):  # fixed addresses: no copy into the graph per replay
-            torch._dynamo.mark_static_address(t, guard=False)
-        tune = not any(kind == "lora_a" for kind, _ in keys)
-        return fns[tune](cache, *args, keys, bufs)
+        per_layer = [layer_views(cache.packed[k]) for k in keys]
+        for t in (*cache.buffers(), *static, *(v for views in per_layer for v in views)):
+            torch._dynamo.mark_static_address(t, guard=False)  # fixed addresses: no copy into the graph per replay
+        tune = TUNE_LORA_STEPS or not any(kind == "lora_a" for kind, _ in keys)
+        return fns[tune](cache, *args, keys, list(zip(*per_layer)))
+
+    def layer_views(buf):
+        # Each layer's states enter the graph as inputs of their own, made once per stacked
+        # buffer: the compiler writes a view's offset into a stacked input into its kernels,
+        # so indexing the stack in the graph gave every layer kernels of its own (32 times
+        # the compiling and tuning on a 7B).
+        if getattr(buf, "_layer_views", None) is None:
+            buf._layer_views = [buf[i] for i in range(n_layers)]
+        return buf._layer_views
 
     def unstacked(cache):  # states of differing structure: no stacked tensors to capture
         return any(s is not None for s in cache.states) and not cache.packed

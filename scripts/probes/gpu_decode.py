@@ -33,6 +33,9 @@ sys.path.insert(0, ".")
 from minipara import benchmark as bm  # noqa: E402
 from minipara import fast  # noqa: E402
 from minipara.fast import compile_decoder  # noqa: E402
+from minipara.layer_state import LayerState  # noqa: E402
+
+APPLY = LayerState.apply
 
 
 def gemv(file):
@@ -80,6 +83,19 @@ def gemv(file):
         json.dump({"gemv": out, "copy_GBs": copy}, f, indent=1)
 
 
+def bmm_apply(self, name, x, y):
+    if name in self.lora and x.shape[-2] == 1:
+        a, b = (t.to(x.dtype) for t in self.lora[name])
+        if a.dim() == 3:
+            xa = (x[..., None] * a[:, None]).sum(-2)  # (B, 1, r)
+        else:
+            xa = (x[..., None] * a).sum(-2)
+        y = y + torch.matmul(xa, b)
+        st = LayerState(scale=self.scale, bias=self.bias)
+        return st.apply(name, x, y)
+    return APPLY(self, name, x, y)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("variants")
@@ -104,10 +120,19 @@ def main():
         t0 = time.time()
         method, beams, how = v.split("/")
         beams = int(beams[1:])
-        opts = {"mode": "reduce-overhead"} if how == "old" else {}
+        how = set(how.split("+"))
+        opts = {"mode": "reduce-overhead"} if "old" in how else {}
         fast.compile_decoder = functools.partial(compile_decoder, **opts)  # what bench's Runner calls
+        fast.TUNE_LORA_STEPS = "tune" in how
+        # u1: no reduction unrolled into its consumer (inductor unrolls those of up to 8
+        # elements, e.g. LoRA's x.A.B over the rank, into the norm after the residual add).
+        torch._inductor.config.unroll_reductions_threshold = 1 if "u1" in how else 8
+        apply = LayerState.apply
+        if "bmm" in how:  # LoRA's (x.A).B at decode as a cuBLAS product, x.A as now
+            LayerState.apply = bmm_apply
         m, ad = bm.make_adapter(method, model)
-        r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True, profile=bool(a.profile) and beams == 1)
+        r = bm.run_row(m, ad, prompts, beams, 32, a.runs, 2, True, profile=bool(a.profile))
+        LayerState.apply = apply
         if "profile" in r:  # bench.py --profile's table; its footer gives the GPU time in kernels
             with open(a.profile, "a") as f:
                 f.write(f"## {v}\n{r.pop('profile')}\n")
