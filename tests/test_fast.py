@@ -13,7 +13,7 @@ from minipara.methods.mixture import Mixture
 from minipara.config import ModelArgs
 from minipara.model import Transformer
 
-from conftest import DEVICE, TINY, exact_only, tiny_model, tol
+from conftest import DEVICE, TINY, exact_only, tiny_args, tiny_model, tol
 
 
 def trained_looking(ad, seed=0):
@@ -142,3 +142,19 @@ def test_layers_share_the_compiled_steps_kernels():
         return sum(len(re.findall(r"= async_compile\.\w+\(", c)) for c in code)
 
     assert kernels(6) == kernels(4)
+
+
+def test_a_mixtures_prefill_is_recorded_uncompiled():
+    """The compiled prefill's graph grows with a mixture's tenants (minutes to compile for 16
+    on a 7B): a mixture's prefill is recorded from the eager one, a single adapter's compiled."""
+    def eager(*a):
+        return None
+
+    def compiled(*a):
+        return None
+
+    graphs = PrefillGraphs(eager, compiled)
+    args = tiny_args("llama")
+    ads = [build_adapter("lora", args), build_adapter("para", args)]
+    assert graphs.recorded(Mixture(ads, [0, 1, None])) is eager
+    assert graphs.recorded(ads[0]) is compiled and graphs.recorded(None) is compiled
