@@ -46,10 +46,10 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     tuned = plain = {"mode": mode} if mode is not None else {}
     if mode is None and cuda:
         # reduce-overhead's option, plus the tuning under which one-row products become fast
-        # generated reductions (gpt-fast sets it too). LoRA's steps compile untuned: with tuning,
-        # their many small reduction kernels kept a cold compile on an H100 going past 165 s
-        # (and past 290 s in another process), against about 50 s untuned
-        # (scripts/gpu_session/final.sh, results/probes/).
+        # generated reductions (gpt-fast sets it too). LoRA's steps compile untuned: tuned, the
+        # step ran slower (176.1 against 181.3 tok/s on an H200: its x.A reads split the tuned
+        # fusions) and compiled for 123 s against 87-122 s
+        # (results/probes/gpu-decode-2026-11-26.txt).
         plain = {"mode": "reduce-overhead"}
         tuned = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
     if graph_prefill is None:
