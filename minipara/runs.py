@@ -99,7 +99,9 @@ def run(method: str, task: str, *, out=None, model=None, dtype: str = "float32",
              max_new_tokens, resume, force, shard_base, config, progress, command, options)
     ranks, r.device = distributed.init(device, shard_base)  # one process unless torchrun started this
     try:
-        return r.run_on(ranks)
+        report = r.run_on(ranks)
+        ranks.barrier()  # every rank done with the group before any tears it down
+        return report
     finally:
         distributed.finish()
 

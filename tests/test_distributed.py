@@ -61,6 +61,7 @@ def worker(rank: int, world: int, port: int, out: str):
         got["para-sharded"] = ({k: v.full_tensor() if hasattr(v, "full_tensor") else v
                                 for k, v in got["para-sharded"][0].items()}, got["para-sharded"][1])
         torch.save(got, f"{out}.{rank}")
+        dist.barrier()  # both ranks done with the group before either tears it down
     finally:
         dist.destroy_process_group()
 
