@@ -70,7 +70,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         # ~30 + ~150 small kernels launched eagerly between replays.
         window = (since + torch.arange(BEAM_WINDOW, device=since.device)).clamp(max=cache.max_len - 1)
         cache.reorder_slots(beams.rows, window)
-        reorder_packed([t[None] for layer in bufs for t in layer], beams.rows, cache.batch)
+        reorder_packed([t[None] for layer in bufs for t in layer], beams.rows, cache.batch)  # (1, rows, ...) each
         beams.update(raw_step(cache, beams.tokens, keys, bufs))
 
     def by_tuning(fn):  # {tune: fn compiled with or without the tuning}: see above
@@ -83,10 +83,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
 
     def run(fns, cache, *args, static=()):
         cache.advance(1)  # the graph advances cache.slot on the device
-        if not getattr(cache, "_static_marked", False):
-            mark_static(cache.buffers())
-            cache._static_marked = True
-        mark_static(static)
+        mark_static((*cache.buffers(), *static))
         keys = tuple(cache.packed)
         tune = TUNE_LORA_STEPS or not any(kind == "lora_a" for kind, _ in keys)
         return fns[tune](cache, *args, keys, list(zip(*(layer_views(cache.packed[k]) for k in keys))))
@@ -126,8 +123,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
 
 def mark_static(tensors):
     """Tensors a captured graph reads in place at a fixed address, rather than copying them
-    into the graph at every replay. Marked once each (the mark stays on the tensor): a step
-    reading a 7B's LoRA states takes 256 such inputs."""
+    into the graph at every replay (the mark stays on the tensor)."""
     for t in tensors:
         torch._dynamo.mark_static_address(t, guard=False)
 
@@ -148,8 +144,8 @@ class PrefillGraphs:
     A shape met for the first time runs eagerly (a one-off prompt costs no compiling or
     recording); the second time it runs `compiled` (the compiler makes its kernels for the
     first such shape, and once more, for any length, at the second; a mixture of tenants
-    runs eagerly, see `recorded`) and is recorded, then replayed. The adapter's parameters are read in place, so training them between requests
-    is seen; replacing them is not.
+    runs eagerly, see `recorded`) and is recorded, then replayed. The adapter's parameters
+    are read in place, so training them between requests is seen; replacing them is not.
     All records share one memory pool: each record's output is copied out right after
     its replay, and the adapter states it keeps live in the cache's own buffers."""
 
