@@ -7,9 +7,10 @@ tokens, batch 1), each variant in the same process as the others.
 VARIANT is METHOD/bBEAMS/OPTS: the library's compiled decoder (fast.py) with METHOD's adapter
 (base: none) at BEAMS beams; OPTS new: its defaults, old: the options before 2026-11-25 late
 (reduce-overhead without coordinate-descent tuning: every product through cuBLAS; the prefill
-is compiled either way). (Commit 583680c had f1/f0 for LoRA's x.A folded into the base
-product or not, since removed: LoRA steps no longer compile tuned.)
---profile: per-kernel GPU times of one more generation of each beam-1 variant (bench.py --profile's
+is compiled either way); joined with `+`: tune (LoRA's steps tuned too), u1 (no reduction of
+up to 8 elements unrolled into its consumer), bmm (LoRA's (x.A).B at decode through cuBLAS).
+(Commit 583680c had f1/f0 for LoRA's x.A folded into the base product or not, since removed.)
+--profile: per-kernel GPU times of one more generation of each variant (bench.py --profile's
 table; the first runs used a 40-row version of it, with the total GPU time on its title line).
 --gemv: matrix-vector products of the 7B's shapes, cuBLAS against inductor's reduction (one
 row; three rows as three reductions fused into one kernel), in GB/s, and the copy bandwidth.
