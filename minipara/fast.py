@@ -17,7 +17,7 @@ RoPE, and each layer's generator): eagerly, a batch-1 prefill of a 7B model is
 bound by the CPU launching them. A request shape seen a second time (same cache,
 adapter and prompt shape) is compiled (which fuses the element-wise work: 13.2 -> 8.4 ms
 for the 7B's 274-token prefill on an H100), recorded once and then replayed as one graph
-launch; a mixture of tenants is recorded uncompiled (its graph grows with the tenants).
+launch; a mixture of tenants' generators run eagerly inside it (mixture.py).
 """
 from collections import OrderedDict
 
@@ -143,9 +143,9 @@ class PrefillGraphs:
 
     A shape met for the first time runs eagerly (a one-off prompt costs no compiling or
     recording); the second time it runs `compiled` (the compiler makes its kernels for the
-    first such shape, and once more, for any length, at the second; a mixture of tenants
-    runs eagerly, see `recorded`) and is recorded, then replayed. The adapter's parameters
-    are read in place, so training them between requests is seen; replacing them is not.
+    first such shape, and once more, for any length, at the second) and is recorded, then
+    replayed. The adapter's parameters are read in place, so training them between requests
+    is seen; replacing them is not.
     All records share one memory pool: each record's output is copied out right after
     its replay, and the adapter states it keeps live in the cache's own buffers."""
 
@@ -154,14 +154,6 @@ class PrefillGraphs:
         self.records: OrderedDict = OrderedDict()
         self.seen = set()
         self.pool = None  # made at the first recording
-
-    def recorded(self, adapter):
-        """What a recording runs: the compiled prefill, except for a mixture of tenants,
-        whose graph (each member's generator over its rows, at every layer) grows with the
-        tenants: on a 7B with 16 LoRA tenants it compiled for longer than 6 minutes; on a
-        tiny model on CPU, 8 layers and 16 tenants took 111 s, 1 tenant 14 s.
-        A mixture's eager prefill is recorded as it is."""
-        return self.eager if getattr(adapter, "method", None) == "mixture" else self.compiled
 
     @torch.no_grad()
     def __call__(self, cache, tokens, valid, adapter):
@@ -185,7 +177,6 @@ class PrefillGraphs:
 
     def _record(self, cache, tokens, valid, adapter):
         tokens, valid, n_pre = tokens.clone(), valid.clone(), cache.n_prefix
-        run = self.recorded(adapter)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         # Warm up on a side stream (as torch.cuda.graph asks); this also gives the cache
@@ -197,10 +188,10 @@ class PrefillGraphs:
         with torch.cuda.stream(side):
             for _ in range(2):
                 cache.reset(n_pre)
-                run(cache, tokens, valid, adapter)
+                self.compiled(cache, tokens, valid, adapter)
         torch.cuda.current_stream().wait_stream(side)
         cache.reset(n_pre)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = run(cache, tokens, valid, adapter)
+            logits = self.compiled(cache, tokens, valid, adapter)
         return _Recorded(graph, tokens, valid, logits, cache, adapter)
