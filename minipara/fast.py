@@ -49,7 +49,8 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         # generated reductions (gpt-fast sets it too). LoRA's steps compile untuned: tuned, the
         # step ran slower (176.1 against 181.3 tok/s on an H200: its x.A reads split the tuned
         # fusions) and compiled for 123 s against 87-122 s
-        # (results/probes/gpu-decode-2026-11-26.txt).
+        # (results/probes/gpu-decode-2026-11-26.txt); with x.A folded into the base product,
+        # tuned, at 103.5 against 175.4 (results/probes/gpu-decode-2026-11-26-lorafold.txt).
         plain = {"mode": "reduce-overhead"}
         tuned = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
     if graph_prefill is None:
