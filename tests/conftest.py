@@ -123,6 +123,16 @@ def prefill_then_decode(model, adapter, tokens, valid, prompt_len: int):
     return torch.cat(outs, 1)
 
 
+def assert_decode_matches_full_forward(model, adapter, seed: int, lengths: list[int], extra: int):
+    """Prefilling prompt_batch's prompts and decoding its response tokens through the cache gives
+    the full forward's logits at every valid position."""
+    tokens, valid, prompt = prompt_batch(seed, lengths, extra)
+    with torch.no_grad():
+        full = model(tokens, valid=valid, adapter=adapter, pool_mask=prompt)
+    cached = prefill_then_decode(model, adapter, tokens, valid, max(lengths))
+    assert (cached - full)[valid].abs().max() < tol(1e-5)
+
+
 def write_tiny_model_dir(d):
     """Write an HF-format LLaMA directory into d: config.json, model.safetensors with random
     weights, and a 26-piece SentencePiece tokenizer.model. Returns d."""

@@ -17,7 +17,7 @@ from minipara.errors import UserError
 from minipara.methods import build_adapter
 from minipara.projections import HF_MODULES
 
-from conftest import DEVICE, hf_base, prefill_then_decode, prompt_batch, shared_tiny_model, tiny_args, tol
+from conftest import DEVICE, assert_decode_matches_full_forward, hf_base, prompt_batch, shared_tiny_model, tiny_args, tol
 
 IDENTITY = ("lora", "ia3", "bitfit")
 ALL = IDENTITY + ("ptuning_v2",)
@@ -61,11 +61,7 @@ def test_ptuning_v2_is_not_identity_and_shifts_positions():
        seed=st.integers(0, 1000))
 def test_decode_matches_full_forward(family, method, lengths, extra, seed):
     model, ad = shared_tiny_model(family), trained(method, family, seed)
-    tokens, valid, prompt = prompt_batch(seed, lengths, extra)
-    with torch.no_grad():
-        full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
-    cached = prefill_then_decode(model, ad, tokens, valid, max(lengths))
-    assert (cached - full)[valid].abs().max() < tol(1e-5)
+    assert_decode_matches_full_forward(model, ad, seed, lengths, extra)
 
 
 @pytest.mark.parametrize("method", IDENTITY)

@@ -14,7 +14,7 @@ from minipara.methods import build_adapter
 from minipara.methods.parade import squash
 from minipara.methods.rational import rational
 
-from conftest import DEVICE, prefill_then_decode, prompt_batch, shared_tiny_model, tiny_args, tol
+from conftest import DEVICE, assert_decode_matches_full_forward, prompt_batch, shared_tiny_model, tiny_args, tol
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,11 +123,7 @@ def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
 def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
     method, options = variant
     model, ad = shared_tiny_model(family), trained(method, family, seed, **options)
-    tokens, valid, prompt = prompt_batch(seed, lengths, extra)
-    with torch.no_grad():
-        full = model(tokens, valid=valid, adapter=ad, pool_mask=prompt)
-    cached = prefill_then_decode(model, ad, tokens, valid, max(lengths))
-    assert (cached - full)[valid].abs().max() < tol(1e-5)
+    assert_decode_matches_full_forward(model, ad, seed, lengths, extra)
 
 
 # ---- prompt-only pooling ----------------------------------------------------------------------

@@ -30,8 +30,8 @@ class Adapter(nn.Module):
     """Base class: a method's config plus only its own parameters.
 
     Subclasses set `method` (registry name) and `config_cls`, build parameters in
-    `__init__(config, args)` and implement `layer_state`. Parameters are kept in
-    float32; states are cast to the model's dtype.
+    `__init__(config, args)` and implement `layer_state` (or `state`, where the states do not
+    depend on the prompt). Parameters are kept in float32; states are cast to the model's dtype.
     """
     method: str = ""
     n_prefix: int = 0  # extra key/value entries each layer places before the text
@@ -47,6 +47,11 @@ class Adapter(nn.Module):
         return torch.full((batch,), self.n_prefix, dtype=torch.long, device=device)
 
     def layer_state(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, model) -> LayerState | None:
+        """Layer i's state, given the hidden states h entering it (prompt positions: pool_mask).
+        A method whose states do not depend on the prompt implements `state(i, dtype)` instead."""
+        return self.state(i, h.dtype)
+
+    def state(self, i: int, dtype) -> LayerState:
         raise NotImplementedError
 
     # Why merge() is refused, for methods that cannot fold into the base weights.

@@ -34,9 +34,6 @@ class BitFit(Adapter):
     def state(self, i: int, dtype) -> LayerState:
         return LayerState.build(self.args, dtype, bias={p: v[i] for p, v in self.bias.items()})
 
-    def layer_state(self, i, h, pool_mask, model):
-        return self.state(i, h.dtype)
-
     @torch.no_grad()
     def merge(self, model):
         """A copy of `model` with the biases added to (or made into) its linears' biases.

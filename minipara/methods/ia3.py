@@ -34,9 +34,6 @@ class IA3(Adapter):
     def state(self, i: int, dtype) -> LayerState:
         return LayerState.build(self.args, dtype, scale={p: v[i] for p, v in self.scale.items()})
 
-    def layer_state(self, i, h, pool_mask, model):
-        return self.state(i, h.dtype)
-
     @torch.no_grad()
     def merge(self, model):
         """A copy of `model` whose weight rows (and biases) are multiplied by the vectors."""

@@ -48,9 +48,6 @@ class Lora(Adapter):
         s = self.config.scale
         return LayerState.build(self.args, dtype, lora={p: (self.a[p][i], self.b[p][i] * s) for p in self.a})
 
-    def layer_state(self, i, h, pool_mask, model):
-        return self.state(i, h.dtype)
-
     @torch.no_grad()
     def merge(self, model):
         """A copy of `model` with W += s * B A folded into its fused weights (float32 math)."""

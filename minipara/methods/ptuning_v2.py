@@ -30,8 +30,8 @@ class PTuningV2(Adapter):
         # (layer, key|value, kv head, slot, head_dim): one layer's slice is the cache's layout.
         self.prefix = nn.Parameter(torch.randn(args.n_layers, 2, args.n_kv_heads, config.prefix_len, args.head_dim))
 
-    def layer_state(self, i, h, pool_mask, model):
+    def state(self, i: int, dtype) -> LayerState:
         k, v = self.prefix[i, :, None]  # (1, n_kv, P, head_dim) each: shared by every row
-        return LayerState.build(self.args, h.dtype, prefix_kv=(k, v))
+        return LayerState.build(self.args, dtype, prefix_kv=(k, v))
 
     merge_refusal = "its prefix keys/values are extra attention entries, which no base weight can hold"
