@@ -67,9 +67,7 @@ class Decoder:
         self._beams = {}
 
     def cache(self, batch: int, max_len: int, n_prefix: int):
-        # Round the length up, so requests of similar length share one cache (and one
-        # compiled step): masked extra slots cost next to nothing.
-        max_len = -(-max_len // 128) * 128
+        max_len = _bucket(max_len)
         key = (batch, max_len)
         if key not in self._caches:
             self._caches[key] = self.model.new_cache(batch, max_len, n_prefix)
@@ -107,7 +105,7 @@ class Decoder:
     def beams(self, B: int, K: int, N: int, keep: int, V: int) -> "Beams":
         """Beam search's state for this shape, reused from request to request (fixed addresses
         for a captured step); N is rounded up, as the cache length is."""
-        key = (B, K, -(-N // 128) * 128, keep, V)
+        key = (B, K, _bucket(N), keep, V)
         if key not in self._beams:
             self._beams[key] = Beams(*key, device=self.model.tok_embeddings.weight.device)
         return self._beams[key]
@@ -190,6 +188,12 @@ def _sample(decoder, cache, logits, cfg, eos, on_token):
         logits = decoder.step(cache, nxt)
     toks = torch.stack(out, 1).tolist()
     return [_cut(row, eos) for row in toks]
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a multiple of 128, so that requests of similar length share one cache
+    (and one compiled step): masked extra slots cost next to nothing."""
+    return -(-n // 128) * 128
 
 
 def _cut(row: list[int], eos) -> list[int]:

@@ -127,6 +127,11 @@ def test_beam_search_past_the_captured_window_equals_eager(setup):
     assert generate(model, PROMPTS, cfg, decoder=fast) == generate(model, PROMPTS, cfg)
 
 
+def kernel_count(code: list[str]) -> int:
+    """Kernels in inductor's generated code (run_and_get_code's sources)."""
+    return sum(len(re.findall(r"= async_compile\.\w+\(", c)) for c in code)
+
+
 def test_layers_share_the_compiled_steps_kernels():
     """Each layer's adapter states are inputs of the compiled step of their own, so the middle
     layers of a deeper model add no kernels. (Indexed out of the stacked states inside the
@@ -138,7 +143,7 @@ def test_layers_share_the_compiled_steps_kernels():
         cfg = GenerationConfig(max_new_tokens=2, eos_ids=())
         _, code = run_and_get_code(generate, model, PROMPTS[:1], cfg, adapter=ad,
                                    decoder=compile_decoder(Decoder(model), graph_prefill=False))
-        return sum(len(re.findall(r"= async_compile\.\w+\(", c)) for c in code)
+        return kernel_count(code)
 
     assert kernels(6) == kernels(4)
 
@@ -160,7 +165,7 @@ def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_ten
         cache = dec.cache(tokens.shape[0], 16, mix.n_prefix)
         run = torch.compile(dec.run_prefill) if compiled else dec.run_prefill
         logits, code = run_and_get_code(run, cache, tokens, valid, mix)
-        return logits, cache.states, sum(len(re.findall(r"= async_compile\.\w+\(", c)) for c in code)
+        return logits, cache.states, kernel_count(code)
 
     eager, eager_states, _ = prefill(2, False)
     logits, states, two = prefill(2, True)
