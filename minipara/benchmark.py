@@ -201,7 +201,7 @@ class Runner:
             self.generate()
             _sync(self.weight)
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        return prof.key_averages().table(sort_by=key, row_limit=25)
+        return prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=110)
 
     def summary(self) -> dict:
         n, b = self.n, len(self.prompts)
