@@ -159,24 +159,25 @@ def test_mixed_prefill_and_decode_logits_match_each_row_alone(family, seed, leng
     assert (got - full)[valid].abs().max() < tol(1e-5)
 
 
-def lora_tenants(args, n: int):
-    """n LoRA adapters of different ranks: the real method when present, else the test one."""
-    if "lora" in METHODS_HERE:
-        ads = [trained(build_adapter("lora", args, r=2 + k), k) for k in range(n)]
-    else:
-        ads = [RowLora(args, 2 + k, k).to(DEVICE) for k in range(n)]
-    return ads
+def lora_tenants(args, n: int, kind: str = "lora"):
+    """n LoRA adapters of different ranks: the real method (given unfused, by low_rank), or
+    the test one (fused, per row, by layer_state)."""
+    if kind == "lora" and "lora" in METHODS_HERE:
+        return [trained(build_adapter("lora", args, r=2 + k), k) for k in range(n)]
+    return [RowLora(args, 2 + k, k).to(DEVICE) for k in range(n)]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_many_lora_tenants_share_one_gathered_product(family):
+@pytest.mark.parametrize("kind", ["lora", "row_lora"])
+def test_many_lora_tenants_share_one_stacked_product(family, kind):
     model = tiny_model(family, seed=2)
-    ads = lora_tenants(model.args, 4)
+    ads = lora_tenants(model.args, 4, kind)
     rows = [0, 1, 2, 3, 3, None, 1, 0]
     calls = {k: 0 for k in range(len(ads))}
+    hook = "low_rank" if kind == "lora" else "layer_state"  # what the mixture asks each tenant
     for k, a in enumerate(ads):
-        orig = a.layer_state
-        a.layer_state = lambda *x, orig=orig, k=k: (calls.__setitem__(k, calls[k] + 1), orig(*x))[1]
+        orig = getattr(a, hook)
+        setattr(a, hook, lambda *x, orig=orig, k=k: (calls.__setitem__(k, calls[k] + 1), orig(*x))[1])
     mix = Mixture(ads, rows)
     prompts = prompts_for(len(rows), 7, model.args.vocab_size)
     cfg = GenerationConfig(max_new_tokens=8, eos_ids=())
@@ -184,21 +185,22 @@ def test_many_lora_tenants_share_one_gathered_product(family):
     pm = torch.ones(len(rows), 6, dtype=torch.bool, device=DEVICE)
     with torch.no_grad():
         st_mix = mix.layer_state(1, h, pm, model)
-        for name, (A, Bm) in st_mix.lora.items():
-            assert A.dim() == 3 and A.shape[0] == len(rows) and Bm.shape[0] == len(rows)
+        assert st_mix.lora
+        for name, (A, Bm, G) in st_mix.lora.items():
+            # One pair for the batch, the tenants side by side; each row's gate opens its own.
+            assert A.dim() == Bm.dim() == 2 and G.shape == (len(rows), 1, A.shape[-1])
             for b, r in enumerate(rows):
+                update = (A * G[b]) @ Bm  # (in, out): what row b adds, x @ update
                 if r is None:
-                    assert not A[b].any() and not Bm[b].any()
+                    assert not G[b].any()
                     continue
                 a, bm = ads[r].layer_state(1, h[b:b + 1], pm[b:b + 1], model).lora[name]
-                a, bm = (t if t.dim() == 3 else t[None] for t in (a, bm))
-                # (the test adapter's per-row A is computed in a batch: equal up to rounding)
-                assert (A[b, :, :a.shape[-1]] - a[0]).abs().max() < 1e-6 and not A[b, :, a.shape[-1]:].any()
-                assert (Bm[b, :bm.shape[-2]] - bm[0]).abs().max() < 1e-6 and not Bm[b, bm.shape[-2]:].any()
+                want = a.reshape(a.shape[-2:]) @ bm.reshape(bm.shape[-2:])
+                assert (update - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (name, b)
     for k in calls:
         calls[k] = 0
     got = generate(model, prompts, cfg, adapter=mix)
-    # One generator call per adapter per layer, over all of its rows; decode calls none.
+    # One call per adapter per layer, over all of its rows; decode calls none.
     assert all(c == model.args.n_layers for c in calls.values()), calls
     alone = [generate(model, [p], cfg, adapter=None if r is None else ads[r])[0] for p, r in zip(prompts, rows)]
     if not LOW_PRECISION:  # token-for-token equality needs float32

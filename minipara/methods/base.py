@@ -54,6 +54,12 @@ class Adapter(nn.Module):
     def state(self, i: int, dtype) -> LayerState:
         raise NotImplementedError
 
+    def low_rank(self, i: int) -> dict | None:
+        """Layer i's update, if all of it is a low-rank update that does not depend on the
+        prompt: {proj: (A (in, r), B (r, out), scale)}, y_proj += scale * x @ A @ B. A Mixture
+        places many tenants' parts side by side from these, without fusing each one's first."""
+        return None
+
     # Why merge() is refused, for methods that cannot fold into the base weights.
     merge_refusal = "it generates its parameters from each prompt at prefill"
 

@@ -7,18 +7,25 @@ model applies like any other:
 
     scale   ones, member rows' vectors written in      (y * 1 is y exactly)
     bias    zeros, member rows' vectors written in     (y + 0 is y exactly)
-    lora    per-row A (B, in, R) and B (B, R, out): each row its own adapter's low-rank
-            pair, ranks zero-padded to the largest, zeros for rows without one; decode is
-            then one batched low-rank product for all tenants, with no loop over rows
+    lora    the tenants' pairs side by side, A (in, R) and B (R, out) with R the sum of
+            their ranks, and a gate G (B, 1, R) opening each row's own columns (holding its
+            scaling): y += ((x @ A) * G) @ B, two products for all tenants, each tenant's
+            pair read once per step (not once per row). A method that gives its update as
+            unfused parts (`low_rank`: LoRA) is placed part by part, so a prefill stacks 16
+            tenants in a few concatenations per layer instead of fusing each one's first.
     prefix  (B, n_kv, P_max, hd): each row's own entries in its first P_row slots; the
             model masks a row's unused slots and starts its text at P_row (prefix_rows)
 
 So each row gets the output it would get alone, up to float rounding (zero-padded sums).
 """
+import itertools
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..projections import FUSED, out_sizes, parts as parts_of
 from .base import Adapter, LayerState
 
 
@@ -45,6 +52,7 @@ class Mixture(Adapter):
         self.members = nn.ModuleList(a for a, _ in self.groups)  # follow .to(device)
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
         self._index = {}  # (group, device) -> its rows as a tensor, made once (no copy per prefill)
+        self._gates = {}  # layout of the low-rank blocks -> their gate (see _gate)
 
     def _rows_of(self, g: int, device) -> torch.Tensor:
         key = (g, str(device))
@@ -72,12 +80,25 @@ class Mixture(Adapter):
         B = h.shape[0]
         self._check(B)
         parts = []
+        blocks = {}  # fused linear -> [(rows, A (in, r), Bm (r, width), first column, scale)]
         for g, (a, idx) in enumerate(self.groups):
+            low = a.low_rank(i)
+            if low is not None:
+                for p, (A, Bm, s) in low.items():
+                    blocks.setdefault(FUSED[p], []).append((tuple(idx), A, Bm, self._column(p), s))
+                continue
             ix = self._rows_of(g, h.device)
             st = a.layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
-            if st is not None:
-                parts.append((ix, st))
-        if not parts:
+            if st is None:
+                continue
+            parts.append((ix, st))
+            for f, (A, Bm) in st.lora.items():  # fused pairs (scaling folded in), shared or per row
+                if all(t.dim() == 2 or t.shape[0] == 1 for t in (A, Bm)):
+                    blocks.setdefault(f, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 0, 1.0))
+                    continue
+                A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
+                blocks.setdefault(f, []).extend(((row,), A[k], Bm[k], 0, 1.0) for k, row in enumerate(idx))
+        if not parts and not blocks:
             return None
         out = LayerState()
         for kind, fill in (("scale", 1.0), ("bias", 0.0)):
@@ -89,17 +110,14 @@ class Mixture(Adapter):
                 for ix, v in vals:
                     full[ix] = v
                 getattr(out, kind)[name] = full
-        for name in sorted({n for _, st in parts for n in st.lora}):
-            vals = [(ix, *(_rows(t if t.dim() == 3 else t[None], len(ix)) for t in st.lora[name]))
-                    for ix, st in parts if name in st.lora]
-            R = max(a.shape[-1] for _, a, _ in vals)
-            a0, b0 = vals[0][1], vals[0][2]
-            A = a0.new_zeros(B, a0.shape[1], R)
-            Bm = b0.new_zeros(B, R, b0.shape[2])
-            for ix, a, b in vals:
-                A[ix, :, :a.shape[-1]] = a
-                Bm[ix, :b.shape[-2]] = b
-            out.lora[name] = (A, Bm)
+        for f, bl in blocks.items():
+            bl.sort(key=lambda b: b[3])  # a projection's parts stacked together (stable: rows keep their order)
+            width = sum(out_sizes(self.args)[p] for p in parts_of(f))
+            A = torch.cat([b[1] for b in bl], -1).to(h.dtype)
+            stacks = []  # each projection's B parts stacked, then placed at its columns
+            for (col, w), same in itertools.groupby(bl, key=lambda b: (b[3], b[2].shape[-1])):
+                stacks.append(F.pad(torch.cat([b[2] for b in same], 0), (col, width - col - w)))
+            out.lora[f] = (A, torch.cat(stacks, 0).to(h.dtype), self._gate(bl, B, h))
         pre = [(ix, st) for ix, st in parts if st.prefix_k is not None]
         if pre:
             k0 = pre[0][1].prefix_k
@@ -110,6 +128,24 @@ class Mixture(Adapter):
                 out.prefix_k[ix, :, :P] = _rows(st.prefix_k, len(ix))
                 out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
         return out
+
+    def _column(self, p: str) -> int:
+        """Where projection p's output starts in its fused linear's."""
+        outs, f = out_sizes(self.args), FUSED[p]
+        return sum(outs[q] for q in parts_of(f)[:parts_of(f).index(p)])
+
+    def _gate(self, blocks, batch: int, h) -> torch.Tensor:
+        """G (batch, 1, R): each block's scaling in its rows and columns. Made once per layout
+        (the same at every layer and request) on the CPU and kept, so that a recorded prefill
+        finds it made and copies nothing to the device."""
+        key = (tuple((b[0], b[1].shape[-1], b[4]) for b in blocks), str(h.device), h.dtype)
+        if key not in self._gates:
+            G, col = torch.zeros(batch, 1, sum(b[1].shape[-1] for b in blocks)), 0
+            for rows, a, _, _, s in blocks:
+                G[list(rows), :, col:col + a.shape[-1]] = s
+                col += a.shape[-1]
+            self._gates[key] = G.to(h.device, h.dtype)
+        return self._gates[key]
 
     def merge(self, model):
         raise UserError("a mixture of adapters cannot be merged into one model: merge each adapter on its own")
