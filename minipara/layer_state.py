@@ -44,11 +44,13 @@ class LayerState:
         if name in self.lora:
             a, b, *gate = (t.to(x.dtype) for t in self.lora[name])
             if gate:
-                # Two products with all of the batch's rows: at decode they read each tenant's
-                # pair once, where per-row pairs read it once per row, and as GEMMs they run at
-                # a speed per-row reductions did not (bench.py --profile, batch 32: the per-row
-                # Bm product took 15 us per linear).
-                y = y + ((x @ a) * gate[0]) @ b
+                # Each tenant's pair is read once per step, not once per row. At decode x.A is a
+                # sum (a reduction the compiler fuses with the gate; as a GEMM, a split-K GEMM, its
+                # reduce and the gate's multiply took 4.7 + 1.7 + 1.3 us per linear on an H200),
+                # and (x.A).B a GEMM of all rows (the per-row form's reduction took 15 us for
+                # qkv at batch 32): bench.py --profile, results/probes/.
+                u = (x[..., None] * a).sum(-2) if x.shape[-2] == 1 else x @ a
+                y = y + (u * gate[0]) @ b
             elif x.shape[-2] == 1:
                 # One token per row (decode): the two products as sums, which the compiler fuses
                 # into reductions. As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel
