@@ -28,10 +28,7 @@ class LayerState:
               multiplies the output of a per-head query/key norm (models with qk_norm)
     bias[f]:  (B|1, 1, out) is added to it
     lora[f]:  (A, Bm) with A (in, r) or (B, in, r) and Bm (r, out) or (B, r, out),
-              the scaling already folded into Bm: y += x @ A @ Bm; or (A, Bm, G), a
-              mixture's tenants side by side: A (in, R), Bm (R, out) shared by all rows and
-              G (B, 1, R) opening each row's own columns (holding its scaling), zeros
-              elsewhere: y += ((x @ A) * G) @ Bm
+              the scaling already folded into Bm: y += x @ A @ Bm
     prefix_k, prefix_v: (B|1, n_kv, P, head_dim) extra keys/values before the text
     """
     scale: dict = field(default_factory=dict)
@@ -42,16 +39,8 @@ class LayerState:
 
     def apply(self, name: str, x, y):
         if name in self.lora:
-            a, b, *gate = (t.to(x.dtype) for t in self.lora[name])
-            if gate:
-                # Each tenant's pair is read once per step, not once per row. At decode x.A is a
-                # sum (a reduction the compiler fuses with the gate; as a GEMM, a split-K GEMM, its
-                # reduce and the gate's multiply took 4.7 + 1.7 + 1.3 us per linear on an H200),
-                # and (x.A).B a GEMM of all rows (the per-row form's reduction took 15 us for
-                # qkv at batch 32): bench.py --profile, results/probes/.
-                u = (x[..., None] * a).sum(-2) if x.shape[-2] == 1 else x @ a
-                y = y + (u * gate[0]) @ b
-            elif x.shape[-2] == 1:
+            a, b = (t.to(x.dtype) for t in self.lora[name])
+            if x.shape[-2] == 1:
                 # One token per row (decode): the two products as sums, which the compiler fuses
                 # into reductions. As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel
                 # that took 63 us per call at 3 rows on an H100 (bench.py --profile).
@@ -76,10 +65,8 @@ class LayerState:
         prefill they live in the KV cache."""
         out = {("scale", k): v for k, v in self.scale.items()}
         out.update({("bias", k): v for k, v in self.bias.items()})
-        for k, (a, b, *gate) in self.lora.items():
+        for k, (a, b) in self.lora.items():
             out[("lora_a", k)], out[("lora_b", k)] = a, b
-            if gate:
-                out[("lora_g", k)] = gate[0]
         return out
 
     @classmethod
@@ -90,8 +77,7 @@ class LayerState:
                 getattr(st, kind)[name] = t
         for (kind, name), t in tensors.items():
             if kind == "lora_a":
-                gate = (tensors[("lora_g", name)],) if ("lora_g", name) in tensors else ()
-                st.lora[name] = (t, tensors[("lora_b", name)], *gate)
+                st.lora[name] = (t, tensors[("lora_b", name)])
         return st
 
     def select(self, rows: torch.Tensor) -> "LayerState":
@@ -101,7 +87,7 @@ class LayerState:
         return LayerState(
             scale={k: pick(v) for k, v in self.scale.items()},
             bias={k: pick(v) for k, v in self.bias.items()},
-            lora={k: tuple(pick(t) for t in ab) for k, ab in self.lora.items()},
+            lora={k: (pick(a), pick(b)) for k, (a, b) in self.lora.items()},
             prefix_k=None if self.prefix_k is None else pick(self.prefix_k),
             prefix_v=None if self.prefix_v is None else pick(self.prefix_v),
         )

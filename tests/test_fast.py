@@ -156,10 +156,7 @@ def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_ten
         torch.manual_seed(n_tenants)
         args = tiny_args("llama")
         model = Transformer(args).to(DEVICE).eval()
-        # LoRA tenants side by side make one pair whose rank is the sum of theirs: the same sum
-        # (12) for 1 and for 3 tenants, so that only the number of tenants differs.
-        rank = {"r": 12 // (n_tenants // 2)}
-        ads = [trained_looking(build_adapter(m, args, **(rank if m == "lora" else {})).to(DEVICE), seed=i)
+        ads = [trained_looking(build_adapter(m, args).to(DEVICE), seed=i)
                for i, m in enumerate(["lora", "para"] * (n_tenants // 2))]
         mix = Mixture(ads, [i % n_tenants for i in range(n_tenants)] + [None])
         dec = Decoder(model)

@@ -7,12 +7,12 @@ model applies like any other:
 
     scale   ones, member rows' vectors written in      (y * 1 is y exactly)
     bias    zeros, member rows' vectors written in     (y + 0 is y exactly)
-    lora    the tenants' pairs side by side, A (in, R) and B (R, out) with R the sum of
-            their ranks, and a gate G (B, 1, R) opening each row's own columns (holding its
-            scaling): y += ((x @ A) * G) @ B, two products for all tenants, each tenant's
-            pair read once per step (not once per row). A method that gives its update as
-            unfused parts (`low_rank`: LoRA) is placed part by part, so a prefill stacks 16
-            tenants in a few concatenations per layer instead of fusing each one's first.
+    lora    per-row A (B, in, R) and B (B, R, out): each row its own adapter's low-rank
+            pair, ranks zero-padded to the largest, zeros for rows without one; decode is
+            then one batched low-rank product for all tenants, with no loop over rows. The
+            pairs are gathered from the tenants' pairs stacked side by side, and a method that
+            gives its update as unfused parts (`low_rank`: LoRA) is stacked part by part: a
+            prefill of 16 tenants then takes a few kernels per layer, not each tenant's fusing.
     prefix  (B, n_kv, P_max, hd): each row's own entries in its first P_row slots; the
             model masks a row's unused slots and starts its text at P_row (prefix_rows)
 
@@ -52,7 +52,7 @@ class Mixture(Adapter):
         self.members = nn.ModuleList(a for a, _ in self.groups)  # follow .to(device)
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
         self._index = {}  # (group, device) -> its rows as a tensor, made once (no copy per prefill)
-        self._gates = {}  # layout of the low-rank blocks -> their gate (see _gate)
+        self._gathers = {}  # layout of the low-rank blocks -> each row's columns (see _gather)
 
     def _rows_of(self, g: int, device) -> torch.Tensor:
         key = (g, str(device))
@@ -113,11 +113,12 @@ class Mixture(Adapter):
         for f, bl in blocks.items():
             bl.sort(key=lambda b: b[3])  # a projection's parts stacked together (stable: rows keep their order)
             width = sum(out_sizes(self.args)[p] for p in parts_of(f))
-            A = torch.cat([b[1] for b in bl], -1).to(h.dtype)
+            A = torch.cat([b[1] for b in bl], -1)
             stacks = []  # each projection's B parts stacked, then placed at its columns
             for (col, w), same in itertools.groupby(bl, key=lambda b: (b[3], b[2].shape[-1])):
                 stacks.append(F.pad(torch.cat([b[2] for b in same], 0), (col, width - col - w)))
-            out.lora[f] = (A, torch.cat(stacks, 0).to(h.dtype), self._gate(bl, B, h))
+            cols, scale = self._gather(bl, B, h.device)
+            out.lora[f] = (A[:, cols].movedim(1, 0).to(h.dtype), (torch.cat(stacks, 0)[cols] * scale).to(h.dtype))
         pre = [(ix, st) for ix, st in parts if st.prefix_k is not None]
         if pre:
             k0 = pre[0][1].prefix_k
@@ -134,18 +135,27 @@ class Mixture(Adapter):
         outs, f = out_sizes(self.args), FUSED[p]
         return sum(outs[q] for q in parts_of(f)[:parts_of(f).index(p)])
 
-    def _gate(self, blocks, batch: int, h) -> torch.Tensor:
-        """G (batch, 1, R): each block's scaling in its rows and columns. Made once per layout
-        (the same at every layer and request) on the CPU and kept, so that a recorded prefill
-        finds it made and copies nothing to the device."""
-        key = (tuple((b[0], b[1].shape[-1], b[4]) for b in blocks), str(h.device), h.dtype)
-        if key not in self._gates:
-            G, col = torch.zeros(batch, 1, sum(b[1].shape[-1] for b in blocks)), 0
+    def _gather(self, blocks, batch: int, device):
+        """Which stacked columns each row gathers, (batch, R) padded with column 0, and their
+        scaling (batch, R, 1), 0 on padding (so a padded column adds exactly nothing). Made
+        once per layout (the same at every layer and request) on the CPU and kept, so that a
+        recorded prefill finds them made and copies nothing to the device."""
+        key = (tuple((b[0], b[1].shape[-1], b[4]) for b in blocks), str(device))
+        if key not in self._gathers:
+            mine, col = [[] for _ in range(batch)], 0  # row -> [(column, scale)]
             for rows, a, _, _, s in blocks:
-                G[list(rows), :, col:col + a.shape[-1]] = s
+                for r in rows:
+                    mine[r] += [(c, s) for c in range(col, col + a.shape[-1])]
                 col += a.shape[-1]
-            self._gates[key] = G.to(h.device, h.dtype)
-        return self._gates[key]
+            R = max(1, max(map(len, mine)))
+            cols = torch.zeros(batch, R, dtype=torch.long)
+            scale = torch.zeros(batch, R, 1)
+            for r, cs in enumerate(mine):
+                if cs:
+                    cols[r, :len(cs)] = torch.tensor([c for c, _ in cs])
+                    scale[r, :len(cs), 0] = torch.tensor([s for _, s in cs])
+            self._gathers[key] = (cols.to(device), scale.to(device))
+        return self._gathers[key]
 
     def merge(self, model):
         raise UserError("a mixture of adapters cannot be merged into one model: merge each adapter on its own")
