@@ -1,3 +1,5 @@
+# Ran at b5a0ce7: 16 tenants at batch 32 fell to 0.26 of the base (decode 0.15: x.A as a sum
+# over a shared A is slow at 32 rows); the form was dropped.
 # The stacked LoRA tenants with x.A as a sum at decode (fused with the gate), after
 # stacked_lora.sh found the split-K GEMMs and the gate's multiplies as slow as the per-row form.
 # One nvidia-h100-x2 call, about 7 min: the tenant rows (kernel tables at batch 32), the eight-
