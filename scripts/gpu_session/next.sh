@@ -1,16 +1,18 @@
-# The next GPU call for issue 13 (not yet run): one nvidia-h100-x2 call, about 9 min.
-# GPU 0: IAPT against the base in one process with kernel tables (IAPT's 0.94 of 2026-11-26 was
-#   never profiled), then the eight-method mixed batch, not re-measured since a mixture's prefill
-#   is compiled (9021477).
-# GPU 1: the rest of tests/test_fast.py on CUDA (the mixture tests passed at 4f7398a), then the
-#   base beam-1 row again (on H100 last measured on 2026-11-25: 181-186 tok/s).
+# The next GPU call for issue 13 (not yet run): one nvidia-h100-x2 call, about 8 min.
+# GPU 0: 16 LoRA tenants at batch 32 with the merged mixture form (5caa122: pairs stacked at
+#   prefill, gathered per row), then the prompt-aware rows with --interleave (rows in turns within
+#   each run: the one-process spread of 0.94-1.07 between identical decode graphs is what the
+#   single-row ratios could not settle).
+# GPU 1: the CUDA mixture tests for the merged form, then 4 LoRA tenants at batch 8 again.
 . scripts/gpu_session/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
 ( export CUDA_VISIBLE_DEVICES=0
-  step iapt 240 python3 scripts/probes/gpu_decode.py base/b1/new,iapt/b1/new --runs 5 --profile "$OUT/profile.txt"
-  step mix32 $((530 - SECONDS)) $B --batch 32 --tenants 16 --mix --methods para,pedro,parade,iapt,lora,ia3,bitfit,ptuning_v2 --beams 1 --runs 3 --json "$OUT/mix32.json" --markdown "$OUT/mix32.md" ) &
+  step t32 240 $B --batch 32 --tenants 16 --methods lora --beams 1 --runs 3 --json "$OUT/t32.json" --markdown "$OUT/t32.md"
+  step inter $((480 - SECONDS)) $B --methods base,para,pedro,parade,iapt --beams 1 --runs 5 --interleave --json "$OUT/inter.json" --markdown "$OUT/inter.md" ) &
 ( export CUDA_VISIBLE_DEVICES=1
-  step tests 300 env MINIPARA_TEST_DEVICE=cuda python3 -m pytest -q -rA tests/test_fast.py -k "not mixture"
-  step base $((530 - SECONDS)) $B --methods base --beams 1 --runs 5 --json "$OUT/base.json" --markdown "$OUT/base.md" ) &
+  step tests 300 env MINIPARA_TEST_DEVICE=cuda python3 -m pytest -q -rA tests/test_mixture.py \
+    "tests/test_fast.py::test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_tenants" \
+    "tests/test_fast.py::test_every_method_and_mixtures_across_repeated_requests"
+  step t8 $((480 - SECONDS)) $B --batch 8 --tenants 4 --methods lora --beams 1 --runs 3 --json "$OUT/t8.json" --markdown "$OUT/t8.md" ) &
 wait; cat "$OUT/steps.txt"
 pack
