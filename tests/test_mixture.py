@@ -238,3 +238,32 @@ def test_mixture_edges():
         mix.merge(tiny_model("llama"))
     with pytest.raises(UserError, match="same base model"):
         Mixture([ads[0], SoftPrefix(tiny_args("gemma"), 2, 0)], [0, 1])
+
+
+def test_lora_tenants_stack_in_as_many_ops_for_sixteen_as_for_two():
+    """A prefill places LoRA tenants' parts side by side: its state building per layer runs as
+    many ops for 16 tenants as for 2 (fusing each tenant's pair first ran 648 for 16: its
+    kernels made most of a 7B's first-token excess on a GPU, BENCHMARKS.md)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view  # ops that launch work, not views
+            return func(*args, **(kwargs or {}))
+
+    args = tiny_args("llama")
+    h = torch.randn(32, 5, args.dim)
+    pm = torch.ones(32, 5, dtype=torch.bool)
+    counts = []
+    for n in (2, 16):
+        mix = Mixture([build_adapter("lora", args) for _ in range(n)], [k % n for k in range(32)])
+        with torch.no_grad():
+            mix.layer_state(0, h, pm, None)  # the first call makes the row layout, kept
+            with CountOps() as c:
+                mix.layer_state(1, h, pm, None)
+        counts.append(c.n)
+    assert counts[0] == counts[1] and counts[0] < 60, counts
