@@ -46,9 +46,9 @@ def parse(argv=None):
     p.add_argument("--markdown", help="write the table as markdown to this file")
     p.add_argument("--plot", help="bar chart of tokens/s per method (needs matplotlib)")
     p.add_argument("--interleave", action="store_true",
-                   help="take the timed runs of all methods in turns (A, B, A, B, ...) rather than method "
-                   "after method, so a machine whose speed drifts affects all alike (peak memory is then "
-                   "the whole run's)")
+                   help="take the timed runs of all rows (methods, or --tenants rows) in turns (A, B, A, B, "
+                   "...) rather than row after row, so a machine whose speed drifts affects all alike (peak "
+                   "memory is then the whole run's)")
     p.add_argument("--train-steps", type=int, help="measure training instead: optimizer steps/s over this many "
                    "steps (after --warmup ones) of each of --methods on synthetic data; under torchrun data-parallel")
     p.add_argument("--train-batch", type=int, default=16, help="global batch of --train-steps")
@@ -115,9 +115,9 @@ def main(argv=None):
     from minipara.loading import parse_device, parse_dtype
     device, dtype = parse_device(a.device), parse_dtype(a.dtype)
     variants, beams = check_options(a)
-    if a.interleave and (a.tenants or a.profile or a.compare_hf):
-        raise UserError("--interleave measures single-batch methods side by side: leave out --tenants, --profile "
-                        "and --compare-hf (which takes minipara's and HF's runs in turns itself)")
+    if a.interleave and (a.profile or a.compare_hf):
+        raise UserError("--interleave takes the rows' runs in turns: leave out --profile (one more generation per "
+                        "row) and --compare-hf (which takes minipara's and HF's runs in turns itself)")
     if a.tenants and a.batch < a.tenants:
         raise UserError(f"--batch {a.batch} is smaller than --tenants {a.tenants}: each tenant needs a row")
     if a.compare_hf:
@@ -170,11 +170,16 @@ def main(argv=None):
             groups = [[methods[i % len(methods)] for i in range(a.tenants)]]
         else:  # per method, a batch spread over `tenants` adapters of that method
             groups = [[v] * a.tenants for v in methods]
-        record("base", model, None, beams[0], "base")
-        for g in groups:
-            ad = tenant_mixture(model, g, a.batch)
-            record(f"{'+'.join(sorted(set(g)))} x{a.tenants} mixed", model, ad, beams[0],
-                   g[0] if len(set(g)) == 1 else None)
+        named = [("base", None, "base")] + [(f"{'+'.join(sorted(set(g)))} x{a.tenants} mixed",
+                                             tenant_mixture(model, g, a.batch), g[0] if len(set(g)) == 1 else None)
+                                            for g in groups]
+        if a.interleave:
+            results = bm.run_interleaved([(model, ad, beams[0]) for _, ad, _ in named], prompts, a.new_tokens,
+                                         a.runs, a.warmup, compile_step)
+            rows += [{"variant": n, "batch": a.batch, "beams": beams[0], **r} for (n, _, _), r in zip(named, results)]
+        else:
+            for name, ad, hf_variant in named:
+                record(name, model, ad, beams[0], hf_variant)
     elif a.interleave:  # (--compare-hf interleaves each row with HF's instead)
         made = {v: bm.make_adapter(v, model) for v in order}
         settings = [(v, nb) for v in order for nb in beams]

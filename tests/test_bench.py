@@ -55,9 +55,18 @@ def test_bench_interleaved_runs_every_method(tmp_path):
                                                           for b in (1, 3)]
     assert all(r["tps"] > 0 and r["x_base"] > 0 for r in rows)
     assert all(r["peak_mb"] > 0 and r["kv_mb"] > 0 for r in rows)  # each row's own peak, over its own runs
-    refused = subprocess.run([*cmd, "--batch", "2", "--tenants", "2"], cwd=ROOT, capture_output=True, text=True,
+    refused = subprocess.run([*cmd, "--profile", str(tmp_path / "p.txt")], cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --interleave")
+    # Tenant rows too: the base batch and the mixed one, in turns.
+    tenants = [a for a in cmd if a != "base,para,lora-merged"]
+    tenants[tenants.index("--methods") + 1:tenants.index("--methods") + 1] = ["lora"]
+    run = subprocess.run([*tenants, "--beams", "1", "--batch", "3", "--tenants", "2"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [("base", 3), ("lora x2 mixed", 3)]
+    assert rows[1]["x_base"] > 0 and rows[1]["tps_all_rows"] == rows[1]["tps"] * 3
 
 
 def test_bench_compare_hf_runs_hf_on_the_same_weights(tmp_path):
