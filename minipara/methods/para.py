@@ -68,7 +68,7 @@ class Para(Adapter):
 
     def pooled(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
         """(B, r): the prompt pooled and projected down."""
-        return pool(h.float(), pool_mask, self.config.pooler) @ self.gen.w_down[i]
+        return pool(h, pool_mask, self.config.pooler) @ self.gen.w_down[i]
 
     def layer_state(self, i, h, pool_mask, model):
         z = self.activation(i, self.pooled(i, h, pool_mask))

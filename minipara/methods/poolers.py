@@ -18,11 +18,13 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def pool(h: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, d) in float32. Only the mean sums, so only it casts all of h first: the others pick
+    values and cast those (a float32 copy of a 32-row prompt's h is 144 MB on a 7B)."""
     if kind == "last":
-        return h[torch.arange(h.shape[0], device=h.device), last_index(mask)]
+        return h[torch.arange(h.shape[0], device=h.device), last_index(mask)].float()
     m = mask[..., None]
     if kind == "mean":
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return (h.float() * m).sum(1) / m.sum(1).clamp(min=1)
     if kind == "max":
-        return h.masked_fill(~m, float("-inf")).amax(1)
+        return h.masked_fill(~m, float("-inf")).amax(1).float()
     raise ValueError(f"unknown pooler {kind!r}; use one of {', '.join(POOLERS)}")
