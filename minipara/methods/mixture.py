@@ -52,7 +52,7 @@ class Mixture(Adapter):
         self.members = nn.ModuleList(a for a, _ in self.groups)  # follow .to(device)
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
         self._index = {}  # (group, device) -> its rows as a tensor, made once (no copy per prefill)
-        self._gathers = {}  # layout of the low-rank blocks -> each row's columns (see _gather)
+        self._gathers = {}  # a layout of rows -> its index tensors, made once (see _gather, _order)
 
     def _rows_of(self, g: int, device) -> torch.Tensor:
         key = (g, str(device))
@@ -91,7 +91,7 @@ class Mixture(Adapter):
             st = a.layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
             if st is None:
                 continue
-            parts.append((ix, st))
+            parts.append((ix, tuple(idx), st))
             for f, (A, Bm) in st.lora.items():  # fused pairs (scaling folded in), shared or per row
                 if all(t.dim() == 2 or t.shape[0] == 1 for t in (A, Bm)):
                     blocks.setdefault(f, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 0, 1.0))
@@ -102,14 +102,14 @@ class Mixture(Adapter):
             return None
         out = LayerState()
         for kind, fill in (("scale", 1.0), ("bias", 0.0)):
-            for name in sorted({n for _, st in parts for n in getattr(st, kind)}):
-                vals = [(ix, _rows(_as3d(getattr(st, kind)[name]), len(ix)))
-                        for ix, st in parts if name in getattr(st, kind)]
+            for name in sorted({n for _, _, st in parts for n in getattr(st, kind)}):
+                vals = [(rows, _rows(_as3d(getattr(st, kind)[name]), len(rows)))
+                        for _, rows, st in parts if name in getattr(st, kind)]
                 ref = vals[0][1]
-                full = torch.full((B, *ref.shape[1:]), fill, dtype=ref.dtype, device=ref.device)
-                for ix, v in vals:
-                    full[ix] = v
-                getattr(out, kind)[name] = full
+                # The fill row, then every member's rows, picked into batch order by one index
+                # (three ops, not one write per member).
+                stacked = torch.cat([ref.new_full((1, *ref.shape[1:]), fill)] + [v for _, v in vals]).to(ref.dtype)
+                getattr(out, kind)[name] = stacked[self._order(tuple(rows for rows, _ in vals), B, h.device)]
         for f, bl in blocks.items():
             bl.sort(key=lambda b: b[3])  # a projection's parts stacked together (stable: rows keep their order)
             width = sum(out_sizes(self.args)[p] for p in parts_of(f))
@@ -119,7 +119,7 @@ class Mixture(Adapter):
                 stacks.append(F.pad(torch.cat([b[2] for b in same], 0), (col, width - col - w)))
             cols, scale = self._gather(bl, B, h.device)
             out.lora[f] = (A[:, cols].movedim(1, 0).to(h.dtype), (torch.cat(stacks, 0)[cols] * scale).to(h.dtype))
-        pre = [(ix, st) for ix, st in parts if st.prefix_k is not None]
+        pre = [(ix, st) for ix, _, st in parts if st.prefix_k is not None]
         if pre:
             k0 = pre[0][1].prefix_k
             out.prefix_k = k0.new_zeros(B, k0.shape[1], self.n_prefix, k0.shape[3])
@@ -129,6 +129,18 @@ class Mixture(Adapter):
                 out.prefix_k[ix, :, :P] = _rows(st.prefix_k, len(ix))
                 out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
         return out
+
+    def _order(self, groups: tuple, batch: int, device) -> torch.Tensor:
+        """(batch,) index into [fill row, the groups' rows in turn]: each row's own entry, the
+        fill row (0) for rows outside the groups. Made once per layout and kept (see _gather)."""
+        key = ("order", groups, str(device))
+        if key not in self._gathers:
+            order, at = [0] * batch, 1
+            for rows in groups:
+                for r in rows:
+                    order[r], at = at, at + 1
+            self._gathers[key] = torch.tensor(order, device=device)
+        return self._gathers[key]
 
     def _column(self, p: str) -> int:
         """Where projection p's output starts in its fused linear's."""
