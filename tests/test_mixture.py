@@ -240,30 +240,63 @@ def test_mixture_edges():
         Mixture([ads[0], SoftPrefix(tiny_args("gemma"), 2, 0)], [0, 1])
 
 
+def ops_per_layer(method: str, n_tenants: int) -> int:
+    """Ops that launch work (not views) in one layer's state of a mixture of n tenants over 32
+    rows, once the mixture has made its row layouts (at its first call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    args = tiny_args("llama")
+    h, pm = torch.randn(32, 5, args.dim), torch.ones(32, 5, dtype=torch.bool)
+    mix = Mixture([build_adapter(method, args) for _ in range(n_tenants)], [k % n_tenants for k in range(32)])
+    with torch.no_grad():
+        mix.layer_state(0, h, pm, None)
+        with CountOps() as c:
+            mix.layer_state(1, h, pm, None)
+    return c.n
+
+
 def test_lora_tenants_stack_in_as_many_ops_for_sixteen_as_for_two():
     """A prefill places LoRA tenants' parts side by side: its state building per layer runs as
     many ops for 16 tenants as for 2 (fusing each tenant's pair first ran 648 for 16: its
     kernels made most of a 7B's first-token excess on a GPU, BENCHMARKS.md)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    assert ops_per_layer("lora", 2) == ops_per_layer("lora", 16) < 60
 
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += not func.is_view  # ops that launch work, not views
-            return func(*args, **(kwargs or {}))
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_same_kind_tenants_run_as_one_generator_call(family):
+    """PARA-family tenants of one config run their generators as one call (each row with its
+    own tenant's parameters); each row still gets what it gets alone, prefill and decode."""
+    model = tiny_model(family, seed=4)
+    args = model.args
+    kinds = [("para", {}), ("para", {"pooler": "mean"}), ("pedro", {}), ("pedro", {"activation": "relu-gelu"}),
+             ("parade", {}), ("parade", {"pooler": "max"})]
+    ads = [trained(build_adapter(m, args, **kw), 10 * k + j) for k, (m, kw) in enumerate(kinds) for j in range(3)
+           if m in METHODS_HERE]
+    ads.pop()  # the last kind has 2 tenants
+    rows = [k for k in range(len(ads)) for _ in range(2)] + [None]
+    rows = [rows[j] for j in torch.randperm(len(rows), generator=torch.Generator().manual_seed(5))]
+    mix = Mixture(ads, rows)
+    assert len(mix.calls) == len({(m, tuple(kw.items())) for m, kw in kinds if m in METHODS_HERE})
+    g = torch.Generator().manual_seed(6)
+    lengths = torch.randint(2, 9, (len(rows),), generator=g)
+    Tp = int(lengths.max())
+    tokens = torch.randint(3, args.vocab_size, (len(rows), Tp + 3), generator=g).to(DEVICE)
+    valid = (torch.arange(Tp + 3)[None] >= (Tp - lengths)[:, None]).to(DEVICE)
+    with torch.no_grad():
+        got = run_cached(model, mix, tokens, valid, Tp)
+        for b, r in enumerate(rows):
+            row = tokens[b:b + 1, valid[b]]
+            ref = run_cached(model, None if r is None else ads[r], row, torch.ones_like(row, dtype=torch.bool),
+                             int(lengths[b]))
+            assert (got[b, valid[b]] - ref[0]).abs().max() < tol(1e-5), (b, r)
 
-    args = tiny_args("llama")
-    h = torch.randn(32, 5, args.dim)
-    pm = torch.ones(32, 5, dtype=torch.bool)
-    counts = []
-    for n in (2, 16):
-        mix = Mixture([build_adapter("lora", args) for _ in range(n)], [k % n for k in range(32)])
-        with torch.no_grad():
-            mix.layer_state(0, h, pm, None)  # the first call makes the row layout, kept
-            with CountOps() as c:
-                mix.layer_state(1, h, pm, None)
-        counts.append(c.n)
-    assert counts[0] == counts[1] and counts[0] < 60, counts
+
+def test_para_tenants_make_their_vectors_in_as_many_ops_for_sixteen_as_for_two():
+    assert ops_per_layer("para", 2) == ops_per_layer("para", 16)

@@ -54,6 +54,17 @@ class Adapter(nn.Module):
     def state(self, i: int, dtype) -> LayerState:
         raise NotImplementedError
 
+    # True: tenants of this class with equal configs run as one generator call in a Mixture
+    # (`mixed_layer_state`), each row with its own tenant's parameters.
+    mixable: bool = False
+
+    @classmethod
+    def mixed_layer_state(cls, adapters: list, which: torch.Tensor, i: int, h: torch.Tensor,
+                          pool_mask: torch.Tensor, model) -> LayerState | None:
+        """Layer i's state for rows whose adapter is adapters[which[b]] (all of this class and
+        config): what each one's layer_state gives its rows, in one call (mixable methods)."""
+        raise NotImplementedError
+
     def low_rank(self, i: int) -> dict | None:
         """Layer i's update, if all of it is a low-rank update that does not depend on the
         prompt: {proj: (A (in, r), B (r, out), scale)}, y_proj += scale * x @ A @ B. A Mixture

@@ -50,14 +50,24 @@ class Mixture(Adapter):
                 groups.setdefault(id(a), (a, []))[1].append(b)
         self.groups = list(groups.values())
         self.members = nn.ModuleList(a for a, _ in self.groups)  # follow .to(device)
+        # One generator call per adapter, or per kind (class and config) for methods whose
+        # generators run many tenants at once (`mixable`): (adapters, rows, each row's adapter).
+        calls: dict = {}
+        for a, idx in self.groups:
+            ads, rows, which = calls.setdefault((type(a), repr(a.config)) if a.mixable else id(a), ([], [], []))
+            rows += idx
+            which += [len(ads)] * len(idx)
+            ads.append(a)
+        self.calls = list(calls.values())
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
         self._index = {}  # (group, device) -> its rows as a tensor, made once (no copy per prefill)
         self._gathers = {}  # a layout of rows -> its index tensors, made once (see _gather, _order)
 
-    def _rows_of(self, g: int, device) -> torch.Tensor:
-        key = (g, str(device))
+    def _rows_of(self, g: int, device, of: str = "groups") -> torch.Tensor:
+        """Group (or call, of="calls") g's rows as a tensor on `device`."""
+        key = (of, g, str(device))
         if key not in self._index:
-            self._index[key] = torch.tensor(self.groups[g][1], device=device)
+            self._index[key] = torch.tensor(getattr(self, of)[g][1], device=device)
         return self._index[key]
 
     def _check(self, batch: int):
@@ -81,14 +91,19 @@ class Mixture(Adapter):
         self._check(B)
         parts = []
         blocks = {}  # fused linear -> [(rows, A (in, r), Bm (r, width), first column, scale)]
-        for g, (a, idx) in enumerate(self.groups):
+        for c, (ads, idx, which) in enumerate(self.calls):
+            a = ads[0]
             low = a.low_rank(i)
             if low is not None:
                 for p, (A, Bm, s) in low.items():
                     blocks.setdefault(FUSED[p], []).append((tuple(idx), A, Bm, self._column(p), s))
                 continue
-            ix = self._rows_of(g, h.device)
-            st = a.layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
+            ix = self._rows_of(c, h.device, "calls")
+            h_c, pm_c = h.index_select(0, ix), pool_mask.index_select(0, ix)
+            if len(ads) == 1:
+                st = a.layer_state(i, h_c, pm_c, model)
+            else:
+                st = type(a).mixed_layer_state(ads, self._which(c, h.device), i, h_c, pm_c, model)
             if st is None:
                 continue
             parts.append((ix, tuple(idx), st))
@@ -129,6 +144,13 @@ class Mixture(Adapter):
                 out.prefix_k[ix, :, :P] = _rows(st.prefix_k, len(ix))
                 out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
         return out
+
+    def _which(self, c: int, device) -> torch.Tensor:
+        """For call c's rows, which of its adapters each uses."""
+        key = ("which", c, str(device))
+        if key not in self._index:
+            self._index[key] = torch.tensor(self.calls[c][2], device=device)
+        return self._index[key]
 
     def _order(self, groups: tuple, batch: int, device) -> torch.Tensor:
         """(batch,) index into [fill row, the groups' rows in turn]: each row's own entry, the

@@ -74,3 +74,29 @@ class Para(Adapter):
         z = self.activation(i, self.pooled(i, h, pool_mask))
         vectors = self.gen.up(i, z).split(self.splits, dim=-1)
         return LayerState.build(self.args, h.dtype, scale=dict(zip(self.targets, vectors)), qk_after_norm=True)
+
+    # In a Mixture, tenants of one config make their vectors in one call, each row with its own
+    # tenant's parameters gathered (`rows`), instead of one call per tenant (about 20 small
+    # kernels each, at every layer of every prefill).
+    mixable = True
+
+    @classmethod
+    def mixed_layer_state(cls, adapters, which, i, h, pool_mask, model):
+        a0 = adapters[0]
+
+        def rows(param):  # param(adapter) for each row's adapter: (B, ...)
+            return torch.stack([param(a) for a in adapters])[which]
+
+        z = a0.activation_rows(i, a0.pooled_rows(i, h, pool_mask, rows), rows)
+        v = (z[:, None] @ rows(lambda a: a.gen.w_up[i]))[:, 0]
+        v = v + (rows(lambda a: a.gen.b_up[i]) if a0.gen.b_up is not None else 1.0)
+        return LayerState.build(a0.args, h.dtype, scale=dict(zip(a0.targets, v.split(a0.splits, dim=-1))),
+                                qk_after_norm=True)
+
+    def pooled_rows(self, i, h, pool_mask, rows):
+        """`pooled` with each row's own parameters (rows: see mixed_layer_state)."""
+        return (pool(h, pool_mask, self.config.pooler)[:, None] @ rows(lambda a: a.gen.w_down[i]))[:, 0]
+
+    def activation_rows(self, i, z, rows):
+        """`activation` with each row's own parameters (PARA's GELU has none)."""
+        return self.activation(i, z)

@@ -50,8 +50,12 @@ class CapsulePooler(nn.Module):
         self.w_cap = nn.Parameter(torch.randn(n_layers, capsules, r, r // capsules) * 0.02)
         self.v = nn.Parameter(torch.randn(n_layers, capsules, r) * 0.02)
 
-    def forward(self, i: int, hp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        msg = torch.einsum("btr,krc->btkc", hp, self.w_cap[i])  # m[j->k]: (B, T, K, r/K)
+    def forward(self, i: int, hp: torch.Tensor, mask: torch.Tensor, w_cap=None, v=None) -> torch.Tensor:
+        """w_cap (B, K, r, r/K), v (B, K, r): each row's own parameters (a Mixture's tenants)
+        in place of layer i's."""
+        rowwise = w_cap is not None
+        w_cap, v = (w_cap, v) if rowwise else (self.w_cap[i], self.v[i])
+        msg = torch.einsum("btr,bkrc->btkc" if rowwise else "btr,krc->btkc", hp, w_cap)  # m[j->k]: (B, T, K, r/K)
         # Non-prompt positions get the lowest logit: exp gives exactly 0 for them, as -inf
         # would, without a NaN for a row that has no prompt position at all.
         hidden = torch.finfo(hp.dtype).min
@@ -60,7 +64,7 @@ class CapsulePooler(nn.Module):
             n = logit.masked_fill(~mask[..., None], hidden).softmax(dim=1)
             return squash(torch.einsum("btk,btkc->bkc", n, msg))
 
-        logit = hp @ self.v[i].T
+        logit = torch.einsum("btr,bkr->btk", hp, v) if rowwise else hp @ v.T
         c = capsules(logit)
         c = capsules(logit + torch.einsum("bkc,btkc->btk", c, msg))
         return c.flatten(1)  # concat(c_1..c_K)
@@ -83,3 +87,9 @@ class Parade(Para):
         if self.config.pooler != "capsule":
             return super().pooled(i, h, pool_mask)
         return self.caps(i, h.float() @ self.gen.w_down[i], pool_mask)
+
+    def pooled_rows(self, i, h, pool_mask, rows):
+        if self.config.pooler != "capsule":
+            return super().pooled_rows(i, h, pool_mask, rows)
+        return self.caps(i, h.float() @ rows(lambda a: a.gen.w_down[i]), pool_mask,
+                         rows(lambda a: a.caps.w_cap[i]), rows(lambda a: a.caps.v[i]))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .para import Para, ParaConfig
-from .rational import Rational, check_activation, fixed_activation
+from .rational import Rational, check_activation, fixed_activation, rational
 
 
 @dataclass
@@ -38,6 +38,11 @@ class Pedro(Para):
         if self.config.activation == "rational":
             return self.act[i](z)
         return fixed_activation(self.config.activation, i, self.args.n_layers)(z)
+
+    def activation_rows(self, i, z, rows):
+        if self.config.activation != "rational":
+            return super().activation_rows(i, z, rows)
+        return rational(z.float(), rows(lambda a: a.act[i].a).float(), rows(lambda a: a.act[i].b).float())
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return list(self.act.parameters()) if self.config.activation == "rational" else []

@@ -32,13 +32,14 @@ ACTIVATIONS = ("rational", "relu", "gelu", "relu-gelu", "gelu-relu")
 
 
 def rational(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """R(x) elementwise for a (7,), b (5,), in the dtype of its arguments (Horner's rule)."""
+    """R(x) elementwise for a (7,), b (5,), in the dtype of its arguments (Horner's rule);
+    or, for x (B, n), each row's own a (B, 7), b (B, 5)."""
     x = x.clamp(-LIMIT, LIMIT)
-    num, q = a[6], b[4]
+    num, q = a[..., 6, None], b[..., 4, None]
     for j in range(5, -1, -1):
-        num = num * x + a[j]
+        num = num * x + a[..., j, None]
     for i in range(3, -1, -1):
-        q = q * x + b[i]
+        q = q * x + b[..., i, None]
     return num / (1 + (q * x).abs())
 
 
