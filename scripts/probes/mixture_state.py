@@ -1,0 +1,63 @@
+"""A mixture's per-layer state building, eagerly (what a recorded prefill replays at every
+layer): wall time and the number of ops that launch work, for n tenants of one method.
+
+  python scripts/probes/mixture_state.py [--method para] [--tenants 16] [--batch 32]
+      [--tokens 274] [--shape gemma-3-270m] [--device cpu] [--calls 20]
+"""
+import argparse
+import sys
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, ".")
+from minipara import benchmark as bm  # noqa: E402
+from minipara.methods import build_adapter  # noqa: E402
+from minipara.methods.mixture import Mixture  # noqa: E402
+
+
+class CountOps(TorchDispatchMode):
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", default="para")
+    p.add_argument("--tenants", type=int, default=16)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=274)
+    p.add_argument("--shape", default="gemma-3-270m", choices=sorted(bm.SHAPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--calls", type=int, default=20)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    dev = torch.device(a.device)
+    args = bm.random_model(a.shape, torch.bfloat16, torch.device("meta")).args
+    ads = [build_adapter(a.method, args).to(dev) for _ in range(a.tenants)]
+    mix = Mixture(ads, [k % a.tenants for k in range(a.batch)])
+    h = torch.randn(a.batch, a.tokens, args.dim, dtype=torch.bfloat16, device=dev)
+    pm = torch.ones(a.batch, a.tokens, dtype=torch.bool, device=dev)
+    with torch.no_grad():
+        for _ in range(3):
+            mix.layer_state(1, h, pm, None)
+        with CountOps() as c:
+            mix.layer_state(1, h, pm, None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(a.calls):
+            mix.layer_state(1, h, pm, None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / a.calls * 1e3
+    print(f"{a.tenants} {a.method} tenants, batch {a.batch}, {a.tokens} tokens, {a.shape} width {args.dim}, "
+          f"bf16, {a.device}: {c.n} ops, {ms:.2f} ms per layer")
+
+
+if __name__ == "__main__":
+    main()
