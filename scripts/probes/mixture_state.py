@@ -37,21 +37,22 @@ def main():
     a = p.parse_args()
     torch.manual_seed(0)
     dev = torch.device(a.device)
-    args = bm.random_model(a.shape, torch.bfloat16, torch.device("meta")).args
+    model = bm.random_model(a.shape, torch.bfloat16, dev)  # IAPT's generators run the layers' K/V projections
+    args = model.args
     ads = [build_adapter(a.method, args).to(dev) for _ in range(a.tenants)]
     mix = Mixture(ads, [k % a.tenants for k in range(a.batch)])
     h = torch.randn(a.batch, a.tokens, args.dim, dtype=torch.bfloat16, device=dev)
     pm = torch.ones(a.batch, a.tokens, dtype=torch.bool, device=dev)
     with torch.no_grad():
         for _ in range(3):
-            mix.layer_state(1, h, pm, None)
+            mix.layer_state(1, h, pm, model)
         with CountOps() as c:
-            mix.layer_state(1, h, pm, None)
+            mix.layer_state(1, h, pm, model)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(a.calls):
-            mix.layer_state(1, h, pm, None)
+            mix.layer_state(1, h, pm, model)
         if dev.type == "cuda":
             torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / a.calls * 1e3
