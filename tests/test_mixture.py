@@ -271,15 +271,23 @@ def test_lora_tenants_stack_in_as_many_ops_for_sixteen_as_for_two():
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
 def test_same_kind_tenants_run_as_one_generator_call(family):
-    """PARA-family tenants of one config run their generators as one call (each row with its
-    own tenant's parameters); each row still gets what it gets alone, prefill and decode."""
+    """Prompt-aware tenants of one config (PARA, PEDRO, PARADE, IAPT) run their generators as
+    one call, each row with its own tenant's parameters; each row still gets what it gets
+    alone, prefill and decode."""
     model = tiny_model(family, seed=4)
     args = model.args
     kinds = [("para", {}), ("para", {"pooler": "mean"}), ("pedro", {}), ("pedro", {"activation": "relu-gelu"}),
-             ("parade", {}), ("parade", {"pooler": "max"})]
+             ("parade", {}), ("iapt", {}), ("iapt", {"pooler": "mean", "activation": "gelu"}),
+             ("parade", {"pooler": "max"})]
     ads = [trained(build_adapter(m, args, **kw), 10 * k + j) for k, (m, kw) in enumerate(kinds) for j in range(3)
            if m in METHODS_HERE]
     ads.pop()  # the last kind has 2 tenants
+    with torch.no_grad():  # rational activations start alike (GELU-shaped): make each tenant's its own
+        for k, ad in enumerate(ads):
+            for act in getattr(ad, "act", []):
+                g = torch.Generator().manual_seed(k)
+                act.a.add_(torch.randn(act.a.shape, generator=g).to(DEVICE) * 0.1)
+                act.b.add_(torch.randn(act.b.shape, generator=g).to(DEVICE) * 0.1)
     rows = [k for k in range(len(ads)) for _ in range(2)] + [None]
     rows = [rows[j] for j in torch.randperm(len(rows), generator=torch.Generator().manual_seed(5))]
     mix = Mixture(ads, rows)

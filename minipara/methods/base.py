@@ -80,6 +80,11 @@ class Adapter(nn.Module):
                         "use it unmerged")
 
 
+def per_row(adapters: list, which: torch.Tensor):
+    """For mixed_layer_state: rows(param) is param(adapter) for each row's adapter, (B, ...)."""
+    return lambda param: torch.stack([param(a) for a in adapters])[which]
+
+
 def config_dict(config) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(config)}
 

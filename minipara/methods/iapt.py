@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import Adapter, LayerState, MethodConfig
-from .rational import Rational, check_activation, fixed_activation
+from .base import Adapter, LayerState, MethodConfig, per_row
+from .rational import Rational, check_activation, fixed_activation, rational
 
 POOLERS = ("attention", "mean")
 
@@ -69,14 +69,17 @@ class Iapt(Adapter):
     def arch_parameters(self) -> list[nn.Parameter]:
         return list(self.act.parameters()) if self.config.activation == "rational" else []
 
-    def soft_tokens(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
-        """(B, l_sp, d) float32: layer i's soft tokens from the prompt positions of h."""
+    def soft_tokens(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, rows=None) -> torch.Tensor:
+        """(B, l_sp, d) float32: layer i's soft tokens from the prompt positions of h. rows: each
+        row's own parameters, in a Mixture (see mixed_layer_state); the products broadcast over
+        either."""
         g = i // self.config.share_every
-        u = h.float() @ self.w_down[g]
+        param = rows or (lambda get: get(self))
+        u = h.float() @ param(lambda a: a.w_down[g])
         if self.config.pooler == "attention":
             # Non-prompt positions get the lowest logit: exactly 0 weight, and no NaN for a
             # row without prompt positions (as -inf would give).
-            logit = (u @ self.w_sa[i]).masked_fill(~pool_mask[..., None], torch.finfo(u.dtype).min)
+            logit = (u @ param(lambda a: a.w_sa[i])).masked_fill(~pool_mask[..., None], torch.finfo(u.dtype).min)
             p = logit.softmax(dim=1).transpose(1, 2) @ u
         else:
             # IAPT-1 swaps only the pooler (paper 003, Sec. 5 "IAPT-1 substitutes the
@@ -87,17 +90,27 @@ class Iapt(Adapter):
             keep = pool_mask[..., None].to(u.dtype)
             mean = (u * keep).sum(1) / keep.sum(1).clamp(min=1)
             p = mean[:, None].expand(-1, self.config.soft_tokens, -1)
-        return self.activation(i, p) @ self.w_up[g]
+        return self.activation(i, p, rows) @ param(lambda a: a.w_up[g])
 
-    def activation(self, i: int, p: torch.Tensor) -> torch.Tensor:
+    def activation(self, i: int, p: torch.Tensor, rows=None) -> torch.Tensor:
         """Layer i's activation: its group's rational, or a fixed one chosen by the layer's depth."""
-        kind = self.config.activation
+        kind, g = self.config.activation, i // self.config.share_every
+        if kind == "rational" and rows is not None:  # each row's own coefficients
+            a, b = rows(lambda ad: ad.act[g].a).float(), rows(lambda ad: ad.act[g].b).float()
+            return rational(p.float().flatten(1), a, b).view(p.shape)
         if kind == "rational":
-            return self.act[i // self.config.share_every](p)
+            return self.act[g](p)
         return fixed_activation(kind, i, self.args.n_layers)(p)
 
-    def layer_state(self, i, h, pool_mask, model):
-        s = self.soft_tokens(i, h, pool_mask)
+    def layer_state(self, i, h, pool_mask, model, rows=None):
+        s = self.soft_tokens(i, h, pool_mask, rows)
         pos = torch.arange(self.n_prefix, device=h.device).expand(h.shape[0], -1)
         k, v = model.prefix_kv(i, s.to(h.dtype), pos)
         return LayerState.build(self.args, h.dtype, prefix_kv=(k, v))
+
+    # In a Mixture, tenants of one config make their soft tokens in one call (see Para).
+    mixable = True
+
+    @classmethod
+    def mixed_layer_state(cls, adapters, which, i, h, pool_mask, model):
+        return adapters[0].layer_state(i, h, pool_mask, model, per_row(adapters, which))

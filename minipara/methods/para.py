@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LayerState, MethodConfig, out_sizes
+from .base import Adapter, LayerState, MethodConfig, out_sizes, per_row
 from ..errors import UserError
 from .poolers import POOLERS, pool
 
@@ -82,11 +82,7 @@ class Para(Adapter):
 
     @classmethod
     def mixed_layer_state(cls, adapters, which, i, h, pool_mask, model):
-        a0 = adapters[0]
-
-        def rows(param):  # param(adapter) for each row's adapter: (B, ...)
-            return torch.stack([param(a) for a in adapters])[which]
-
+        a0, rows = adapters[0], per_row(adapters, which)
         z = a0.activation_rows(i, a0.pooled_rows(i, h, pool_mask, rows), rows)
         v = (z[:, None] @ rows(lambda a: a.gen.w_up[i]))[:, 0]
         v = v + (rows(lambda a: a.gen.b_up[i]) if a0.gen.b_up is not None else 1.0)
