@@ -1,7 +1,8 @@
 # The next GPU call for issue 13 (not yet run): one nvidia-h100-x2 call, about 10 min (timeout_s 600).
 # What it measures was changed after the third session of 2026-11-26 had spent its device time:
 # a mixture's LoRA pairs stacked at prefill and gathered per row (5caa122), PARA-family tenants
-# of one config in one generator call (03fbef9: 38 ops a layer at prefill for 16 tenants in bf16, from 387).
+# of one config in one generator call (03fbef9: 38 ops a layer at prefill for 16 tenants in bf16, from
+# 387; IAPT tenants likewise since ccce431).
 # GPU 0: 16 LoRA and 16 PARA tenants at batch 32, then 4 of each at batch 8, each batch's rows
 #   interleaved with its base (runs in turns: the one-process spread of 0.94-1.07 between
 #   identical decode graphs is what single-row ratios could not settle).
