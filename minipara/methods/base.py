@@ -54,8 +54,8 @@ class Adapter(nn.Module):
     def state(self, i: int, dtype) -> LayerState:
         raise NotImplementedError
 
-    # True: tenants of this class with equal configs run as one generator call in a Mixture
-    # (`mixed_layer_state`), each row with its own tenant's parameters.
+    # True: layer_state also takes `rows`, each row's own parameters (per_row), so that tenants
+    # of this class with equal configs run as one generator call in a Mixture.
     mixable: bool = False
 
     @classmethod
@@ -63,7 +63,12 @@ class Adapter(nn.Module):
                           pool_mask: torch.Tensor, model) -> LayerState | None:
         """Layer i's state for rows whose adapter is adapters[which[b]] (all of this class and
         config): what each one's layer_state gives its rows, in one call (mixable methods)."""
-        raise NotImplementedError
+        return adapters[0].layer_state(i, h, pool_mask, model, rows=per_row(adapters, which))
+
+    def own(self, rows=None):
+        """param(get): get(self), this adapter's parameter; or, given `rows` (per_row), each
+        row's own, stacked (B, ...)."""
+        return rows or (lambda get: get(self))
 
     def low_rank(self, i: int) -> dict | None:
         """Layer i's update, if all of it is a low-rank update that does not depend on the
@@ -83,6 +88,11 @@ class Adapter(nn.Module):
 def per_row(adapters: list, which: torch.Tensor):
     """For mixed_layer_state: rows(param) is param(adapter) for each row's adapter, (B, ...)."""
     return lambda param: torch.stack([param(a) for a in adapters])[which]
+
+
+def row_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (B, n) times w (n, m), or times each row's own w (B, n, m): (B, m)."""
+    return x @ w if w.dim() == 2 else (x[:, None] @ w)[:, 0]
 
 
 def config_dict(config) -> dict:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import Adapter, LayerState, MethodConfig, per_row
+from .base import Adapter, LayerState, MethodConfig
 from .rational import Rational, check_activation, fixed_activation, rational
 
 POOLERS = ("attention", "mean")
@@ -74,7 +74,7 @@ class Iapt(Adapter):
         row's own parameters, in a Mixture (see mixed_layer_state); the products broadcast over
         either."""
         g = i // self.config.share_every
-        param = rows or (lambda get: get(self))
+        param = self.own(rows)
         u = h.float() @ param(lambda a: a.w_down[g])
         if self.config.pooler == "attention":
             # Non-prompt positions get the lowest logit: exactly 0 weight, and no NaN for a
@@ -102,15 +102,11 @@ class Iapt(Adapter):
             return self.act[g](p)
         return fixed_activation(kind, i, self.args.n_layers)(p)
 
+    # In a Mixture, tenants of one config make their soft tokens in one call (see Para).
+    mixable = True
+
     def layer_state(self, i, h, pool_mask, model, rows=None):
         s = self.soft_tokens(i, h, pool_mask, rows)
         pos = torch.arange(self.n_prefix, device=h.device).expand(h.shape[0], -1)
         k, v = model.prefix_kv(i, s.to(h.dtype), pos)
         return LayerState.build(self.args, h.dtype, prefix_kv=(k, v))
-
-    # In a Mixture, tenants of one config make their soft tokens in one call (see Para).
-    mixable = True
-
-    @classmethod
-    def mixed_layer_state(cls, adapters, which, i, h, pool_mask, model):
-        return adapters[0].layer_state(i, h, pool_mask, model, per_row(adapters, which))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LayerState, MethodConfig, out_sizes, per_row
+from .base import Adapter, LayerState, MethodConfig, out_sizes, row_matmul
 from ..errors import UserError
 from .poolers import POOLERS, pool
 
@@ -41,11 +41,6 @@ class VectorGenerator(nn.Module):
         self.w_up = nn.Parameter(torch.zeros(n_layers, r, width))
         self.b_up = nn.Parameter(torch.ones(n_layers, width)) if up_bias else None
 
-    def up(self, i: int, z: torch.Tensor) -> torch.Tensor:
-        v = z @ self.w_up[i]
-        # Without b_up the vectors are 1 + z W_up, so an untrained adapter is still the identity.
-        return v + self.b_up[i] if self.b_up is not None else v + 1.0
-
 
 class Para(Adapter):
     method = "para"
@@ -63,36 +58,26 @@ class Para(Adapter):
         self.splits = [sizes[t] for t in self.targets]
         self.gen = VectorGenerator(args.n_layers, args.dim, config.r, sum(self.splits), config.up_bias)
 
-    def activation(self, i: int, z: torch.Tensor) -> torch.Tensor:
+    def activation(self, i: int, z: torch.Tensor, rows=None) -> torch.Tensor:
         return F.gelu(z)
 
-    def pooled(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, rows=None) -> torch.Tensor:
         """(B, r): the prompt pooled and projected down."""
-        return pool(h, pool_mask, self.config.pooler) @ self.gen.w_down[i]
+        return row_matmul(pool(h, pool_mask, self.config.pooler), self.own(rows)(lambda a: a.gen.w_down[i]))
 
-    def layer_state(self, i, h, pool_mask, model):
-        z = self.activation(i, self.pooled(i, h, pool_mask))
-        vectors = self.gen.up(i, z).split(self.splits, dim=-1)
-        return LayerState.build(self.args, h.dtype, scale=dict(zip(self.targets, vectors)), qk_after_norm=True)
+    def vectors(self, i: int, z: torch.Tensor, rows=None) -> torch.Tensor:
+        """(B, width): l_q | l_v | l_u. Without b_up they are 1 + z W_up, so an untrained
+        adapter is still the identity."""
+        param = self.own(rows)
+        v = row_matmul(z, param(lambda a: a.gen.w_up[i]))
+        return v + param(lambda a: a.gen.b_up[i]) if self.gen.b_up is not None else v + 1.0
 
     # In a Mixture, tenants of one config make their vectors in one call, each row with its own
     # tenant's parameters gathered (`rows`), instead of one call per tenant (about 20 small
     # kernels each, at every layer of every prefill).
     mixable = True
 
-    @classmethod
-    def mixed_layer_state(cls, adapters, which, i, h, pool_mask, model):
-        a0, rows = adapters[0], per_row(adapters, which)
-        z = a0.activation_rows(i, a0.pooled_rows(i, h, pool_mask, rows), rows)
-        v = (z[:, None] @ rows(lambda a: a.gen.w_up[i]))[:, 0]
-        v = v + (rows(lambda a: a.gen.b_up[i]) if a0.gen.b_up is not None else 1.0)
-        return LayerState.build(a0.args, h.dtype, scale=dict(zip(a0.targets, v.split(a0.splits, dim=-1))),
-                                qk_after_norm=True)
-
-    def pooled_rows(self, i, h, pool_mask, rows):
-        """`pooled` with each row's own parameters (rows: see mixed_layer_state)."""
-        return (pool(h, pool_mask, self.config.pooler)[:, None] @ rows(lambda a: a.gen.w_down[i]))[:, 0]
-
-    def activation_rows(self, i, z, rows):
-        """`activation` with each row's own parameters (PARA's GELU has none)."""
-        return self.activation(i, z)
+    def layer_state(self, i, h, pool_mask, model, rows=None):
+        z = self.activation(i, self.pooled(i, h, pool_mask, rows), rows)
+        vectors = self.vectors(i, z, rows).split(self.splits, dim=-1)
+        return LayerState.build(self.args, h.dtype, scale=dict(zip(self.targets, vectors)), qk_after_norm=True)

@@ -50,11 +50,10 @@ class CapsulePooler(nn.Module):
         self.w_cap = nn.Parameter(torch.randn(n_layers, capsules, r, r // capsules) * 0.02)
         self.v = nn.Parameter(torch.randn(n_layers, capsules, r) * 0.02)
 
-    def forward(self, i: int, hp: torch.Tensor, mask: torch.Tensor, w_cap=None, v=None) -> torch.Tensor:
-        """w_cap (B, K, r, r/K), v (B, K, r): each row's own parameters (a Mixture's tenants)
-        in place of layer i's."""
-        rowwise = w_cap is not None
-        w_cap, v = (w_cap, v) if rowwise else (self.w_cap[i], self.v[i])
+    def forward(self, hp: torch.Tensor, mask: torch.Tensor, w_cap: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """hp (B, T, r) with one layer's w_cap (K, r, r/K) and v (K, r), or each row's own,
+        (B, K, r, r/K) and (B, K, r) (a Mixture's tenants)."""
+        rowwise = v.dim() == 3
         msg = torch.einsum("btr,bkrc->btkc" if rowwise else "btr,krc->btkc", hp, w_cap)  # m[j->k]: (B, T, K, r/K)
         # Non-prompt positions get the lowest logit: exp gives exactly 0 for them, as -inf
         # would, without a NaN for a row that has no prompt position at all.
@@ -83,13 +82,9 @@ class Parade(Para):
         if config.pooler == "capsule":
             self.caps = CapsulePooler(args.n_layers, config.r, config.capsules)
 
-    def pooled(self, i, h, pool_mask):
+    def pooled(self, i, h, pool_mask, rows=None):
         if self.config.pooler != "capsule":
-            return super().pooled(i, h, pool_mask)
-        return self.caps(i, h.float() @ self.gen.w_down[i], pool_mask)
-
-    def pooled_rows(self, i, h, pool_mask, rows):
-        if self.config.pooler != "capsule":
-            return super().pooled_rows(i, h, pool_mask, rows)
-        return self.caps(i, h.float() @ rows(lambda a: a.gen.w_down[i]), pool_mask,
-                         rows(lambda a: a.caps.w_cap[i]), rows(lambda a: a.caps.v[i]))
+            return super().pooled(i, h, pool_mask, rows)
+        param = self.own(rows)
+        return self.caps(h.float() @ param(lambda a: a.gen.w_down[i]), pool_mask,
+                         param(lambda a: a.caps.w_cap[i]), param(lambda a: a.caps.v[i]))

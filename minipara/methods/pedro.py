@@ -34,14 +34,11 @@ class Pedro(Para):
         if config.activation == "rational":
             self.act = nn.ModuleList(Rational() for _ in range(args.n_layers))
 
-    def activation(self, i, z):
-        if self.config.activation == "rational":
-            return self.act[i](z)
-        return fixed_activation(self.config.activation, i, self.args.n_layers)(z)
-
-    def activation_rows(self, i, z, rows):
+    def activation(self, i, z, rows=None):
         if self.config.activation != "rational":
-            return super().activation_rows(i, z, rows)
+            return fixed_activation(self.config.activation, i, self.args.n_layers)(z)
+        if rows is None:
+            return self.act[i](z)
         return rational(z.float(), rows(lambda a: a.act[i].a).float(), rows(lambda a: a.act[i].b).float())
 
     def arch_parameters(self) -> list[nn.Parameter]:

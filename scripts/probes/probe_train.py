@@ -53,37 +53,37 @@ torch.nn.utils.clip_grad_norm_ = clip
 
 if a.rms_input and a.method == "iapt":  # the same prototype for IAPT: its generators see h / rms(h)
     orig_soft = ad.soft_tokens
-    def soft_tokens(i, h, m):
+    def soft_tokens(i, h, m, *rest):
         h = h.float()
-        return orig_soft(i, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), m)
+        return orig_soft(i, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), m, *rest)
     ad.soft_tokens = soft_tokens
 elif a.rms_input:
     from minipara.methods.poolers import pool as _pool
-    def pooled(i, h, m):
+    def pooled(i, h, m, *rest):
         p = _pool(h.float(), m, ad.config.pooler)
         return (p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)) @ ad.gen.w_down[i]
     ad.pooled = pooled
 
 if hasattr(ad, "gen"):  # PARA/PEDRO: the activation's input/output and the vectors
     orig_act = ad.activation
-    def act(i, z):
-        out = orig_act(i, z)
+    def act(i, z, *rest):
+        out = orig_act(i, z, *rest)
         if torch.is_grad_enabled():
             step_rec["act"][i] = (z.detach().abs().max().item(), out.detach().abs().max().item())
         return out
     ad.activation = act
-    orig_up = ad.gen.up
-    def up(i, z):
-        v = orig_up(i, z)
+    orig_vectors = ad.vectors
+    def vectors(i, z, *rest):
+        v = orig_vectors(i, z, *rest)
         if torch.is_grad_enabled():
             d = v.detach()
             step_rec["vec"][i] = ((d - 1).abs().max().item(), d.std(dim=0).mean().item(), d.min().item(), d.max().item())
         return v
-    ad.gen.up = up
+    ad.vectors = vectors
 else:  # IAPT: soft tokens
     orig_act = ad.activation
-    def act(i, p):
-        out = orig_act(i, p)
+    def act(i, p, *rest):
+        out = orig_act(i, p, *rest)
         if torch.is_grad_enabled():
             s = out.detach() @ ad.w_up[i // ad.config.share_every].detach()
             step_rec["act"][i] = (p.detach().abs().max().item(), out.detach().abs().max().item(), s.norm(dim=-1).mean().item())
