@@ -60,15 +60,20 @@ class Mixture(Adapter):
             ads.append(a)
         self.calls = list(calls.values())
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
-        self._index = {}  # (group, device) -> its rows as a tensor, made once (no copy per prefill)
-        self._gathers = {}  # a layout of rows -> its index tensors, made once (see _gather, _order)
+        self._kept = {}  # index tensors of the row layout, made once (see _keep)
 
-    def _rows_of(self, g: int, device, of: str = "groups") -> torch.Tensor:
-        """Group (or call, of="calls") g's rows as a tensor on `device`."""
-        key = (of, g, str(device))
-        if key not in self._index:
-            self._index[key] = torch.tensor(getattr(self, of)[g][1], device=device)
-        return self._index[key]
+    def _keep(self, key, make):
+        """make(), once per key: the rows' layout never changes, so their index tensors are made
+        on the CPU at the first prefill and kept; a recorded prefill finds them made and copies
+        nothing to the device."""
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def _rows_of(self, c: int, device) -> torch.Tensor:
+        """Call c's rows, and which of its adapters each uses, as tensors on `device`."""
+        return self._keep(("rows", c, str(device)), lambda: tuple(torch.tensor(x, device=device)
+                                                                  for x in self.calls[c][1:]))
 
     def _check(self, batch: int):
         if batch != self.batch:
@@ -77,9 +82,9 @@ class Mixture(Adapter):
     def prefix_rows(self, batch, device):
         self._check(batch)
         out = torch.zeros(batch, dtype=torch.long, device=device)
-        for g, (a, idx) in enumerate(self.groups):
-            if a.n_prefix:
-                out[self._rows_of(g, device)] = a.prefix_rows(len(idx), device)
+        for c, (ads, idx, _) in enumerate(self.calls):
+            if ads[0].n_prefix:  # (one class and config: one prefix)
+                out[self._rows_of(c, device)[0]] = ads[0].prefix_rows(len(idx), device)
         return out
 
     # Eager inside a compiled prefill: traced, a mixture's generators (each member over its
@@ -98,12 +103,12 @@ class Mixture(Adapter):
                 for p, (A, Bm, s) in low.items():
                     blocks.setdefault(FUSED[p], []).append((tuple(idx), A, Bm, self._column(p), s))
                 continue
-            ix = self._rows_of(c, h.device, "calls")
+            ix, which = self._rows_of(c, h.device)
             h_c, pm_c = h.index_select(0, ix), pool_mask.index_select(0, ix)
             if len(ads) == 1:
                 st = a.layer_state(i, h_c, pm_c, model)
             else:
-                st = type(a).mixed_layer_state(ads, self._which(c, h.device), i, h_c, pm_c, model)
+                st = type(a).mixed_layer_state(ads, which, i, h_c, pm_c, model)
             if st is None:
                 continue
             parts.append((ix, tuple(idx), st))
@@ -145,24 +150,16 @@ class Mixture(Adapter):
                 out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
         return out
 
-    def _which(self, c: int, device) -> torch.Tensor:
-        """For call c's rows, which of its adapters each uses."""
-        key = ("which", c, str(device))
-        if key not in self._index:
-            self._index[key] = torch.tensor(self.calls[c][2], device=device)
-        return self._index[key]
-
     def _order(self, groups: tuple, batch: int, device) -> torch.Tensor:
         """(batch,) index into [fill row, the groups' rows in turn]: each row's own entry, the
-        fill row (0) for rows outside the groups. Made once per layout and kept (see _gather)."""
-        key = ("order", groups, str(device))
-        if key not in self._gathers:
+        fill row (0) for rows outside the groups."""
+        def make():
             order, at = [0] * batch, 1
             for rows in groups:
                 for r in rows:
                     order[r], at = at, at + 1
-            self._gathers[key] = torch.tensor(order, device=device)
-        return self._gathers[key]
+            return torch.tensor(order, device=device)
+        return self._keep(("order", groups, str(device)), make)
 
     def _column(self, p: str) -> int:
         """Where projection p's output starts in its fused linear's."""
@@ -171,11 +168,9 @@ class Mixture(Adapter):
 
     def _gather(self, blocks, batch: int, device):
         """Which stacked columns each row gathers, (batch, R) padded with column 0, and their
-        scaling (batch, R, 1), 0 on padding (so a padded column adds exactly nothing). Made
-        once per layout (the same at every layer and request) on the CPU and kept, so that a
-        recorded prefill finds them made and copies nothing to the device."""
-        key = (tuple((b[0], b[1].shape[-1], b[4]) for b in blocks), str(device))
-        if key not in self._gathers:
+        scaling (batch, R, 1), 0 on padding (so a padded column adds exactly nothing); the same
+        at every layer and request."""
+        def make():
             mine, col = [[] for _ in range(batch)], 0  # row -> [(column, scale)]
             for rows, a, _, _, s in blocks:
                 for r in rows:
@@ -188,8 +183,8 @@ class Mixture(Adapter):
                 if cs:
                     cols[r, :len(cs)] = torch.tensor([c for c, _ in cs])
                     scale[r, :len(cs), 0] = torch.tensor([s for _, s in cs])
-            self._gathers[key] = (cols.to(device), scale.to(device))
-        return self._gathers[key]
+            return cols.to(device), scale.to(device)
+        return self._keep((tuple((b[0], b[1].shape[-1], b[4]) for b in blocks), str(device)), make)
 
     def merge(self, model):
         raise UserError("a mixture of adapters cannot be merged into one model: merge each adapter on its own")
