@@ -1,4 +1,4 @@
-# The next GPU call for issue 13 (not yet run): one nvidia-h100-x2 call, about 10 min (timeout_s 600).
+# The call run first in the fourth session of 2026-11-26 at a597cc4 (nvidia-h100-x2, 2x H200, about 10 min; the tests and inter steps hit their limits):
 # What it measures was changed after the third session of 2026-11-26 had spent its device time:
 # a mixture's LoRA pairs stacked at prefill and gathered per row (5caa122), PARA-family tenants
 # of one config in one generator call (03fbef9: 38 ops a layer at prefill for 16 tenants in bf16, from
