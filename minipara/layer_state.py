@@ -27,8 +27,15 @@ class LayerState:
     scale[f]: (B|1, 1, out) multiplies fused linear f's output; scale["q_norm"|"k_norm"]
               multiplies the output of a per-head query/key norm (models with qk_norm)
     bias[f]:  (B|1, 1, out) is added to it
-    lora[f]:  (A, Bm) with A (in, r) or (B, in, r) and Bm (r, out) or (B, r, out),
-              the scaling already folded into Bm: y += x @ A @ Bm
+    lora[f]:  (A, Bm), the low-rank update of fused linear f with n parts (q|k|v: 3,
+              gate|up: 2, o and down: 1) and r rank slots, the scaling folded into Bm:
+              A (r * n, in) or (B, r * n, in), laid out as PEFT's lora_A (row j * n + p is
+              rank j of part p), so that a one-token x.A reads A along its rows;
+              Bm (r, out) or (B, r, out), whose columns of part p hold that part's B, so
+              that each part's product reads only its own columns (a block-diagonal
+              (r * n, out) Bm is two thirds zeros for q|k|v: 16 tenants' per-row ones took
+              15 us a layer at batch 32 on an H200). Ranks past a part's own, and parts
+              left alone, are zeros.
     prefix_k, prefix_v: (B|1, n_kv, P, head_dim) extra keys/values before the text
     """
     scale: dict = field(default_factory=dict)
@@ -37,18 +44,11 @@ class LayerState:
     prefix_k: torch.Tensor | None = None
     prefix_v: torch.Tensor | None = None
 
-    def apply(self, name: str, x, y):
+    def apply(self, name: str, x, y, split=None):
+        """y (..., out), the output of fused linear `name` for input x, with this state's
+        update; split: its parts' widths (q|k|v, gate|up), None for one part."""
         if name in self.lora:
-            a, b = (t.to(x.dtype) for t in self.lora[name])
-            if x.shape[-2] == 1:
-                # One token per row (decode): the two products as sums, which the compiler fuses
-                # into reductions. As GEMMs with 1-3 rows and r columns, cuBLAS picked a kernel
-                # that took 63 us per call at 3 rows on an H100 (bench.py --profile).
-                if a.dim() == 3:  # per-row pairs (B, in, r), (B, r, out)
-                    a, b = a[:, None], b[:, None]
-                y = y + ((x[..., None] * a).sum(-2)[..., None] * b).sum(-2)
-            else:
-                y = y + (x @ a) @ b
+            y = y + lora_update(x, *(t.to(x.dtype) for t in self.lora[name]), split)
         if name in self.scale:
             y = y * self.scale[name]
         if name in self.bias:
@@ -98,7 +98,8 @@ class LayerState:
         """Fuse per-projection parts into the model's fused linears.
 
         scale/bias: {proj: (B|1, out) or (out,)}; lora: {proj: (A (in, r), B (r, out))},
-        unbatched or batched; prefix_kv: (k, v) or None.
+        unbatched or batched, as methods hold them (x @ A @ B; stored as A^T, see `lora`);
+        prefix_kv: (k, v) or None.
         qk_after_norm: on models with a per-head query/key norm, scale q and k after that
         norm (whose RMS would divide a per-head magnitude away) instead of at the projection.
         """
@@ -119,30 +120,55 @@ class LayerState:
                           for p in _parts(f)]
                 getattr(st, kind)[f] = torch.cat(pieces, -1).unsqueeze(-2).to(dtype)
         for f in {FUSED[p] for p in lora or ()}:
-            fused = _fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
+            fused = fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
             st.lora[f] = tuple(t.to(dtype) for t in fused)
         if prefix_kv is not None:
             st.prefix_k, st.prefix_v = (t.to(dtype) for t in prefix_kv)
         return st
 
 
-def _fuse_lora(pairs, outs):
-    """Concatenate A's along the rank and place B's block-diagonally, so one pair of
-    matmuls serves q|k|v (or gate|up). Absent projections get no block."""
-    present = [(a, b, o) for (ab, o) in zip(pairs, outs) for a, b in [ab or (None, None)] if a is not None]
-    a_cat = torch.cat([a for a, _, _ in present], dim=-1)
-    lead, ref = a_cat.shape[:-2], present[0][1]
-    blocks, col = [], 0
-    for (ab, o) in zip(pairs, outs):
-        if ab is None:
-            col += o
-            continue
-        blocks.append((ab[1], col))
-        col += o
-    b_full = torch.zeros(*lead, a_cat.shape[-1], col, dtype=ref.dtype, device=ref.device)
-    row = 0
-    for b, c in blocks:
-        r, o = b.shape[-2], b.shape[-1]
-        b_full[..., row:row + r, c:c + o] = b
-        row += r
-    return a_cat, b_full
+def fuse_lora(pairs, outs):
+    """One fused linear's (A, Bm) (see LayerState.lora) from its parts' (A (..., in, r),
+    B (..., r, out)) pairs, None for a part left alone; outs: the parts' widths."""
+    present = [ab for ab in pairs if ab is not None]
+    r, n = max(a.shape[-1] for a, _ in present), len(pairs)
+    lead = torch.broadcast_shapes(*(t.shape[:-2] for ab in present for t in ab))
+    a0, b0 = present[0]
+    a = a0.new_zeros(*lead, r, n, a0.shape[-2])
+    bm = b0.new_zeros(*lead, r, sum(outs))
+    col = 0
+    for p, (ab, w) in enumerate(zip(pairs, outs)):
+        if ab is not None:
+            rp = ab[0].shape[-1]
+            a[..., :rp, p, :] = ab[0].mT
+            bm[..., :rp, col:col + w] = ab[1]
+        col += w
+    return a.flatten(-3, -2), bm
+
+
+def lora_update(x, a, bm, split=None):
+    """x (B, T, in) times the low-rank pair (a, bm) of LayerState.lora: (B, T, out)."""
+    n = 1 if split is None else len(split)
+    split = split or (bm.shape[-1],)
+    if x.shape[-2] == 1:
+        # One token per row (decode): the products as sums, which the compiler fuses into
+        # reductions (x.A) and into the consumer of y (rank sums of <= 8 unroll). As GEMMs with
+        # 1-3 rows and r columns, cuBLAS picked a kernel that took 63 us per call at 3 rows
+        # on an H100 (bench.py --profile).
+        if a.dim() == 3:  # per-row pairs (B, r * n, in), (B, r, out)
+            a, bm = a[:, None], bm[:, None]
+        xa = (x[..., None, :] * a).sum(-1).unflatten(-1, (-1, n))[..., None]  # (B, 1, r, n, 1)
+        return torch.cat([(xa[..., p, :] * b).sum(-2) for p, b in enumerate(bm.split(split, -1))], -1)
+    xa = (x @ a.mT).unflatten(-1, (-1, n))  # (B, T, r, n)
+    return torch.cat([xa[..., p] @ b for p, b in enumerate(bm.split(split, -1))], -1)
+
+
+def lora_parts(a, bm, split=None):
+    """The parts' (A (..., in, r), B (..., r, out)) of a fused pair (a, bm): fuse_lora undone."""
+    n = 1 if split is None else len(split)
+    return [(a[..., p::n, :].mT, b) for p, b in enumerate(bm.split(split or (bm.shape[-1],), -1))]
+
+
+def lora_delta(a, bm, split=None):
+    """The dense (..., in, out) update x @ delta of the pair (a, bm) (merging, tests)."""
+    return torch.cat([pa @ pb for pa, pb in lora_parts(a, bm, split)], -1)

@@ -1,7 +1,7 @@
 """LLaMA / Gemma decoder in plain PyTorch, numerically matching HF transformers.
 
 Projections are fused (q|k|v and gate|up) for speed; adapters attach through
-`LayerState.apply(name, x, y)` on the outputs of the four fused linears
+`LayerState.apply(name, x, y, split)` on the outputs of the four fused linears
 ("qkv", "o", "gate_up", "down"), on the outputs of Gemma 3's per-head query/key norms
 ("q_norm", "k_norm"), and through per-layer prefix key/values. With no adapter the
 hooks are a single `is None` test.
@@ -60,7 +60,7 @@ class Attention(nn.Module):
         B, T, _ = h.shape
         qkv = self.wqkv(h)
         if st is not None:
-            qkv = st.apply("qkv", h, qkv)
+            qkv = st.apply("qkv", h, qkv, split=(a.q_dim, a.kv_dim, a.kv_dim))
         q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim)
         k = k.view(B, T, a.n_kv_heads, a.head_dim)
@@ -111,7 +111,7 @@ class FeedForward(nn.Module):
     def forward(self, x, st):
         gu = self.w_gate_up(x)
         if st is not None:
-            gu = st.apply("gate_up", x, gu)
+            gu = st.apply("gate_up", x, gu, split=(self.ffn_dim, self.ffn_dim))
         gate, up = gu.split(self.ffn_dim, dim=-1)
         a = self.act(gate) * up
         y = self.w_down(a)

@@ -13,11 +13,11 @@ from torch import nn
 from minipara.errors import UserError
 from minipara.generation import GenerationConfig, generate
 from minipara.methods import METHODS, build_adapter
-from minipara.layer_state import LayerState
+from minipara.layer_state import LayerState, lora_delta
 from minipara.methods.base import Adapter
 from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
-from minipara.projections import in_sizes, out_sizes
+from minipara.projections import in_sizes, out_sizes, parts
 
 from conftest import DEVICE, LOW_PRECISION, exact_only, perturbed, tiny_args, tiny_model, tol
 
@@ -189,12 +189,13 @@ def test_many_lora_tenants_share_one_gathered_product(family, kind):
         for name, (A, Bm) in st_mix.lora.items():
             assert A.dim() == 3 and A.shape[0] == len(rows) and Bm.shape[0] == len(rows)
             for b, r in enumerate(rows):
-                update = A[b] @ Bm[b]  # (in, out): what row b adds, x @ update
+                split = [out_sizes(model.args)[p] for p in parts(name)]
+                update = lora_delta(A[b], Bm[b], split)  # (in, out): what row b adds, x @ update
                 if r is None:
                     assert not Bm[b].any()
                     continue
                 a, bm = ads[r].layer_state(1, h[b:b + 1], pm[b:b + 1], model).lora[name]
-                want = a.reshape(a.shape[-2:]) @ bm.reshape(bm.shape[-2:])
+                want = lora_delta(a.reshape(a.shape[-2:]), bm.reshape(bm.shape[-2:]), split)
                 assert (update - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (name, b)
     for k in calls:
         calls[k] = 0

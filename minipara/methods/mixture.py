@@ -7,7 +7,7 @@ model applies like any other:
 
     scale   ones, member rows' vectors written in      (y * 1 is y exactly)
     bias    zeros, member rows' vectors written in     (y + 0 is y exactly)
-    lora    per-row A (B, in, R) and B (B, R, out): each row its own adapter's low-rank
+    lora    per-row A and B (LayerState.lora's layout): each row its own adapter's low-rank
             pair, ranks zero-padded to the largest, zeros for rows without one; decode is
             then one batched low-rank product for all tenants, with no loop over rows. The
             pairs are gathered from the tenants' pairs stacked side by side, and a method that
@@ -18,14 +18,13 @@ model applies like any other:
 
 So each row gets the output it would get alone, up to float rounding (zero-padded sums).
 """
-import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
 from ..projections import FUSED, out_sizes, parts as parts_of
+from ..layer_state import lora_parts
 from .base import Adapter, LayerState
 
 
@@ -95,13 +94,13 @@ class Mixture(Adapter):
         B = h.shape[0]
         self._check(B)
         parts = []
-        blocks = {}  # fused linear -> [(rows, A (in, r), Bm (r, width), first column, scale)]
+        blocks = {}  # projection -> [(rows, A (in, r), B (r, width), scale)]
         for c, (ads, idx, which) in enumerate(self.calls):
             a = ads[0]
             low = a.low_rank(i)
             if low is not None:
                 for p, (A, Bm, s) in low.items():
-                    blocks.setdefault(FUSED[p], []).append((tuple(idx), A, Bm, self._column(p), s))
+                    blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
                 continue
             ix, which = self._rows_of(c, h.device)
             h_c, pm_c = h.index_select(0, ix), pool_mask.index_select(0, ix)
@@ -112,12 +111,13 @@ class Mixture(Adapter):
             if st is None:
                 continue
             parts.append((ix, tuple(idx), st))
-            for f, (A, Bm) in st.lora.items():  # fused pairs (scaling folded in), shared or per row
-                if all(t.dim() == 2 or t.shape[0] == 1 for t in (A, Bm)):
-                    blocks.setdefault(f, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 0, 1.0))
-                    continue
-                A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
-                blocks.setdefault(f, []).extend(((row,), A[k], Bm[k], 0, 1.0) for k, row in enumerate(idx))
+            for f, pair in st.lora.items():  # fused pairs (scaling folded in), shared or per row: by part
+                for p, (A, Bm) in zip(parts_of(f), lora_parts(*pair, self._split(f))):
+                    if A.dim() == 2 or (A.shape[0] == 1 and Bm.shape[0] == 1):
+                        blocks.setdefault(p, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 1.0))
+                        continue
+                    A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
+                    blocks.setdefault(p, []).extend(((row,), A[k], Bm[k], 1.0) for k, row in enumerate(idx))
         if not parts and not blocks:
             return None
         out = LayerState()
@@ -130,15 +130,17 @@ class Mixture(Adapter):
                 # (three ops, not one write per member).
                 stacked = torch.cat([ref.new_full((1, *ref.shape[1:]), fill)] + [v for _, v in vals]).to(ref.dtype)
                 getattr(out, kind)[name] = stacked[self._order(tuple(rows for rows, _ in vals), B, h.device)]
-        for f, bl in blocks.items():
-            bl.sort(key=lambda b: b[3])  # a projection's parts stacked together (stable: rows keep their order)
-            width = sum(out_sizes(self.args)[p] for p in parts_of(f))
-            A = torch.cat([b[1] for b in bl], -1)
-            stacks = []  # each projection's B parts stacked, then placed at its columns
-            for (col, w), same in itertools.groupby(bl, key=lambda b: (b[3], b[2].shape[-1])):
-                stacks.append(F.pad(torch.cat([b[2] for b in same], 0), (col, width - col - w)))
-            cols, scale = self._gather(bl, B, h.device)
-            out.lora[f] = (A[:, cols].movedim(1, 0).to(h.dtype), (torch.cat(stacks, 0)[cols] * scale).to(h.dtype))
+        for f in {FUSED[p] for p in blocks}:
+            # Each part's pairs stacked side by side and each row's columns gathered from the
+            # stacks, straight into LayerState.lora's layout (the rows' scalings on B).
+            present = [p for p in parts_of(f) if p in blocks]
+            cols, local, scale = self._gather(f, present, [blocks[p] for p in present], B, h.device)
+            A = torch.cat([b[1] for p in present for b in blocks[p]], -1).mT[cols]
+            Bm = [torch.cat([b[2] for b in blocks[p]], 0)[local[present.index(p)]] * scale[:, :, k]
+                  if p in blocks else None for k, p in enumerate(parts_of(f))]
+            Bm = torch.cat([b if b is not None else A.new_zeros(B, cols.shape[1], w)
+                            for b, w in zip(Bm, self._split(f))], -1)
+            out.lora[f] = (A.flatten(1, 2).to(h.dtype), Bm.to(h.dtype))
         pre = [(ix, st) for ix, _, st in parts if st.prefix_k is not None]
         if pre:
             k0 = pre[0][1].prefix_k
@@ -161,30 +163,38 @@ class Mixture(Adapter):
             return torch.tensor(order, device=device)
         return self._keep(("order", groups, str(device)), make)
 
-    def _column(self, p: str) -> int:
-        """Where projection p's output starts in its fused linear's."""
-        outs, f = out_sizes(self.args), FUSED[p]
-        return sum(outs[q] for q in parts_of(f)[:parts_of(f).index(p)])
+    def _split(self, f: str) -> list[int]:
+        """The widths of fused linear f's parts."""
+        return [out_sizes(self.args)[p] for p in parts_of(f)]
 
-    def _gather(self, blocks, batch: int, device):
-        """Which stacked columns each row gathers, (batch, R) padded with column 0, and their
-        scaling (batch, R, 1), 0 on padding (so a padded column adds exactly nothing); the same
-        at every layer and request."""
+    def _gather(self, f: str, present: list, part_blocks, batch: int, device):
+        """Where each row's low-rank pair of fused linear f comes from, the same at every layer
+        and request: cols (batch, R, n), the columns of the parts' A's stacked side by side
+        that row b takes as rank j of part k (LayerState.lora's layout); local, per present
+        part, (batch, R): the same as rows of that part's stacked B's; scale (batch, R, n, 1),
+        each column's scaling, 0 on padding (a padded column adds exactly nothing)."""
         def make():
-            mine, col = [[] for _ in range(batch)], 0  # row -> [(column, scale)]
-            for rows, a, _, _, s in blocks:
-                for r in rows:
-                    mine[r] += [(c, s) for c in range(col, col + a.shape[-1])]
-                col += a.shape[-1]
-            R = max(1, max(map(len, mine)))
-            cols = torch.zeros(batch, R, dtype=torch.long)
-            scale = torch.zeros(batch, R, 1)
-            for r, cs in enumerate(mine):
-                if cs:
-                    cols[r, :len(cs)] = torch.tensor([c for c, _ in cs])
-                    scale[r, :len(cs), 0] = torch.tensor([s for _, s in cs])
-            return cols.to(device), scale.to(device)
-        return self._keep((tuple((b[0], b[1].shape[-1], b[4]) for b in blocks), str(device)), make)
+            n, ks = len(parts_of(f)), [parts_of(f).index(p) for p in present]
+            mine = [[[] for _ in range(n)] for _ in range(batch)]  # row -> part -> [(column, local, scale)]
+            col = 0
+            for k, blocks in zip(ks, part_blocks):
+                at = 0
+                for rows, a, _, s in blocks:
+                    for r in rows:
+                        mine[r][k] += [(col + at + j, at + j, s) for j in range(a.shape[-1])]
+                    at += a.shape[-1]
+                col += at
+            R = max(1, max(len(m) for row in mine for m in row))
+            cols, scale = torch.zeros(batch, R, n, dtype=torch.long), torch.zeros(batch, R, n, 1)
+            local = torch.zeros(len(present), batch, R, dtype=torch.long)
+            for r, row in enumerate(mine):
+                for k, m in enumerate(row):
+                    for j, (c, lc, s) in enumerate(m):
+                        cols[r, j, k], scale[r, j, k, 0] = c, s
+                        local[ks.index(k), r, j] = lc
+            return cols.to(device), list(local.to(device)), scale.to(device)
+        key = (f, tuple(present), tuple(tuple((b[0], b[1].shape[-1], b[3]) for b in bl) for bl in part_blocks), str(device))
+        return self._keep(key, make)
 
     def merge(self, model):
         raise UserError("a mixture of adapters cannot be merged into one model: merge each adapter on its own")

@@ -84,17 +84,15 @@ def gemv(file):
         json.dump({"gemv": out, "copy_GBs": copy}, f, indent=1)
 
 
-def bmm_apply(self, name, x, y):
+def bmm_apply(self, name, x, y, split=None):
     if name in self.lora and x.shape[-2] == 1:
         a, b = (t.to(x.dtype) for t in self.lora[name])
-        if a.dim() == 3:
-            xa = (x[..., None] * a[:, None]).sum(-2)  # (B, 1, r)
-        else:
-            xa = (x[..., None] * a).sum(-2)
-        y = y + torch.matmul(xa, b)
+        n = 1 if split is None else len(split)
+        xa = (x[..., None, :] * (a[:, None] if a.dim() == 3 else a)).sum(-1).unflatten(-1, (-1, n))  # (B, 1, r, n)
+        y = y + torch.cat([torch.matmul(xa[..., p], bp) for p, bp in enumerate(b.split(split or (b.shape[-1],), -1))], -1)
         st = LayerState(scale=self.scale, bias=self.bias)
         return st.apply(name, x, y)
-    return APPLY(self, name, x, y)
+    return APPLY(self, name, x, y, split)
 
 
 def main():
