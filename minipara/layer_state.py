@@ -34,8 +34,8 @@ class LayerState:
               Bm (r, out) or (B, r, out), whose columns of part p hold that part's B, so
               that each part's product reads only its own columns (a block-diagonal
               (r * n, out) Bm is two thirds zeros for q|k|v: 16 tenants' per-row ones took
-              15 us a layer at batch 32 on an H200). Ranks past a part's own, and parts
-              left alone, are zeros.
+              15 us a layer at batch 32 on an H200). Bm's rows for ranks past a part's
+              own, and for parts left alone, are zeros (A's there may hold anything).
     prefix_k, prefix_v: (B|1, n_kv, P, head_dim) extra keys/values before the text
     """
     scale: dict = field(default_factory=dict)
@@ -98,7 +98,7 @@ class LayerState:
         """Fuse per-projection parts into the model's fused linears.
 
         scale/bias: {proj: (B|1, out) or (out,)}; lora: {proj: (A (in, r), B (r, out))},
-        unbatched or batched, as methods hold them (x @ A @ B; stored as A^T, see `lora`);
+        unbatched or batched, as methods hold them (x @ A @ B; stored transposed, see `lora`);
         prefix_kv: (k, v) or None.
         qk_after_norm: on models with a per-head query/key norm, scale q and k after that
         norm (whose RMS would divide a per-head magnitude away) instead of at the projection.
