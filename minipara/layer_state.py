@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelArgs
-from .projections import FUSED, out_sizes, parts as _parts
+from .projections import FUSED, out_sizes, parts as _parts, widths
 
 
 @dataclass
@@ -120,7 +120,7 @@ class LayerState:
                           for p in _parts(f)]
                 getattr(st, kind)[f] = torch.cat(pieces, -1).unsqueeze(-2).to(dtype)
         for f in {FUSED[p] for p in lora or ()}:
-            fused = fuse_lora([lora.get(p) for p in _parts(f)], [outs[p] for p in _parts(f)])
+            fused = fuse_lora([lora.get(p) for p in _parts(f)], widths(args, f))
             st.lora[f] = tuple(t.to(dtype) for t in fused)
         if prefix_kv is not None:
             st.prefix_k, st.prefix_v = (t.to(dtype) for t in prefix_kv)
@@ -148,8 +148,7 @@ def fuse_lora(pairs, outs):
 
 def lora_update(x, a, bm, split=None):
     """x (B, T, in) times the low-rank pair (a, bm) of LayerState.lora: (B, T, out)."""
-    n = 1 if split is None else len(split)
-    split = split or (bm.shape[-1],)
+    n = len(split) if split else 1
     if x.shape[-2] == 1:
         # One token per row (decode): the products as sums, which the compiler fuses into
         # reductions (x.A) and into the consumer of y (rank sums of <= 8 unroll). As GEMMs with
@@ -158,15 +157,20 @@ def lora_update(x, a, bm, split=None):
         if a.dim() == 3:  # per-row pairs (B, r * n, in), (B, r, out)
             a, bm = a[:, None], bm[:, None]
         xa = (x[..., None, :] * a).sum(-1).unflatten(-1, (-1, n))[..., None]  # (B, 1, r, n, 1)
-        return torch.cat([(xa[..., p, :] * b).sum(-2) for p, b in enumerate(bm.split(split, -1))], -1)
+        return torch.cat([(xa[..., p, :] * b).sum(-2) for p, b in enumerate(_by_part(bm, split))], -1)
     xa = (x @ a.mT).unflatten(-1, (-1, n))  # (B, T, r, n)
-    return torch.cat([xa[..., p] @ b for p, b in enumerate(bm.split(split, -1))], -1)
+    return torch.cat([xa[..., p] @ b for p, b in enumerate(_by_part(bm, split))], -1)
 
 
 def lora_parts(a, bm, split=None):
     """The parts' (A (..., in, r), B (..., r, out)) of a fused pair (a, bm): fuse_lora undone."""
-    n = 1 if split is None else len(split)
-    return [(a[..., p::n, :].mT, b) for p, b in enumerate(bm.split(split or (bm.shape[-1],), -1))]
+    bms = _by_part(bm, split)
+    return [(a[..., p::len(bms), :].mT, b) for p, b in enumerate(bms)]
+
+
+def _by_part(bm, split):
+    """Bm's columns split by part (split: the parts' widths; None: one part)."""
+    return bm.split(split or (bm.shape[-1],), -1)
 
 
 def lora_delta(a, bm, split=None):

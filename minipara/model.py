@@ -58,10 +58,10 @@ class Attention(nn.Module):
         """q, k, v heads (B, H, T, D) of normed hidden states h, RoPE applied."""
         a = self.args
         B, T, _ = h.shape
-        qkv = self.wqkv(h)
+        qkv, sizes = self.wqkv(h), (a.q_dim, a.kv_dim, a.kv_dim)
         if st is not None:
-            qkv = st.apply("qkv", h, qkv, split=(a.q_dim, a.kv_dim, a.kv_dim))
-        q, k, v = qkv.split([a.q_dim, a.kv_dim, a.kv_dim], dim=-1)
+            qkv = st.apply("qkv", h, qkv, split=sizes)
+        q, k, v = qkv.split(sizes, dim=-1)
         q = q.view(B, T, a.n_heads, a.head_dim)
         k = k.view(B, T, a.n_kv_heads, a.head_dim)
         if a.qk_norm:

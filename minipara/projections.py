@@ -26,6 +26,12 @@ def out_sizes(args: ModelArgs) -> dict[str, int]:
                 gate=args.ffn_dim, up=args.ffn_dim, down=args.dim)
 
 
+def widths(args: ModelArgs, fused: str) -> list[int]:
+    """The output widths of a fused linear's parts, in their order (how its output splits)."""
+    outs = out_sizes(args)
+    return [outs[p] for p in parts(fused)]
+
+
 def in_sizes(args: ModelArgs) -> dict[str, int]:
     return dict(q=args.dim, k=args.dim, v=args.dim, o=args.q_dim,
                 gate=args.dim, up=args.dim, down=args.ffn_dim)

@@ -17,7 +17,7 @@ from minipara.layer_state import LayerState, lora_delta
 from minipara.methods.base import Adapter
 from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
-from minipara.projections import in_sizes, out_sizes, parts
+from minipara.projections import in_sizes, out_sizes, widths
 
 from conftest import DEVICE, LOW_PRECISION, exact_only, perturbed, tiny_args, tiny_model, tol
 
@@ -189,7 +189,7 @@ def test_many_lora_tenants_share_one_gathered_product(family, kind):
         for name, (A, Bm) in st_mix.lora.items():
             assert A.dim() == 3 and A.shape[0] == len(rows) and Bm.shape[0] == len(rows)
             for b, r in enumerate(rows):
-                split = [out_sizes(model.args)[p] for p in parts(name)]
+                split = widths(model.args, name)
                 update = lora_delta(A[b], Bm[b], split)  # (in, out): what row b adds, x @ update
                 if r is None:
                     assert not Bm[b].any()

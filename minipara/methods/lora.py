@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..layer_state import lora_delta
-from ..projections import parts
+from ..projections import widths
 from .base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
 
 @dataclass
@@ -60,5 +60,5 @@ class Lora(Adapter):
         for i in range(self.args.n_layers):
             for f, (a, b) in self.state(i, torch.float32).lora.items():
                 w = fused_linear(merged, i, f).weight
-                w.copy_(w.float() + lora_delta(a, b, [out_sizes(self.args)[p] for p in parts(f)]).T.to(w.device))
+                w.copy_(w.float() + lora_delta(a, b, widths(self.args, f)).T.to(w.device))
         return merged

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..projections import FUSED, out_sizes, parts as parts_of
+from ..projections import FUSED, parts as parts_of, widths
 from ..layer_state import lora_parts
 from .base import Adapter, LayerState
 
@@ -112,7 +112,7 @@ class Mixture(Adapter):
                 continue
             parts.append((ix, tuple(idx), st))
             for f, pair in st.lora.items():  # fused pairs (scaling folded in), shared or per row: by part
-                for p, (A, Bm) in zip(parts_of(f), lora_parts(*pair, self._split(f))):
+                for p, (A, Bm) in zip(parts_of(f), lora_parts(*pair, widths(self.args, f))):
                     if A.dim() == 2 or (A.shape[0] == 1 and Bm.shape[0] == 1):
                         blocks.setdefault(p, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 1.0))
                         continue
@@ -136,10 +136,9 @@ class Mixture(Adapter):
             present = [p for p in parts_of(f) if p in blocks]
             cols, local, scale = self._gather(f, present, [blocks[p] for p in present], B, h.device)
             A = torch.cat([b[1] for p in present for b in blocks[p]], -1).mT[cols]
-            Bm = [torch.cat([b[2] for b in blocks[p]], 0)[local[present.index(p)]] * scale[:, :, k]
-                  if p in blocks else None for k, p in enumerate(parts_of(f))]
-            Bm = torch.cat([b if b is not None else A.new_zeros(B, cols.shape[1], w)
-                            for b, w in zip(Bm, self._split(f))], -1)
+            Bm = torch.cat([torch.cat([b[2] for b in blocks[p]], 0)[local[p]] * scale[:, :, k] if p in blocks
+                            else A.new_zeros(B, cols.shape[1], w)
+                            for k, (p, w) in enumerate(zip(parts_of(f), widths(self.args, f)))], -1)
             out.lora[f] = (A.flatten(1, 2).to(h.dtype), Bm.to(h.dtype))
         pre = [(ix, st) for ix, _, st in parts if st.prefix_k is not None]
         if pre:
@@ -163,15 +162,11 @@ class Mixture(Adapter):
             return torch.tensor(order, device=device)
         return self._keep(("order", groups, str(device)), make)
 
-    def _split(self, f: str) -> list[int]:
-        """The widths of fused linear f's parts."""
-        return [out_sizes(self.args)[p] for p in parts_of(f)]
-
     def _gather(self, f: str, present: list, part_blocks, batch: int, device):
         """Where each row's low-rank pair of fused linear f comes from, the same at every layer
         and request: cols (batch, R, n), the columns of the parts' A's stacked side by side
-        that row b takes as rank j of part k (LayerState.lora's layout); local, per present
-        part, (batch, R): the same as rows of that part's stacked B's; scale (batch, R, n, 1),
+        that row b takes as rank j of part k (LayerState.lora's layout); local, {present part:
+        (batch, R)}: the same as rows of that part's stacked B's; scale (batch, R, n, 1),
         each column's scaling, 0 on padding (a padded column adds exactly nothing)."""
         def make():
             n, ks = len(parts_of(f)), [parts_of(f).index(p) for p in present]
@@ -192,7 +187,7 @@ class Mixture(Adapter):
                     for j, (c, lc, s) in enumerate(m):
                         cols[r, j, k], scale[r, j, k, 0] = c, s
                         local[ks.index(k), r, j] = lc
-            return cols.to(device), list(local.to(device)), scale.to(device)
+            return cols.to(device), dict(zip(present, local.to(device))), scale.to(device)
         key = (f, tuple(present), tuple(tuple((b[0], b[1].shape[-1], b[3]) for b in bl) for bl in part_blocks), str(device))
         return self._keep(key, make)
 
