@@ -208,7 +208,13 @@ def save_weights(reader, path: Path, log=_log, arch: str = "gemma3", config: dic
             log(f"\r  dequantised {i}/{n} tensors: {t.name:<28}", end="\n" if i == n else "")
         elif i * 4 // n != (i - 1) * 4 // n:  # logs get a line per quarter
             log(f"  dequantised {i}/{n} tensors")
-    log(f"writing {path.name} (float32, {sum(a.nbytes for a in tensors.values()) / 2**30:.2f} GiB) ...")
+    size = sum(a.nbytes for a in tensors.values())
+    free = shutil.disk_usage(path.parent).free
+    if free < size:  # else safetensors fails half-way with a bare "No space left on device"
+        raise UserError(f"writing {path.name} needs {size / 2**30:.2f} GiB in {path.parent.parent}, which has "
+                        f"{free / 2**30:.2f} GiB free: free some space there, or point $MINIPARA_WEIGHTS_DIR "
+                        "at a disk with room")
+    log(f"writing {path.name} (float32, {size / 2**30:.2f} GiB) ...")
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); the others are 0644
 

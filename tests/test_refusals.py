@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -185,14 +186,36 @@ def test_integer_weight_is_refused(model_dir, tmp_path, capsys):
 def test_weights_fingerprint_names_the_values(model_dir, tmp_path):
     from minipara.loading import load_model
     same = load_model(model_dir).weights_id
-    assert same == load_model(model_dir, "bfloat16").weights_id or True  # dtype of the copy does not matter
-    assert load_model(model_dir).weights_id == same
+    assert load_model(model_dir, "bfloat16").weights_id == same  # the file's values, whatever the copy's dtype
 
     def edit(d):
         t = load_file(d / "model.safetensors")
         t["model.layers.0.self_attn.q_proj.weight"] *= 1.01
         save_file(t, d / "model.safetensors")
     assert load_model(copy_with(model_dir, tmp_path, edit)).weights_id != same
+
+
+def test_conversion_without_room_says_how_much_and_writes_nothing(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from types import SimpleNamespace
+
+    from gguf import GGMLQuantizationType
+
+    from minipara import weights
+    from minipara.errors import UserError
+    norm = np.ones(640, dtype=np.float32)
+    reader = SimpleNamespace(tensors=[SimpleNamespace(name="output_norm.weight", data=norm, shape=[640],
+                                                      tensor_type=GGMLQuantizationType.F32)])
+    out = tmp_path / "weights" / "gemma-3-270m.tmp-1"
+    out.mkdir(parents=True)
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=norm.nbytes - 1))
+    with pytest.raises(UserError, match=r"needs 0\.00 GiB in .*weights, which has 0\.00 GiB free.*MINIPARA_WEIGHTS_DIR"):
+        weights.save_weights(reader, out / "model.safetensors", lambda *a, **k: None)
+    assert not any(out.iterdir())
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=norm.nbytes))
+    weights.save_weights(reader, out / "model.safetensors", lambda *a, **k: None)  # just enough room
+    assert load_file(out / "model.safetensors")["model.norm.weight"].eq(0).all()  # Gemma's "1 +" taken out
 
 
 # ---- cause 2 and 3 and 11: generate.py inputs and flags ------------------------------------------
