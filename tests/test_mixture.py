@@ -200,11 +200,31 @@ def test_many_lora_tenants_share_one_gathered_product(family, kind):
     for k in calls:
         calls[k] = 0
     got = generate(model, prompts, cfg, adapter=mix)
-    # One call per adapter per layer, over all of its rows; decode calls none.
-    assert all(c == model.args.n_layers for c in calls.values()), calls
+    # One call per adapter, over all of its rows: per prefill for the low-rank pairs (all layers
+    # at once), per layer for generated ones; decode calls none.
+    per_prefill = 1 if kind == "lora" else model.args.n_layers
+    assert all(c == per_prefill for c in calls.values()), calls
     alone = [generate(model, [p], cfg, adapter=None if r is None else ads[r])[0] for p, r in zip(prompts, rows)]
     if not LOW_PRECISION:  # token-for-token equality needs float32
         assert got == alone
+
+
+def test_lora_tenants_pairs_are_gathered_afresh_at_each_prefill():
+    """All layers' pairs are gathered at layer 0 and kept for the others: a later prefill (layer 0
+    again) sees an adapter trained in between."""
+    model = tiny_model("llama", seed=2)
+    ads = lora_tenants(model.args, 2)
+    mix = Mixture(ads, [0, 1, None])
+    h = torch.randn(3, 5, model.args.dim, device=DEVICE)
+    pm = torch.ones(3, 5, dtype=torch.bool, device=DEVICE)
+    with torch.no_grad():
+        before = [mix.layer_state(i, h, pm, model).lora["down"][1].clone() for i in (0, 1)]
+        for b in ads[1].b.values():
+            b.mul_(2)
+        after = [mix.layer_state(i, h, pm, model).lora["down"][1] for i in (0, 1)]
+    for old, new in zip(before, after):
+        assert new[1].abs().max() > 0 and torch.equal(new[1], 2 * old[1]) and torch.equal(new[0], old[0])
+        assert not new[2].any()
 
 
 @exact_only

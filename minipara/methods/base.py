@@ -70,10 +70,11 @@ class Adapter(nn.Module):
         row's own, stacked (B, ...)."""
         return rows or (lambda get: get(self))
 
-    def low_rank(self, i: int) -> dict | None:
-        """Layer i's update, if all of it is a low-rank update that does not depend on the
-        prompt: {proj: (A (in, r), B (r, out), scale)}, y_proj += scale * x @ A @ B. A Mixture
-        places many tenants' parts side by side from these, without fusing each one's first."""
+    def low_rank(self) -> dict | None:
+        """The update, if all of it is a low-rank update that does not depend on the prompt:
+        {proj: (A (L, in, r), B (L, r, out), scale)} over the L layers, y_proj += scale * x @ A[i]
+        @ B[i] at layer i. A Mixture places many tenants' parts side by side from these, for
+        all layers at once, without fusing each one's first."""
         return None
 
     # Why merge() is refused, for methods that cannot fold into the base weights.

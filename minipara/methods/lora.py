@@ -46,12 +46,11 @@ class Lora(Adapter):
                                    for p in config.targets})
         self.b = nn.ParameterDict({p: nn.Parameter(torch.zeros(L, r, outs[p])) for p in config.targets})
 
-    def low_rank(self, i: int) -> dict:
-        s = self.config.scale
-        return {p: (self.a[p][i], self.b[p][i], s) for p in self.a}
+    def low_rank(self) -> dict:
+        return {p: (self.a[p], self.b[p], self.config.scale) for p in self.a}
 
     def state(self, i: int, dtype) -> LayerState:
-        return LayerState.build(self.args, dtype, lora={p: (a, b * s) for p, (a, b, s) in self.low_rank(i).items()})
+        return LayerState.build(self.args, dtype, lora={p: (a[i], b[i] * s) for p, (a, b, s) in self.low_rank().items()})
 
     @torch.no_grad()
     def merge(self, model):

@@ -11,8 +11,9 @@ model applies like any other:
             pair, ranks zero-padded to the largest, zeros for rows without one; decode is
             then one batched low-rank product for all tenants, with no loop over rows. The
             pairs are gathered from the tenants' pairs stacked side by side, and a method that
-            gives its update as unfused parts (`low_rank`: LoRA) is stacked part by part: a
-            prefill of 16 tenants then takes a few kernels per layer, not each tenant's fusing.
+            gives its update as unfused parts (`low_rank`: LoRA) is stacked part by part, for
+            all layers at the first: a prefill of 16 LoRA tenants then takes a few kernels, not
+            each tenant's fusing at every layer.
     prefix  (B, n_kv, P_max, hd): each row's own entries in its first P_row slots; the
             model masks a row's unused slots and starts its text at P_row (prefix_rows)
 
@@ -60,6 +61,10 @@ class Mixture(Adapter):
         self.calls = list(calls.values())
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
         self._kept = {}  # index tensors of the row layout, made once (see _keep)
+        # Members whose update is all low-rank and prompt-independent (`low_rank`: LoRA), and
+        # their pairs for all layers, gathered at layer 0 and let go at the last.
+        self.low_rank_calls = {c for c, (ads, _, _) in enumerate(self.calls) if ads[0].low_rank() is not None}
+        self._low_rank = None
 
     def _keep(self, key, make):
         """make(), once per key: the rows' layout never changes, so their index tensors are made
@@ -93,14 +98,23 @@ class Mixture(Adapter):
     def layer_state(self, i, h, pool_mask, model):
         B = h.shape[0]
         self._check(B)
+        if i == 0 or self._low_rank is None:
+            # The low-rank members' pairs do not depend on the prompt: all layers' are gathered
+            # at the first layer, in the ops that one layer's took.
+            blocks = {}
+            for c in self.low_rank_calls:
+                ads, idx, _ = self.calls[c]
+                for p, (A, Bm, s) in ads[0].low_rank().items():
+                    blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
+            self._low_rank = self._pairs(blocks, B, h.device, h.dtype)
+        lora = {f: (A[i], Bm[i]) for f, (A, Bm) in self._low_rank.items()}
+        if self.args is not None and i == self.args.n_layers - 1:
+            self._low_rank = None  # kept no longer than the states that view it
         parts = []
         blocks = {}  # projection -> [(rows, A (in, r), B (r, width), scale)]
         for c, (ads, idx, which) in enumerate(self.calls):
             a = ads[0]
-            low = a.low_rank(i)
-            if low is not None:
-                for p, (A, Bm, s) in low.items():
-                    blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
+            if c in self.low_rank_calls:
                 continue
             ix, which = self._rows_of(c, h.device)
             h_c, pm_c = h.index_select(0, ix), pool_mask.index_select(0, ix)
@@ -118,9 +132,12 @@ class Mixture(Adapter):
                         continue
                     A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
                     blocks.setdefault(p, []).extend(((row,), A[k], Bm[k], 1.0) for k, row in enumerate(idx))
-        if not parts and not blocks:
+        for f, (A, Bm) in self._pairs(blocks, B, h.device, h.dtype).items():
+            # Both kinds on one linear: each row's ranks side by side (the other kind's are zeros in Bm).
+            lora[f] = (torch.cat([lora[f][0], A], 1), torch.cat([lora[f][1], Bm], 1)) if f in lora else (A, Bm)
+        if not parts and not lora:
             return None
-        out = LayerState()
+        out = LayerState(lora=lora)
         for kind, fill in (("scale", 1.0), ("bias", 0.0)):
             for name in sorted({n for _, _, st in parts for n in getattr(st, kind)}):
                 vals = [(rows, _rows(_as3d(getattr(st, kind)[name]), len(rows)))
@@ -130,16 +147,6 @@ class Mixture(Adapter):
                 # (three ops, not one write per member).
                 stacked = torch.cat([ref.new_full((1, *ref.shape[1:]), fill)] + [v for _, v in vals]).to(ref.dtype)
                 getattr(out, kind)[name] = stacked[self._order(tuple(rows for rows, _ in vals), B, h.device)]
-        for f in {FUSED[p] for p in blocks}:
-            # Each part's pairs stacked side by side and each row's columns gathered from the
-            # stacks, straight into LayerState.lora's layout (the rows' scalings on B).
-            present = [p for p in parts_of(f) if p in blocks]
-            cols, local, scale = self._gather(f, present, [blocks[p] for p in present], B, h.device)
-            A = torch.cat([b[1] for p in present for b in blocks[p]], -1).mT[cols]
-            Bm = torch.cat([torch.cat([b[2] for b in blocks[p]], 0)[local[p]] * scale[:, :, k] if p in blocks
-                            else A.new_zeros(B, cols.shape[1], w)
-                            for k, (p, w) in enumerate(zip(parts_of(f), widths(self.args, f)))], -1)
-            out.lora[f] = (A.flatten(1, 2).to(h.dtype), Bm.to(h.dtype))
         pre = [(ix, st) for ix, _, st in parts if st.prefix_k is not None]
         if pre:
             k0 = pre[0][1].prefix_k
@@ -149,6 +156,28 @@ class Mixture(Adapter):
                 P = st.prefix_k.shape[2]
                 out.prefix_k[ix, :, :P] = _rows(st.prefix_k, len(ix))
                 out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
+        return out
+
+    def _pairs(self, blocks: dict, batch: int, device, dtype) -> dict:
+        """{fused linear: (A, Bm)} in LayerState.lora's per-row layout, from blocks
+        {projection: [(rows, A (..., in, r), B (..., r, width), scale)]} (leading dims: the
+        layers, or none): each part's pairs stacked side by side, and each row's columns
+        gathered from the stacks (the scalings on B, before the gather)."""
+        out = {}
+        for f in {FUSED[p] for p in blocks}:
+            present = [p for p in parts_of(f) if p in blocks]
+            cols, local, scale = self._gather(f, present, [blocks[p] for p in present], batch, device)
+            A = torch.cat([b[1] for p in present for b in blocks[p]], -1).to(dtype).mT[..., cols, :]
+            lead = A.shape[:-4]
+            Bm = []
+            for p, w in zip(parts_of(f), widths(self.args, f)):
+                if p not in blocks:
+                    Bm.append(A.new_zeros(*lead, batch, cols.shape[1], w))
+                    continue
+                bs = [b[2] for b in blocks[p]]
+                stack = torch.cat(bs + [bs[0].new_zeros(*lead, 1, w)], -2)  # its last row: padding's
+                Bm.append((stack * scale[p]).to(dtype)[..., local[p], :])
+            out[f] = (A.flatten(-3, -2), torch.cat(Bm, -1))
         return out
 
     def _order(self, groups: tuple, batch: int, device) -> torch.Tensor:
@@ -165,30 +194,35 @@ class Mixture(Adapter):
     def _gather(self, f: str, present: list, part_blocks, batch: int, device):
         """Where each row's low-rank pair of fused linear f comes from, the same at every layer
         and request: cols (batch, R, n), the columns of the parts' A's stacked side by side
-        that row b takes as rank j of part k (LayerState.lora's layout); local, {present part:
-        (batch, R)}: the same as rows of that part's stacked B's; scale (batch, R, n, 1),
-        each column's scaling, 0 on padding (a padded column adds exactly nothing)."""
+        that row b takes as rank j of part k (LayerState.lora's layout; padding: column 0, its
+        B row being zero); local, {present part: (batch, R)}: the same as rows of that part's
+        stacked B's, padding the zero row past them, so that a padded rank adds exactly nothing;
+        scale, {present part: (rows + 1, 1)}: the scaling of each row of its stacked B's."""
         def make():
             n, ks = len(parts_of(f)), [parts_of(f).index(p) for p in present]
-            mine = [[[] for _ in range(n)] for _ in range(batch)]  # row -> part -> [(column, local, scale)]
-            col = 0
+            mine = [[[] for _ in range(n)] for _ in range(batch)]  # row -> part -> [(column, local)]
+            col, ends, scale = 0, [], []
             for k, blocks in zip(ks, part_blocks):
-                at = 0
+                at, scale_k = 0, []
                 for rows, a, _, s in blocks:
                     for r in rows:
-                        mine[r][k] += [(col + at + j, at + j, s) for j in range(a.shape[-1])]
+                        mine[r][k] += [(col + at + j, at + j) for j in range(a.shape[-1])]
                     at += a.shape[-1]
+                    scale_k += [s] * a.shape[-1]
                 col += at
+                ends.append(at)
+                scale.append(torch.tensor(scale_k + [0.0], device=device)[:, None])
             R = max(1, max(len(m) for row in mine for m in row))
-            cols, scale = torch.zeros(batch, R, n, dtype=torch.long), torch.zeros(batch, R, n, 1)
-            local = torch.zeros(len(present), batch, R, dtype=torch.long)
+            cols = torch.zeros(batch, R, n, dtype=torch.long)
+            local = torch.tensor(ends)[:, None, None].repeat(1, batch, R)  # each part's zero row
             for r, row in enumerate(mine):
                 for k, m in enumerate(row):
-                    for j, (c, lc, s) in enumerate(m):
-                        cols[r, j, k], scale[r, j, k, 0] = c, s
+                    for j, (c, lc) in enumerate(m):
+                        cols[r, j, k] = c
                         local[ks.index(k), r, j] = lc
-            return cols.to(device), dict(zip(present, local.to(device))), scale.to(device)
-        key = (f, tuple(present), tuple(tuple((b[0], b[1].shape[-1], b[3]) for b in bl) for bl in part_blocks), str(device))
+            return cols.to(device), dict(zip(present, local.to(device))), dict(zip(present, scale))
+        key = (f, tuple(present), tuple(tuple((b[0], b[1].shape[-1], b[3]) for b in bl) for bl in part_blocks),
+               str(device))
         return self._keep(key, make)
 
     def merge(self, model):

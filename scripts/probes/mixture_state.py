@@ -1,8 +1,8 @@
-"""A mixture's per-layer state building, eagerly (what a recorded prefill replays at every
-layer): wall time and the number of ops that launch work, for n tenants of one method.
+"""A mixture's state building over all layers of one prefill, eagerly (what a recorded prefill
+replays): wall time and the number of ops that launch work, for n tenants of one method.
 
   python scripts/probes/mixture_state.py [--method para] [--tenants 16] [--batch 32]
-      [--tokens 274] [--shape gemma-3-270m] [--device cpu] [--calls 20]
+      [--tokens 274] [--shape gemma-3-270m] [--device cpu] [--calls 5]
 """
 import argparse
 import sys
@@ -33,7 +33,7 @@ def main():
     p.add_argument("--tokens", type=int, default=274)
     p.add_argument("--shape", default="gemma-3-270m", choices=sorted(bm.SHAPES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--calls", type=int, default=5)
     a = p.parse_args()
     torch.manual_seed(0)
     dev = torch.device(a.device)
@@ -43,21 +43,26 @@ def main():
     mix = Mixture(ads, [k % a.tenants for k in range(a.batch)])
     h = torch.randn(a.batch, a.tokens, args.dim, dtype=torch.bfloat16, device=dev)
     pm = torch.ones(a.batch, a.tokens, dtype=torch.bool, device=dev)
+    def prefill():
+        for i in range(args.n_layers):
+            mix.layer_state(i, h, pm, model)
+
     with torch.no_grad():
         for _ in range(3):
-            mix.layer_state(1, h, pm, model)
+            prefill()
         with CountOps() as c:
-            mix.layer_state(1, h, pm, model)
+            prefill()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         for _ in range(a.calls):
-            mix.layer_state(1, h, pm, model)
+            prefill()
         if dev.type == "cuda":
             torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / a.calls * 1e3
-    print(f"{a.tenants} {a.method} tenants, batch {a.batch}, {a.tokens} tokens, {a.shape} width {args.dim}, "
-          f"bf16, {a.device}: {c.n} ops, {ms:.2f} ms per layer")
+    L = args.n_layers
+    print(f"{a.tenants} {a.method} tenants, batch {a.batch}, {a.tokens} tokens, {a.shape} ({L} layers, width "
+          f"{args.dim}), bf16, {a.device}: {c.n} ops ({c.n / L:.1f} a layer), {ms:.1f} ms ({ms / L:.2f} a layer)")
 
 
 if __name__ == "__main__":
