@@ -1,9 +1,11 @@
-# The next GPU call for issue 13 (not yet run): one nvidia-h100-x2 call, about 10 min (timeout_s 600).
-# What e298df8's compact LoRA pairs were not measured on: the single adapter (0.79 at beam 1,
-# 0.86 at beam 3, 96afb9c), 16 LoRA tenants interleaved with their base (0.87 not interleaved),
-# and the eight-method mix (0.76 before e298df8).
-# GPU 0: one LoRA at beams 1 and 3, each interleaved with its base.
-# GPU 1: 16 LoRA tenants at batch 32, interleaved, then the eight-method mix.
+# The next GPU call for issue 13 (not yet run): one nvidia-h100-x4 call (a machine of several
+# chips counts its held time once, like the x2), about 10 min (timeout_s 600); four lanes.
+# What is unmeasured since e298df8 (compact LoRA pairs) and e10ee1f (LoRA tenants' pairs
+# gathered for all layers at once at prefill, 51 ops for 16 tenants instead of 41 a layer):
+# the single adapter (0.79 at beam 1, 0.86 at beam 3, 96afb9c), the LoRA tenant rows
+# interleaved with their base (0.87 at batch 32, 0.86 at batch 8 with a first token of 63
+# against 46 ms), the eight-method mix (0.76 before e298df8), and where the LoRA tenants'
+# first token goes (kernel tables of a prefill and one step: --new-tokens 2).
 . scripts/gpu_session/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
 ( export CUDA_VISIBLE_DEVICES=0
@@ -12,5 +14,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
 ( export CUDA_VISIBLE_DEVICES=1
   step t32 260 $B --batch 32 --tenants 16 --methods lora --beams 1 --runs 3 --interleave --json "$OUT/t32.json" --markdown "$OUT/t32.md"
   step mix32 $((575 - SECONDS)) $B --batch 32 --tenants 16 --mix --methods para,pedro,parade,iapt,lora,ia3,bitfit,ptuning_v2 --beams 1 --runs 3 --json "$OUT/mix32.json" --markdown "$OUT/mix32.md" ) &
+( export CUDA_VISIBLE_DEVICES=2
+  step t8 260 $B --batch 8 --tenants 4 --methods lora --beams 1 --runs 3 --interleave --json "$OUT/t8.json" --markdown "$OUT/t8.md"
+  step t8prof $((575 - SECONDS)) $B --batch 8 --tenants 4 --methods lora --beams 1 --new-tokens 2 --runs 1 --profile "$OUT/t8-prefill-profile.txt" --json "$OUT/t8prof.json" ) &
+( export CUDA_VISIBLE_DEVICES=3
+  step t32prof 575 $B --batch 32 --tenants 16 --methods lora --beams 1 --new-tokens 2 --runs 1 --profile "$OUT/t32-prefill-profile.txt" --json "$OUT/t32prof.json" ) &
 wait; cat "$OUT/steps.txt"
 pack
