@@ -62,7 +62,7 @@ class Mixture(Adapter):
         self.n_prefix = max((a.n_prefix for a, _ in self.groups), default=0)
         self._kept = {}  # index tensors of the row layout, made once (see _keep)
         # Members whose update is all low-rank and prompt-independent (`low_rank`: LoRA), and
-        # their pairs for all layers, gathered at layer 0 and let go at the last.
+        # their pairs for all layers (_low_rank_state).
         self.low_rank_calls = {c for c, (ads, _, _) in enumerate(self.calls) if ads[0].low_rank() is not None}
         self._low_rank = None
 
@@ -98,40 +98,8 @@ class Mixture(Adapter):
     def layer_state(self, i, h, pool_mask, model):
         B = h.shape[0]
         self._check(B)
-        if i == 0 or self._low_rank is None:
-            # The low-rank members' pairs do not depend on the prompt: all layers' are gathered
-            # at the first layer, in the ops that one layer's took.
-            blocks = {}
-            for c in self.low_rank_calls:
-                ads, idx, _ = self.calls[c]
-                for p, (A, Bm, s) in ads[0].low_rank().items():
-                    blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
-            self._low_rank = self._pairs(blocks, B, h.device, h.dtype)
-        lora = {f: (A[i], Bm[i]) for f, (A, Bm) in self._low_rank.items()}
-        if self.args is not None and i == self.args.n_layers - 1:
-            self._low_rank = None  # kept no longer than the states that view it
-        parts = []
-        blocks = {}  # projection -> [(rows, A (in, r), B (r, width), scale)]
-        for c, (ads, idx, which) in enumerate(self.calls):
-            a = ads[0]
-            if c in self.low_rank_calls:
-                continue
-            ix, which = self._rows_of(c, h.device)
-            h_c, pm_c = h.index_select(0, ix), pool_mask.index_select(0, ix)
-            if len(ads) == 1:
-                st = a.layer_state(i, h_c, pm_c, model)
-            else:
-                st = type(a).mixed_layer_state(ads, which, i, h_c, pm_c, model)
-            if st is None:
-                continue
-            parts.append((ix, tuple(idx), st))
-            for f, pair in st.lora.items():  # fused pairs (scaling folded in), shared or per row: by part
-                for p, (A, Bm) in zip(parts_of(f), lora_parts(*pair, widths(self.args, f))):
-                    if A.dim() == 2 or (A.shape[0] == 1 and Bm.shape[0] == 1):
-                        blocks.setdefault(p, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 1.0))
-                        continue
-                    A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
-                    blocks.setdefault(p, []).extend(((row,), A[k], Bm[k], 1.0) for k, row in enumerate(idx))
+        lora = self._low_rank_state(i, B, h.device, h.dtype)
+        parts, blocks = self._generated(i, h, pool_mask, model)
         for f, (A, Bm) in self._pairs(blocks, B, h.device, h.dtype).items():
             # Both kinds on one linear: each row's ranks side by side (the other kind's are zeros in Bm).
             lora[f] = (torch.cat([lora[f][0], A], 1), torch.cat([lora[f][1], Bm], 1)) if f in lora else (A, Bm)
@@ -157,6 +125,47 @@ class Mixture(Adapter):
                 out.prefix_k[ix, :, :P] = _rows(st.prefix_k, len(ix))
                 out.prefix_v[ix, :, :P] = _rows(st.prefix_v, len(ix))
         return out
+
+    def _low_rank_state(self, i: int, batch: int, device, dtype) -> dict:
+        """Layer i's {fused linear: (A, Bm)} of the low-rank members. Their pairs do not depend
+        on the prompt: all layers' are gathered at the first layer, in the ops that one layer's
+        took, and kept no longer than the last layer (whose states view them)."""
+        if i == 0 or self._low_rank is None:
+            blocks = {}
+            for c in self.low_rank_calls:
+                ads, idx, _ = self.calls[c]
+                for p, (A, Bm, s) in ads[0].low_rank().items():
+                    blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
+            self._low_rank = self._pairs(blocks, batch, device, dtype)
+        lora = {f: (A[i], Bm[i]) for f, (A, Bm) in self._low_rank.items()}
+        if self.args is not None and i == self.args.n_layers - 1:
+            self._low_rank = None
+        return lora
+
+    def _generated(self, i: int, h, pool_mask, model) -> tuple[list, dict]:
+        """The other members' layer-i states, each call over its own rows: [(row index tensor,
+        rows, LayerState)], and their low-rank pairs as blocks by projection for `_pairs`."""
+        parts, blocks = [], {}  # blocks: projection -> [(rows, A (in, r), B (r, width), scale)]
+        for c, (ads, idx, which) in enumerate(self.calls):
+            if c in self.low_rank_calls:
+                continue
+            ix, which = self._rows_of(c, h.device)
+            h_c, pm_c = h.index_select(0, ix), pool_mask.index_select(0, ix)
+            if len(ads) == 1:
+                st = ads[0].layer_state(i, h_c, pm_c, model)
+            else:
+                st = type(ads[0]).mixed_layer_state(ads, which, i, h_c, pm_c, model)
+            if st is None:
+                continue
+            parts.append((ix, tuple(idx), st))
+            for f, pair in st.lora.items():  # fused pairs (scaling folded in), shared or per row: by part
+                for p, (A, Bm) in zip(parts_of(f), lora_parts(*pair, widths(self.args, f))):
+                    if A.dim() == 2 or (A.shape[0] == 1 and Bm.shape[0] == 1):
+                        blocks.setdefault(p, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 1.0))
+                        continue
+                    A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
+                    blocks.setdefault(p, []).extend(((row,), A[k], Bm[k], 1.0) for k, row in enumerate(idx))
+        return parts, blocks
 
     def _pairs(self, blocks: dict, batch: int, device, dtype) -> dict:
         """{fused linear: (A, Bm)} in LayerState.lora's per-row layout, from blocks
