@@ -5,7 +5,8 @@
 # the single adapter (0.79 at beam 1, 0.86 at beam 3, 96afb9c), the LoRA tenant rows
 # interleaved with their base (0.87 at batch 32, 0.86 at batch 8 with a first token of 63
 # against 46 ms), the eight-method mix (0.76 before e298df8), and where the LoRA tenants'
-# first token goes (kernel tables of a prefill and one step: --new-tokens 2).
+# first token goes (kernel tables of a prefill and one step: --new-tokens 2); and the CUDA
+# mixture tests since e10ee1f.
 . scripts/gpu_session/common.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
 ( export CUDA_VISIBLE_DEVICES=0
@@ -18,6 +19,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt"
   step t8 260 $B --batch 8 --tenants 4 --methods lora --beams 1 --runs 3 --interleave --json "$OUT/t8.json" --markdown "$OUT/t8.md"
   step t8prof $((575 - SECONDS)) $B --batch 8 --tenants 4 --methods lora --beams 1 --new-tokens 2 --runs 1 --profile "$OUT/t8-prefill-profile.txt" --json "$OUT/t8prof.json" ) &
 ( export CUDA_VISIBLE_DEVICES=3
-  step t32prof 575 $B --batch 32 --tenants 16 --methods lora --beams 1 --new-tokens 2 --runs 1 --profile "$OUT/t32-prefill-profile.txt" --json "$OUT/t32prof.json" ) &
+  step t32prof 300 $B --batch 32 --tenants 16 --methods lora --beams 1 --new-tokens 2 --runs 1 --profile "$OUT/t32-prefill-profile.txt" --json "$OUT/t32prof.json"
+  step tests $((575 - SECONDS)) env MINIPARA_TEST_DEVICE=cuda python3 -m pytest -q -rA tests/test_mixture.py ) &
 wait; cat "$OUT/steps.txt"
 pack
