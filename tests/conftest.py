@@ -95,6 +95,22 @@ def perturbed(ad, seed: int = 0, std: float = 0.3):
     return ad
 
 
+def count_ops(fn) -> int:
+    """Ops that launch work (not views) while fn() runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with CountOps() as c:
+        fn()
+    return c.n
+
+
 def prompt_batch(seed: int, lengths: list[int], extra: int, pad: int = 0, vocab: int = 97):
     """Prompts of `lengths`, left-padded to the longest plus `pad`, then `extra` response tokens:
     tokens, valid, prompt mask."""

@@ -20,7 +20,7 @@ from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
 from minipara.projections import in_sizes, out_sizes, widths
 
-from conftest import DEVICE, LOW_PRECISION, TINY, exact_only, perturbed, tiny_args, tiny_model, tol
+from conftest import DEVICE, LOW_PRECISION, TINY, count_ops, exact_only, perturbed, tiny_args, tiny_model, tol
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -265,24 +265,11 @@ def test_mixture_edges():
 def ops_per_prefill(method: str, n_tenants: int, n_layers: int = 3) -> int:
     """Ops that launch work (not views) in all layers' states of one prefill of a mixture of n
     tenants over 32 rows, once the mixture has made its row layouts (at its first prefill)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += not func.is_view
-            return func(*args, **(kwargs or {}))
-
     args = ModelArgs(**{**TINY["llama"], "n_layers": n_layers})
     h, pm = torch.randn(32, 5, args.dim), torch.ones(32, 5, dtype=torch.bool)
     mix = Mixture([build_adapter(method, args) for _ in range(n_tenants)], [k % n_tenants for k in range(32)])
     with torch.no_grad():
-        for _ in range(2):
-            with CountOps() as c:
-                for i in range(n_layers):
-                    mix.layer_state(i, h, pm, None)
-    return c.n
+        return [count_ops(lambda: [mix.layer_state(i, h, pm, None) for i in range(n_layers)]) for _ in range(2)][1]
 
 
 def test_lora_tenants_stack_in_as_many_ops_for_sixteen_as_for_two():

@@ -86,6 +86,25 @@ class Adapter(nn.Module):
                         "use it unmerged")
 
 
+class LayerPass:
+    """States that do not depend on the prompt, built for all layers at once at the first layer
+    of a pass over them (a forward, a prefill) and handed out layer by layer, in the ops that
+    one layer's took (LoRA's fusing: 37 a layer, 1184 small kernels in a 7B's prefill). A pass
+    that starts again, or a call out of order, builds them again; the last layer lets them go."""
+
+    def __init__(self):
+        self.built, self.next = None, 0
+
+    def get(self, i: int, n_layers: int, build):
+        """Layer i's item of build() (a list over the layers), built at this pass's first call."""
+        if i == 0 or i != self.next or self.built is None:
+            self.built = build()
+        item, self.next = self.built[i], i + 1
+        if self.next == n_layers:
+            self.built, self.next = None, 0
+        return item
+
+
 def per_row(adapters: list, which: torch.Tensor):
     """For mixed_layer_state: rows(param) is param(adapter) for each row's adapter, (B, ...)."""
     return lambda param: torch.stack([param(a) for a in adapters])[which]

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layer_state import lora_delta
 from ..projections import widths
-from .base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
+from .base import PROJECTIONS, Adapter, LayerPass, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
 
 @dataclass
 class LoraConfig(MethodConfig):
@@ -45,19 +45,26 @@ class Lora(Adapter):
         self.a = nn.ParameterDict({p: nn.Parameter(torch.empty(L, ins[p], r).uniform_(-ins[p] ** -0.5, ins[p] ** -0.5))
                                    for p in config.targets})
         self.b = nn.ParameterDict({p: nn.Parameter(torch.zeros(L, r, outs[p])) for p in config.targets})
+        self.layer_pass = LayerPass()  # each pass's states, fused at its first layer
 
     def low_rank(self) -> dict:
         return {p: (self.a[p], self.b[p], self.config.scale) for p in self.a}
 
-    def state(self, i: int, dtype) -> LayerState:
-        return LayerState.build(self.args, dtype, lora={p: (a[i], b[i] * s) for p, (a, b, s) in self.low_rank().items()})
+    def layer_state(self, i, h, pool_mask, model) -> LayerState:
+        return self.layer_pass.get(i, self.args.n_layers, lambda: self.states(h.dtype))
+
+    def states(self, dtype) -> list[LayerState]:
+        """Every layer's state, the pairs of all layers fused at once."""
+        fused = LayerState.build(self.args, dtype, lora={p: (a, b * s) for p, (a, b, s) in self.low_rank().items()})
+        return [LayerState(lora={f: (a[i], bm[i]) for f, (a, bm) in fused.lora.items()})
+                for i in range(self.args.n_layers)]
 
     @torch.no_grad()
     def merge(self, model):
         """A copy of `model` with W += s * B A folded into its fused weights (float32 math)."""
         merged = copy.deepcopy(model)
-        for i in range(self.args.n_layers):
-            for f, (a, b) in self.state(i, torch.float32).lora.items():
+        for i, st in enumerate(self.states(torch.float32)):
+            for f, (a, b) in st.lora.items():
                 w = fused_linear(merged, i, f).weight
                 w.copy_(w.float() + lora_delta(a, b, widths(self.args, f)).T.to(w.device))
         return merged

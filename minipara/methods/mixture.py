@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import UserError
 from ..projections import FUSED, parts as parts_of, widths
 from ..layer_state import lora_parts
-from .base import Adapter, LayerState
+from .base import Adapter, LayerPass, LayerState
 
 
 class Mixture(Adapter):
@@ -64,7 +64,7 @@ class Mixture(Adapter):
         # Members whose update is all low-rank and prompt-independent (`low_rank`: LoRA), and
         # their pairs for all layers (_low_rank_state).
         self.low_rank_calls = {c for c, (ads, _, _) in enumerate(self.calls) if ads[0].low_rank() is not None}
-        self._low_rank = None
+        self.low_rank_pass = LayerPass()
 
     def _keep(self, key, make):
         """make(), once per key: the rows' layout never changes, so their index tensors are made
@@ -128,19 +128,16 @@ class Mixture(Adapter):
 
     def _low_rank_state(self, i: int, batch: int, device, dtype) -> dict:
         """Layer i's {fused linear: (A, Bm)} of the low-rank members. Their pairs do not depend
-        on the prompt: all layers' are gathered at the first layer, in the ops that one layer's
-        took, and kept no longer than the last layer (whose states view them)."""
-        if i == 0 or self._low_rank is None:
+        on the prompt: all layers' are gathered at once, at a pass's first layer (LayerPass)."""
+        def build():
             blocks = {}
             for c in self.low_rank_calls:
                 ads, idx, _ = self.calls[c]
                 for p, (A, Bm, s) in ads[0].low_rank().items():
                     blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
-            self._low_rank = self._pairs(blocks, batch, device, dtype)
-        lora = {f: (A[i], Bm[i]) for f, (A, Bm) in self._low_rank.items()}
-        if self.args is not None and i == self.args.n_layers - 1:
-            self._low_rank = None
-        return lora
+            stacks = self._pairs(blocks, batch, device, dtype)
+            return [{f: (A[j], Bm[j]) for f, (A, Bm) in stacks.items()} for j in range(self.args.n_layers)]
+        return dict(self.low_rank_pass.get(i, self.args.n_layers, build)) if self.low_rank_calls else {}
 
     def _generated(self, i: int, h, pool_mask, model) -> tuple[list, dict]:
         """The other members' layer-i states, each call over its own rows: [(row index tensor,
