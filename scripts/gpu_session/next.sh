@@ -1,7 +1,8 @@
 # The next GPU call for issue 13 (not yet run): one nvidia-h100-x4 call (a machine of several
 # chips counts its held time once, like the x2), about 10 min (timeout_s 600); four lanes.
-# What is unmeasured since e298df8 (compact LoRA pairs) and e10ee1f (LoRA tenants' pairs
-# gathered for all layers at once at prefill, 51 ops for 16 tenants instead of 41 a layer):
+# What is unmeasured since e298df8 (compact LoRA pairs), e10ee1f (LoRA tenants' pairs
+# gathered for all layers at once at prefill, 51 ops for 16 tenants instead of 41 a layer) and
+# f1a6619 (one LoRA adapter's states likewise, 37 ops instead of 37 a layer):
 # the single adapter (0.79 at beam 1, 0.86 at beam 3, 96afb9c), the LoRA tenant rows
 # interleaved with their base (0.87 at batch 32, 0.86 at batch 8 with a first token of 63
 # against 46 ms), the eight-method mix (0.76 before e298df8), and where the LoRA tenants'
