@@ -6,6 +6,7 @@ adapters on tiny random HF models, so the names, shapes and maths are PEFT's own
 import json
 import math
 import shutil
+import threading
 
 import pytest
 import torch
@@ -153,6 +154,13 @@ def test_lora_fuses_all_layers_pairs_once_a_pass():
         for b in ad.b.values():
             b.mul_(2)
         assert torch.equal(down(1), 4 * first[1]) and first[1].abs().max() > 0  # out of order: built again
+        down(0)  # a pass begun here, then one begun in another thread, on other parameters
+        for b in ad.b.values():
+            b.mul_(2)
+        other = threading.Thread(target=down, args=(0,))
+        other.start()
+        other.join()
+        assert torch.equal(down(1), 4 * first[1])  # this thread's pass goes on with its own states
 
 
 def test_bad_targets_are_refused():

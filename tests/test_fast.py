@@ -148,6 +148,27 @@ def test_layers_share_the_compiled_steps_kernels():
     assert kernels(6) == kernels(4)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_prompt_independent_states_compile_into_the_prefills_one_graph(method):
+    """States built for all layers at a pass's first layer (LayerPass) trace into the compiled
+    prefill without a graph break, equal eager's, and follow the parameters between calls."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("llama")
+    ad = trained_looking(build_adapter(method, model.args).to(DEVICE))
+    dec = Decoder(model)
+    tokens, valid = left_pad(PROMPTS[:2], 0, DEVICE)
+    run = torch.compile(dec.run_prefill)
+    with torch.no_grad():
+        for _ in range(2):
+            eager = dec.run_prefill(dec.cache(2, 16, 0), tokens, valid, ad)
+            assert (run(dec.cache(2, 16, 0), tokens, valid, ad) - eager).abs().max() < tol(1e-5)
+            for p in ad.parameters():
+                p.mul_(1.5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_tenants():
     """A mixture's generators run eagerly inside the compiled prefill (traced, their graph grew
     with the tenants: minutes to compile for 16 on a 7B): its logits and adapter states equal

@@ -4,6 +4,7 @@ A method returns, per layer, the `LayerState` the model applies (minipara/layer_
 model-adapter contract, beside the model); it names a layer's linears as projections.py does.
 """
 import math
+import threading
 from dataclasses import MISSING, fields
 
 import torch
@@ -41,6 +42,7 @@ class Adapter(nn.Module):
     def __init__(self, config, args: ModelArgs):
         super().__init__()
         self.config, self.args = config, args
+        self.layer_pass = LayerPass()  # `states` of the pass over the layers under way
 
     def prefix_rows(self, batch: int, device) -> torch.Tensor:
         """How many of the `n_prefix` slots each row uses (all of them, unless mixed)."""
@@ -48,8 +50,13 @@ class Adapter(nn.Module):
 
     def layer_state(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, model) -> LayerState | None:
         """Layer i's state, given the hidden states h entering it (prompt positions: pool_mask).
-        A method whose states do not depend on the prompt implements `state(i, dtype)` instead."""
-        return self.state(i, h.dtype)
+        A method whose states do not depend on the prompt implements `states(dtype)` (all
+        layers', built at once at a pass's first layer) or `state(i, dtype)` instead."""
+        return self.layer_pass.get(i, self.args.n_layers, lambda: self.states(h.dtype))
+
+    def states(self, dtype) -> list[LayerState]:
+        """Every layer's state, for methods whose states do not depend on the prompt."""
+        return [self.state(i, dtype) for i in range(self.args.n_layers)]
 
     def state(self, i: int, dtype) -> LayerState:
         raise NotImplementedError
@@ -90,19 +97,23 @@ class LayerPass:
     """States that do not depend on the prompt, built for all layers at once at the first layer
     of a pass over them (a forward, a prefill) and handed out layer by layer, in the ops that
     one layer's took (LoRA's fusing: 37 a layer, 1184 small kernels in a 7B's prefill). A pass
-    that starts again, or a call out of order, builds them again; the last layer lets them go."""
+    that starts again, or a call out of order, builds them again; the last layer lets them go.
+    Kept per thread, so that passes in two threads never hand out each other's states."""
 
     def __init__(self):
-        self.built, self.next = None, 0
+        self.passes = {}  # thread id -> (built, the layer expected next)
 
     def get(self, i: int, n_layers: int, build):
         """Layer i's item of build() (a list over the layers), built at this pass's first call."""
-        if i == 0 or i != self.next or self.built is None:
-            self.built = build()
-        item, self.next = self.built[i], i + 1
-        if self.next == n_layers:
-            self.built, self.next = None, 0
-        return item
+        me = 0 if torch.compiler.is_compiling() else threading.get_ident()  # (a compiled pass is one graph)
+        built, expected = self.passes.get(me, (None, 0))
+        if i == 0 or i != expected or built is None:
+            built = build()
+        if i + 1 == n_layers:
+            self.passes.pop(me, None)
+        else:
+            self.passes[me] = (built, i + 1)
+        return built[i]
 
 
 def per_row(adapters: list, which: torch.Tensor):

@@ -31,8 +31,10 @@ class BitFit(Adapter):
         outs = out_sizes(args)
         self.bias = nn.ParameterDict({p: nn.Parameter(torch.zeros(args.n_layers, outs[p])) for p in config.targets})
 
-    def state(self, i: int, dtype) -> LayerState:
-        return LayerState.build(self.args, dtype, bias={p: v[i] for p, v in self.bias.items()})
+    def states(self, dtype) -> list[LayerState]:
+        """Every layer's state, the biases of all layers fused at once ((L, 1, out) each)."""
+        fused = LayerState.build(self.args, dtype, bias=dict(self.bias.items())).bias
+        return [LayerState(bias={f: b[i:i + 1] for f, b in fused.items()}) for i in range(self.args.n_layers)]
 
     @torch.no_grad()
     def merge(self, model):
@@ -40,12 +42,12 @@ class BitFit(Adapter):
         Both attention (or both FFN) linears get one, so that the copy's
         attention_bias/mlp_bias flags describe it truthfully."""
         merged = copy.deepcopy(model)
-        a = merged.args
-        fused = {f for i in range(a.n_layers) for f in self.state(i, torch.float32).bias}
+        a, states = merged.args, self.states(torch.float32)
+        fused = set(states[0].bias)
         a.attention_bias |= bool(fused & {"qkv", "o"})
         a.mlp_bias |= bool(fused & {"gate_up", "down"})
-        for i in range(a.n_layers):
-            bias = self.state(i, torch.float32).bias
+        for i, st in enumerate(states):
+            bias = st.bias
             for f in ("qkv", "o") * a.attention_bias + ("gate_up", "down") * a.mlp_bias:
                 lin = fused_linear(merged, i, f)
                 if lin.bias is None:

@@ -31,15 +31,17 @@ class IA3(Adapter):
         outs = out_sizes(args)
         self.scale = nn.ParameterDict({p: nn.Parameter(torch.ones(args.n_layers, outs[p])) for p in config.targets})
 
-    def state(self, i: int, dtype) -> LayerState:
-        return LayerState.build(self.args, dtype, scale={p: v[i] for p, v in self.scale.items()})
+    def states(self, dtype) -> list[LayerState]:
+        """Every layer's state, the vectors of all layers fused at once ((L, 1, out) each)."""
+        fused = LayerState.build(self.args, dtype, scale=dict(self.scale.items())).scale
+        return [LayerState(scale={f: s[i:i + 1] for f, s in fused.items()}) for i in range(self.args.n_layers)]
 
     @torch.no_grad()
     def merge(self, model):
         """A copy of `model` whose weight rows (and biases) are multiplied by the vectors."""
         merged = copy.deepcopy(model)
-        for i in range(self.args.n_layers):
-            for f, s in self.state(i, torch.float32).scale.items():
+        for i, st in enumerate(self.states(torch.float32)):
+            for f, s in st.scale.items():
                 lin = fused_linear(merged, i, f)
                 s = s.reshape(-1).to(lin.weight.device)
                 lin.weight.copy_(lin.weight.float() * s[:, None])

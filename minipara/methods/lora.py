@@ -15,7 +15,7 @@ from torch import nn
 
 from ..layer_state import lora_delta
 from ..projections import widths
-from .base import PROJECTIONS, Adapter, LayerPass, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
+from .base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
 
 @dataclass
 class LoraConfig(MethodConfig):
@@ -45,13 +45,9 @@ class Lora(Adapter):
         self.a = nn.ParameterDict({p: nn.Parameter(torch.empty(L, ins[p], r).uniform_(-ins[p] ** -0.5, ins[p] ** -0.5))
                                    for p in config.targets})
         self.b = nn.ParameterDict({p: nn.Parameter(torch.zeros(L, r, outs[p])) for p in config.targets})
-        self.layer_pass = LayerPass()  # each pass's states, fused at its first layer
 
     def low_rank(self) -> dict:
         return {p: (self.a[p], self.b[p], self.config.scale) for p in self.a}
-
-    def layer_state(self, i, h, pool_mask, model) -> LayerState:
-        return self.layer_pass.get(i, self.args.n_layers, lambda: self.states(h.dtype))
 
     def states(self, dtype) -> list[LayerState]:
         """Every layer's state, the pairs of all layers fused at once."""
