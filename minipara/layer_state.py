@@ -92,6 +92,13 @@ class LayerState:
             prefix_v=None if self.prefix_v is None else pick(self.prefix_v),
         )
 
+    def layer(self, i: int) -> "LayerState":
+        """Layer i of a state that `build` made from parts stacked over the layers ((L, out)
+        vectors, (L, in, r) and (L, r, out) pairs): its state shared by every row."""
+        return LayerState(scale={k: v[i:i + 1] for k, v in self.scale.items()},
+                          bias={k: v[i:i + 1] for k, v in self.bias.items()},
+                          lora={k: (a[i], b[i]) for k, (a, b) in self.lora.items()})
+
     @classmethod
     def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None,
               qk_after_norm=False):

@@ -32,9 +32,9 @@ class BitFit(Adapter):
         self.bias = nn.ParameterDict({p: nn.Parameter(torch.zeros(args.n_layers, outs[p])) for p in config.targets})
 
     def states(self, dtype) -> list[LayerState]:
-        """Every layer's state, the biases of all layers fused at once ((L, 1, out) each)."""
-        fused = LayerState.build(self.args, dtype, bias=dict(self.bias.items())).bias
-        return [LayerState(bias={f: b[i:i + 1] for f, b in fused.items()}) for i in range(self.args.n_layers)]
+        """Every layer's state, the biases of all layers fused at once."""
+        fused = LayerState.build(self.args, dtype, bias=dict(self.bias.items()))
+        return [fused.layer(i) for i in range(self.args.n_layers)]
 
     @torch.no_grad()
     def merge(self, model):

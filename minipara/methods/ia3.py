@@ -32,9 +32,9 @@ class IA3(Adapter):
         self.scale = nn.ParameterDict({p: nn.Parameter(torch.ones(args.n_layers, outs[p])) for p in config.targets})
 
     def states(self, dtype) -> list[LayerState]:
-        """Every layer's state, the vectors of all layers fused at once ((L, 1, out) each)."""
-        fused = LayerState.build(self.args, dtype, scale=dict(self.scale.items())).scale
-        return [LayerState(scale={f: s[i:i + 1] for f, s in fused.items()}) for i in range(self.args.n_layers)]
+        """Every layer's state, the vectors of all layers fused at once."""
+        fused = LayerState.build(self.args, dtype, scale=dict(self.scale.items()))
+        return [fused.layer(i) for i in range(self.args.n_layers)]
 
     @torch.no_grad()
     def merge(self, model):

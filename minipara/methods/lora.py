@@ -52,8 +52,7 @@ class Lora(Adapter):
     def states(self, dtype) -> list[LayerState]:
         """Every layer's state, the pairs of all layers fused at once."""
         fused = LayerState.build(self.args, dtype, lora={p: (a, b * s) for p, (a, b, s) in self.low_rank().items()})
-        return [LayerState(lora={f: (a[i], bm[i]) for f, (a, bm) in fused.lora.items()})
-                for i in range(self.args.n_layers)]
+        return [fused.layer(i) for i in range(self.args.n_layers)]
 
     @torch.no_grad()
     def merge(self, model):
