@@ -33,7 +33,7 @@ from torch import nn
 
 from ..errors import UserError
 from .base import Adapter, LayerState, MethodConfig
-from .rational import Rational, check_activation, fixed_activation, rational
+from .rational import Rational, check_activation, fixed_activation, rational_per_row
 
 POOLERS = ("attention", "mean")
 
@@ -96,8 +96,7 @@ class Iapt(Adapter):
         """Layer i's activation: its group's rational, or a fixed one chosen by the layer's depth."""
         kind, g = self.config.activation, i // self.config.share_every
         if kind == "rational" and rows is not None:  # each row's own coefficients
-            a, b = rows(lambda ad: ad.act[g].a).float(), rows(lambda ad: ad.act[g].b).float()
-            return rational(p.float().flatten(1), a, b).view(p.shape)
+            return rational_per_row(p, rows, lambda ad: ad.act[g])
         if kind == "rational":
             return self.act[g](p)
         return fixed_activation(kind, i, self.args.n_layers)(p)

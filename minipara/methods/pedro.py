@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .para import Para, ParaConfig
-from .rational import Rational, check_activation, fixed_activation, rational
+from .rational import Rational, check_activation, fixed_activation, rational_per_row
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Pedro(Para):
             return fixed_activation(self.config.activation, i, self.args.n_layers)(z)
         if rows is None:
             return self.act[i](z)
-        return rational(z.float(), rows(lambda a: a.act[i].a).float(), rows(lambda a: a.act[i].b).float())
+        return rational_per_row(z, rows, lambda a: a.act[i])
 
     def arch_parameters(self) -> list[nn.Parameter]:
         return list(self.act.parameters()) if self.config.activation == "rational" else []

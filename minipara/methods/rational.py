@@ -55,6 +55,13 @@ class Rational(nn.Module):
         return rational(x.float(), self.a.float(), self.b.float())
 
 
+def rational_per_row(x: torch.Tensor, rows, act) -> torch.Tensor:
+    """R(x) in float32 for x (B, ...), each row with its own tenant's Rational, act(adapter)
+    (a Mixture's rows, base.per_row)."""
+    a, b = rows(lambda ad: act(ad).a).float(), rows(lambda ad: act(ad).b).float()
+    return rational(x.float().flatten(1), a, b).view(x.shape)
+
+
 def fit_gelu(points: int = 6001) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The least-squares fit of GELU (exact, erf form) on `points` even steps over [-3, 3]:
     (a, b) as float64 tuples; max |R - GELU| on the grid is 1.2e-4. Deterministic; under a
