@@ -143,7 +143,7 @@ class Mixture(Adapter):
         """The other members' layer-i states, each call over its own rows: [(row index tensor,
         rows, LayerState)], and their low-rank pairs as blocks by projection for `_pairs`."""
         parts, blocks = [], {}  # blocks: projection -> [(rows, A (in, r), B (r, width), scale)]
-        for c, (ads, idx, which) in enumerate(self.calls):
+        for c, (ads, idx, _) in enumerate(self.calls):
             if c in self.low_rank_calls:
                 continue
             ix, which = self._rows_of(c, h.device)
