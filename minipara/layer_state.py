@@ -14,7 +14,6 @@ fuses q|k|v and gate|up, so `LayerState.build` concatenates the parts, filling o
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .config import ModelArgs
 from .projections import FUSED, out_sizes, parts as _parts, widths
@@ -49,7 +48,7 @@ class LayerState:
         """y (..., out), the output of fused linear `name` for input x, with this state's
         update; split: its parts' widths (q|k|v, gate|up), None for one part."""
         if name in self.lora:
-            y = add_lora(y, x, *(t.to(x.dtype) for t in self.lora[name]), split)
+            y = y + lora_update(x, *(t.to(x.dtype) for t in self.lora[name]), split)
         if name in self.scale:
             y = y * self.scale[name]
         if name in self.bias:
@@ -154,8 +153,8 @@ def fuse_lora(pairs, outs):
     return a.flatten(-3, -2), bm
 
 
-def add_lora(y, x, a, bm, split=None):
-    """y (B, T, out) plus x (B, T, in) times the low-rank pair (a, bm) of LayerState.lora."""
+def lora_update(x, a, bm, split=None):
+    """x (B, T, in) times the low-rank pair (a, bm) of LayerState.lora: (B, T, out)."""
     n = len(split) if split else 1
     if x.shape[-2] == 1:
         # One token per row (decode): the products as sums, which the compiler fuses into
@@ -165,20 +164,9 @@ def add_lora(y, x, a, bm, split=None):
         if a.dim() == 3:  # per-row pairs (B, r * n, in), (B, r, out)
             a, bm = a[:, None], bm[:, None]
         xa = (x[..., None, :] * a).sum(-1).unflatten(-1, (-1, n))[..., None]  # (B, 1, r, n, 1)
-        return y + torch.cat([(xa[..., p, :] * b).sum(-2) for p, b in enumerate(_by_part(bm, split))], -1)
-    # Many tokens (prefill, training): x.A as one GEMM, and (x.A).B as one GEMM that adds into y
-    # (addmm/baddbmm: one pass over y) against Bm made block-diagonal (part p's B at the rank rows
-    # j * n + p, as A's). Both padded with zeros to a multiple of 8 ranks: at 4 or 12, bfloat16
-    # operands are not 16-byte aligned and cuBLAS fell back to sm80 kernels (down's x.A: 80 us
-    # against 21 at batch 8; a batch-8 prefill's LoRA linears: 1.7 ms a layer against 0.9 for the
-    # base's own, an H200, scripts/probes/lora_prefill.py).
-    pad = -a.shape[-2] % 8
-    bd = torch.cat([F.pad(b.unsqueeze(-2), (0, 0, p, n - 1 - p)) for p, b in enumerate(_by_part(bm, split))], -1)
-    bd = F.pad(bd.flatten(-3, -2), (0, 0, 0, pad))  # (B|, r * n + pad, out)
-    xa = x @ F.pad(a, (0, 0, 0, pad)).mT  # (B, T, r * n + pad)
-    if bd.dim() == 2:
-        return torch.addmm(y.flatten(0, -2), xa.flatten(0, -2), bd).view_as(y)
-    return torch.baddbmm(y, xa, bd)
+        return torch.cat([(xa[..., p, :] * b).sum(-2) for p, b in enumerate(_by_part(bm, split))], -1)
+    xa = (x @ a.mT).unflatten(-1, (-1, n))  # (B, T, r, n)
+    return torch.cat([xa[..., p] @ b for p, b in enumerate(_by_part(bm, split))], -1)
 
 
 def lora_parts(a, bm, split=None):

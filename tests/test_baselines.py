@@ -85,12 +85,12 @@ def test_merge_gives_the_unmerged_logits(family, method):
 @settings(max_examples=30, deadline=None)
 @given(present=st.lists(st.booleans(), min_size=1, max_size=3).filter(any),
        ranks=st.lists(st.integers(1, 5), min_size=3, max_size=3),
-       per_row=st.booleans(), tokens=st.sampled_from([1, 3, 9]), seed=st.integers(0, 2**16))
+       per_row=st.booleans(), tokens=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
 def test_fused_low_rank_pairs_add_each_parts_own_update(present, ranks, per_row, tokens, seed):
     """LayerState's compact low-rank layout (A rank-major over the parts, each part's B in its
     own columns): any mix of present parts and ranks, shared or per row, adds exactly each
     part's x @ A @ B at its own columns, at one token (decode's sums) and at several."""
-    from minipara.layer_state import add_lora, fuse_lora, lora_delta
+    from minipara.layer_state import fuse_lora, lora_delta, lora_update
     g = torch.Generator().manual_seed(seed)
     widths, d_in, rows = [6, 4, 4][:len(present)], 5, 2
     lead = (rows,) if per_row else ()
@@ -102,8 +102,7 @@ def test_fused_low_rank_pairs_add_each_parts_own_update(present, ranks, per_row,
                       for ab, w in zip(pairs, widths)], -1)
     a, bm = fuse_lora(pairs, widths)
     split = widths if len(widths) > 1 else None
-    y = torch.randn(rows, tokens, sum(widths), generator=g, dtype=torch.float64)
-    assert torch.allclose(add_lora(y, x, a, bm, split), y + want, atol=1e-12)
+    assert torch.allclose(lora_update(x, a, bm, split), want, atol=1e-12)
     assert torch.allclose(x @ lora_delta(a, bm, split), want, atol=1e-12)
 
 

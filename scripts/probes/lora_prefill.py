@@ -4,12 +4,13 @@ shapes, timed per variant of the update (median of 5 rounds of 20 calls, synchro
 
   python scripts/probes/lora_prefill.py [--batch 8] [--tokens 274] [--rank 4] [--per-row]
 
-Variants: `none` (the base linear alone), `lib` (layer_state.add_lora as it is), and
+Variants: `none` (the base linear alone), `lib` (layer_state.lora_update as it is), and
 FIRST+SECOND: the first product x.A as a GEMM (`bmm`), with A's rows padded to 16
 (`pad16`, `pad16T`: stored (in, 16)), or as a reduction (`red`); the second one (x.A).B per part
-as a GEMM of K = r (`bmm`) or as a rank sum fused into the add (`sum`). `bmm+bmm` is the library
-before 2026-11-26's sixth session; `lib` since then: both products padded to 8 ranks, the second
-one against a block-diagonal B, added into y by cuBLAS (baddbmm).
+as a GEMM of K = r (`bmm`) or as a rank sum fused into the add (`sum`); `pad8+badd`: both products
+padded to 8 ranks, the second one against a block-diagonal B, added into y by cuBLAS (baddbmm),
+which the library had in e806ce0 (where `lib` was it and `bmm+bmm` the library's form) and gave
+back: results/probes/lora-prefill-2026-11-26.txt.
 """
 import argparse
 import statistics
@@ -18,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minipara.layer_state import add_lora
+from minipara.layer_state import lora_update
 
 SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)), "gate_up": (4096, (11008, 11008)),
           "down": (11008, (4096,))}
@@ -41,6 +42,15 @@ def second_bmm(xa, bm, split):  # each part's (x.A) . B as a GEMM of K = r
     return torch.cat([xa[..., p::n] @ b for p, b in enumerate(bm.split(split, -1))], -1)
 
 
+def second_badd(y, xa, bm, split):  # one GEMM against B made block-diagonal, added into y by cuBLAS
+    n = len(split)  # xa: (B, T, r * n + pad), A's rows padded to a multiple of 8
+    bd = torch.cat([F.pad(b.unsqueeze(-2), (0, 0, p, n - 1 - p)) for p, b in enumerate(bm.split(split, -1))], -1)
+    bd = F.pad(bd.flatten(-3, -2), (0, 0, 0, xa.shape[-1] - n * bm.shape[-2]))  # part p's B at rows j * n + p
+    if bd.dim() == 2:
+        return torch.addmm(y.flatten(0, -2), xa.flatten(0, -2), bd).view_as(y)
+    return torch.baddbmm(y, xa, bd)
+
+
 def second_sum(xa, bm, split):  # as a rank sum, which the compiler fuses into the add
     n, r = len(split), bm.shape[-2]
     if bm.dim() == 3:
@@ -57,13 +67,16 @@ VARIANTS = {"none": None,
             "pad16+bmm": (pad16, first_bmm, second_bmm),
             "pad16+sum": (pad16, first_bmm, second_sum),
             "pad16T+sum": (lambda a: pad16(a).mT.contiguous().mT, first_bmm, second_sum),
-            "red+sum": (lambda a: a, first_red, second_sum)}
+            "red+sum": (lambda a: a, first_red, second_sum),
+            "pad8+badd": (lambda a: F.pad(a, (0, 0, 0, -a.shape[-2] % 8)), first_bmm, second_badd)}
 
 
 def with_update(variant, y, x, a, bm, split):
     if variant == (None, None, None):
-        return add_lora(y, x, a, bm, split if len(split) > 1 else None)
+        return y + lora_update(x, a, bm, split if len(split) > 1 else None)
     _, first, second = variant
+    if second is second_badd:
+        return second_badd(y, first(x, a), bm, split)
     R = len(split) * bm.shape[-2]
     return y + second(first(x, a)[..., :R], bm, split)
 
