@@ -94,7 +94,8 @@ class LayerState:
 
     def layer(self, i: int) -> "LayerState":
         """Layer i of a state that `build` made from parts stacked over the layers ((L, out)
-        vectors, (L, in, r) and (L, r, out) pairs): its state shared by every row."""
+        vectors, (L, in, r) and (L, r, out) pairs, fused to (L, r * n, in) and (L, r, out)): its
+        state shared by every row."""
         return LayerState(scale={k: v[i:i + 1] for k, v in self.scale.items()},
                           bias={k: v[i:i + 1] for k, v in self.bias.items()},
                           lora={k: (a[i], b[i]) for k, (a, b) in self.lora.items()})

@@ -107,7 +107,7 @@ class LayerPass:
         """Layer i's item of build() (a list over the layers), built at this pass's first call."""
         me = 0 if torch.compiler.is_compiling() else threading.get_ident()  # (a compiled pass is one graph)
         built, expected = self.passes.get(me, (None, 0))
-        if i == 0 or i != expected or built is None:
+        if i == 0 or i != expected:  # (no pass under way: expected is 0)
             built = build()
         if i + 1 == n_layers:
             self.passes.pop(me, None)

@@ -147,13 +147,13 @@ class Mixture(Adapter):
             if c in self.low_rank_calls:
                 continue
             ix, which = self._rows_of(c, h.device)
-            if type(ads[0]).layer_state is Adapter.layer_state:  # states that do not read the prompt
-                st = ads[0].layer_state(i, h, pool_mask, model)  # ((IA)^3, BitFit: no rows to pick out)
-            elif len(ads) == 1:
-                st = ads[0].layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
-            else:
+            if len(ads) > 1:
                 st = type(ads[0]).mixed_layer_state(ads, which, i, h.index_select(0, ix),
                                                     pool_mask.index_select(0, ix), model)
+            elif type(ads[0]).layer_state is Adapter.layer_state:  # states that do not read the prompt
+                st = ads[0].layer_state(i, h, pool_mask, model)  # ((IA)^3, BitFit: no rows to pick out)
+            else:
+                st = ads[0].layer_state(i, h.index_select(0, ix), pool_mask.index_select(0, ix), model)
             if st is None:
                 continue
             parts.append((ix, tuple(idx), st))

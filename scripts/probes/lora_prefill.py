@@ -9,8 +9,8 @@ FIRST+SECOND: the first product x.A as a GEMM (`bmm`), with A's rows padded to 1
 (`pad16`, `pad16T`: stored (in, 16)), or as a reduction (`red`); the second one (x.A).B per part
 as a GEMM of K = r (`bmm`) or as a rank sum fused into the add (`sum`); `pad8+badd`: both products
 padded to 8 ranks, the second one against a block-diagonal B, added into y by cuBLAS (baddbmm),
-which the library had in e806ce0 (where `lib` was it and `bmm+bmm` the library's form) and gave
-back: results/probes/lora-prefill-2026-11-26.txt.
+which the library had in e806ce0 and gave back (results/probes/lora-prefill-2026-11-26.txt; in
+its call-5 runs `lib` was that form and `bmm+bmm`, since dropped, the library's form, `lib` now).
 """
 import argparse
 import statistics
@@ -62,7 +62,6 @@ def second_sum(xa, bm, split):  # as a rank sum, which the compiler fuses into t
 # name: (prepare A once, first product, second product)
 VARIANTS = {"none": None,
             "lib": (None, None, None),
-            "bmm+bmm": (lambda a: a, first_bmm, second_bmm),
             "bmm+sum": (lambda a: a, first_bmm, second_sum),
             "pad16+bmm": (pad16, first_bmm, second_bmm),
             "pad16+sum": (pad16, first_bmm, second_sum),
