@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from minipara import benchmark as bm
+from minipara.bench import speed as bm
 from minipara import cli
 from minipara.errors import UserError
 
@@ -112,7 +112,7 @@ def check_context(model, variants: list[str], a):
 
 def main(argv=None):
     a = parse(argv)
-    from minipara.loading import parse_device, parse_dtype
+    from minipara.io.checkpoints import parse_device, parse_dtype
     device, dtype = parse_device(a.device), parse_dtype(a.dtype)
     variants, beams = check_options(a)
     if a.interleave and (a.profile or a.compare_hf):
@@ -144,7 +144,7 @@ def main(argv=None):
     def record(name, m, ad, nb, hf_variant=None):
         hf = None
         if a.compare_hf and hf_variant:
-            from minipara.hf_compare import hf_variant as make_hf
+            from minipara.bench.hf_compare import hf_variant as make_hf
             try:
                 hf = make_hf(m, hf_variant, path, a.tenants, a.batch)
             except ImportError as e:
@@ -215,7 +215,7 @@ def train_speed(a, methods: list[str], dtype) -> int:
     """Training steps/s per method, on one process or data-parallel under torchrun; rank 0 prints."""
     import json
 
-    from minipara import distributed
+    from minipara.train import distributed
     methods = [m for m in methods if m not in ("base", "lora-merged")]  # nothing to train
     ranks, device = distributed.init(a.device)
     torch.manual_seed(0)  # every rank the same random base

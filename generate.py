@@ -11,7 +11,7 @@ import sys
 
 from minipara import cli
 from minipara.errors import UserError
-from minipara.generation import GenerationConfig
+from minipara.decode.generation import GenerationConfig
 
 D = GenerationConfig  # the option defaults live there, once
 
@@ -57,7 +57,7 @@ def read_prompts(a) -> list[str]:
         except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
             raise UserError(f"the prompt is not valid UTF-8 text (at character {e.start + 1})") from None
         return [a.prompt]
-    from minipara.tasks import read_text_lines
+    from minipara.train.tasks import read_text_lines
     lines = [x for x in read_text_lines(a.prompts, "--prompts file") if x.strip()]
     if not lines:
         raise UserError(f"--prompts file {a.prompts} holds no prompt")

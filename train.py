@@ -43,7 +43,7 @@ def method_fields() -> dict:
 
 
 def parser(method_opts) -> argparse.ArgumentParser:
-    from minipara.training import TrainConfig as T  # the training options' defaults live there, once
+    from minipara.train.trainer import TrainConfig as T  # the training options' defaults live there, once
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help="para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2 "
                    "| none (no training: score the bare model on dev and test, as a reference)")
@@ -88,7 +88,7 @@ def parser(method_opts) -> argparse.ArgumentParser:
                    "ranks (FSDP2), for bases that do not fit one GPU; the adapter stays replicated (without "
                    "torchrun: no effect)")
     g = p.add_argument_group("method options (each method's config fields)")
-    from minipara.runs import ALIASES
+    from minipara.train.runs import ALIASES
     taken = {a.dest for a in p._actions}
     for name in sorted(set(method_opts) | set(ALIASES)):
         if name in taken:
@@ -133,7 +133,7 @@ def method_options(a) -> dict:
     if a.method == "none":  # nothing is trained: method options mean nothing
         return {}
     from minipara.methods import method_class
-    from minipara.runs import option_field
+    from minipara.train.runs import option_field
     cls = method_class(a.method)
     opts = {}
     for key, value in vars(a).items():
@@ -152,7 +152,7 @@ def command_argv() -> list[str]:
 
 def main(argv=None):
     a = parser(method_fields()).parse_args(argv)
-    from minipara.runs import RunInterrupted, run
+    from minipara.train.runs import RunInterrupted, run
     typed = command_argv()
     try:
         report = run(a.method, a.task, out=a.out, model=a.model, dtype=a.dtype, device=a.device,

@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "load": "api", "LanguageModel": "api", "Completion": "api",
-    "GenerationConfig": "generation", "TrainConfig": "training", "load_task": "tasks",
-    "METHODS": "methods", "UserError": "errors", "run": "runs", "RunInterrupted": "runs",
+    "GenerationConfig": "decode.generation", "TrainConfig": "train.trainer", "load_task": "train.tasks",
+    "METHODS": "methods", "UserError": "errors", "run": "train.runs", "RunInterrupted": "train.runs",
 }
 __all__ = ["__version__", *_WHERE]
 

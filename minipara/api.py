@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .generation import Decoder, GenerationConfig, generate
-from .methods.base import Adapter
+from minipara.errors import UserError
+from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.methods.base import Adapter
 
 GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
 
@@ -57,8 +57,8 @@ class LanguageModel:
 
     def compile(self, **options):
         """Capture the one-token decode step with torch.compile (and on CUDA the prefill as
-        CUDA graphs); options go to minipara.fast.compile_decoder. Returns self."""
-        from .fast import compile_decoder
+        CUDA graphs); options go to minipara.decode.compiled.compile_decoder. Returns self."""
+        from minipara.decode.compiled import compile_decoder
         compile_decoder(self.decoder, **options)
         return self
 
@@ -67,7 +67,7 @@ class LanguageModel:
         """A fresh, untrained adapter of `method` (para, pedro, parade, iapt, lora, ia3, bitfit,
         ptuning_v2) on this model's device; `options` override the method's config defaults and
         `seed` fixes its initial values."""
-        from .methods import build_adapter
+        from minipara.methods import build_adapter
         if seed is not None:
             torch.manual_seed(seed)
         try:
@@ -79,33 +79,33 @@ class LanguageModel:
     def load_adapter(self, path) -> Adapter:
         """The adapter stored at `path` (a minipara .safetensors file or a PEFT directory), on
         this model's device; refused with a UserError if it was made for another base model."""
-        from .adapter_io import load_adapter
+        from minipara.io.adapters import load_adapter
         return load_adapter(path, self.args, self.model.weights_id).to(self.device)
 
     def save_adapter(self, path, adapter: Adapter, template: str | None = None):
         """Write `adapter` to the file `path` atomically, recording this base model (and the
         prompt template it was trained with, so generation picks the same one)."""
-        from .adapter_io import save_adapter
+        from minipara.io.adapters import save_adapter
         save_adapter(path, adapter, self.args, template if template is not None else adapter.template,
                      self.model.weights_id)
 
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
-        of this checkpoint; other methods are refused with the reason (minipara.export)."""
-        from .export import export_peft
+        of this checkpoint; other methods are refused with the reason (minipara.io.export)."""
+        from minipara.io.export import export_peft
         return export_peft(adapter, out_dir, base_model=str(self.path))
 
     def export_merged(self, adapter: Adapter | None, out_dir):
         """Write this model with a LoRA, (IA)^3 or BitFit adapter folded into its weights as an
         HF-format directory (config, safetensors, this checkpoint's tokenizer files)."""
-        from .export import export_merged
+        from minipara.io.export import export_merged
         return export_merged(self.model, adapter, out_dir, self.path)
 
     # ---- templates and prompts ----------------------------------------------------------------
     def template(self, name: str = "auto", adapters=()) -> str:
         """The template a request uses: `name` unless it is "auto"; then the one the adapters
         were trained with, else the family's chat template if the model ships one, else none."""
-        from .tokenizer import TEMPLATES, resolve_template
+        from minipara.io.tokenizer import TEMPLATES, resolve_template
         if name == "auto":
             trained_with = {a.template for a in adapters if a is not None} - {None}
             if len(trained_with) > 1:
@@ -120,12 +120,12 @@ class LanguageModel:
     def stop_ids(self, template: str) -> tuple[int, ...]:
         """Ids that end a generation under `template`: the model's EOS ids and the template's
         end marker (Gemma's <end_of_turn>)."""
-        from .tokenizer import end_id
+        from minipara.io.tokenizer import end_id
         return tuple(dict.fromkeys((*self.args.eos_ids, end_id(self.tokenizer, template))))
 
     def encode_prompt(self, text: str, template: str = "none") -> list[int]:
         """The ids of `text` wrapped in `template` (a resolved name), BOS first."""
-        from .tokenizer import encode_example
+        from minipara.io.tokenizer import encode_example
         if not text.strip():
             raise UserError("empty prompt: give some text to continue")
         return encode_example(self.tokenizer, template, text)[0]
@@ -204,13 +204,13 @@ class LanguageModel:
     def trainer(self, adapter: Adapter, task, config=None, template: str = "auto", checkpoint=None,
                 log=None, progress: bool = True, max_eval: int | None = None, max_new_tokens: int | None = None,
                 on_best=None):
-        """A minipara.training.Trainer for `adapter` on `task` (a Task from minipara.load_task, or
+        """A minipara.train.trainer.Trainer for `adapter` on `task` (a Task from minipara.load_task, or
         a task name such as "copa"), with the papers' recipe (config: a TrainConfig). Call
         `.run()` to train, `.request_stop()` to interrupt, `.resume()` to continue from
         `checkpoint`. `log(event)` receives evaluation records; `on_best(adapter)` is called
         with each new best adapter (by dev loss, or TrainConfig.select)."""
-        from .tasks import Task, load_task
-        from .training import Progress, TrainConfig, Trainer, prepare_task
+        from minipara.train.tasks import Task, load_task
+        from minipara.train.trainer import Progress, TrainConfig, Trainer, prepare_task
         if not isinstance(task, Task):
             task = load_task(task)
         name = self.template(template, [adapter])
@@ -234,8 +234,8 @@ class LanguageModel:
                  beams: int = 3, batch: int = 16, max_eval: int | None = None) -> dict:
         """The task metric of `adapter` (None: the bare model) on a split (dev or test),
         decoding as training evaluates."""
-        from .tasks import Task, load_task
-        from .training import evaluate, prepare_task
+        from minipara.train.tasks import Task, load_task
+        from minipara.train.trainer import evaluate, prepare_task
         if not isinstance(task, Task):
             task = load_task(task)
         if split not in ("dev", "test"):
@@ -250,9 +250,9 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     or smollm2-135m-instruct), converted on first use.
     dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N. shard(model): applied
     before the weights are read, e.g. distributed.shard_layers under torchrun."""
-    from .loading import load_model, parse_device, parse_dtype
-    from .tokenizer import load_tokenizer
-    from .weights import DEFAULT_MODEL, MODELS, ensure_model
+    from minipara.io.checkpoints import load_model, parse_device, parse_dtype
+    from minipara.io.tokenizer import load_tokenizer
+    from minipara.io.weights import DEFAULT_MODEL, MODELS, ensure_model
     device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
     if path is None or str(path) in MODELS and not Path(path).exists():
         path = ensure_model(DEFAULT_MODEL if path is None else str(path))
@@ -268,7 +268,7 @@ def _batch_adapter(adapters: list):
         return None
     if len(distinct) == 1 and all(a is not None for a in adapters):
         return distinct[0]
-    from .methods.mixture import Mixture
+    from minipara.methods.mixture import Mixture
     index = {id(a): i for i, a in enumerate(distinct)}
     return Mixture(distinct, [None if a is None else index[id(a)] for a in adapters])
 

@@ -6,7 +6,7 @@ import sys
 import traceback
 import warnings
 
-from .errors import UserError
+from minipara.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -51,9 +51,9 @@ def add_model_args(p: argparse.ArgumentParser):
 def load_lm(args, shard: bool = False):
     """The minipara.LanguageModel for parsed --model/--dtype/--device; shard: the base's
     weights sharded over torchrun's ranks (distributed.shard_layers)."""
-    from .api import load
+    from minipara.api import load
     if shard:
-        from .distributed import shard_layers
+        from minipara.train.distributed import shard_layers
         return load(args.model, args.dtype, args.device, shard=shard_layers)
     return load(args.model, args.dtype, args.device)
 

@@ -25,8 +25,8 @@ def tol(float32_tol: float) -> float:
 exact_only = pytest.mark.skipif(LOW_PRECISION, reason="token-for-token equality needs float32: "
                                 "16-bit rounding flips near-ties between random logits")
 
-from minipara.config import ModelArgs
-from minipara.model import Transformer
+from minipara.model.config import ModelArgs
+from minipara.model.transformer import Transformer
 
 TINY = {
     "llama": dict(model_type="llama", vocab_size=97, dim=48, n_layers=3, n_heads=4, n_kv_heads=2,
@@ -158,7 +158,7 @@ def write_tiny_model_dir(d):
     import sentencepiece as spm
     from safetensors.torch import save_file
 
-    from minipara.loading import hf_names
+    from minipara.io.checkpoints import hf_names
     words = "yes no red blue green cat dog sun moon is the a big small".split()
     text = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
     buf = io.BytesIO()
@@ -169,7 +169,7 @@ def write_tiny_model_dir(d):
            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     (d / "config.json").write_text(json.dumps(cfg))
-    from minipara.loading import hf_state_dict
+    from minipara.io.checkpoints import hf_state_dict
     model = Transformer(ModelArgs.from_hf(cfg))
     g = torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())

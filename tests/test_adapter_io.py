@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from minipara import adapter_io
-from minipara.adapter_io import adapter_info, load_adapter, save_adapter
+from minipara.io import adapters as adapter_io
+from minipara.io.adapters import adapter_info, load_adapter, save_adapter
 from minipara.errors import UserError
 from minipara.methods import METHODS, build_adapter
 
@@ -136,12 +136,12 @@ def test_refuses_missing_unexpected_and_misshaped_tensors(saved):
 
 def test_peft_directory_goes_through_peft_import(tmp_path, monkeypatch):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
-    fake = types.ModuleType("minipara.peft_import")
+    fake = types.ModuleType("minipara.io.peft_import")
     fake.load_peft_adapter = lambda path, args: ("peft", path, args)
-    monkeypatch.setitem(sys.modules, "minipara.peft_import", fake)
+    monkeypatch.setitem(sys.modules, "minipara.io.peft_import", fake)
     args = tiny_args("llama")
     assert load_adapter(tmp_path, args) == ("peft", tmp_path, args)
-    monkeypatch.setitem(sys.modules, "minipara.peft_import", None)  # as if the module did not exist
+    monkeypatch.setitem(sys.modules, "minipara.io.peft_import", None)  # as if the module did not exist
     refused(tmp_path, args, "PEFT adapter directory", "peft_import")
     info = adapter_info(tmp_path)
     assert info["method"] == "lora" and info["params"] == 0

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import minipara
-from minipara.generation import GenerationConfig, generate
-from minipara.tokenizer import encode_example
+from minipara.decode.generation import GenerationConfig, generate
+from minipara.io.tokenizer import encode_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,8 +24,8 @@ def readme_example() -> str:
 
 def test_readme_example_runs(model_dir, tmp_path, monkeypatch):
     """README's Python section, run as written, on the tiny model in place of the default one."""
-    import minipara.weights
-    monkeypatch.setattr(minipara.weights, "ensure_model", lambda name, quiet=False: model_dir)
+    import minipara.io.weights
+    monkeypatch.setattr(minipara.io.weights, "ensure_model", lambda name, quiet=False: model_dir)
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(readme_example(), "README.md", "exec"), scope)

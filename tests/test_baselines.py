@@ -13,10 +13,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import load_file, save_file
 
-from minipara.config import ModelArgs
+from minipara.model.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
-from minipara.projections import HF_MODULES
+from minipara.model.projections import HF_MODULES
 
 from conftest import (TINY, DEVICE, assert_decode_matches_full_forward, count_ops, hf_base, prompt_batch,
                       shared_tiny_model, tiny_args, tol)
@@ -90,7 +90,7 @@ def test_fused_low_rank_pairs_add_each_parts_own_update(present, ranks, per_row,
     """LayerState's compact low-rank layout (A rank-major over the parts, each part's B in its
     own columns): any mix of present parts and ranks, shared or per row, adds exactly each
     part's x @ A @ B at its own columns, at one token (decode's sums) and at several."""
-    from minipara.layer_state import fuse_lora, lora_delta, lora_update
+    from minipara.model.layer_state import fuse_lora, lora_delta, lora_update
     g = torch.Generator().manual_seed(seed)
     widths, d_in, rows = [6, 4, 4][:len(present)], 5, 2
     lead = (rows,) if per_row else ()
@@ -178,7 +178,7 @@ ALL_LINEARS = [m.split(".")[1] for m in HF_MODULES.values()]  # q_proj ... down_
 def peft_pair(request, tmp_path_factory):
     """(HF base model, minipara model loaded from its saved directory)."""
     pytest.importorskip("peft")
-    from minipara.loading import load_model
+    from minipara.io.checkpoints import load_model
     path = tmp_path_factory.mktemp(f"base-{request.param}")
     hf = hf_base(request.param, path)
     return hf, load_model(path)
@@ -188,7 +188,7 @@ def peft_pair(request, tmp_path_factory):
 def llama_lora(tmp_path_factory):
     """(minipara LLaMA model, directory of a PEFT LoRA made for it): the refusal cases edit copies."""
     pytest.importorskip("peft")
-    from minipara.loading import load_model
+    from minipara.io.checkpoints import load_model
     path = tmp_path_factory.mktemp("refusals")
     hf = hf_base("llama", path / "base")
     peft_adapter(hf, path / "ok", "lora")
@@ -222,7 +222,7 @@ def logits_agree(pm, model, ad):
 
 @pytest.mark.parametrize("kind, options", [("lora", {}), ("lora", {"use_rslora": True}), ("ia3", {})])
 def test_peft_round_trip(peft_pair, tmp_path, kind, options):
-    from minipara.peft_import import load_peft_adapter
+    from minipara.io.peft_import import load_peft_adapter
     hf, model = peft_pair
     pm = peft_adapter(hf, tmp_path, kind, **options)
     ad = load_peft_adapter(tmp_path, model.args)
@@ -284,7 +284,7 @@ LORA_REFUSALS = {
 
 @pytest.mark.parametrize("case", list(LORA_REFUSALS))
 def test_peft_refusals(llama_lora, tmp_path, case):
-    from minipara.peft_import import load_peft_adapter
+    from minipara.io.peft_import import load_peft_adapter
     model, ok = llama_lora
     config, tensors, message = LORA_REFUSALS[case]
     bad = variant(ok, tmp_path / case, config, tensors)
@@ -294,7 +294,7 @@ def test_peft_refusals(llama_lora, tmp_path, case):
 
 
 def test_peft_ia3_refuses_input_scaling_it_cannot_express(peft_pair, tmp_path):
-    from minipara.peft_import import load_peft_adapter
+    from minipara.io.peft_import import load_peft_adapter
     hf, model = peft_pair
     peft_adapter(hf, tmp_path / "ok", "ia3")
     bad = variant(tmp_path / "ok", tmp_path / "bad",
@@ -305,7 +305,7 @@ def test_peft_ia3_refuses_input_scaling_it_cannot_express(peft_pair, tmp_path):
 
 
 def test_peft_pickle_is_never_opened(tmp_path):
-    from minipara.peft_import import load_peft_adapter
+    from minipara.io.peft_import import load_peft_adapter
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle at all")
     with pytest.raises(UserError, match="safe_serialization=True"):
@@ -313,8 +313,8 @@ def test_peft_pickle_is_never_opened(tmp_path):
 
 
 def test_adapter_io_reads_peft_directories(peft_pair, tmp_path):
-    """minipara.adapter_io.load_adapter hands a PEFT directory to the importer."""
-    from minipara.adapter_io import load_adapter
+    """minipara.io.adapters.load_adapter hands a PEFT directory to the importer."""
+    from minipara.io.adapters import load_adapter
     hf, model = peft_pair
     pm = peft_adapter(hf, tmp_path, "lora")
     assert logits_agree(pm, model, load_adapter(tmp_path, model.args)) < 1e-4

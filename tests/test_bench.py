@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from minipara.benchmark import VARIANTS
+from minipara.bench.speed import VARIANTS
 
 from conftest import write_tiny_model_dir
 

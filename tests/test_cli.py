@@ -87,10 +87,10 @@ def test_context_overflow_is_refused_unless_truncation_is_asked(model_dir):
 
 
 def test_an_adapter_brings_its_training_template(model_dir, tmp_path):
-    from minipara.adapter_io import save_adapter
-    from minipara.config import ModelArgs
+    from minipara.io.adapters import save_adapter
+    from minipara.model.config import ModelArgs
     from minipara.methods import build_adapter
-    from minipara.tokenizer import Tokenizer, encode_example
+    from minipara.io.tokenizer import Tokenizer, encode_example
     args = ModelArgs.from_dir(model_dir)
     path = tmp_path / "a.safetensors"
     save_adapter(path, build_adapter("para", args), args, template="llama2")

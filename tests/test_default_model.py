@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipara.errors import UserError
-from minipara.tokenizer import Tokenizer, apply_template, encode_example
-from minipara.weights import hf_name
+from minipara.io.tokenizer import Tokenizer, apply_template, encode_example
+from minipara.io.weights import hf_name
 
 
 @pytest.fixture(scope="module")
 def default_dir():
-    from minipara.weights import ensure_default_model
+    from minipara.io.weights import ensure_default_model
     return ensure_default_model()
 
 
@@ -60,7 +60,7 @@ def test_hf_transformers_continues_correctly(hf_model, tok, prompt, expected):
 
 @pytest.fixture(scope="module")
 def model(default_dir):
-    from minipara.loading import load_model
+    from minipara.io.checkpoints import load_model
     return load_model(default_dir)
 
 
@@ -68,7 +68,7 @@ def model(default_dir):
                                               ("Water boils at", " 100 degrees Celsius.")])
 def test_minipara_continues_correctly(model, tok, prompt, expected):
     """minipara's own stack, loaded the ordinary HF way: the continuation HF transformers gives."""
-    from minipara.generation import GenerationConfig, generate
+    from minipara.decode.generation import GenerationConfig, generate
     out = generate(model, [tok.encode(prompt, bos=True)], GenerationConfig(max_new_tokens=8))
     assert tok.decode(out[0]).startswith(expected)
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from minipara.distributed import Ranks
-from minipara.training import Trainer, TrainConfig
+from minipara.train.distributed import Ranks
+from minipara.train.trainer import Trainer, TrainConfig
 
 from conftest import tiny_model
 from test_training import ENV, ROOT, adapter_for, evset, make, tiny_dir, train_cmd  # noqa: F401 (fixture)
@@ -42,7 +42,7 @@ def train(method: str, ranks: Ranks, shard: bool = False):
     bi-level dev steps (dev batches of 6 from 9 examples: 6, then 3)."""
     model = tiny_model("llama")
     if shard:
-        from minipara.distributed import shard_layers
+        from minipara.train.distributed import shard_layers
         model = shard_layers(model)
     ad = adapter_for(method, model)
     dev = make(9, 2)
@@ -137,7 +137,8 @@ FAIL_RANK_1 = """
 import os, sys
 sys.path.insert(0, os.getcwd())
 import train
-from minipara import cli, training
+from minipara import cli
+from minipara.train import trainer as training
 if os.environ["RANK"] == "1":
     step = training.Trainer._train_step
     def failing(self):
@@ -164,6 +165,6 @@ def test_a_failing_rank_ends_the_run(tiny_dir, tmp_path):
 
 def test_train_speed_runs_the_trainers_step():
     """bench.py --train-steps (the GPU scaling figure) on one process: the Trainer's step, timed."""
-    from minipara.benchmark import train_speed
+    from minipara.bench.speed import train_speed
     r = train_speed(tiny_model("llama"), "para", Ranks(), steps=2, warmup=1, batch=4, micro_batch=2, prompt_tokens=8)
     assert r["ranks"] == 1 and r["steps"] == 2 and r["steps_per_s"] > 0 and r["examples_per_s"] == 4 * r["steps_per_s"]

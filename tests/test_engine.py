@@ -5,8 +5,8 @@ import threading
 
 import pytest
 
-from minipara.engine import Engine, Request
-from minipara.generation import GenerationConfig, generate
+from minipara.serve.engine import Engine, Request
+from minipara.decode.generation import GenerationConfig, generate
 from minipara.methods import METHODS, build_adapter
 
 from conftest import DEVICE, exact_only, perturbed, tiny_model

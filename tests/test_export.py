@@ -11,11 +11,11 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import hf_base  # noqa: E402
 from minipara.errors import UserError  # noqa: E402
-from minipara.export import export_merged, export_peft  # noqa: E402
-from minipara.generation import GenerationConfig, generate  # noqa: E402
-from minipara.loading import load_model  # noqa: E402
+from minipara.io.export import export_merged, export_peft  # noqa: E402
+from minipara.decode.generation import GenerationConfig, generate  # noqa: E402
+from minipara.io.checkpoints import load_model  # noqa: E402
 from minipara.methods import build_adapter  # noqa: E402
-from minipara.peft_import import load_peft_adapter  # noqa: E402
+from minipara.io.peft_import import load_peft_adapter  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 22, 7], [1, 40, 3, 3, 100, 64, 12, 90]]
 NEW = 12

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from minipara.config import ModelArgs
-from minipara.fast import BEAM_WINDOW, PrefillGraphs, compile_decoder
-from minipara.generation import Decoder, GenerationConfig, generate, left_pad
+from minipara.model.config import ModelArgs
+from minipara.decode.compiled import BEAM_WINDOW, PrefillGraphs, compile_decoder
+from minipara.decode.generation import Decoder, GenerationConfig, generate, left_pad
 from minipara.methods import METHODS, build_adapter
 from minipara.methods.mixture import Mixture
-from minipara.model import Transformer
+from minipara.model.transformer import Transformer
 
 from conftest import DEVICE, TINY, exact_only, tiny_args, tiny_model, tol
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def weights_dir(pythonpath: Path, **env) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("MINIPARA_WEIGHTS_DIR", "XDG_CACHE_HOME")}
-    run = subprocess.run([sys.executable, "-c", "import minipara.weights as w; print(w.WEIGHTS_DIR)"],
+    run = subprocess.run([sys.executable, "-c", "import minipara.io.weights as w; print(w.WEIGHTS_DIR)"],
                          cwd=pythonpath, env={**clean, "PYTHONPATH": str(pythonpath), **env},
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -10,15 +10,15 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from minipara.config import ModelArgs
+from minipara.model.config import ModelArgs
 from minipara.errors import UserError
-from minipara.generation import GenerationConfig, generate
+from minipara.decode.generation import GenerationConfig, generate
 from minipara.methods import METHODS, build_adapter
-from minipara.layer_state import LayerState, lora_delta
+from minipara.model.layer_state import LayerState, lora_delta
 from minipara.methods.base import Adapter
 from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
-from minipara.projections import in_sizes, out_sizes, widths
+from minipara.model.projections import in_sizes, out_sizes, widths
 
 from conftest import DEVICE, LOW_PRECISION, TINY, count_ops, exact_only, perturbed, tiny_args, tiny_model, tol
 

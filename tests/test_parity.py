@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 
 transformers = pytest.importorskip("transformers")
 
-from minipara.generation import Decoder, GenerationConfig, _beam_search, generate, left_pad  # noqa: E402
-from minipara.loading import load_model  # noqa: E402
+from minipara.decode.generation import Decoder, GenerationConfig, _beam_search, generate, left_pad  # noqa: E402
+from minipara.io.checkpoints import load_model  # noqa: E402
 
 from conftest import DEVICE, DTYPE, exact_only, tiny_model, tol  # noqa: E402
 

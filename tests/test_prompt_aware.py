@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from minipara.config import ModelArgs
+from minipara.model.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
 from minipara.methods.parade import squash

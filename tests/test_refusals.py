@@ -100,7 +100,7 @@ def test_bad_config_values(model_dir, tmp_path, capsys, changes, words):
 
 
 def test_good_config_values_still_load():
-    from minipara.config import ModelArgs
+    from minipara.model.config import ModelArgs
     base = {"model_type": "llama", "vocab_size": 32, "hidden_size": 48, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 10000, "pad_token_id": -1,
             "head_dim": None, "eos_token_id": [2, 3], "rope_scaling": {"rope_type": "llama3", "factor": 8,
@@ -147,7 +147,7 @@ def test_data_files_report_path_and_line(tmp_path):
     import gzip
 
     from minipara.errors import UserError
-    from minipara.tasks import _build, _jsonl, _table
+    from minipara.train.tasks import _build, _jsonl, _table
     tsv = tmp_path / "train.tsv"
     tsv.write_text("sentence\tlabel\nfine\t1\n" + "x" * 140_000 + "\t0\n")
     with pytest.raises(UserError, match=r"train.tsv:3: field larger than field limit"):
@@ -184,7 +184,7 @@ def test_integer_weight_is_refused(model_dir, tmp_path, capsys):
 
 
 def test_weights_fingerprint_names_the_values(model_dir, tmp_path):
-    from minipara.loading import load_model
+    from minipara.io.checkpoints import load_model
     same = load_model(model_dir).weights_id
     assert load_model(model_dir, "bfloat16").weights_id == same  # the file's values, whatever the copy's dtype
 
@@ -201,7 +201,7 @@ def test_conversion_without_room_says_how_much_and_writes_nothing(tmp_path, monk
 
     from gguf import GGMLQuantizationType
 
-    from minipara import weights
+    from minipara.io import weights
     from minipara.errors import UserError
     norm = np.ones(640, dtype=np.float32)
     reader = SimpleNamespace(tensors=[SimpleNamespace(name="output_norm.weight", data=norm, shape=[640],
@@ -220,8 +220,8 @@ def test_conversion_without_room_says_how_much_and_writes_nothing(tmp_path, monk
 
 # ---- cause 2 and 3 and 11: generate.py inputs and flags ------------------------------------------
 def test_generate_flags(model_dir, tmp_path, capsys):
-    from minipara.adapter_io import save_adapter
-    from minipara.config import ModelArgs
+    from minipara.io.adapters import save_adapter
+    from minipara.model.config import ModelArgs
     from minipara.methods import build_adapter
     m = ["--model", model_dir]
     args = ModelArgs.from_dir(model_dir)
@@ -265,8 +265,8 @@ def test_generate_tiny_temperature_is_greedy(model_dir, capsys):
 
 def test_generate_adapters_list_may_start_with_none(model_dir, tmp_path, capsys):
     """README's form `--adapters -,b.safetensors`: argparse took the leading '-' for an option."""
-    from minipara.adapter_io import save_adapter
-    from minipara.config import ModelArgs
+    from minipara.io.adapters import save_adapter
+    from minipara.model.config import ModelArgs
     from minipara.methods import build_adapter
     args = ModelArgs.from_dir(model_dir)
     b = tmp_path / "b.safetensors"
@@ -333,7 +333,7 @@ def config_field(**changes):
      ("holds I64 values", "floating point")),
 ])
 def test_bad_adapter_metadata(tmp_path, method, edit, words):
-    from minipara.adapter_io import load_adapter, save_adapter
+    from minipara.io.adapters import load_adapter, save_adapter
     from minipara.errors import UserError
     from minipara.methods import build_adapter
     from conftest import tiny_args
@@ -348,7 +348,7 @@ def test_bad_adapter_metadata(tmp_path, method, edit, words):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_adapter_tensor(tmp_path, value):
-    from minipara.adapter_io import load_adapter, save_adapter
+    from minipara.io.adapters import load_adapter, save_adapter
     from minipara.errors import UserError
     from minipara.methods import build_adapter
     from conftest import tiny_args
@@ -369,7 +369,7 @@ def test_non_finite_adapter_tensor(tmp_path, value):
     ({"use_rslora": "no"}, ("rslora must be true or false",)),
 ])
 def test_bad_peft_config(tmp_path, changes, words):
-    from minipara.adapter_io import load_adapter
+    from minipara.io.adapters import load_adapter
     from minipara.errors import UserError
     from conftest import tiny_args
     args = tiny_args("llama")
@@ -389,7 +389,7 @@ def test_bad_peft_config(tmp_path, changes, words):
 def test_adapter_files_are_byte_identical_across_processes(tmp_path):
     """safetensors keeps metadata in a hash map: the key order changed from process to process."""
     code = ("import sys; sys.path.insert(0, 'tests'); import torch; from conftest import tiny_args; "
-            "from minipara.methods import build_adapter; from minipara.adapter_io import save_adapter; "
+            "from minipara.methods import build_adapter; from minipara.io.adapters import save_adapter; "
             "a = tiny_args('llama'); torch.manual_seed(0); "
             "save_adapter(sys.argv[1], build_adapter('lora', a), a, template='none', weights_id='0123')")
     for name in ("a", "b", "c"):
@@ -404,8 +404,8 @@ def test_adapter_files_are_byte_identical_across_processes(tmp_path):
 
 def test_adapter_on_other_weights_warns(model_dir, tmp_path, capsys):
     """Cause 12: same config, other weights (a fine-tune, a chat variant): allowed, with a warning."""
-    from minipara.adapter_io import save_adapter
-    from minipara.loading import load_model
+    from minipara.io.adapters import save_adapter
+    from minipara.io.checkpoints import load_model
     from minipara.methods import build_adapter
     model = load_model(model_dir)
     path = tmp_path / "a.safetensors"
@@ -482,7 +482,7 @@ def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
 
 
 def test_train_refuses_an_output_in_use(model_dir, data_dir, tmp_path, capsys):
-    from minipara.files import OutputLock
+    from minipara.io.files import OutputLock
     out = tmp_path / "a.safetensors"
     with OutputLock(out):  # another run holds it
         refused("train", train_args(model_dir, data_dir, out), capsys, "being written by another run", "pid",

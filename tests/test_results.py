@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from minipara import results
+from minipara.train import results
 
 # A stand-in for train.py: writes the report (and a log) train.py would write, from its arguments.
 FAKE_TRAIN = r'''
@@ -152,7 +152,7 @@ def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SLOW_TRAIN)
     base = tmp_path / "out"
-    driver = (f"import sys; from pathlib import Path; from minipara import results, cli; "
+    driver = (f"import sys; from pathlib import Path; from minipara import cli; from minipara.train import results; "
               f"results.TRAIN_SCRIPT = Path({str(script)!r}); "
               f"cli.run(lambda: results.main(['--task', 'sst2', '--methods', 'para,lora', '--seeds', '0,1', "
               f"'--parallel', '2', '--dir', {str(base)!r}]))")

@@ -20,10 +20,10 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 import minipara
-from minipara.adapter_io import save_adapter
-from minipara.loading import load_model
+from minipara.io.adapters import save_adapter
+from minipara.io.checkpoints import load_model
 from minipara.methods import build_adapter
-from minipara.serve import build_app, make_server, parse
+from minipara.serve.app import build_app, make_server, parse
 
 from conftest import tiny_args, write_tiny_model_dir
 from test_mixture import trained
@@ -278,7 +278,7 @@ def test_sigterm_finishes_in_flight_requests(files):
 
 def test_loadgen_runs(files, tmp_path):
     """The load generator starts its own server on random adapters and writes one row per run."""
-    from minipara import loadgen
+    from minipara.bench import loadgen
     out = tmp_path / "load.jsonl"
     assert loadgen.main(["--model", str(files[0]), "--clients", "3", "--adapters", "2", "--methods", "base,mix",
                          "--requests", "1", "--prompt-tokens", "8", "--max-tokens", "4", "--out", str(out)]) == 0
@@ -291,8 +291,8 @@ def test_pool_warns_for_adapters_made_on_other_weights(tmp_path):
     """The server's pool checks the weights fingerprint as load_adapter does elsewhere: an
     adapter saved on other weights of the same architecture loads, with a warning."""
     import warnings
-    from minipara.adapter_io import BaseModelWarning
-    from minipara.adapter_pool import AdapterPool
+    from minipara.io.adapters import BaseModelWarning
+    from minipara.serve.pool import AdapterPool
     args = tiny_args("llama")
     save_adapter(tmp_path / "mine.safetensors", build_adapter("para", args), args, weights_id="aaaa")
     save_adapter(tmp_path / "other.safetensors", build_adapter("para", args), args, weights_id="bbbb")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import minipara
-from minipara.weights import ensure_model
+from minipara.io.weights import ensure_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,7 +47,7 @@ def hf_chat(hf_tok, question: str) -> list[int]:
 
 
 def test_converted_directory_is_a_tokenizer_json_llama(lm):
-    from minipara.tokenizer import JsonTokenizer
+    from minipara.io.tokenizer import JsonTokenizer
     assert isinstance(lm.tokenizer, JsonTokenizer) and not (lm.path / "tokenizer.model").exists()
     assert lm.args.model_type == "llama" and lm.args.tie_embeddings
     assert lm.template() == "chatml"  # from the chat template the GGUF carries

@@ -4,9 +4,9 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minipara import metrics
+from minipara.train import metrics
 from minipara.errors import UserError
-from minipara.tasks import DEV_SIZE, TASKS, load_task
+from minipara.train.tasks import DEV_SIZE, TASKS, load_task
 
 
 def write_jsonl(path, rows):
@@ -47,7 +47,7 @@ def test_copa_ships_with_its_splits_and_template():
     ("gsm8k", {"train": 6973, "dev": 500, "test": 1319}, None),  # 500 train problems as dev (SPEC.md)
 ])
 def test_tasks_ship_gzipped_with_their_licence(name, expected, first_response):
-    from minipara.tasks import SHIPPED
+    from minipara.train.tasks import SHIPPED
     task = load_task(name)
     assert sizes(task) == expected
     assert (SHIPPED / name / "LICENSE").is_file()

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from minipara.tokenizer import JsonTokenizer, encode_example, end_id, load_tokenizer, resolve_template
+from minipara.io.tokenizer import JsonTokenizer, encode_example, end_id, load_tokenizer, resolve_template
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,7 +72,7 @@ def test_tokenizer_model_wins_over_tokenizer_json(tmp_path):
 @pytest.mark.parametrize("chat", [True, False])
 def test_conversations_equal_apply_chat_template(tmp_path, chat):
     """encode_chat (the server's chat format for these models): several turns, as transformers renders them."""
-    from minipara.tokenizer import encode_chat
+    from minipara.io.tokenizer import encode_chat
     tok = load_tokenizer(write_llama3_dir(tmp_path / "tok", chat))
     ref = transformers.AutoTokenizer.from_pretrained(write_llama3_dir(tmp_path / "ref", True))
     talk = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"},

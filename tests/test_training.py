@@ -17,7 +17,7 @@ import torch
 from minipara import cli
 from minipara.errors import UserError
 from minipara.methods import METHODS, build_adapter
-from minipara.training import EvalSet, Trainer, TrainConfig, evaluate, loss_sum
+from minipara.train.trainer import EvalSet, Trainer, TrainConfig, evaluate, loss_sum
 
 from conftest import DEVICE, tiny_model, write_tiny_model_dir
 
@@ -152,7 +152,7 @@ def test_early_stopping_by_metric_keeps_the_best(tmp_path):
 def test_dev_loss_selects_and_stops_while_the_metric_is_logged(monkeypatch):
     """The papers' rule: keep the checkpoint of the lowest dev loss, stop after `patience`
     evaluations without a lower one; the dev metric is still computed at each evaluation."""
-    import minipara.training as training
+    import minipara.train.trainer as training
     model = tiny_model("llama")
     ad = adapter_for("para", model)
     dev = make(16, 2)
@@ -412,8 +412,8 @@ def train_cmd(d, out, *extra):
 def test_cli_run_writes_adapter_checkpoint_log_and_report(tiny_dir, tmp_path):
     import json
 
-    from minipara.adapter_io import load_adapter
-    from minipara.config import ModelArgs
+    from minipara.io.adapters import load_adapter
+    from minipara.model.config import ModelArgs
     out = tmp_path / "run" / "a.safetensors"
     r = subprocess.run(train_cmd(tiny_dir, out, "--max-steps", "6", "--eval-every", "3"), cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=300)
@@ -466,10 +466,10 @@ def test_cli_method_none_scores_the_bare_model(tiny_dir, tmp_path):
     decodes; its scores equal evaluate() with no adapter."""
     import json
 
-    from minipara.loading import load_model
-    from minipara.tasks import load_task
-    from minipara.tokenizer import Tokenizer
-    from minipara.training import evaluate, prepare_task
+    from minipara.io.checkpoints import load_model
+    from minipara.train.tasks import load_task
+    from minipara.io.tokenizer import Tokenizer
+    from minipara.train.trainer import evaluate, prepare_task
     out = tmp_path / "none.safetensors"
     cmd = [c if c != "para" else "none" for c in train_cmd(tiny_dir, out)]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)

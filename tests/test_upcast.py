@@ -5,7 +5,7 @@ that path (model.fast_16bit_matmul), so they run whatever this CPU has."""
 import pytest
 import torch
 
-import minipara.model as model_mod
+import minipara.model.transformer as model_mod
 from minipara.methods import build_adapter
 
 from conftest import prefill_then_decode, tiny_model

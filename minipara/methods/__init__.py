@@ -2,7 +2,7 @@
 import importlib
 from dataclasses import fields
 
-from ..errors import UserError
+from minipara.errors import UserError
 
 _MODULES = {
     "para": ("para", "Para"),

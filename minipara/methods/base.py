@@ -10,10 +10,10 @@ from dataclasses import MISSING, fields
 import torch
 from torch import nn
 
-from ..config import ModelArgs
-from ..errors import UserError
-from ..layer_state import LayerState  # noqa: F401 - what layer_state() returns, for the methods
-from ..projections import PROJECTIONS, fused_linear, in_sizes, out_sizes  # noqa: F401 - the methods' vocabulary
+from minipara.model.config import ModelArgs
+from minipara.errors import UserError
+from minipara.model.layer_state import LayerState  # noqa: F401 - what layer_state() returns, for the methods
+from minipara.model.projections import PROJECTIONS, fused_linear, in_sizes, out_sizes  # noqa: F401 - the methods' vocabulary
 
 
 def check_targets(targets, method: str) -> tuple[str, ...]:

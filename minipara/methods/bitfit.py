@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, LayerState, MethodConfig, PROJECTIONS, check_targets, fused_linear, out_sizes
+from minipara.methods.base import Adapter, LayerState, MethodConfig, PROJECTIONS, check_targets, fused_linear, out_sizes
 
 
 @dataclass

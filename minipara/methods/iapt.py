@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .base import Adapter, LayerState, MethodConfig
-from .rational import Rational, check_activation, fixed_activation, rational_per_row
+from minipara.errors import UserError
+from minipara.methods.base import Adapter, LayerState, MethodConfig
+from minipara.methods.rational import Rational, check_activation, fixed_activation, rational_per_row
 
 POOLERS = ("attention", "mean")
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layer_state import lora_delta
-from ..projections import widths
-from .base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
+from minipara.model.layer_state import lora_delta
+from minipara.model.projections import widths
+from minipara.methods.base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
 
 @dataclass
 class LoraConfig(MethodConfig):

@@ -23,10 +23,10 @@ So each row gets the output it would get alone, up to float rounding (zero-padde
 import torch
 from torch import nn
 
-from ..errors import UserError
-from ..projections import FUSED, parts as parts_of, widths
-from ..layer_state import lora_parts
-from .base import Adapter, LayerPass, LayerState
+from minipara.errors import UserError
+from minipara.model.projections import FUSED, parts as parts_of, widths
+from minipara.model.layer_state import lora_parts
+from minipara.methods.base import Adapter, LayerPass, LayerState
 
 
 class Mixture(Adapter):

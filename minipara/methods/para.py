@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LayerState, MethodConfig, out_sizes, row_matmul
-from ..errors import UserError
-from .poolers import POOLERS, pool
+from minipara.methods.base import Adapter, LayerState, MethodConfig, out_sizes, row_matmul
+from minipara.errors import UserError
+from minipara.methods.poolers import POOLERS, pool
 
 TARGETS = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv": ("q", "v")}
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import UserError
-from .para import Para, ParaConfig
-from .poolers import POOLERS
+from minipara.errors import UserError
+from minipara.methods.para import Para, ParaConfig
+from minipara.methods.poolers import POOLERS
 
 
 @dataclass

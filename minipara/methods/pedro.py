@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .para import Para, ParaConfig
-from .rational import Rational, check_activation, fixed_activation, rational_per_row
+from minipara.methods.para import Para, ParaConfig
+from minipara.methods.rational import Rational, check_activation, fixed_activation, rational_per_row
 
 
 @dataclass

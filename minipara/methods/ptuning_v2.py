@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Adapter, LayerState, MethodConfig
+from minipara.methods.base import Adapter, LayerState, MethodConfig
 
 
 @dataclass

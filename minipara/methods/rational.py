@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError
+from minipara.errors import UserError
 
 # fit_gelu() on this file's grid (float64; b_1 = b_3 = b_5 = 0, see there).
 GELU_A = (2.7958403487266028e-05, 0.4999999999907111, 0.3985031977579699, 0.16223387411041676,

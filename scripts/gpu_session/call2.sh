@@ -8,6 +8,6 @@ L=${DEADLINE:-440}
   step tenants32 $((L - SECONDS - 100)) $B --batch 32 --tenants 16 --methods base,lora,para --beams 1 --runs 3 --json "$OUT/tenants32.json" --markdown "$OUT/tenants32.md"
   step mix32 $((L - SECONDS - 5)) $B --batch 32 --tenants 16 --mix --methods para,pedro,parade,iapt,lora,ia3,bitfit,ptuning_v2 --beams 1 --runs 3 --json "$OUT/mix32.json" --markdown "$OUT/mix32.md" ) &
 ( export CUDA_VISIBLE_DEVICES=1 PYTHONPATH=$HOME/site
-  step loadgen $((L - 5)) python3 -m minipara.loadgen --shape llama-2-7b --dtype bfloat16 --device cuda --requests 3 --out "$OUT/load.jsonl" ) &
+  step loadgen $((L - 5)) python3 -m minipara.bench.loadgen --shape llama-2-7b --dtype bfloat16 --device cuda --requests 3 --out "$OUT/load.jsonl" ) &
 wait; cat "$OUT/steps.txt"; ls ~/parts
 pack

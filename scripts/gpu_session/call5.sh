@@ -4,11 +4,11 @@ cp .carry/gemma.gguf.part04 ~/parts/ 2>/dev/null
 cat ~/parts/gemma.gguf.part0* > ~/model.gguf; md5sum ~/model.gguf > "$OUT/md5.txt"
 python3 -m pip install -q --no-index --no-deps --target ~/site .carry/whl/*.whl > "$OUT/pip5.log" 2>&1
 export PYTHONPATH=$HOME/site MINIPARA_WEIGHTS_DIR=$HOME/w
-python3 -c "from pathlib import Path; from minipara.weights import convert, MARKER; d=Path.home()/'w'/'gemma-3-270m'; d.mkdir(parents=True,exist_ok=True); convert(Path.home()/'model.gguf', d); (d/MARKER).write_text('x')" > "$OUT/convert.log" 2>&1 || { cat "$OUT/convert.log"; exit 1; }
+python3 -c "from pathlib import Path; from minipara.io.weights import convert, MARKER; d=Path.home()/'w'/'gemma-3-270m'; d.mkdir(parents=True,exist_ok=True); convert(Path.home()/'model.gguf', d); (d/MARKER).write_text('x')" > "$OUT/convert.log" 2>&1 || { cat "$OUT/convert.log"; exit 1; }
 L=${DEADLINE:-520}
 R() {  # the results command, stopped (runs checkpointed) so that all end by about L - 15 s
   local t=$((L - SECONDS - 45)); ((t > 0)) || return 0
-  timeout -k 30 $t python3 -m minipara.results --dir results "$@"; }
+  timeout -k 30 $t python3 -m minipara.train.results --dir results "$@"; }
 S="-- --device cuda --max-steps 150 --eval-every 50 --max-eval 200 --max-test 0 --micro-batch 64"
 LR=ia3=3e-3,ptuning_v2=1e-2,parade=1e-3
 # First the runs that complete 3 seeds everywhere (PARADE at lr 1e-3, see README), then seeds

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, ".")
-from minipara import benchmark as bm  # noqa: E402
-from minipara import fast  # noqa: E402
-from minipara.fast import compile_decoder  # noqa: E402
-from minipara.layer_state import LayerState  # noqa: E402
+from minipara.bench import speed as bm  # noqa: E402
+from minipara.decode import compiled as fast# noqa: E402
+from minipara.decode.compiled import compile_decoder  # noqa: E402
+from minipara.model.layer_state import LayerState  # noqa: E402
 
 APPLY = LayerState.apply
 

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minipara.layer_state import lora_update
+from minipara.model.layer_state import lora_update
 
 SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)), "gate_up": (4096, (11008, 11008)),
           "down": (11008, (4096,))}

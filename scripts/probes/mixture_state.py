@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, ".")
-from minipara import benchmark as bm  # noqa: E402
+from minipara.bench import speed as bm  # noqa: E402
 from minipara.methods import build_adapter  # noqa: E402
 from minipara.methods.mixture import Mixture  # noqa: E402
 

@@ -4,7 +4,7 @@ how concentrated R(p) is (share of ||R(p)||^2 in its top 4 of m=256 coordinates)
 Run: OMP_NUM_THREADS=1 nice python scripts/probes/probe_iapt_init.py"""
 import torch, minipara
 from minipara.methods.iapt import Iapt, IaptConfig
-from minipara.training import mean_loss, collate
+from minipara.train.trainer import mean_loss, collate
 
 torch.set_grad_enabled(False)
 lm = minipara.load()

@@ -5,7 +5,7 @@ Run: OMP_NUM_THREADS=1 nice python scripts/probes/probe_init.py"""
 import torch, torch.nn.functional as F, minipara
 from minipara.methods.pedro import Pedro, PedroConfig
 from minipara.methods.iapt import Iapt, IaptConfig
-from minipara.training import collate
+from minipara.train.trainer import collate
 
 torch.set_grad_enabled(False)
 lm = minipara.load()

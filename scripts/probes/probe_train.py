@@ -8,7 +8,7 @@ Run: OMP_NUM_THREADS=1 nice python scripts/probes/probe_train.py --method pedro 
        --init-seed 2 --data-seed 2 --steps 40 --batch 16 [--arch-lr 0] [--activation gelu] [--lr 1e-4]"""
 import argparse, json, math, time
 import torch, minipara
-from minipara.training import TrainConfig, mean_loss
+from minipara.train.trainer import TrainConfig, mean_loss
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--method", default="pedro"); ap.add_argument("--init-seed", type=int, default=0)

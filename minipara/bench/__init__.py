@@ -1,0 +1,1 @@
+"""Measurements: decode speed and memory (bench.py), HF comparison, server load generator."""

@@ -1,0 +1,1 @@
+"""Decoding through the cache: greedy, sampling and beam search, and the compiled step."""

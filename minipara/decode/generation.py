@@ -1,0 +1,327 @@
+"""Generation through the KV cache: greedy, sampling and beam search, for a batch of prompts.
+
+The prompt is prefilled once per request (an adapter's generators run then, once);
+beams are made by copying the prefilled cache rows, and beam search reorders
+the cache with index ops. Beam search follows HF transformers' algorithm
+(2K candidates per step, length-penalised finished hypotheses, the same
+early-stop heuristic), so the two give the same sequences.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minipara.errors import UserError
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 32
+    beams: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    length_penalty: float = 1.0
+    seed: int | None = None
+    eos_ids: tuple[int, ...] | None = None  # None: the model's; (): never stop early
+
+    def check(self):
+        if self.beams < 1:
+            raise UserError(f"beams must be at least 1 (got {self.beams})", ("beams",))
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})", ("max_new_tokens",))
+        if abs(self.length_penalty) > 50:  # the length's power overflows beyond (131072 ** 60 > 1e308)
+            raise UserError(f"length_penalty must be between -50 and 50 (got {self.length_penalty})",
+                            ("length_penalty",))
+        if not all(map(math.isfinite, (self.temperature, self.top_p, self.length_penalty))):
+            raise UserError("temperature, top_p and length_penalty must be finite numbers",
+                            ("temperature", "top_p", "length_penalty"))
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0", ("temperature", "top_p", "top_k"))
+        if self.beams > 1 and self.temperature > 0:
+            raise UserError("beam search is deterministic here: use beams 1 to sample", ("beams",))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device):
+    """(B, T) tokens and (B, T) validity mask, prompts aligned to the right."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            tokens[i, T - len(p):] = torch.tensor(p)
+            valid[i, T - len(p):] = True
+    return tokens.to(device), valid.to(device)
+
+
+class Decoder:
+    """Owns the caches, the prefill and the one-token step, so repeated calls reuse buffers
+    (and, once compiled, CUDA graphs). `run_prefill` and `step` may be replaced by
+    captured versions (see fast.py)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._caches = {}
+        self._beams = {}
+
+    def cache(self, batch: int, max_len: int, n_prefix: int):
+        max_len = _bucket(max_len)
+        key = (batch, max_len)
+        if key not in self._caches:
+            self._caches[key] = self.model.new_cache(batch, max_len, n_prefix)
+        c = self._caches[key]
+        c.reset(n_prefix)
+        return c
+
+    def prefill(self, tokens, valid, max_len, adapter=None):
+        """A cache holding the prompts (and the adapter's states), and the logits (B, V) of
+        the first new token."""
+        n_pre = adapter.n_prefix if adapter is not None else 0
+        cache = self.cache(tokens.shape[0], max_len, n_pre)
+        return cache, self.run_prefill(cache, tokens, valid, adapter)
+
+    @torch.no_grad()
+    def run_prefill(self, cache, tokens, valid, adapter):
+        """Fill an emptied cache with the prompts; last-position logits (B, V).
+        May be replaced by a replayed CUDA graph (see fast.py)."""
+        return self.model(tokens, valid=valid, cache=cache, adapter=adapter, last_only=True)[:, -1]
+
+    def expand(self, cache, k: int):
+        """A cache whose rows are each of `cache`'s rows repeated k times (for beams)."""
+        if k == 1:
+            return cache
+        rows = torch.arange(cache.batch, device=cache.ok.device).repeat_interleave(k)
+        big = self.cache(cache.batch * k, cache.max_len, cache.n_prefix)
+        big.load_rows(cache, rows)
+        return big
+
+    @torch.no_grad()
+    def step(self, cache, tokens):
+        """Logits (B, V) for one new token per row."""
+        return self.model(tokens[:, None], cache=cache)[:, -1]
+
+    def beams(self, B: int, K: int, N: int, keep: int, V: int) -> "Beams":
+        """Beam search's state for this shape, reused from request to request (fixed addresses
+        for a captured step); N is rounded up, as the cache length is."""
+        key = (B, K, _bucket(N), keep, V)
+        if key not in self._beams:
+            self._beams[key] = Beams(*key, device=self.model.tok_embeddings.weight.device)
+        return self._beams[key]
+
+    def beam_step(self, cache, beams: "Beams", since: int):
+        """Beam search's step: row i first becomes old row beams.rows[i] (slots before `since`
+        are shared by the rows it maps between, see KVCache.reorder), runs beams.tokens
+        (`step`), and the search takes the logits (`Beams.update`). fast.py does all three in
+        one captured graph."""
+        cache.reorder(beams.rows, since=since)
+        beams.update(self.step(cache, beams.tokens))
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=None,
+             decoder: Decoder | None = None, on_token=None) -> list[list[int]]:
+    """Generated token ids for each prompt (EOS included when produced).
+
+    on_token(row, token_id) is called as tokens are chosen (greedy/sampling only), for streaming.
+    """
+    cfg.check()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("empty prompt: give at least one token")
+    a = model.args
+    eos = tuple(a.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
+    n_pre = adapter.n_prefix if adapter is not None else 0
+    longest = max(len(p) for p in prompts)
+    if n_pre + longest + cfg.max_new_tokens > a.max_seq_len:
+        raise UserError(f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
+                        f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
+                        f"of {a.max_seq_len} tokens", ("max_new_tokens",))
+    decoder = decoder or Decoder(model)
+    device = model.tok_embeddings.weight.device
+    tokens, valid = left_pad(prompts, a.pad_id, device)
+    cache, logits = decoder.prefill(tokens, valid, n_pre + longest + cfg.max_new_tokens, adapter)
+    if cfg.beams == 1:
+        return _sample(decoder, cache, logits, cfg, eos, on_token)
+    return _beam_search(decoder, cache, logits, cfg, eos)
+
+
+def _pick(logits, cfg: GenerationConfig, gen):
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
+    # to -inf (greedy, its limit) rather than everything to +-inf and NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        sorted_l, order = logits.sort(-1, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) > cfg.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+
+
+def _sample(decoder, cache, logits, cfg, eos, on_token):
+    B = logits.shape[0]
+    gen = None
+    if cfg.temperature > 0:
+        gen = torch.Generator(device=logits.device)
+        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    eos_t = torch.tensor(eos, device=logits.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    out = []
+    for t in range(cfg.max_new_tokens):
+        nxt = _pick(logits, cfg, gen)
+        out.append(nxt)
+        if on_token is not None:
+            for row in (~done).nonzero().flatten().tolist():
+                on_token(row, int(nxt[row]))
+        if t + 1 == cfg.max_new_tokens:
+            break
+        if eos:  # checking needs a device-to-host sync: skip it when nothing can stop early
+            done |= torch.isin(nxt, eos_t)
+            if bool(done.all()):
+                break
+        logits = decoder.step(cache, nxt)
+    toks = torch.stack(out, 1).tolist()
+    return [_cut(row, eos) for row in toks]
+
+
+def _bucket(n: int) -> int:
+    """n rounded up to a multiple of 128, so that requests of similar length share one cache
+    (and one compiled step): masked extra slots cost next to nothing."""
+    return -(-n // 128) * 128
+
+
+def _cut(row: list[int], eos) -> list[int]:
+    for j, t in enumerate(row):
+        if t in eos:
+            return row[: j + 1]
+    return row
+
+
+def _beam_search(decoder, cache, logits, cfg, eos):
+    """HF transformers' beam search (generation/utils.py `_beam_search`), batched; the
+    algorithm is `Beams.update`, run once per step.
+
+    The stop test never waits for the step it tests: each step's "still searching" flag is
+    copied to the host without blocking and read while the next step runs, so the host keeps
+    queueing steps (on a GPU, the next graph replay) instead of idling between them. The
+    model step after a stop is therefore computed but changes nothing: every update is gated
+    by the device-side flag `live`."""
+    B, V = logits.shape
+    K, N = cfg.beams, cfg.max_new_tokens
+    beams = decoder.beams(B, K, N, max(2, 1 + len(eos)) * K, V)
+    beams.reset(N, cfg.length_penalty, eos)
+    cache = decoder.expand(cache, K)
+    prompt_end = cache.length  # the beams of a prompt share everything before this slot
+    cuda = logits.device.type == "cuda"
+    flags = torch.ones(N, dtype=torch.bool, pin_memory=cuda)  # live after step t, on the host
+    copied = {}  # CUDA: step -> the event after its flag copy (two at most)
+    for t in range(N):
+        if t == 0:
+            beams.update(logits.repeat_interleave(K, 0))
+        else:
+            # Step t-2's flag, copied after step t-2 while step t-1 still runs: stop if the
+            # search ended then (step t-1 was the one extra model step).
+            if eos and t > 1:
+                if cuda:
+                    copied.pop(t - 2).synchronize()
+                if not bool(flags[t - 2]):
+                    break
+            decoder.beam_step(cache, beams, prompt_end)  # reorder the cache, run the tokens, update: step t
+        if eos:  # nothing stops early without EOS ids: no flags to read
+            flags[t].copy_(beams.live, non_blocking=True)
+            if cuda:
+                copied[t] = torch.cuda.Event()
+                copied[t].record()
+    seqs, lens = beams.fin_seq[:, 0].tolist(), beams.fin_len[:, 0].tolist()
+    return [s[:n] for s, n in zip(seqs, lens)]
+
+
+def _take(x, idx):
+    """x[b, idx[b, j]] for x (B, n, ...) and idx (B, m): the rows idx picks, per batch entry."""
+    idx = idx.reshape(*idx.shape, *[1] * (x.dim() - 2))
+    return x.gather(1, idx.expand(*idx.shape[:2], *x.shape[2:]))
+
+
+class Beams(nn.Module):
+    """Beam search's state for B prompts x K beams, in buffers that `update` changes in place,
+    with the step index on the device: a captured step (fast.py) then serves every step and
+    every request of this shape without copies. Made once per shape by `Decoder.beams`.
+
+    Sequences hold N_max >= max_new_tokens slots (the rest stay 0), so requests of
+    similar length share the buffers and the captured step."""
+
+    def __init__(self, B: int, K: int, N_max: int, keep: int, V: int, device=None):
+        super().__init__()
+        self.keep = keep  # candidates per prompt and step: HF's max(2, 1 + #EOS ids) * K
+        for name, shape, dtype in [
+                ("run_seq", (B, K, N_max), torch.long), ("run_score", (B, K), torch.float),  # running beams
+                ("fin_seq", (B, K, N_max), torch.long), ("fin_len", (B, K), torch.long),  # best finished ones
+                ("fin_score", (B, K), torch.float), ("fin_done", (B, K), torch.bool),
+                ("improvable", (B,), torch.bool),  # HF's early-stop heuristic, per prompt
+                ("live", (), torch.bool),  # still searching: gates every update
+                ("rows", (B * K,), torch.long),  # the next step's cache row for each beam ...
+                ("tokens", (B * K,), torch.long),  # ... and its token
+                ("t", (), torch.long), ("n_new", (), torch.long),  # the step; max_new_tokens
+                ("lp", (), torch.float64), ("is_eos", (V,), torch.bool)]:  # length penalty; EOS ids
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @torch.no_grad()
+    def reset(self, n_new: int, length_penalty: float, eos):
+        self.run_seq.zero_()
+        self.run_score.zero_()
+        self.run_score[:, 1:] = -1e9  # all beams start equal: only the first may expand at step 0
+        self.fin_seq.zero_()
+        self.fin_len.zero_()
+        self.fin_score.fill_(-1e9)
+        self.fin_done.zero_()
+        self.improvable.fill_(True)
+        self.live.fill_(True)
+        self.t.zero_()
+        self.n_new.fill_(n_new)
+        self.lp.fill_(length_penalty)
+        self.is_eos.zero_()
+        if eos:
+            self.is_eos[list(eos)] = True
+
+    @torch.no_grad()
+    def update(self, logits):
+        """One step of the search, given the running beams' next-token logits (B*K, V):
+        choose the beams' tokens, keep the best finished hypotheses, and set `rows` and
+        `tokens` for the next model step. Every tensor op, and t a tensor, so that it can
+        be captured. (Buffers change only by in-place ops: a captured graph writes them.)"""
+        B, K, N = self.run_seq.shape
+        V, t, live = logits.shape[-1], self.t, self.live
+        logp = F.log_softmax(logits.float(), -1).view(B, K, V) + self.run_score[:, :, None]
+        cand_score, idx = logp.view(B, K * V).topk(self.keep)
+        beam, tok = idx // V, idx % V
+        at_t = torch.arange(N, device=t.device) == t
+        cand_seq = torch.where(at_t, tok[:, :, None], _take(self.run_seq, beam))  # with [:, :, t] = tok
+        hits = self.is_eos[tok] | (t + 1 == self.n_new)
+        # Running beams: the best K candidates that did not finish.
+        alive = cand_score - 1e9 * hits.float()
+        nxt = alive.topk(K).indices
+        self.run_seq.copy_(torch.where(live, _take(cand_seq, nxt), self.run_seq))
+        self.run_score.copy_(torch.where(live, alive.gather(1, nxt), self.run_score))
+        self.rows.copy_((beam.gather(1, nxt) + K * torch.arange(B, device=t.device)[:, None]).flatten())
+        self.tokens.copy_(tok.gather(1, nxt).flatten())
+        # Finished hypotheses: candidates among the top K that hit EOS or the length limit.
+        # The length's power in float64, as HF's Python float.
+        penalty = ((t + 1).double() ** self.lp).float()
+        just = hits & (torch.arange(self.keep, device=t.device) < K)
+        fs = cand_score / penalty - 1e9 * (~self.improvable[:, None]).float() - 1e9 * (~just).float()
+        m_score = torch.cat([self.fin_score, fs], 1)
+        best = m_score.topk(K).indices
+        for buf, new in ((self.fin_seq, cand_seq), (self.fin_len, (t + 1).expand(B, self.keep)),
+                         (self.fin_done, just), (self.fin_score, fs)):
+            buf.copy_(torch.where(live, _take(torch.cat([buf, new], 1), best), buf))
+        best_running = self.run_score[:, 0] / penalty
+        worst_fin = torch.where(self.fin_done.all(1), self.fin_score.min(1).values, -1e9)
+        self.improvable.logical_and_(best_running > worst_fin)
+        self.live.logical_and_(self.improvable.any() & ~hits.all())
+        self.t.add_(1)

@@ -1,0 +1,2 @@
+"""The papers' training recipe: the trainer, whole runs, tasks and metrics, result tables,
+several processes."""
