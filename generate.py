@@ -5,13 +5,14 @@
 
 A thin shell over the Python API (minipara.load, LanguageModel.generate).
 """
+
 import argparse
 import json
 import sys
 
 from minipara import cli
-from minipara.errors import UserError
 from minipara.decode.generation import GenerationConfig
+from minipara.errors import UserError
 
 D = GenerationConfig  # the option defaults live there, once
 
@@ -21,10 +22,13 @@ def parse(argv=None):
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts FILE)")
     p.add_argument("--prompts", help="a file with one prompt per line, generated as one left-padded batch")
     cli.add_model_args(p)
-    p.add_argument("--template", default="auto",
-                   help="llama2 | gemma | chatml | llama3 | none | auto (default: the template the adapter was trained with; "
-                        "without one, the family's chat template when the model ships one in "
-                        "tokenizer_config.json, else none: plain continuation for base models)")
+    p.add_argument(
+        "--template",
+        default="auto",
+        help="llama2 | gemma | chatml | llama3 | none | auto (default: the template the adapter was trained with; "
+        "without one, the family's chat template when the model ships one in "
+        "tokenizer_config.json, else none: plain continuation for base models)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens)
     p.add_argument("--beams", type=int, default=D.beams)
     p.add_argument("--length-penalty", type=cli.finite, default=D.length_penalty)
@@ -34,16 +38,22 @@ def parse(argv=None):
     p.add_argument("--seed", type=cli.seed, default=D.seed)
     p.add_argument("--adapter", help="an adapter file (its method is read from the file)")
     p.add_argument("--adapters", help="comma-separated adapter files, one per --prompts line ('-' for none)")
-    p.add_argument("--truncate", action="store_true",
-                   help="drop the start of prompts that would not fit the context with --max-new-tokens")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="drop the start of prompts that would not fit the context with --max-new-tokens",
+    )
     p.add_argument("--compile", action="store_true", help="capture the decode step with torch.compile")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per prompt: prompt_tokens, tokens (generated ids), text")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per prompt: prompt_tokens, tokens (generated ids), text",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     # argparse takes "-,b.safetensors" (the first prompt without an adapter) for an option.
     for i in range(len(argv) - 1):
         if argv[i] == "--adapters" and argv[i + 1].startswith("-"):
-            argv[i:i + 2] = [f"--adapters={argv[i + 1]}"]
+            argv[i : i + 2] = [f"--adapters={argv[i + 1]}"]
             break
     return p.parse_args(argv)
 
@@ -58,6 +68,7 @@ def read_prompts(a) -> list[str]:
             raise UserError(f"the prompt is not valid UTF-8 text (at character {e.start + 1})") from None
         return [a.prompt]
     from minipara.train.tasks import read_text_lines
+
     lines = [x for x in read_text_lines(a.prompts, "--prompts file") if x.strip()]
     if not lines:
         raise UserError(f"--prompts file {a.prompts} holds no prompt")
@@ -69,8 +80,10 @@ def check_adapter_options(a, n_prompts: int):
     if a.adapter is not None and a.adapters is not None:
         raise UserError("give --adapter or --adapters, not both")
     if a.adapter == "" or a.adapters == "":
-        raise UserError(f"--adapter{'s' if a.adapters == '' else ''} is empty: give an adapter file "
-                        "(leave the option out to use the bare model)")
+        raise UserError(
+            f"--adapter{'s' if a.adapters == '' else ''} is empty: give an adapter file "
+            "(leave the option out to use the bare model)"
+        )
     if a.adapters is not None:
         files = [f.strip() for f in a.adapters.split(",")]
         if len(files) != n_prompts:
@@ -93,8 +106,15 @@ def adapters_for(a, lm):
 def main(argv=None):
     a = parse(argv)
     texts = read_prompts(a)
-    cfg = GenerationConfig(max_new_tokens=a.max_new_tokens, beams=a.beams, temperature=a.temperature,
-                           top_k=a.top_k, top_p=a.top_p, length_penalty=a.length_penalty, seed=a.seed)
+    cfg = GenerationConfig(
+        max_new_tokens=a.max_new_tokens,
+        beams=a.beams,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        length_penalty=a.length_penalty,
+        seed=a.seed,
+    )
     cfg.check()  # before loading the model
     check_adapter_options(a, len(texts))
     lm = cli.load_lm(a)
@@ -105,16 +125,28 @@ def main(argv=None):
     def show(row, piece):  # stream the single prompt's text as it decodes
         sys.stdout.write(piece)
         sys.stdout.flush()
+
     stream = len(texts) == 1 and not a.json and a.beams == 1
-    outs = lm.generate(texts, adapter=adapter, template=a.template, truncate=a.truncate,
-                       on_text=show if stream else None, config=cfg)
+    outs = lm.generate(
+        texts, adapter=adapter, template=a.template, truncate=a.truncate, on_text=show if stream else None, config=cfg
+    )
     if stream:
         print()
         return 0
     for text, out in zip(texts, outs):
         if a.json:
-            print(json.dumps({"prompt": text, "prompt_tokens": out.prompt_tokens, "tokens": out.tokens,
-                              "text": out.text, "finish_reason": out.finish_reason}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt": text,
+                        "prompt_tokens": out.prompt_tokens,
+                        "tokens": out.tokens,
+                        "text": out.text,
+                        "finish_reason": out.finish_reason,
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(f"{text}{out.text}")
     return 0

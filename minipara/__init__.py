@@ -15,12 +15,20 @@ The public API (see README, "Python"):
 
 Names are imported on first use, so `import minipara` stays quick for the command-line scripts.
 """
+
 __version__ = "0.1.0"
 
 _WHERE = {
-    "load": "api", "LanguageModel": "api", "Completion": "api",
-    "GenerationConfig": "decode.generation", "TrainConfig": "train.trainer", "load_task": "train.tasks",
-    "METHODS": "methods", "UserError": "errors", "run": "train.runs", "RunInterrupted": "train.runs",
+    "load": "api",
+    "LanguageModel": "api",
+    "Completion": "api",
+    "GenerationConfig": "decode.generation",
+    "TrainConfig": "train.trainer",
+    "load_task": "train.tasks",
+    "METHODS": "methods",
+    "UserError": "errors",
+    "run": "train.runs",
+    "RunInterrupted": "train.runs",
 }
 __all__ = ["__version__", *_WHERE]
 
@@ -28,6 +36,7 @@ __all__ = ["__version__", *_WHERE]
 def __getattr__(name):
     if name in _WHERE:
         import importlib
+
         value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
         globals()[name] = value
         return value

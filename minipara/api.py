@@ -11,13 +11,14 @@ adapter was trained with, else the model family's chat template for chat models,
 text), where generation stops (the model's EOS ids and the template's end marker, which the
 returned text leaves out) and what happens to prompts longer than the context.
 """
+
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
-from minipara.errors import UserError
 from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.errors import UserError
 from minipara.methods.base import Adapter
 
 GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
@@ -29,6 +30,7 @@ class Completion:
     the generated ids (the end marker included when produced); `prompt_tokens` the ids the
     model read (template applied, truncated if asked); `finish_reason` is "stop" when an end
     marker ended it, "length" when max_new_tokens did."""
+
     text: str
     tokens: list[int]
     prompt_tokens: list[int]
@@ -59,6 +61,7 @@ class LanguageModel:
         """Capture the one-token decode step with torch.compile (and on CUDA the prefill as
         CUDA graphs); options go to minipara.decode.compiled.compile_decoder. Returns self."""
         from minipara.decode.compiled import compile_decoder
+
         compile_decoder(self.decoder, **options)
         return self
 
@@ -68,6 +71,7 @@ class LanguageModel:
         ptuning_v2) on this model's device; `options` override the method's config defaults and
         `seed` fixes its initial values."""
         from minipara.methods import build_adapter
+
         if seed is not None:
             torch.manual_seed(seed)
         try:
@@ -80,25 +84,30 @@ class LanguageModel:
         """The adapter stored at `path` (a minipara .safetensors file or a PEFT directory), on
         this model's device; refused with a UserError if it was made for another base model."""
         from minipara.io.adapters import load_adapter
+
         return load_adapter(path, self.args, self.model.weights_id).to(self.device)
 
     def save_adapter(self, path, adapter: Adapter, template: str | None = None):
         """Write `adapter` to the file `path` atomically, recording this base model (and the
         prompt template it was trained with, so generation picks the same one)."""
         from minipara.io.adapters import save_adapter
-        save_adapter(path, adapter, self.args, template if template is not None else adapter.template,
-                     self.model.weights_id)
+
+        save_adapter(
+            path, adapter, self.args, template if template is not None else adapter.template, self.model.weights_id
+        )
 
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
         of this checkpoint; other methods are refused with the reason (minipara.io.export)."""
         from minipara.io.export import export_peft
+
         return export_peft(adapter, out_dir, base_model=str(self.path))
 
     def export_merged(self, adapter: Adapter | None, out_dir):
         """Write this model with a LoRA, (IA)^3 or BitFit adapter folded into its weights as an
         HF-format directory (config, safetensors, this checkpoint's tokenizer files)."""
         from minipara.io.export import export_merged
+
         return export_merged(self.model, adapter, out_dir, self.path)
 
     # ---- templates and prompts ----------------------------------------------------------------
@@ -106,11 +115,15 @@ class LanguageModel:
         """The template a request uses: `name` unless it is "auto"; then the one the adapters
         were trained with, else the family's chat template if the model ships one, else none."""
         from minipara.io.tokenizer import TEMPLATES, resolve_template
+
         if name == "auto":
             trained_with = {a.template for a in adapters if a is not None} - {None}
             if len(trained_with) > 1:
-                raise UserError(f"the adapters were trained with different templates "
-                                f"({', '.join(sorted(trained_with))}): choose a template", ("template",))
+                raise UserError(
+                    f"the adapters were trained with different templates "
+                    f"({', '.join(sorted(trained_with))}): choose a template",
+                    ("template",),
+                )
             if trained_with:
                 return trained_with.pop()
         elif name not in TEMPLATES:
@@ -121,17 +134,20 @@ class LanguageModel:
         """Ids that end a generation under `template`: the model's EOS ids and the template's
         end marker (Gemma's <end_of_turn>)."""
         from minipara.io.tokenizer import end_id
+
         return tuple(dict.fromkeys((*self.args.eos_ids, end_id(self.tokenizer, template))))
 
     def encode_prompt(self, text: str, template: str = "none") -> list[int]:
         """The ids of `text` wrapped in `template` (a resolved name), BOS first."""
         from minipara.io.tokenizer import encode_example
+
         if not text.strip():
             raise UserError("empty prompt: give some text to continue")
         return encode_example(self.tokenizer, template, text)[0]
 
-    def fit_prompt(self, ids: list[int], max_new_tokens: int, truncate: bool = False, n_prefix: int = 0,
-                   which: str = "the prompt") -> list[int]:
+    def fit_prompt(
+        self, ids: list[int], max_new_tokens: int, truncate: bool = False, n_prefix: int = 0, which: str = "the prompt"
+    ) -> list[int]:
         """`ids`, if they leave room for max_new_tokens in the context; else, with `truncate`,
         BOS and the newest tokens that fit (the oldest text is dropped); else a UserError."""
         room = self.args.max_seq_len - max_new_tokens - n_prefix
@@ -139,15 +155,25 @@ class LanguageModel:
             return ids
         if not truncate or room < 2:
             slots = f" and {n_prefix} prefix slots of the adapter" if n_prefix else ""
-            raise UserError(f"{which} has {len(ids)} tokens; with max_new_tokens {max_new_tokens}{slots} that exceeds "
-                            f"the model's context of {self.args.max_seq_len}"
-                            + (" (set truncate to keep only the end of the prompt)" if room >= 2 else ""),
-                            ("max_new_tokens", "truncate"))
-        return ids[:1] + ids[len(ids) - room + 1:]
+            raise UserError(
+                f"{which} has {len(ids)} tokens; with max_new_tokens {max_new_tokens}{slots} that exceeds "
+                f"the model's context of {self.args.max_seq_len}"
+                + (" (set truncate to keep only the end of the prompt)" if room >= 2 else ""),
+                ("max_new_tokens", "truncate"),
+            )
+        return ids[:1] + ids[len(ids) - room + 1 :]
 
     # ---- generation ---------------------------------------------------------------------------
-    def generate(self, prompt: str | list[str], adapter=None, template: str = "auto", truncate: bool = False,
-                 on_text=None, config: GenerationConfig | None = None, **options):
+    def generate(
+        self,
+        prompt: str | list[str],
+        adapter=None,
+        template: str = "auto",
+        truncate: bool = False,
+        on_text=None,
+        config: GenerationConfig | None = None,
+        **options,
+    ):
         """Generate text from text: a Completion for a prompt, a list of them for a list of
         prompts (decoded as one left-padded batch).
 
@@ -175,11 +201,25 @@ class LanguageModel:
         if batch_adapter is not None:
             batch_adapter = batch_adapter.to(self.device)
         n_pre = batch_adapter.n_prefix if batch_adapter is not None else 0
-        ids = [self.fit_prompt(self.encode_prompt(t, name), cfg.max_new_tokens, truncate, n_pre,
-                               "the prompt" if single else f"prompt {i + 1}") for i, t in enumerate(texts)]
+        ids = [
+            self.fit_prompt(
+                self.encode_prompt(t, name),
+                cfg.max_new_tokens,
+                truncate,
+                n_pre,
+                "the prompt" if single else f"prompt {i + 1}",
+            )
+            for i, t in enumerate(texts)
+        ]
         stream = _TextStream(self.tokenizer, set(cfg.eos_ids), on_text) if on_text is not None else None
-        outs = generate(self.model, ids, cfg, adapter=batch_adapter, decoder=self.decoder,
-                        on_token=stream.token if stream is not None else None)
+        outs = generate(
+            self.model,
+            ids,
+            cfg,
+            adapter=batch_adapter,
+            decoder=self.decoder,
+            on_token=stream.token if stream is not None else None,
+        )
         done = []
         for row, (p, out) in enumerate(zip(ids, outs)):
             stopped = bool(out) and out[-1] in cfg.eos_ids
@@ -201,9 +241,19 @@ class LanguageModel:
         return cfg
 
     # ---- training -----------------------------------------------------------------------------
-    def trainer(self, adapter: Adapter, task, config=None, template: str = "auto", checkpoint=None,
-                log=None, progress: bool = True, max_eval: int | None = None, max_new_tokens: int | None = None,
-                on_best=None):
+    def trainer(
+        self,
+        adapter: Adapter,
+        task,
+        config=None,
+        template: str = "auto",
+        checkpoint=None,
+        log=None,
+        progress: bool = True,
+        max_eval: int | None = None,
+        max_new_tokens: int | None = None,
+        on_best=None,
+    ):
         """A minipara.train.trainer.Trainer for `adapter` on `task` (a Task from minipara.load_task, or
         a task name such as "copa"), with the papers' recipe (config: a TrainConfig). Call
         `.run()` to train, `.request_stop()` to interrupt, `.resume()` to continue from
@@ -211,13 +261,24 @@ class LanguageModel:
         with each new best adapter (by dev loss, or TrainConfig.select)."""
         from minipara.train.tasks import Task, load_task
         from minipara.train.trainer import Progress, TrainConfig, Trainer, prepare_task
+
         if not isinstance(task, Task):
             task = load_task(task)
         name = self.template(template, [adapter])
         train, dev, dev_eval, _ = prepare_task(task, self.tokenizer, name, max_eval, max_new_tokens)
         adapter.template = name  # saved with it, so generation uses the same template
-        return Trainer(self.model, adapter, train, dev, dev_eval, config or TrainConfig(), ckpt_path=checkpoint,
-                       log=log, on_best=on_best, progress=Progress() if progress else None)
+        return Trainer(
+            self.model,
+            adapter,
+            train,
+            dev,
+            dev_eval,
+            config or TrainConfig(),
+            ckpt_path=checkpoint,
+            log=log,
+            on_best=on_best,
+            progress=Progress() if progress else None,
+        )
 
     def train(self, adapter: Adapter, task, config=None, template: str = "auto", out=None, **options):
         """Train `adapter` in place on `task` (see `trainer` for the options) and leave the best
@@ -230,12 +291,21 @@ class LanguageModel:
         tr.load_best()
         return result
 
-    def evaluate(self, adapter: Adapter | None, task, split: str = "test", template: str = "auto",
-                 beams: int = 3, batch: int = 16, max_eval: int | None = None) -> dict:
+    def evaluate(
+        self,
+        adapter: Adapter | None,
+        task,
+        split: str = "test",
+        template: str = "auto",
+        beams: int = 3,
+        batch: int = 16,
+        max_eval: int | None = None,
+    ) -> dict:
         """The task metric of `adapter` (None: the bare model) on a split (dev or test),
         decoding as training evaluates."""
         from minipara.train.tasks import Task, load_task
         from minipara.train.trainer import evaluate, prepare_task
+
         if not isinstance(task, Task):
             task = load_task(task)
         if split not in ("dev", "test"):
@@ -253,6 +323,7 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     from minipara.io.checkpoints import load_model, parse_device, parse_dtype
     from minipara.io.tokenizer import load_tokenizer
     from minipara.io.weights import DEFAULT_MODEL, MODELS, ensure_model
+
     device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
     if path is None or str(path) in MODELS and not Path(path).exists():
         path = ensure_model(DEFAULT_MODEL if path is None else str(path))
@@ -269,6 +340,7 @@ def _batch_adapter(adapters: list):
     if len(distinct) == 1 and all(a is not None for a in adapters):
         return distinct[0]
     from minipara.methods.mixture import Mixture
+
     index = {id(a): i for i, a in enumerate(distinct)}
     return Mixture(distinct, [None if a is None else index[id(a)] for a in adapters])
 
@@ -296,5 +368,5 @@ class _TextStream:
     def _emit(self, row: int, text: str):
         old = self.shown.get(row, "")
         if len(text) > len(old):
-            self.on_text(row, text[len(old):])
+            self.on_text(row, text[len(old) :])
             self.shown[row] = text

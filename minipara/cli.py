@@ -1,4 +1,5 @@
 """What the three command-line scripts share: model options and one-line errors."""
+
 import argparse
 import math
 import os
@@ -41,9 +42,12 @@ def seed(text: str) -> int:
 
 
 def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("--model", default=None,
-                   help="HF-format model directory, or a shipped model: gemma-3-270m (the default) or "
-                        "smollm2-135m-instruct (converted on first use)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="HF-format model directory, or a shipped model: gemma-3-270m (the default) or "
+        "smollm2-135m-instruct (converted on first use)",
+    )
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
 
@@ -52,8 +56,10 @@ def load_lm(args, shard: bool = False):
     """The minipara.LanguageModel for parsed --model/--dtype/--device; shard: the base's
     weights sharded over torchrun's ranks (distributed.shard_layers)."""
     from minipara.api import load
+
     if shard:
         from minipara.train.distributed import shard_layers
+
         return load(args.model, args.dtype, args.device, shard=shard_layers)
     return load(args.model, args.dtype, args.device)
 

@@ -1,4 +1,5 @@
 """One exception type for mistakes a user can fix; the CLIs print it as one line."""
+
 import re
 
 

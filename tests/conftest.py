@@ -7,6 +7,7 @@ models make) moves it by up to 2^-8 * 4 = 0.016, and two computations that round
 different points (fused vs unfused, cached vs full, merged vs unmerged weights) differ by
 several such steps. The 16-bit tolerance is 0.125 absolute: eight roundings at |logit| = 4.
 """
+
 import os
 
 import pytest
@@ -22,19 +23,51 @@ def tol(float32_tol: float) -> float:
     return 0.125 if LOW_PRECISION else float32_tol
 
 
-exact_only = pytest.mark.skipif(LOW_PRECISION, reason="token-for-token equality needs float32: "
-                                "16-bit rounding flips near-ties between random logits")
+exact_only = pytest.mark.skipif(
+    LOW_PRECISION,
+    reason="token-for-token equality needs float32: 16-bit rounding flips near-ties between random logits",
+)
 
 from minipara.model.config import ModelArgs
 from minipara.model.transformer import Transformer
 
 TINY = {
-    "llama": dict(model_type="llama", vocab_size=97, dim=48, n_layers=3, n_heads=4, n_kv_heads=2,
-                  head_dim=12, ffn_dim=64, norm_eps=1e-5, attn_scale=12 ** -0.5, bos_id=1, eos_ids=(2,)),
-    "gemma": dict(model_type="gemma3_text", vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=1,
-                  head_dim=16, ffn_dim=48, norm_eps=1e-6, activation="gelu_tanh", norm_offset=1.0,
-                  embed_scale=True, qk_norm=True, sandwich_norm=True, attn_scale=16 ** -0.5,
-                  rope_theta=1e6, sliding_window=5, sliding=(True, False, True), bos_id=2, eos_ids=(1,)),
+    "llama": dict(
+        model_type="llama",
+        vocab_size=97,
+        dim=48,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=12,
+        ffn_dim=64,
+        norm_eps=1e-5,
+        attn_scale=12**-0.5,
+        bos_id=1,
+        eos_ids=(2,),
+    ),
+    "gemma": dict(
+        model_type="gemma3_text",
+        vocab_size=97,
+        dim=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=16,
+        ffn_dim=48,
+        norm_eps=1e-6,
+        activation="gelu_tanh",
+        norm_offset=1.0,
+        embed_scale=True,
+        qk_norm=True,
+        sandwich_norm=True,
+        attn_scale=16**-0.5,
+        rope_theta=1e6,
+        sliding_window=5,
+        sliding=(True, False, True),
+        bos_id=2,
+        eos_ids=(1,),
+    ),
 }
 
 
@@ -135,7 +168,7 @@ def prefill_then_decode(model, adapter, tokens, valid, prompt_len: int):
     with torch.no_grad():
         cache = model.new_cache(tokens.shape[0], n_pre + tokens.shape[1], n_prefix=n_pre)
         outs = [model(tokens[:, :prompt_len], valid=valid[:, :prompt_len], cache=cache, adapter=adapter)]
-        outs += [model(tokens[:, j:j + 1], cache=cache) for j in range(prompt_len, tokens.shape[1])]
+        outs += [model(tokens[:, j : j + 1], cache=cache) for j in range(prompt_len, tokens.shape[1])]
     return torch.cat(outs, 1)
 
 
@@ -159,17 +192,40 @@ def write_tiny_model_dir(d):
     from safetensors.torch import save_file
 
     from minipara.io.checkpoints import hf_names
+
     words = "yes no red blue green cat dog sun moon is the a big small".split()
     text = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=26, model_type="unigram",
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_writer=buf,
+        vocab_size=26,
+        model_type="unigram",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
     (d / "tokenizer.model").write_bytes(buf.getvalue())
-    cfg = {"model_type": "llama", "vocab_size": 32, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 12, "rms_norm_eps": 1e-5,
-           "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    cfg = {
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 12,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
     (d / "config.json").write_text(json.dumps(cfg))
     from minipara.io.checkpoints import hf_state_dict
+
     model = Transformer(ModelArgs.from_hf(cfg))
     g = torch.Generator().manual_seed(0)
     params = dict(model.named_parameters())
@@ -187,14 +243,28 @@ def hf_base(family: str, path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if family == "llama":
-        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        cfg = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
         hf = transformers.LlamaForCausalLM(cfg)
     else:
-        cfg = transformers.Gemma3TextConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=1, head_dim=32,
-                                            vocab_size=128, sliding_window=4, query_pre_attn_scalar=24,
-                                            layer_types=["sliding_attention", "full_attention"])
+        cfg = transformers.Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=128,
+            sliding_window=4,
+            query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "full_attention"],
+        )
         hf = transformers.Gemma3ForCausalLM(cfg)
         with torch.no_grad():  # HF's zero Gemma norms would hide norm bugs
             for name, p in hf.named_parameters():

@@ -1,4 +1,5 @@
 """Adapter files: exact round trips for every method, and a clear refusal for every bad file."""
+
 import json
 import os
 import sys
@@ -6,15 +7,14 @@ import types
 
 import pytest
 import torch
+from conftest import DEVICE, perturbed, tiny_args, tiny_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from minipara.errors import UserError
 from minipara.io import adapters as adapter_io
 from minipara.io.adapters import adapter_info, load_adapter, save_adapter
-from minipara.errors import UserError
 from minipara.methods import METHODS, build_adapter
-
-from conftest import DEVICE, perturbed, tiny_args, tiny_model
 
 
 @pytest.fixture
@@ -106,16 +106,21 @@ def test_refuses_a_file_for_another_base_model(saved):
     refused(path, other, "configs differ", "rope_theta")
 
 
-@pytest.mark.parametrize("edit, words", [
-    ({"format_version": "2"}, ("newer minipara", "format 2", "upgrade")),
-    ({"method": "dora"}, ("unknown method 'dora'", ", ".join(METHODS))),
-    ({"method": None}, ("unknown method None",)),
-    ({"config": json.dumps({"r": 12, "pooler": "last", "targets": "qvu", "up_bias": True, "gamma": 2})},
-     ("gamma", "unknown to this version")),
-    ({"config": json.dumps({"targets": "xyz"})}, ("bad para config", "xyz")),
-    ({"config": "{not json"}, ("damaged", "config")),
-    ({"base": None}, ("damaged", "base")),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        ({"format_version": "2"}, ("newer minipara", "format 2", "upgrade")),
+        ({"method": "dora"}, ("unknown method 'dora'", ", ".join(METHODS))),
+        ({"method": None}, ("unknown method None",)),
+        (
+            {"config": json.dumps({"r": 12, "pooler": "last", "targets": "qvu", "up_bias": True, "gamma": 2})},
+            ("gamma", "unknown to this version"),
+        ),
+        ({"config": json.dumps({"targets": "xyz"})}, ("bad para config", "xyz")),
+        ({"config": "{not json"}, ("damaged", "config")),
+        ({"base": None}, ("damaged", "base")),
+    ],
+)
 def test_refuses_a_bad_header(saved, edit, words):
     path, _ = saved
     rewrite(path, meta=edit)

@@ -1,5 +1,6 @@
 """The public Python API (minipara.load, LanguageModel): README's example runs, and generation
 through the API is the low-level generate() with the library's template, stop and truncation rules."""
+
 import re
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def readme_example() -> str:
 def test_readme_example_runs(model_dir, tmp_path, monkeypatch):
     """README's Python section, run as written, on the tiny model in place of the default one."""
     import minipara.io.weights
+
     monkeypatch.setattr(minipara.io.weights, "ensure_model", lambda name, quiet=False: model_dir)
     monkeypatch.chdir(tmp_path)
     scope = {}

@@ -3,6 +3,7 @@
 The PEFT round trips use the real `peft` package (a test-only dependency) to make and run
 adapters on tiny random HF models, so the names, shapes and maths are PEFT's own.
 """
+
 import json
 import math
 import shutil
@@ -10,16 +11,25 @@ import threading
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import (
+    DEVICE,
+    TINY,
+    assert_decode_matches_full_forward,
+    count_ops,
+    hf_base,
+    prompt_batch,
+    shared_tiny_model,
+    tiny_args,
+    tol,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from minipara.model.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
+from minipara.model.config import ModelArgs
 from minipara.model.projections import HF_MODULES
-
-from conftest import (TINY, DEVICE, assert_decode_matches_full_forward, count_ops, hf_base, prompt_batch,
-                      shared_tiny_model, tiny_args, tol)
 
 IDENTITY = ("lora", "ia3", "bitfit")
 ALL = IDENTITY + ("ptuning_v2",)
@@ -58,9 +68,13 @@ def test_ptuning_v2_is_not_identity_and_shifts_positions():
 
 
 @settings(max_examples=15, deadline=None)
-@given(family=st.sampled_from(["llama", "gemma"]), method=st.sampled_from(ALL),
-       lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), extra=st.integers(1, 4),
-       seed=st.integers(0, 1000))
+@given(
+    family=st.sampled_from(["llama", "gemma"]),
+    method=st.sampled_from(ALL),
+    lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3),
+    extra=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
 def test_decode_matches_full_forward(family, method, lengths, extra, seed):
     model, ad = shared_tiny_model(family), trained(method, family, seed)
     assert_decode_matches_full_forward(model, ad, seed, lengths, extra)
@@ -81,25 +95,36 @@ def test_merge_gives_the_unmerged_logits(family, method):
         assert merged.args.attention_bias and merged.args.mlp_bias and not model.args.attention_bias
 
 
-
 @settings(max_examples=30, deadline=None)
-@given(present=st.lists(st.booleans(), min_size=1, max_size=3).filter(any),
-       ranks=st.lists(st.integers(1, 5), min_size=3, max_size=3),
-       per_row=st.booleans(), tokens=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+@given(
+    present=st.lists(st.booleans(), min_size=1, max_size=3).filter(any),
+    ranks=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    per_row=st.booleans(),
+    tokens=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
 def test_fused_low_rank_pairs_add_each_parts_own_update(present, ranks, per_row, tokens, seed):
     """LayerState's compact low-rank layout (A rank-major over the parts, each part's B in its
     own columns): any mix of present parts and ranks, shared or per row, adds exactly each
     part's x @ A @ B at its own columns, at one token (decode's sums) and at several."""
     from minipara.model.layer_state import fuse_lora, lora_delta, lora_update
+
     g = torch.Generator().manual_seed(seed)
-    widths, d_in, rows = [6, 4, 4][:len(present)], 5, 2
+    widths, d_in, rows = [6, 4, 4][: len(present)], 5, 2
     lead = (rows,) if per_row else ()
-    pairs = [(torch.randn(*lead, d_in, r, generator=g, dtype=torch.float64),
-              torch.randn(*lead, r, w, generator=g, dtype=torch.float64)) if on else None
-             for on, r, w in zip(present, ranks, widths)]
+    pairs = [
+        (
+            torch.randn(*lead, d_in, r, generator=g, dtype=torch.float64),
+            torch.randn(*lead, r, w, generator=g, dtype=torch.float64),
+        )
+        if on
+        else None
+        for on, r, w in zip(present, ranks, widths)
+    ]
     x = torch.randn(rows, tokens, d_in, generator=g, dtype=torch.float64)
-    want = torch.cat([x @ ab[0] @ ab[1] if ab is not None else x.new_zeros(rows, tokens, w)
-                      for ab, w in zip(pairs, widths)], -1)
+    want = torch.cat(
+        [x @ ab[0] @ ab[1] if ab is not None else x.new_zeros(rows, tokens, w) for ab, w in zip(pairs, widths)], -1
+    )
     a, bm = fuse_lora(pairs, widths)
     split = widths if len(widths) > 1 else None
     assert torch.allclose(lora_update(x, a, bm, split), want, atol=1e-12)
@@ -113,8 +138,16 @@ def test_merge_refused_for_prefix_and_prompt_aware_methods(method):
 
 
 def test_parameter_counts_on_llama2_7b_shape():
-    args = ModelArgs(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                     head_dim=128, ffn_dim=11008)
+    args = ModelArgs(
+        model_type="llama",
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        ffn_dim=11008,
+    )
     with torch.device("meta"):
         counts = {m: sum(p.numel() for p in build_adapter(m, args).parameters()) for m in ALL}
     assert counts["lora"] == 32 * 4 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) == 9_994_240
@@ -138,10 +171,12 @@ def test_lora_fuses_all_layers_pairs_once_a_pass():
     """LoRA's pairs do not depend on the prompt: a pass over the layers (a forward, a prefill)
     fuses all layers' at its first, in as many ops for 6 layers as for 3 (per layer it was 37 a
     layer); a pass that starts again, or a call out of order, sees the parameters as they are."""
+
     def pass_ops(n_layers):
         args = ModelArgs(**{**TINY["llama"], "n_layers": n_layers})
         ad, h = build_adapter("lora", args), torch.randn(2, 5, args.dim)
         return count_ops(lambda: [ad.layer_state(i, h, None, None) for i in range(n_layers)])
+
     assert pass_ops(6) == pass_ops(3)
 
     ad, h = trained("lora", "llama", 4), torch.randn(2, 5, tiny_args("llama").dim)
@@ -179,6 +214,7 @@ def peft_pair(request, tmp_path_factory):
     """(HF base model, minipara model loaded from its saved directory)."""
     pytest.importorskip("peft")
     from minipara.io.checkpoints import load_model
+
     path = tmp_path_factory.mktemp(f"base-{request.param}")
     hf = hf_base(request.param, path)
     return hf, load_model(path)
@@ -189,6 +225,7 @@ def llama_lora(tmp_path_factory):
     """(minipara LLaMA model, directory of a PEFT LoRA made for it): the refusal cases edit copies."""
     pytest.importorskip("peft")
     from minipara.io.checkpoints import load_model
+
     path = tmp_path_factory.mktemp("refusals")
     hf = hf_base("llama", path / "base")
     peft_adapter(hf, path / "ok", "lora")
@@ -200,12 +237,17 @@ def peft_adapter(hf, path, kind: str, **options):
     import copy
 
     import peft
+
     torch.manual_seed(1)
     if kind == "lora":
         cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS, init_lora_weights=False, **options)
     else:
-        cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                             init_ia3_weights=False, **options)
+        cfg = peft.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            init_ia3_weights=False,
+            **options,
+        )
     pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
     pm.save_pretrained(path)
     return pm
@@ -223,6 +265,7 @@ def logits_agree(pm, model, ad):
 @pytest.mark.parametrize("kind, options", [("lora", {}), ("lora", {"use_rslora": True}), ("ia3", {})])
 def test_peft_round_trip(peft_pair, tmp_path, kind, options):
     from minipara.io.peft_import import load_peft_adapter
+
     hf, model = peft_pair
     pm = peft_adapter(hf, tmp_path, kind, **options)
     ad = load_peft_adapter(tmp_path, model.args)
@@ -236,8 +279,15 @@ def test_peft_round_trip(peft_pair, tmp_path, kind, options):
     # Older PEFT files keep the adapter name in tensor names.
     f = tmp_path / "adapter_model.safetensors"
     t = load_file(f)
-    save_file({k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
-               .replace(".ia3_l", ".ia3_l.default"): v for k, v in t.items()}, f)
+    save_file(
+        {
+            k.replace(".lora_A.", ".lora_A.default.")
+            .replace(".lora_B.", ".lora_B.default.")
+            .replace(".ia3_l", ".ia3_l.default"): v
+            for k, v in t.items()
+        },
+        f,
+    )
     again = load_peft_adapter(tmp_path, model.args)
     assert all(torch.equal(a, b) for a, b in zip(ad.state_dict().values(), again.state_dict().values()))
 
@@ -276,8 +326,11 @@ LORA_REFUSALS = {
     "peft_type": ({"peft_type": "PREFIX_TUNING"}, None, "'PREFIX_TUNING' is not supported"),
     "missing": (None, drop(Q_A), f"tensor {Q_A} is missing"),
     "misshaped": (None, reshape(Q_A), rf"tensor {Q_A} has shape \[4, 65\], this llama model needs \[4, 64\]"),
-    "other_module": (None, lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)},
-                     "lm_head.lora_A.weight adapts something other than"),
+    "other_module": (
+        None,
+        lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)},
+        "lm_head.lora_A.weight adapts something other than",
+    ),
     "deeper_model": (None, lambda t: {**t, Q_A.replace("layers.1", "layers.5"): t[Q_A].clone()}, "is for layer 5"),
 }
 
@@ -285,6 +338,7 @@ LORA_REFUSALS = {
 @pytest.mark.parametrize("case", list(LORA_REFUSALS))
 def test_peft_refusals(llama_lora, tmp_path, case):
     from minipara.io.peft_import import load_peft_adapter
+
     model, ok = llama_lora
     config, tensors, message = LORA_REFUSALS[case]
     bad = variant(ok, tmp_path / case, config, tensors)
@@ -295,17 +349,22 @@ def test_peft_refusals(llama_lora, tmp_path, case):
 
 def test_peft_ia3_refuses_input_scaling_it_cannot_express(peft_pair, tmp_path):
     from minipara.io.peft_import import load_peft_adapter
+
     hf, model = peft_pair
     peft_adapter(hf, tmp_path / "ok", "ia3")
-    bad = variant(tmp_path / "ok", tmp_path / "bad",
-                  {"target_modules": ["k_proj", "v_proj", "up_proj"], "feedforward_modules": ["up_proj"]},
-                  lambda t: {k.replace("down_proj", "up_proj"): v for k, v in t.items()})
+    bad = variant(
+        tmp_path / "ok",
+        tmp_path / "bad",
+        {"target_modules": ["k_proj", "v_proj", "up_proj"], "feedforward_modules": ["up_proj"]},
+        lambda t: {k.replace("down_proj", "up_proj"): v for k, v in t.items()},
+    )
     with pytest.raises(UserError, match="up_proj is a feedforward module, so PEFT scales its input"):
         load_peft_adapter(bad, model.args)
 
 
 def test_peft_pickle_is_never_opened(tmp_path):
     from minipara.io.peft_import import load_peft_adapter
+
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
     (tmp_path / "adapter_model.bin").write_bytes(b"not a pickle at all")
     with pytest.raises(UserError, match="safe_serialization=True"):
@@ -315,6 +374,7 @@ def test_peft_pickle_is_never_opened(tmp_path):
 def test_adapter_io_reads_peft_directories(peft_pair, tmp_path):
     """minipara.io.adapters.load_adapter hands a PEFT directory to the importer."""
     from minipara.io.adapters import load_adapter
+
     hf, model = peft_pair
     pm = peft_adapter(hf, tmp_path, "lora")
     assert logits_agree(pm, model, load_adapter(tmp_path, model.args)) < 1e-4

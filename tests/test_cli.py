@@ -1,4 +1,5 @@
 """generate.py refuses bad input with one line naming the problem and exit status 2 (no traceback)."""
+
 import json
 import shutil
 import subprocess
@@ -6,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,8 +19,9 @@ def broken_copy(model_dir, tmp_path, edit):
 
 
 def generate(*args):
-    run = subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "generate.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     return run.returncode, run.stdout, run.stderr
 
 
@@ -43,20 +44,26 @@ def test_model_directory_missing(tmp_path):
     refused(["hello", "--model", tmp_path / "nope"], "does not exist")
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda d: (d / "config.json").unlink(), ("config.json", "missing")),
-    (lambda d: (d / "config.json").write_text("{not json"), ("config.json", "not valid JSON")),
-    (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "gpt2"})), ("gpt2", "supported: llama")),
-    (lambda d: (d / "tokenizer.model").unlink(), ("tokenizer.model", "missing")),
-    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
-     ("damaged or truncated",)),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda d: (d / "config.json").unlink(), ("config.json", "missing")),
+        (lambda d: (d / "config.json").write_text("{not json"), ("config.json", "not valid JSON")),
+        (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "gpt2"})), ("gpt2", "supported: llama")),
+        (lambda d: (d / "tokenizer.model").unlink(), ("tokenizer.model", "missing")),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+            ("damaged or truncated",),
+        ),
+    ],
+)
 def test_broken_model_directory(model_dir, tmp_path, edit, words):
     refused(["hello", "--model", broken_copy(model_dir, tmp_path, edit)], *words)
 
 
-@pytest.mark.parametrize("drop, words", [(True, ("missing tensor", "model.layers.")),
-                                         (False, ("has shape", "the config needs"))])
+@pytest.mark.parametrize(
+    "drop, words", [(True, ("missing tensor", "model.layers.")), (False, ("has shape", "the config needs"))]
+)
 def test_missing_or_misshaped_tensor(model_dir, tmp_path, drop, words):
     from safetensors.torch import load_file, save_file
 
@@ -68,6 +75,7 @@ def test_missing_or_misshaped_tensor(model_dir, tmp_path, drop, words):
         else:
             t[name] = t[name][:, :-1].contiguous()
         save_file(t, d / "model.safetensors")
+
     refused(["hello", "--model", broken_copy(model_dir, tmp_path, edit)], *words)
 
 
@@ -79,8 +87,7 @@ def test_bad_options(model_dir):
 
 def test_context_overflow_is_refused_unless_truncation_is_asked(model_dir):
     long_prompt = " ".join(["red cat"] * 200)  # the tiny model's context is 256 tokens
-    refused([long_prompt, "--model", model_dir, "--max-new-tokens", "8"], "exceeds the model's context",
-            "--truncate")
+    refused([long_prompt, "--model", model_dir, "--max-new-tokens", "8"], "exceeds the model's context", "--truncate")
     code, out, err = generate(long_prompt, "--model", model_dir, "--max-new-tokens", "8", "--truncate", "--json")
     assert code == 0, err
     assert len(json.loads(out)["prompt_tokens"]) == 256 - 8
@@ -88,15 +95,17 @@ def test_context_overflow_is_refused_unless_truncation_is_asked(model_dir):
 
 def test_an_adapter_brings_its_training_template(model_dir, tmp_path):
     from minipara.io.adapters import save_adapter
-    from minipara.model.config import ModelArgs
-    from minipara.methods import build_adapter
     from minipara.io.tokenizer import Tokenizer, encode_example
+    from minipara.methods import build_adapter
+    from minipara.model.config import ModelArgs
+
     args = ModelArgs.from_dir(model_dir)
     path = tmp_path / "a.safetensors"
     save_adapter(path, build_adapter("para", args), args, template="llama2")
     code, out, err = generate("red cat", "--model", model_dir, "--adapter", path, "--max-new-tokens", "2", "--json")
     assert code == 0, err
     assert json.loads(out)["prompt_tokens"] == encode_example(Tokenizer(model_dir), "llama2", "red cat")[0]
-    code, out, err = generate("red cat", "--model", model_dir, "--adapter", path, "--max-new-tokens", "2",
-                              "--template", "none", "--json")  # an explicit choice still wins
+    code, out, err = generate(
+        "red cat", "--model", model_dir, "--adapter", path, "--max-new-tokens", "2", "--template", "none", "--json"
+    )  # an explicit choice still wins
     assert json.loads(out)["prompt_tokens"] == encode_example(Tokenizer(model_dir), "none", "red cat")[0]

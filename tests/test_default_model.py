@@ -3,6 +3,7 @@ reference implementation), its tokenizer and the chat templates.
 
 The first test run converts the model (about 30 s on 2 CPU cores); later runs reuse it.
 """
+
 import json
 
 import pytest
@@ -18,6 +19,7 @@ from minipara.io.weights import hf_name
 @pytest.fixture(scope="module")
 def default_dir():
     from minipara.io.weights import ensure_default_model
+
     return ensure_default_model()
 
 
@@ -50,25 +52,33 @@ def hf_model(default_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(default_dir, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("prompt, expected", [("The capital of France is the city of", "Paris"),
-                                              ("Water boils at", "100")])
+@pytest.mark.parametrize(
+    "prompt, expected", [("The capital of France is the city of", "Paris"), ("Water boils at", "100")]
+)
 def test_hf_transformers_continues_correctly(hf_model, tok, prompt, expected):
     ids = torch.tensor([tok.encode(prompt, bos=True)])
     out = hf_model.generate(ids, max_new_tokens=12, do_sample=False)
-    assert expected in tok.decode(out[0, ids.shape[1]:].tolist())
+    assert expected in tok.decode(out[0, ids.shape[1] :].tolist())
 
 
 @pytest.fixture(scope="module")
 def model(default_dir):
     from minipara.io.checkpoints import load_model
+
     return load_model(default_dir)
 
 
-@pytest.mark.parametrize("prompt, expected", [("The capital of France is the city of", " Paris. It is the most visited"),
-                                              ("Water boils at", " 100 degrees Celsius.")])
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        ("The capital of France is the city of", " Paris. It is the most visited"),
+        ("Water boils at", " 100 degrees Celsius."),
+    ],
+)
 def test_minipara_continues_correctly(model, tok, prompt, expected):
     """minipara's own stack, loaded the ordinary HF way: the continuation HF transformers gives."""
     from minipara.decode.generation import GenerationConfig, generate
+
     out = generate(model, [tok.encode(prompt, bos=True)], GenerationConfig(max_new_tokens=8))
     assert tok.decode(out[0]).startswith(expected)
 

@@ -8,6 +8,7 @@ in a tensor whose gradient is near zero, so after a few steps the adapters are c
 a rank that dropped or double-counted an example, or normalised by its own token count,
 misses by far more (checked: normalising by each rank's own token count fails this test).
 """
+
 import os
 import signal
 import socket
@@ -19,12 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from minipara.train.distributed import Ranks
-from minipara.train.trainer import Trainer, TrainConfig
-
 from conftest import tiny_model
 from test_training import ENV, ROOT, adapter_for, evset, make, tiny_dir, train_cmd  # noqa: F401 (fixture)
+
+from minipara.train.distributed import Ranks
+from minipara.train.trainer import TrainConfig, Trainer
 
 TOL = dict(atol=1e-5, rtol=1e-4)
 CFG = dict(lr=1e-2, arch_lr=1e-3, max_steps=7, batch_size=6, micro_batch=2, eval_every=3, patience=100, seed=3)
@@ -43,6 +43,7 @@ def train(method: str, ranks: Ranks, shard: bool = False):
     model = tiny_model("llama")
     if shard:
         from minipara.train.distributed import shard_layers
+
         model = shard_layers(model)
     ad = adapter_for(method, model)
     dev = make(9, 2)
@@ -56,10 +57,14 @@ def worker(rank: int, world: int, port: int, out: str):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        got = {"pedro": train("pedro", Ranks(rank, world)),
-               "para-sharded": train("para", Ranks(rank, world, lockstep=True), shard=True)}
-        got["para-sharded"] = ({k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                                for k, v in got["para-sharded"][0].items()}, got["para-sharded"][1])
+        got = {
+            "pedro": train("pedro", Ranks(rank, world)),
+            "para-sharded": train("para", Ranks(rank, world, lockstep=True), shard=True),
+        }
+        got["para-sharded"] = (
+            {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in got["para-sharded"][0].items()},
+            got["para-sharded"][1],
+        )
         torch.save(got, f"{out}.{rank}")
         dist.barrier()  # both ranks done with the group before either tears it down
     finally:
@@ -97,8 +102,16 @@ def test_two_ranks_train_the_adapter_one_process_trains(tmp_path):
 
 
 def torchrun(n: int, *args) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-            str(free_port()), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(n),
+        "--master-port",
+        str(free_port()),
+        *args,
+    ]
 
 
 def test_torchrun_ctrl_c_then_resume_with_one_process(tiny_dir, tmp_path):
@@ -108,6 +121,7 @@ def test_torchrun_ctrl_c_then_resume_with_one_process(tiny_dir, tmp_path):
     run. Bit for bit here: the gathered weights are the file's, and with 2 micro-batches of 2
     the one process adds the two micro-batch gradients as the all-reduce does."""
     from safetensors.torch import load_file
+
     steps = ["--eval-every", "40"]  # 10 epochs of 8 steps
     ref = tmp_path / "ref.safetensors"
     r = subprocess.run(train_cmd(tiny_dir, ref, *steps), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -126,8 +140,14 @@ def test_torchrun_ctrl_c_then_resume_with_one_process(tiny_dir, tmp_path):
     assert "2 ranks, base sharded" in err and "checkpoint saved" in err, err
     assert "Resume with: torchrun --nproc-per-node 2 train.py" in err, err
     assert not out.with_suffix(".report.json").exists()
-    r = subprocess.run(train_cmd(tiny_dir, out, *steps, "--shard-base", "--resume"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        train_cmd(tiny_dir, out, *steps, "--shard-base", "--resume"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(ref), load_file(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -166,5 +186,6 @@ def test_a_failing_rank_ends_the_run(tiny_dir, tmp_path):
 def test_train_speed_runs_the_trainers_step():
     """bench.py --train-steps (the GPU scaling figure) on one process: the Trainer's step, timed."""
     from minipara.bench.speed import train_speed
+
     r = train_speed(tiny_model("llama"), "para", Ranks(), steps=2, warmup=1, batch=4, micro_batch=2, prompt_tokens=8)
     assert r["ranks"] == 1 and r["steps"] == 2 and r["steps_per_s"] > 0 and r["examples_per_s"] == 4 * r["steps_per_s"]

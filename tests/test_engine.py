@@ -1,15 +1,15 @@
 """Continuous batching (minipara/engine.py): requests that join and leave a running batch, each
 with its own adapter of any method, get the tokens they get when run alone through generate()."""
+
 import random
 import threading
 
 import pytest
+from conftest import DEVICE, exact_only, perturbed, tiny_model
 
-from minipara.serve.engine import Engine, Request
 from minipara.decode.generation import GenerationConfig, generate
 from minipara.methods import METHODS, build_adapter
-
-from conftest import DEVICE, exact_only, perturbed, tiny_model
+from minipara.serve.engine import Engine, Request
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,7 +28,9 @@ def run_engine(engine, reqs):
                 results[i] = (reqs[i].tokens, "".join(parts), value)
                 if len(results) == len(reqs):
                     done.set()
+
         return emit
+
     for i, req in enumerate(reqs):
         req.emit = emitter(i)
         engine.submit(req)
@@ -48,15 +50,17 @@ def test_mixed_methods_join_and_leave_as_if_alone(family):
     request's tokens equal generate()'s for it alone; some sample with a seed."""
     model = tiny_model(family)
     options = {"ptuning_v2": dict(prefix_len=6)}  # the default 64 would need a longer cache
-    adapters = [None] + [perturbed(build_adapter(m, model.args, **options.get(m, {})), seed=i).to(DEVICE)
-                         for i, m in enumerate(METHODS)]
+    adapters = [None] + [
+        perturbed(build_adapter(m, model.args, **options.get(m, {})), seed=i).to(DEVICE) for i, m in enumerate(METHODS)
+    ]
     rng = random.Random(0)
     reqs, alone = [], []
     for i in range(24):
         ad = adapters[i % len(adapters)]
         prompt = [model.args.bos_id] + [rng.randrange(3, 97) for _ in range(rng.randrange(1, 12))]
-        cfg = GenerationConfig(max_new_tokens=rng.randrange(1, 14), eos_ids=(7,),
-                               temperature=0.9 if i % 5 == 4 else 0.0, seed=i)
+        cfg = GenerationConfig(
+            max_new_tokens=rng.randrange(1, 14), eos_ids=(7,), temperature=0.9 if i % 5 == 4 else 0.0, seed=i
+        )
         reqs.append(Request(prompt, cfg, ad))
         alone.append(generate(model, [prompt], cfg, adapter=ad)[0])
     engine = Engine(model, text_of, max_batch=3, slots=36)
@@ -84,14 +88,14 @@ def test_stop_strings_and_cancel():
         cfg = GenerationConfig(max_new_tokens=12, eos_ids=())
         want = generate(model, [[1, 5, 6]], cfg)[0]
         stop = text_of(want[3:5])
-        (tokens, text, reason), = run_engine(engine, [Request([1, 5, 6], cfg, stop=[stop])]).values()
+        ((tokens, text, reason),) = run_engine(engine, [Request([1, 5, 6], cfg, stop=[stop])]).values()
         full = text_of(want)
-        assert reason == "stop" and text == full[:full.find(stop)]
+        assert reason == "stop" and text == full[: full.find(stop)]
         # A cancelled request leaves its row; the next request runs.
         long = Request([1, 5], GenerationConfig(max_new_tokens=40, eos_ids=()))
         long.emit = lambda kind, value: long.cancel()
         engine.submit(long)
-        (tokens, _, reason), = run_engine(engine, [Request([1, 5, 6], cfg)]).values()
+        ((tokens, _, reason),) = run_engine(engine, [Request([1, 5, 6], cfg)]).values()
         assert tokens == want and engine.active() == 0 and len(long.tokens) < 40
     finally:
         engine.stop()

@@ -1,6 +1,7 @@
 """Export: PEFT directories that the real `peft` loads onto HF transformers, and merged HF
 checkpoints that transformers loads, both giving minipara's greedy tokens (tiny models of
 both families); adapters that fixed weights cannot express are refused."""
+
 import copy
 
 import pytest
@@ -10,12 +11,13 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from conftest import hf_base  # noqa: E402
-from minipara.errors import UserError  # noqa: E402
-from minipara.io.export import export_merged, export_peft  # noqa: E402
+
 from minipara.decode.generation import GenerationConfig, generate  # noqa: E402
+from minipara.errors import UserError  # noqa: E402
 from minipara.io.checkpoints import load_model  # noqa: E402
-from minipara.methods import build_adapter  # noqa: E402
+from minipara.io.export import export_merged, export_peft  # noqa: E402
 from minipara.io.peft_import import load_peft_adapter  # noqa: E402
+from minipara.methods import build_adapter  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 22, 7], [1, 40, 3, 3, 100, 64, 12, 90]]
 NEW = 12
@@ -51,7 +53,9 @@ def theirs(hf) -> list[list[int]]:
     with torch.no_grad():
         for p in PROMPTS:
             ids = torch.tensor([p])
-            out.append(hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(p):].tolist())
+            out.append(
+                hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(p) :].tolist()
+            )
     return out
 
 

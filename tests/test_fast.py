@@ -1,18 +1,18 @@
 """The compiled decode step (fast.py) computes what the eager step computes."""
+
 import re
 
 import pytest
 import torch
+from conftest import DEVICE, TINY, exact_only, tiny_args, tiny_model, tol
 from torch._inductor.utils import run_and_get_code
 
-from minipara.model.config import ModelArgs
 from minipara.decode.compiled import BEAM_WINDOW, PrefillGraphs, compile_decoder
 from minipara.decode.generation import Decoder, GenerationConfig, generate, left_pad
 from minipara.methods import METHODS, build_adapter
 from minipara.methods.mixture import Mixture
+from minipara.model.config import ModelArgs
 from minipara.model.transformer import Transformer
-
-from conftest import DEVICE, TINY, exact_only, tiny_args, tiny_model, tol
 
 
 def trained_looking(ad, seed=0):
@@ -45,7 +45,9 @@ def test_compiled_decode_logits_equal_eager(setup, method):
     steps = [torch.tensor([3, 4], device=DEVICE), torch.tensor([11, 12], device=DEVICE)]
     out = {}
     for name, dec in (("eager", Decoder(model)), ("compiled", fast)):
-        cache, first = dec.prefill(tokens, valid, tokens.shape[1] + 10, ad)  # the generation tests' cache size: one graph
+        cache, first = dec.prefill(
+            tokens, valid, tokens.shape[1] + 10, ad
+        )  # the generation tests' cache size: one graph
         out[name] = [first] + [dec.step(cache, s) for s in steps]
     for e, c in zip(out["eager"], out["compiled"]):
         assert (e - c).abs().max() < tol(1e-5)
@@ -136,13 +138,15 @@ def test_layers_share_the_compiled_steps_kernels():
     """Each layer's adapter states are inputs of the compiled step of their own, so the middle
     layers of a deeper model add no kernels. (Indexed out of the stacked states inside the
     graph, every layer got kernels of its own: 32 times the compiling and tuning on a 7B.)"""
+
     def kernels(n_layers):
         args = ModelArgs(**dict(TINY["llama"], n_layers=n_layers))
         model = Transformer(args).to(DEVICE).eval()
         ad = build_adapter("lora", args).to(DEVICE)
         cfg = GenerationConfig(max_new_tokens=2, eos_ids=())
-        _, code = run_and_get_code(generate, model, PROMPTS[:1], cfg, adapter=ad,
-                                   decoder=compile_decoder(Decoder(model), graph_prefill=False))
+        _, code = run_and_get_code(
+            generate, model, PROMPTS[:1], cfg, adapter=ad, decoder=compile_decoder(Decoder(model), graph_prefill=False)
+        )
         return kernel_count(code)
 
     assert kernels(6) == kernels(4)
@@ -153,6 +157,7 @@ def test_prompt_independent_states_compile_into_the_prefills_one_graph(method):
     """States built for all layers at a pass's first layer (LayerPass) trace into the compiled
     prefill without a graph break, equal eager's, and follow the parameters between calls."""
     from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
     counters.clear()
     model = tiny_model("llama")
@@ -173,16 +178,19 @@ def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_ten
     """A mixture's generators run eagerly inside the compiled prefill (traced, their graph grew
     with the tenants: minutes to compile for 16 on a 7B): its logits and adapter states equal
     eager's, and six tenants compile to as many kernels as two."""
+
     def prefill(n_tenants, compiled):
         torch.manual_seed(n_tenants)
         args = tiny_args("llama")
         model = Transformer(args).to(DEVICE).eval()
-        ads = [trained_looking(build_adapter(m, args).to(DEVICE), seed=i)
-               for i, m in enumerate(["lora", "para"] * (n_tenants // 2))]
+        ads = [
+            trained_looking(build_adapter(m, args).to(DEVICE), seed=i)
+            for i, m in enumerate(["lora", "para"] * (n_tenants // 2))
+        ]
         mix = Mixture(ads, [i % n_tenants for i in range(n_tenants)] + [None])
         dec = Decoder(model)
         tokens, valid = left_pad([[2, 5, 9, 13, 40, 7], [2, 7, 8]] * n_tenants, 0, DEVICE)
-        tokens, valid = tokens[:n_tenants + 1], valid[:n_tenants + 1]
+        tokens, valid = tokens[: n_tenants + 1], valid[: n_tenants + 1]
         cache = dec.cache(tokens.shape[0], 16, mix.n_prefix)
         run = torch.compile(dec.run_prefill) if compiled else dec.run_prefill
         logits, code = run_and_get_code(run, cache, tokens, valid, mix)

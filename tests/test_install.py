@@ -1,5 +1,6 @@
 """Install hygiene: an installed (non-editable) minipara keeps model files in the per-user cache,
 a source checkout in weights/, and MINIPARA_WEIGHTS_DIR overrides both."""
+
 import os
 import shutil
 import subprocess
@@ -11,9 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def weights_dir(pythonpath: Path, **env) -> str:
     clean = {k: v for k, v in os.environ.items() if k not in ("MINIPARA_WEIGHTS_DIR", "XDG_CACHE_HOME")}
-    run = subprocess.run([sys.executable, "-c", "import minipara.io.weights as w; print(w.WEIGHTS_DIR)"],
-                         cwd=pythonpath, env={**clean, "PYTHONPATH": str(pythonpath), **env},
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", "import minipara.io.weights as w; print(w.WEIGHTS_DIR)"],
+        cwd=pythonpath,
+        env={**clean, "PYTHONPATH": str(pythonpath), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout.strip()
 

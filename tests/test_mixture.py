@@ -5,22 +5,23 @@ that cover what the real ones may not: prefixes of different lengths, one prompt
 (per-row soft tokens through model.prefix_kv) and one shared by all rows, and a per-row
 generated LoRA with a bias.
 """
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import DEVICE, LOW_PRECISION, TINY, count_ops, exact_only, perturbed, tiny_args, tiny_model, tol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
-from minipara.model.config import ModelArgs
-from minipara.errors import UserError
 from minipara.decode.generation import GenerationConfig, generate
+from minipara.errors import UserError
 from minipara.methods import METHODS, build_adapter
-from minipara.model.layer_state import LayerState, lora_delta
 from minipara.methods.base import Adapter
 from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
+from minipara.model.config import ModelArgs
+from minipara.model.layer_state import LayerState, lora_delta
 from minipara.model.projections import in_sizes, out_sizes, widths
-
-from conftest import DEVICE, LOW_PRECISION, TINY, count_ops, exact_only, perturbed, tiny_args, tiny_model, tol
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,13 +35,14 @@ def trained(ad: Adapter, seed: int, std: float = 0.3) -> Adapter:
 
 class SoftPrefix(Adapter):
     """Prompt-aware prefix (IAPT-like): P soft tokens per row from the mean-pooled prompt."""
+
     method = "test_soft_prefix"
 
     def __init__(self, args, P: int, seed: int):
         super().__init__(None, args)
         g = torch.Generator().manual_seed(seed)
         self.n_prefix = P
-        self.w = nn.Parameter(torch.randn(args.n_layers, args.dim, P * args.dim, generator=g) * args.dim ** -0.5)
+        self.w = nn.Parameter(torch.randn(args.n_layers, args.dim, P * args.dim, generator=g) * args.dim**-0.5)
 
     def layer_state(self, i, h, pool_mask, model):
         B, P = h.shape[0], self.n_prefix
@@ -51,6 +53,7 @@ class SoftPrefix(Adapter):
 
 class SharedPrefix(Adapter):
     """Learned prefix keys/values shared by all rows (P-tuning-v2-like, first dim 1)."""
+
     method = "test_shared_prefix"
 
     def __init__(self, args, P: int, seed: int):
@@ -65,18 +68,19 @@ class SharedPrefix(Adapter):
 
 class RowLora(Adapter):
     """Per-row generated LoRA (batched A) on q and down, plus a per-row bias on o."""
+
     method = "test_row_lora"
 
     def __init__(self, args, r: int, seed: int):
         super().__init__(None, args)
         g = torch.Generator().manual_seed(seed)
         ins, outs = in_sizes(args), out_sizes(args)
-        self.a = nn.ParameterDict({p: nn.Parameter(torch.randn(ins[p], r, generator=g) * ins[p] ** -0.5)
-                                   for p in ("q", "down")})
-        self.b = nn.ParameterDict({p: nn.Parameter(torch.randn(r, outs[p], generator=g) * 0.3)
-                                   for p in ("q", "down")})
-        self.gate = nn.Parameter(torch.randn(args.dim, generator=g) * args.dim ** -0.5)
-        self.bias = nn.Parameter(torch.randn(args.dim, args.dim, generator=g) * args.dim ** -0.5)
+        self.a = nn.ParameterDict(
+            {p: nn.Parameter(torch.randn(ins[p], r, generator=g) * ins[p] ** -0.5) for p in ("q", "down")}
+        )
+        self.b = nn.ParameterDict({p: nn.Parameter(torch.randn(r, outs[p], generator=g) * 0.3) for p in ("q", "down")})
+        self.gate = nn.Parameter(torch.randn(args.dim, generator=g) * args.dim**-0.5)
+        self.bias = nn.Parameter(torch.randn(args.dim, args.dim, generator=g) * args.dim**-0.5)
 
     def layer_state(self, i, h, pool_mask, model):
         pooled = pool(h.float(), pool_mask, "last")
@@ -89,14 +93,19 @@ def roster(family: str, seed: int = 0) -> list[Adapter]:
     """Every available method plus the two test adapters, all with trained-looking weights."""
     args = tiny_args(family)
     ads = [trained(build_adapter(m, args), seed + k) for k, m in enumerate(METHODS_HERE)]
-    return ads + [SoftPrefix(args, 2, seed).to(DEVICE), SharedPrefix(args, 3, seed).to(DEVICE),
-                  RowLora(args, 3, seed).to(DEVICE)]
+    return ads + [
+        SoftPrefix(args, 2, seed).to(DEVICE),
+        SharedPrefix(args, 3, seed).to(DEVICE),
+        RowLora(args, 3, seed).to(DEVICE),
+    ]
 
 
 def prompts_for(n: int, seed: int, vocab: int, lo: int = 3, hi: int = 12) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        torch.randint(3, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def test_roster_mixes_methods_with_and_without_prefix():
@@ -127,17 +136,24 @@ def test_mixed_batch_generates_what_each_row_gets_alone(family):
 def run_cached(model, adapter, tokens, valid, n_prompt):
     """Logits of a prefill over the first n_prompt columns, then one-token decode steps."""
     B, T = tokens.shape
-    cache = model.new_cache(B, T + (adapter.n_prefix if adapter is not None else 0) + 2,
-                            n_prefix=adapter.n_prefix if adapter is not None else 0)
+    cache = model.new_cache(
+        B,
+        T + (adapter.n_prefix if adapter is not None else 0) + 2,
+        n_prefix=adapter.n_prefix if adapter is not None else 0,
+    )
     outs = [model(tokens[:, :n_prompt], valid=valid[:, :n_prompt], cache=cache, adapter=adapter)]
     for j in range(n_prompt, T):
-        outs.append(model(tokens[:, j:j + 1], cache=cache))
+        outs.append(model(tokens[:, j : j + 1], cache=cache))
     return torch.cat(outs, 1)
 
 
 @settings(max_examples=15, deadline=None)
-@given(family=st.sampled_from(["llama", "gemma"]), seed=st.integers(0, 2**16),
-       lengths=st.lists(st.integers(1, 10), min_size=2, max_size=7), extra=st.integers(1, 4))
+@given(
+    family=st.sampled_from(["llama", "gemma"]),
+    seed=st.integers(0, 2**16),
+    lengths=st.lists(st.integers(1, 10), min_size=2, max_size=7),
+    extra=st.integers(1, 4),
+)
 def test_mixed_prefill_and_decode_logits_match_each_row_alone(family, seed, lengths, extra):
     model = tiny_model(family)
     ads = roster(family, seed)
@@ -153,9 +169,10 @@ def test_mixed_prefill_and_decode_logits_match_each_row_alone(family, seed, leng
         prompt = valid & (torch.arange(T, device=DEVICE) < Tp)
         full = model(tokens, valid=valid, adapter=mix, pool_mask=prompt)
         for b, r in enumerate(rows):
-            row = tokens[b:b + 1, valid[b]]
-            ref = run_cached(model, None if r is None else ads[r], row, torch.ones_like(row, dtype=torch.bool),
-                             lengths[b])
+            row = tokens[b : b + 1, valid[b]]
+            ref = run_cached(
+                model, None if r is None else ads[r], row, torch.ones_like(row, dtype=torch.bool), lengths[b]
+            )
             assert (got[b, valid[b]] - ref[0]).abs().max() < tol(1e-5), (b, r)
     assert (got - full)[valid].abs().max() < tol(1e-5)
 
@@ -195,7 +212,7 @@ def test_many_lora_tenants_share_one_gathered_product(family, kind):
                 if r is None:
                     assert not Bm[b].any()
                     continue
-                a, bm = ads[r].layer_state(1, h[b:b + 1], pm[b:b + 1], model).lora[name]
+                a, bm = ads[r].layer_state(1, h[b : b + 1], pm[b : b + 1], model).lora[name]
                 want = lora_delta(a.reshape(a.shape[-2:]), bm.reshape(bm.shape[-2:]), split)
                 assert (update - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (name, b)
     for k in calls:
@@ -245,8 +262,10 @@ def test_mixture_edges():
     args = tiny_args("llama")
     ads = roster("llama")
     mix = Mixture(ads + [None], [len(ads), None])  # no row uses an adapter
-    assert mix.n_prefix == 0 and mix.layer_state(0, torch.zeros(2, 3, args.dim), torch.ones(2, 3, dtype=torch.bool),
-                                                 None) is None
+    assert (
+        mix.n_prefix == 0
+        and mix.layer_state(0, torch.zeros(2, 3, args.dim), torch.ones(2, 3, dtype=torch.bool), None) is None
+    )
     prefixed = [a for a in ads if a.n_prefix]
     mix = Mixture(ads, list(range(len(ads))) + [None])
     assert mix.n_prefix == max(a.n_prefix for a in prefixed)
@@ -287,11 +306,22 @@ def test_same_kind_tenants_run_as_one_generator_call(family):
     alone, prefill and decode."""
     model = tiny_model(family, seed=4)
     args = model.args
-    kinds = [("para", {}), ("para", {"pooler": "mean"}), ("pedro", {}), ("pedro", {"activation": "relu-gelu"}),
-             ("parade", {}), ("iapt", {}), ("iapt", {"pooler": "mean", "activation": "gelu"}),
-             ("parade", {"pooler": "max"})]
-    ads = [trained(build_adapter(m, args, **kw), 10 * k + j) for k, (m, kw) in enumerate(kinds) for j in range(3)
-           if m in METHODS_HERE]
+    kinds = [
+        ("para", {}),
+        ("para", {"pooler": "mean"}),
+        ("pedro", {}),
+        ("pedro", {"activation": "relu-gelu"}),
+        ("parade", {}),
+        ("iapt", {}),
+        ("iapt", {"pooler": "mean", "activation": "gelu"}),
+        ("parade", {"pooler": "max"}),
+    ]
+    ads = [
+        trained(build_adapter(m, args, **kw), 10 * k + j)
+        for k, (m, kw) in enumerate(kinds)
+        for j in range(3)
+        if m in METHODS_HERE
+    ]
     ads.pop()  # the last kind has 2 tenants
     with torch.no_grad():  # rational activations start alike (GELU-shaped): make each tenant's its own
         for k, ad in enumerate(ads):
@@ -311,9 +341,10 @@ def test_same_kind_tenants_run_as_one_generator_call(family):
     with torch.no_grad():
         got = run_cached(model, mix, tokens, valid, Tp)
         for b, r in enumerate(rows):
-            row = tokens[b:b + 1, valid[b]]
-            ref = run_cached(model, None if r is None else ads[r], row, torch.ones_like(row, dtype=torch.bool),
-                             int(lengths[b]))
+            row = tokens[b : b + 1, valid[b]]
+            ref = run_cached(
+                model, None if r is None else ads[r], row, torch.ones_like(row, dtype=torch.bool), int(lengths[b])
+            )
             assert (got[b, valid[b]] - ref[0]).abs().max() < tol(1e-5), (b, r)
 
 

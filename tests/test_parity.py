@@ -1,16 +1,18 @@
 """minipara's forward, cache and generation against HF transformers on tiny random checkpoints."""
+
 import random
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import DEVICE, DTYPE, exact_only, tiny_model, tol  # noqa: E402
+
 from minipara.decode.generation import Decoder, GenerationConfig, _beam_search, generate, left_pad  # noqa: E402
 from minipara.io.checkpoints import load_model  # noqa: E402
-
-from conftest import DEVICE, DTYPE, exact_only, tiny_model, tol  # noqa: E402
 
 VOCAB = 128
 
@@ -18,21 +20,43 @@ VOCAB = 128
 def hf_llama(kv_heads: int, tie: bool, seed: int):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=VOCAB, tie_word_embeddings=tie,
-        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        vocab_size=VOCAB,
+        tie_word_embeddings=tie,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def hf_gemma3(seed: int, window: int = 8):
     torch.manual_seed(seed)
     cfg = transformers.Gemma3TextConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=32, vocab_size=VOCAB, sliding_window=window,
-        max_position_embeddings=256, query_pre_attn_scalar=24,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=VOCAB,
+        sliding_window=window,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+    )
     model = transformers.Gemma3ForCausalLM(cfg).eval()
     with torch.no_grad():  # HF initialises Gemma norms to zero ((1 + w) = 1): make them matter
         for name, p in model.named_parameters():
@@ -43,9 +67,17 @@ def hf_gemma3(seed: int, window: int = 8):
 
 def hf_gemma1(seed: int):
     torch.manual_seed(seed)
-    cfg = transformers.GemmaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256,
-                                   hidden_activation="gelu_pytorch_tanh")
+    cfg = transformers.GemmaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        hidden_activation="gelu_pytorch_tanh",
+    )
     model = transformers.GemmaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -104,8 +136,15 @@ def test_greedy_generation_matches_hf(pair):
     hf, ours = pair
     tokens, valid = padded_batch(2, [11, 6])
     with torch.no_grad():
-        ref = hf.generate(tokens, attention_mask=valid.long(), max_new_tokens=32, min_new_tokens=32,
-                          do_sample=False, pad_token_id=0, eos_token_id=None)[:, tokens.shape[1]:]
+        ref = hf.generate(
+            tokens,
+            attention_mask=valid.long(),
+            max_new_tokens=32,
+            min_new_tokens=32,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[:, tokens.shape[1] :]
     prompts = [t[v].tolist() for t, v in zip(tokens, valid)]
     got = generate(ours, prompts, GenerationConfig(max_new_tokens=32, eos_ids=()))
     assert got == ref.tolist()
@@ -117,9 +156,17 @@ def test_beam_search_matches_hf(pair, eos):
     hf, ours = pair
     tokens, valid = padded_batch(3, [9, 14])
     with torch.no_grad():
-        ref = hf.generate(tokens, attention_mask=valid.long(), max_new_tokens=12, num_beams=3,
-                          do_sample=False, pad_token_id=0, eos_token_id=eos, length_penalty=1.0)
-    ref = ref[:, tokens.shape[1]:].tolist()
+        ref = hf.generate(
+            tokens,
+            attention_mask=valid.long(),
+            max_new_tokens=12,
+            num_beams=3,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=eos,
+            length_penalty=1.0,
+        )
+    ref = ref[:, tokens.shape[1] :].tolist()
     ref = [r[: r.index(eos) + 1] if eos in r else r for r in ref]  # HF pads after EOS
     prompts = [t[v].tolist() for t, v in zip(tokens, valid)]
     got = generate(ours, prompts, GenerationConfig(max_new_tokens=12, beams=3, eos_ids=(eos,) if eos else ()))
@@ -136,8 +183,13 @@ def stop_pair(tmp_path_factory):
 
 @exact_only
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), n_eos=st.integers(0, 8), first_tokens=st.booleans(), beams=st.integers(2, 4),
-       lengths=st.lists(st.integers(2, 12), min_size=1, max_size=3))
+@given(
+    seed=st.integers(0, 2**16),
+    n_eos=st.integers(0, 8),
+    first_tokens=st.booleans(),
+    beams=st.integers(2, 4),
+    lengths=st.lists(st.integers(2, 12), min_size=1, max_size=3),
+)
 def test_beam_search_stops_as_hf_does(stop_pair, seed, n_eos, first_tokens, beams, lengths):
     """The search ends where HF's does, with the same hypotheses, having run at most one more
     model step: the stop test reads each step's flag one step late (generation.py,
@@ -152,11 +204,20 @@ def test_beam_search_stops_as_hf_does(stop_pair, seed, n_eos, first_tokens, beam
             first = hf(tokens, attention_mask=valid.long(), position_ids=pos).logits[:, -1]
             eos |= {int(t) for t in first.topk(beams).indices.flatten()}
         eos = sorted(eos) or [2]
-        out = hf.generate(tokens, attention_mask=valid.long(), max_new_tokens=12, num_beams=beams, do_sample=False,
-                          pad_token_id=0, length_penalty=1.0, eos_token_id=eos, return_dict_in_generate=True,
-                          output_scores=True)
+        out = hf.generate(
+            tokens,
+            attention_mask=valid.long(),
+            max_new_tokens=12,
+            num_beams=beams,
+            do_sample=False,
+            pad_token_id=0,
+            length_penalty=1.0,
+            eos_token_id=eos,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
     ref, hf_steps = out.sequences, len(out.scores)  # one score per step HF ran
-    ref = [r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))] for r in ref[:, tokens.shape[1]:].tolist()]
+    ref = [r[: next((j + 1 for j, t in enumerate(r) if t in eos), len(r))] for r in ref[:, tokens.shape[1] :].tolist()]
     dec, steps = Decoder(ours), []
     step = dec.beam_step
     dec.beam_step = lambda *a: steps.append(1) or step(*a)
@@ -169,9 +230,12 @@ def test_beam_search_stops_as_hf_does(stop_pair, seed, n_eos, first_tokens, beam
 
 
 @settings(max_examples=20, deadline=None)
-@given(family=st.sampled_from(["llama", "gemma"]),
-       lengths=st.lists(st.integers(1, 14), min_size=1, max_size=4),
-       split=st.integers(1, 6), seed=st.integers(0, 2**16))
+@given(
+    family=st.sampled_from(["llama", "gemma"]),
+    lengths=st.lists(st.integers(1, 14), min_size=1, max_size=4),
+    split=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_cached_decode_equals_full_forward(family, lengths, split, seed):
     """Prefill a prefix, decode the rest one token at a time: same logits as one full forward."""
     model = tiny_model(family)
@@ -186,7 +250,7 @@ def test_cached_decode_equals_full_forward(family, lengths, split, seed):
         p = max(lengths) - 1 + min(split, extra)
         outs = [model(tokens[:, :p], valid=valid[:, :p], cache=cache)]
         for j in range(p, T):
-            outs.append(model(tokens[:, j:j + 1], cache=cache))
+            outs.append(model(tokens[:, j : j + 1], cache=cache))
     got = torch.cat(outs, 1)
     assert (got - full)[valid].abs().max() < tol(1e-5)
 

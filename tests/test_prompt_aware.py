@@ -3,18 +3,19 @@
 Each generator must see the prompt only, run once per request (at prefill), and leave
 decoding as cheap as the bare model's; the PARA family must start as the identity.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from conftest import DEVICE, assert_decode_matches_full_forward, prompt_batch, shared_tiny_model, tiny_args, tol
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minipara.model.config import ModelArgs
 from minipara.errors import UserError
 from minipara.methods import build_adapter
 from minipara.methods.parade import squash
 from minipara.methods.rational import rational
-
-from conftest import DEVICE, assert_decode_matches_full_forward, prompt_batch, shared_tiny_model, tiny_args, tol
+from minipara.model.config import ModelArgs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,12 +23,21 @@ PARA_FAMILY = ("para", "pedro", "parade")
 METHODS = PARA_FAMILY + ("iapt",)
 # Defaults and variants of the papers' ablations (poolers, targets and r, sharing, activations).
 VARIANTS = [
-    ("para", {}), ("para", {"pooler": "mean", "up_bias": False}), ("para", {"pooler": "max", "targets": "qkvgu"}),
-    ("pedro", {}), ("pedro", {"targets": "qv", "r": 24}), ("pedro", {"pooler": "mean", "up_bias": False}),
-    ("parade", {}), ("parade", {"pooler": "last"}), ("parade", {"targets": "qkvgu", "r": 8, "up_bias": False}),
-    ("iapt", {}), ("iapt", {"share_every": 2, "m": 16}), ("iapt", {"pooler": "mean", "activation": "gelu"}),
+    ("para", {}),
+    ("para", {"pooler": "mean", "up_bias": False}),
+    ("para", {"pooler": "max", "targets": "qkvgu"}),
+    ("pedro", {}),
+    ("pedro", {"targets": "qv", "r": 24}),
+    ("pedro", {"pooler": "mean", "up_bias": False}),
+    ("parade", {}),
+    ("parade", {"pooler": "last"}),
+    ("parade", {"targets": "qkvgu", "r": 8, "up_bias": False}),
+    ("iapt", {}),
+    ("iapt", {"share_every": 2, "m": 16}),
+    ("iapt", {"pooler": "mean", "activation": "gelu"}),
     ("iapt", {"share_every": 1, "soft_tokens": 2, "activation": "relu"}),
-    ("iapt", {"activation": "gelu-relu"}), ("pedro", {"activation": "relu-gelu"}),
+    ("iapt", {"activation": "gelu-relu"}),
+    ("pedro", {"activation": "relu-gelu"}),
 ]
 
 
@@ -58,6 +68,7 @@ def record(ad, monkeypatch) -> list:
         state = run(i, h, pool_mask, model)
         calls.append((i, state))
         return state
+
     monkeypatch.setattr(ad, "layer_state", logged)
     return calls
 
@@ -72,15 +83,19 @@ def parts(state) -> dict:
 
 # ---- identity at init -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method, options", [("para", {}), ("para", {"up_bias": False}), ("pedro", {}),
-                                             ("parade", {}), ("parade", {"pooler": "last"})])
+
+@pytest.mark.parametrize(
+    "method, options",
+    [("para", {}), ("para", {"up_bias": False}), ("pedro", {}), ("parade", {}), ("parade", {"pooler": "last"})],
+)
 def test_zero_init_is_identity(family, method, options):
     model = shared_tiny_model(family)
     tokens, valid, prompt = prompt_batch(0, [7, 4, 9], 3)
     with torch.no_grad():
         base = model(tokens, valid=valid)
-        out = model(tokens, valid=valid, pool_mask=prompt,
-                    adapter=build_adapter(method, model.args, **options).to(DEVICE))
+        out = model(
+            tokens, valid=valid, pool_mask=prompt, adapter=build_adapter(method, model.args, **options).to(DEVICE)
+        )
     assert torch.equal(base, out)  # W_up = 0: every vector is exactly 1, and y * 1 is y
 
 
@@ -93,8 +108,9 @@ def test_iapt_is_not_identity_and_shifts_text_positions():
         assert not torch.allclose(model(tokens, valid=valid), model(tokens, valid=valid, adapter=ad))
 
 
-@pytest.mark.parametrize("method, options", [("para", {}), ("pedro", {}), ("parade", {}),
-                                             ("para", {"targets": "qkvgu"})])
+@pytest.mark.parametrize(
+    "method, options", [("para", {}), ("pedro", {}), ("parade", {}), ("para", {"targets": "qkvgu"})]
+)
 def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
     """A uniform l_q (and l_k) of 3 sharpens every attention head. Applied before Gemma 3's
     per-head RMS norm it would be divided away (logits move ~1e-6); after the norm it moves
@@ -116,10 +132,15 @@ def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
 
 # ---- decode equivalence -----------------------------------------------------------------------
 
+
 @settings(max_examples=20, deadline=None)
-@given(family=st.sampled_from(["llama", "gemma"]), variant=st.sampled_from(VARIANTS),
-       lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3), extra=st.integers(1, 4),
-       seed=st.integers(0, 1000))
+@given(
+    family=st.sampled_from(["llama", "gemma"]),
+    variant=st.sampled_from(VARIANTS),
+    lengths=st.lists(st.integers(1, 8), min_size=1, max_size=3),
+    extra=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
 def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
     method, options = variant
     model, ad = shared_tiny_model(family), trained(method, family, seed, **options)
@@ -127,6 +148,7 @@ def test_decode_matches_full_forward(family, variant, lengths, extra, seed):
 
 
 # ---- prompt-only pooling ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_states_come_from_the_prompt_alone(family, method, monkeypatch):
@@ -150,7 +172,7 @@ def test_states_come_from_the_prompt_alone(family, method, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
     P = tokens.shape[1] - 4
     for row, n in enumerate(lengths):
-        alone = tokens[row:row + 1, P - n:P]
+        alone = tokens[row : row + 1, P - n : P]
         cache = model.new_cache(1, ad.n_prefix + n, n_prefix=ad.n_prefix)
         with torch.no_grad():
             model(alone, cache=cache, adapter=ad)
@@ -158,7 +180,7 @@ def test_states_come_from_the_prompt_alone(family, method, monkeypatch):
             ref, got = parts(s), tf[0][i]
             assert ref.keys() == got.keys() and ref
             for k in ref:
-                err = (got[k][row:row + 1] - ref[k]).abs() / ref[k].abs().clamp(min=1)
+                err = (got[k][row : row + 1] - ref[k]).abs() / ref[k].abs().clamp(min=1)
                 assert err.max() < tol(1e-5), (i, k)  # padding reorders sums
 
 
@@ -176,7 +198,7 @@ def test_capsule_pooler_is_the_spec_on_the_prompt_slice():
         for _ in range(2):
             s = (logit.softmax(0)[..., None] * m).sum(0)  # (K, r/K)
             n = s.norm(dim=-1, keepdim=True)
-            c = n ** 2 / (1 + n ** 2) * s / n
+            c = n**2 / (1 + n**2) * s / n
             logit = logit + (c[None] * m).sum(-1)
         assert (got[b] - c.flatten()).abs().max() < 1e-6
     zero = torch.zeros(2, 3, requires_grad=True)
@@ -205,6 +227,7 @@ def test_iapt_soft_tokens_are_the_spec_on_the_prompt_slice(options):
 
 
 # ---- one generator run per request; decoding costs the same whatever the generator's size ------
+
 
 @pytest.mark.parametrize("since", ["all", "prompt_end"])
 @pytest.mark.parametrize("method", METHODS)
@@ -235,13 +258,19 @@ def test_generators_run_once_per_request_also_with_beams(family, method, since, 
     prompt = torch.arange(P + steps, device=DEVICE) < P
     with torch.no_grad():
         for seqs, ok, logits in history:
-            full = model(seqs, valid=ok, adapter=ad, pool_mask=ok & prompt[:seqs.shape[1]])
+            full = model(seqs, valid=ok, adapter=ad, pool_mask=ok & prompt[: seqs.shape[1]])
             assert (full[:, -1] - logits).abs().max() < tol(1e-5)
 
 
-@pytest.mark.parametrize("method, small, large", [
-    ("para", {"r": 4}, {"r": 24}), ("pedro", {"r": 4}, {"r": 24}), ("parade", {"r": 4}, {"r": 24}),
-    ("iapt", {"m": 8, "share_every": 1}, {"m": 64, "share_every": 3})])
+@pytest.mark.parametrize(
+    "method, small, large",
+    [
+        ("para", {"r": 4}, {"r": 24}),
+        ("pedro", {"r": 4}, {"r": 24}),
+        ("parade", {"r": 4}, {"r": 24}),
+        ("iapt", {"m": 8, "share_every": 1}, {"m": 64, "share_every": 3}),
+    ],
+)
 def test_decode_state_does_not_depend_on_generator_size(method, small, large):
     """What a decode step reads (cache buffers and the stored per-layer states) has the same
     shapes for a small and a large generator: decode cost is independent of r and m."""
@@ -255,23 +284,40 @@ def test_decode_state_does_not_depend_on_generator_size(method, small, large):
             model(tokens, valid=valid, cache=cache, adapter=ad)
         shapes = {name: tuple(b.shape) for name, b in cache.named_buffers()}
         shapes.update({key: tuple(t.shape) for key, t in cache.packed.items()})
-        shapes.update({(i, key): tuple(t.shape) for i, s in enumerate(cache.states) if s is not None
-                       for key, t in parts(s).items()})
+        shapes.update(
+            {
+                (i, key): tuple(t.shape)
+                for i, s in enumerate(cache.states)
+                if s is not None
+                for key, t in parts(s).items()
+            }
+        )
         return shapes
+
     assert footprint(small) == footprint(large)
 
 
 # ---- parameters -------------------------------------------------------------------------------
 
+
 def test_parameter_counts_on_llama2_7b_shape():
-    args = ModelArgs(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                     head_dim=128, ffn_dim=11008)
+    args = ModelArgs(
+        model_type="llama",
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        ffn_dim=11008,
+    )
 
     def count(method, **options):
         with torch.device("meta"):
             ad = build_adapter(method, args, **options)
         arch = getattr(ad, "arch_parameters", lambda: [])()
         return sum(p.numel() for p in ad.parameters()), sum(p.numel() for p in arch)
+
     para = count("para")[0]
     assert count("para", up_bias=False)[0] == 32 * (4096 * 12 + 12 * 19200) == 8_945_664  # the papers' 8.9M
     assert para == 32 * (4096 * 12 + 12 * 19200 + 19200) == 9_560_064
@@ -309,22 +355,27 @@ def test_arch_parameters_are_the_rational_ones(method):
     assert len(arch) == {"pedro": 2 * 3, "iapt": 2 * 1}.get(method, 0)
 
 
-@pytest.mark.parametrize("method, options, message", [
-    ("parade", {"capsules": 5}, "capsules must divide r"),
-    ("parade", {"pooler": "first"}, "parade has no pooler"),
-    ("iapt", {"pooler": "max"}, "unknown IAPT pooler"),
-    ("iapt", {"activation": "tanh"}, "unknown IAPT activation"),
-    ("pedro", {"activation": "relu_gelu"}, "unknown PEDRO activation"),
-    ("iapt", {"share_every": 0}, "share_every must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "method, options, message",
+    [
+        ("parade", {"capsules": 5}, "capsules must divide r"),
+        ("parade", {"pooler": "first"}, "parade has no pooler"),
+        ("iapt", {"pooler": "max"}, "unknown IAPT pooler"),
+        ("iapt", {"activation": "tanh"}, "unknown IAPT activation"),
+        ("pedro", {"activation": "relu_gelu"}, "unknown PEDRO activation"),
+        ("iapt", {"share_every": 0}, "share_every must be at least 1"),
+    ],
+)
 def test_bad_options_are_refused(method, options, message):
     with pytest.raises(UserError, match=message):
         build_adapter(method, tiny_args("llama"), **options)
 
 
 @pytest.mark.parametrize("method", ["pedro", "iapt"])
-@pytest.mark.parametrize("activation, first, last", [("relu", F.relu, F.relu), ("gelu", F.gelu, F.gelu),
-                                                     ("relu-gelu", F.relu, F.gelu), ("gelu-relu", F.gelu, F.relu)])
+@pytest.mark.parametrize(
+    "activation, first, last",
+    [("relu", F.relu, F.relu), ("gelu", F.gelu, F.gelu), ("relu-gelu", F.relu, F.gelu), ("gelu-relu", F.gelu, F.relu)],
+)
 def test_fixed_activation_variants(method, activation, first, last):
     """PEDRO-5/6/7 and IAPT-4..7 (SPEC.md): fixed activations, split by depth at half the layers;
     with no rational left there are no architecture parameters (no bi-level steps)."""

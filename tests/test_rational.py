@@ -1,4 +1,5 @@
 """The rational activation (PEDRO, IAPT): its GELU constants, float32 evaluation, finite gradients."""
+
 import torch
 import torch.nn.functional as F
 
@@ -7,8 +8,8 @@ from minipara.methods.rational import GELU_A, GELU_B, LIMIT, Rational, fit_gelu,
 
 def plain(x, a, b):
     """SPEC.md's formula as written, without the clamp."""
-    num = sum(a[j] * x ** j for j in range(7))
-    return num / (1 + sum(b[i - 1] * x ** i for i in range(1, 6)).abs())
+    num = sum(a[j] * x**j for j in range(7))
+    return num / (1 + sum(b[i - 1] * x**i for i in range(1, 6)).abs())
 
 
 def test_constants_come_from_fit_gelu():
@@ -16,8 +17,9 @@ def test_constants_come_from_fit_gelu():
     moves its result by ~2e-9; another fit (the linearised start alone, or a stall of L-BFGS
     on |Q|'s kink) differs by 5e-3 to 3e-2, so 1e-7 says the constants are this fit's."""
     a, b = fit_gelu()
-    assert torch.allclose(torch.tensor(a + b, dtype=torch.float64),
-                          torch.tensor(GELU_A + GELU_B, dtype=torch.float64), rtol=0, atol=1e-7)
+    assert torch.allclose(
+        torch.tensor(a + b, dtype=torch.float64), torch.tensor(GELU_A + GELU_B, dtype=torch.float64), rtol=0, atol=1e-7
+    )
 
 
 def test_init_is_gelu_on_minus_3_to_3():

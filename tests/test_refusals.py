@@ -1,6 +1,7 @@
 """Issue 10: a hostile or careless user gets one `error:` line, a non-zero exit, no traceback,
 and no file created or changed. Table-driven per script; the scripts run in-process
 (`main(argv)` under `cli.run`), so each case costs milliseconds, not a Python start-up."""
+
 import hashlib
 import importlib
 import json
@@ -68,32 +69,39 @@ def config_edit(**changes):
             else:
                 cfg[k] = v
         (d / "config.json").write_text(json.dumps(cfg))
+
     return edit
 
 
 # ---- cause 1: config.json, shard index, tokenizer.model ----------------------------------------
-@pytest.mark.parametrize("changes, words", [
-    (dict(hidden_size="abc"), ("hidden_size must be an integer", '"abc"')),
-    (dict(num_hidden_layers=3.0), ("num_hidden_layers must be an integer", "3.0")),
-    (dict(num_hidden_layers="3"), ("num_hidden_layers must be an integer",)),
-    (dict(num_hidden_layers=0), ("num_hidden_layers must be at least 1",)),
-    (dict(num_attention_heads=True), ("num_attention_heads must be an integer", "true")),
-    (dict(rms_norm_eps="1e-5"), ("rms_norm_eps must be a finite number",)),
-    (dict(rms_norm_eps=-1e-5), ("rms_norm_eps must be positive",)),
-    (dict(rope_theta="abc"), ("rope_theta must be a finite number",)),
-    (dict(rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 64}), ("lacks the field 'factor'",)),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8}), ("original_max_position_embeddings",)),
-    (dict(rope_scaling="linear"), ("rope_scaling must be a JSON object",)),
-    (dict(eos_token_id="2"), ("eos_token_id must be an integer",)),
-    (dict(eos_token_id=[2, 999]), ("eos_token_id 999 is outside the vocabulary",)),
-    (dict(max_position_embeddings="512"), ("max_position_embeddings must be an integer",)),
-    (dict(vocab_size=...), ("lacks the field 'vocab_size'",)),
-    (dict(num_key_value_heads=3), ("not a multiple of num_key_value_heads",)),
-    (dict(tie_word_embeddings="false"), ("tie_word_embeddings must be true or false",)),
-    (dict(model_type="gemma3_text", layer_types=7), ("layer_types must be a JSON list",)),
-    (dict(model_type="gemma3_text", layer_types=["sliding_attention", "local"]), ("layer_types entry", '"local"')),
-    (dict(model_type="gemma3_text", query_pre_attn_scalar="x"), ("query_pre_attn_scalar",)),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(hidden_size="abc"), ("hidden_size must be an integer", '"abc"')),
+        (dict(num_hidden_layers=3.0), ("num_hidden_layers must be an integer", "3.0")),
+        (dict(num_hidden_layers="3"), ("num_hidden_layers must be an integer",)),
+        (dict(num_hidden_layers=0), ("num_hidden_layers must be at least 1",)),
+        (dict(num_attention_heads=True), ("num_attention_heads must be an integer", "true")),
+        (dict(rms_norm_eps="1e-5"), ("rms_norm_eps must be a finite number",)),
+        (dict(rms_norm_eps=-1e-5), ("rms_norm_eps must be positive",)),
+        (dict(rope_theta="abc"), ("rope_theta must be a finite number",)),
+        (
+            dict(rope_scaling={"rope_type": "llama3", "original_max_position_embeddings": 64}),
+            ("lacks the field 'factor'",),
+        ),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8}), ("original_max_position_embeddings",)),
+        (dict(rope_scaling="linear"), ("rope_scaling must be a JSON object",)),
+        (dict(eos_token_id="2"), ("eos_token_id must be an integer",)),
+        (dict(eos_token_id=[2, 999]), ("eos_token_id 999 is outside the vocabulary",)),
+        (dict(max_position_embeddings="512"), ("max_position_embeddings must be an integer",)),
+        (dict(vocab_size=...), ("lacks the field 'vocab_size'",)),
+        (dict(num_key_value_heads=3), ("not a multiple of num_key_value_heads",)),
+        (dict(tie_word_embeddings="false"), ("tie_word_embeddings must be true or false",)),
+        (dict(model_type="gemma3_text", layer_types=7), ("layer_types must be a JSON list",)),
+        (dict(model_type="gemma3_text", layer_types=["sliding_attention", "local"]), ("layer_types entry", '"local"')),
+        (dict(model_type="gemma3_text", query_pre_attn_scalar="x"), ("query_pre_attn_scalar",)),
+    ],
+)
 def test_bad_config_values(model_dir, tmp_path, capsys, changes, words):
     d = copy_with(model_dir, tmp_path, config_edit(**changes))
     refused("generate", ["hello", "--model", d], capsys, "config.json", *words, watch=[tmp_path])
@@ -101,31 +109,46 @@ def test_bad_config_values(model_dir, tmp_path, capsys, changes, words):
 
 def test_good_config_values_still_load():
     from minipara.model.config import ModelArgs
-    base = {"model_type": "llama", "vocab_size": 32, "hidden_size": 48, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 10000, "pad_token_id": -1,
-            "head_dim": None, "eos_token_id": [2, 3], "rope_scaling": {"rope_type": "llama3", "factor": 8,
-                                                                         "original_max_position_embeddings": 64}}
+
+    base = {
+        "model_type": "llama",
+        "vocab_size": 32,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "rope_theta": 10000,
+        "pad_token_id": -1,
+        "head_dim": None,
+        "eos_token_id": [2, 3],
+        "rope_scaling": {"rope_type": "llama3", "factor": 8, "original_max_position_embeddings": 64},
+    }
     a = ModelArgs.from_hf(base)
     assert (a.head_dim, a.eos_ids, a.pad_id, a.rope_theta, a.rope_scaling["factor"]) == (12, (2, 3), 0, 10000, 8)
 
 
-@pytest.mark.parametrize("index, words", [
-    ({"weight_map": ["a"]}, ("weight_map must be an object",)),
-    ({"weight_map": {"model.norm.weight": 5}}, ("weight_map must be an object",)),
-    ({"weight_map": {"model.norm.weight": "nope.safetensors"}}, ("names the shard 'nope.safetensors'",)),
-    ({"weight_map": {"model.norm.weight": "../model/model.safetensors"}}, ("names the shard",)),
-    ([], ("must hold a JSON object",)),
-])
+@pytest.mark.parametrize(
+    "index, words",
+    [
+        ({"weight_map": ["a"]}, ("weight_map must be an object",)),
+        ({"weight_map": {"model.norm.weight": 5}}, ("weight_map must be an object",)),
+        ({"weight_map": {"model.norm.weight": "nope.safetensors"}}, ("names the shard 'nope.safetensors'",)),
+        ({"weight_map": {"model.norm.weight": "../model/model.safetensors"}}, ("names the shard",)),
+        ([], ("must hold a JSON object",)),
+    ],
+)
 def test_bad_shard_index(model_dir, tmp_path, capsys, index, words):
     def edit(d):
         (d / "model.safetensors").rename(d / "shard-1.safetensors")
         (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
     d = copy_with(model_dir, tmp_path, edit)
     refused("generate", ["hello", "--model", d], capsys, *words, watch=[tmp_path])
 
 
-@pytest.mark.parametrize("content, words", [(b"", ("not a SentencePiece model",)),
-                                            (b"garbage" * 20, ("not a SentencePiece model",))])
+@pytest.mark.parametrize(
+    "content, words", [(b"", ("not a SentencePiece model",)), (b"garbage" * 20, ("not a SentencePiece model",))]
+)
 def test_bad_tokenizer_model(model_dir, tmp_path, capsys, content, words):
     d = copy_with(model_dir, tmp_path, lambda d: (d / "tokenizer.model").write_bytes(content))
     refused("generate", ["hello", "--model", d], capsys, "tokenizer.model", *words, watch=[tmp_path])
@@ -135,8 +158,11 @@ def test_tokenizer_larger_than_vocabulary(model_dir, tmp_path, capsys):
     def edit(d):  # a 20-entry model: the 26-piece tokenizer's ids 20..25 have no embedding
         config_edit(vocab_size=20)(d)
         t = load_file(d / "model.safetensors")
-        t = {k: v[:20].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in t.items()}
+        t = {
+            k: v[:20].contiguous() if k in ("model.embed_tokens.weight", "lm_head.weight") else v for k, v in t.items()
+        }
         save_file(t, d / "model.safetensors")
+
     d = copy_with(model_dir, tmp_path, edit)
     refused("generate", ["red cat", "--model", d], capsys, "26 tokens", "vocabulary has 20", watch=[tmp_path])
 
@@ -148,6 +174,7 @@ def test_data_files_report_path_and_line(tmp_path):
 
     from minipara.errors import UserError
     from minipara.train.tasks import _build, _jsonl, _table
+
     tsv = tmp_path / "train.tsv"
     tsv.write_text("sentence\tlabel\nfine\t1\n" + "x" * 140_000 + "\t0\n")
     with pytest.raises(UserError, match=r"train.tsv:3: field larger than field limit"):
@@ -169,9 +196,16 @@ def test_non_finite_weight(model_dir, tmp_path, capsys, value):
         t = load_file(d / "model.safetensors")
         t["model.layers.1.mlp.up_proj.weight"][3, 5] = value
         save_file(t, d / "model.safetensors")
+
     d = copy_with(model_dir, tmp_path, edit)
-    refused("generate", ["hello", "--model", d], capsys, "model.layers.1.mlp.up_proj.weight", "NaN or infinite",
-            watch=[tmp_path])
+    refused(
+        "generate",
+        ["hello", "--model", d],
+        capsys,
+        "model.layers.1.mlp.up_proj.weight",
+        "NaN or infinite",
+        watch=[tmp_path],
+    )
 
 
 def test_integer_weight_is_refused(model_dir, tmp_path, capsys):
@@ -179,12 +213,20 @@ def test_integer_weight_is_refused(model_dir, tmp_path, capsys):
         t = load_file(d / "model.safetensors")
         t["model.norm.weight"] = t["model.norm.weight"].to(torch.int32)
         save_file(t, d / "model.safetensors")
-    refused("generate", ["hello", "--model", copy_with(model_dir, tmp_path, edit)], capsys, "model.norm.weight",
-            "int32", watch=[tmp_path])
+
+    refused(
+        "generate",
+        ["hello", "--model", copy_with(model_dir, tmp_path, edit)],
+        capsys,
+        "model.norm.weight",
+        "int32",
+        watch=[tmp_path],
+    )
 
 
 def test_weights_fingerprint_names_the_values(model_dir, tmp_path):
     from minipara.io.checkpoints import load_model
+
     same = load_model(model_dir).weights_id
     assert load_model(model_dir, "bfloat16").weights_id == same  # the file's values, whatever the copy's dtype
 
@@ -192,6 +234,7 @@ def test_weights_fingerprint_names_the_values(model_dir, tmp_path):
         t = load_file(d / "model.safetensors")
         t["model.layers.0.self_attn.q_proj.weight"] *= 1.01
         save_file(t, d / "model.safetensors")
+
     assert load_model(copy_with(model_dir, tmp_path, edit)).weights_id != same
 
 
@@ -201,16 +244,22 @@ def test_conversion_without_room_says_how_much_and_writes_nothing(tmp_path, monk
 
     from gguf import GGMLQuantizationType
 
-    from minipara.io import weights
     from minipara.errors import UserError
+    from minipara.io import weights
+
     norm = np.ones(640, dtype=np.float32)
-    reader = SimpleNamespace(tensors=[SimpleNamespace(name="output_norm.weight", data=norm, shape=[640],
-                                                      tensor_type=GGMLQuantizationType.F32)])
+    reader = SimpleNamespace(
+        tensors=[
+            SimpleNamespace(name="output_norm.weight", data=norm, shape=[640], tensor_type=GGMLQuantizationType.F32)
+        ]
+    )
     out = tmp_path / "weights" / "gemma-3-270m.tmp-1"
     out.mkdir(parents=True)
     usage = shutil_module.disk_usage(tmp_path)
     monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=norm.nbytes - 1))
-    with pytest.raises(UserError, match=r"needs 0\.00 GiB in .*weights, which has 0\.00 GiB free.*MINIPARA_WEIGHTS_DIR"):
+    with pytest.raises(
+        UserError, match=r"needs 0\.00 GiB in .*weights, which has 0\.00 GiB free.*MINIPARA_WEIGHTS_DIR"
+    ):
         weights.save_weights(reader, out / "model.safetensors", lambda *a, **k: None)
     assert not any(out.iterdir())
     monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: usage._replace(free=norm.nbytes))
@@ -221,8 +270,9 @@ def test_conversion_without_room_says_how_much_and_writes_nothing(tmp_path, monk
 # ---- cause 2 and 3 and 11: generate.py inputs and flags ------------------------------------------
 def test_generate_flags(model_dir, tmp_path, capsys):
     from minipara.io.adapters import save_adapter
-    from minipara.model.config import ModelArgs
     from minipara.methods import build_adapter
+    from minipara.model.config import ModelArgs
+
     m = ["--model", model_dir]
     args = ModelArgs.from_dir(model_dir)
     ptuning = tmp_path / "pt.safetensors"
@@ -266,23 +316,29 @@ def test_generate_tiny_temperature_is_greedy(model_dir, capsys):
 def test_generate_adapters_list_may_start_with_none(model_dir, tmp_path, capsys):
     """README's form `--adapters -,b.safetensors`: argparse took the leading '-' for an option."""
     from minipara.io.adapters import save_adapter
-    from minipara.model.config import ModelArgs
     from minipara.methods import build_adapter
+    from minipara.model.config import ModelArgs
+
     args = ModelArgs.from_dir(model_dir)
     b = tmp_path / "b.safetensors"
     save_adapter(b, build_adapter("para", args), args)
     prompts = tmp_path / "p.txt"
     prompts.write_text("red cat\nblue dog\n")
-    code, out, err = run_script("generate", ["--prompts", prompts, "--adapters", f"-,{b}", "--model", model_dir,
-                                             "--max-new-tokens", "2", "--json"], capsys)
+    code, out, err = run_script(
+        "generate",
+        ["--prompts", prompts, "--adapters", f"-,{b}", "--model", model_dir, "--max-new-tokens", "2", "--json"],
+        capsys,
+    )
     assert code == 0, err
     assert len(out.strip().splitlines()) == 2
 
 
 def test_generate_into_a_closed_pipe_is_quiet(model_dir):
     # `true` exits at once, long before Python has started: every write meets a closed pipe.
-    cmd = (f"{sys.executable} generate.py 'red cat' --model {model_dir} --max-new-tokens 2 | true; "
-           "echo \"status ${PIPESTATUS[0]}\"")
+    cmd = (
+        f"{sys.executable} generate.py 'red cat' --model {model_dir} --max-new-tokens 2 | true; "
+        'echo "status ${PIPESTATUS[0]}"'
+    )
     run = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.stderr == "", run.stderr[-2000:]
     assert run.stdout.strip() == "status 141", run.stdout
@@ -292,18 +348,20 @@ def test_generate_into_a_closed_pipe_is_quiet(model_dir):
 def rewrite_header(path, edit):
     """Rewrite a safetensors file's JSON header through edit(header) (tensor bytes unchanged)."""
     import struct
+
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def meta_edit(**changes):
     def edit(h):
         h["__metadata__"].update(changes)
+
     return edit
 
 
@@ -312,31 +370,40 @@ def config_field(**changes):
         cfg = json.loads(h["__metadata__"]["config"])
         cfg.update(changes)
         h["__metadata__"]["config"] = json.dumps(cfg)
+
     return edit
 
 
-@pytest.mark.parametrize("method, edit, words", [
-    ("para", lambda h: h.__setitem__("__metadata__", ["x"]), ("__metadata__ must map names to strings",)),
-    ("para", meta_edit(format_version=None), ("__metadata__ must map",)),
-    ("para", meta_edit(format_version="0"), ("format_version '0'",)),
-    ("para", meta_edit(format_version="-7"), ("format_version '-7'",)),
-    ("para", meta_edit(config={"r": 12}), ("__metadata__ must map",)),
-    ("para", config_field(r="abc"), ("option r must be at least 1 (an integer)",)),
-    ("para", config_field(r=-1), ("option r must be at least 1 (an integer)",)),
-    ("para", config_field(r=2.5), ("option r",)),
-    ("para", config_field(r=None), ("option r",)),
-    ("para", config_field(up_bias="false"), ("option up_bias must be true or false",)),
-    ("lora", config_field(alpha="x"), ("option alpha must be a finite number",)),
-    ("lora", config_field(rslora="no"), ("option rslora must be true or false",)),
-    ("lora", config_field(targets=5), ("option targets",)),
-    ("para", lambda h: h[next(k for k in h if k != "__metadata__")].__setitem__("dtype", "I64"),
-     ("holds I64 values", "floating point")),
-])
+@pytest.mark.parametrize(
+    "method, edit, words",
+    [
+        ("para", lambda h: h.__setitem__("__metadata__", ["x"]), ("__metadata__ must map names to strings",)),
+        ("para", meta_edit(format_version=None), ("__metadata__ must map",)),
+        ("para", meta_edit(format_version="0"), ("format_version '0'",)),
+        ("para", meta_edit(format_version="-7"), ("format_version '-7'",)),
+        ("para", meta_edit(config={"r": 12}), ("__metadata__ must map",)),
+        ("para", config_field(r="abc"), ("option r must be at least 1 (an integer)",)),
+        ("para", config_field(r=-1), ("option r must be at least 1 (an integer)",)),
+        ("para", config_field(r=2.5), ("option r",)),
+        ("para", config_field(r=None), ("option r",)),
+        ("para", config_field(up_bias="false"), ("option up_bias must be true or false",)),
+        ("lora", config_field(alpha="x"), ("option alpha must be a finite number",)),
+        ("lora", config_field(rslora="no"), ("option rslora must be true or false",)),
+        ("lora", config_field(targets=5), ("option targets",)),
+        (
+            "para",
+            lambda h: h[next(k for k in h if k != "__metadata__")].__setitem__("dtype", "I64"),
+            ("holds I64 values", "floating point"),
+        ),
+    ],
+)
 def test_bad_adapter_metadata(tmp_path, method, edit, words):
-    from minipara.io.adapters import load_adapter, save_adapter
-    from minipara.errors import UserError
-    from minipara.methods import build_adapter
     from conftest import tiny_args
+
+    from minipara.errors import UserError
+    from minipara.io.adapters import load_adapter, save_adapter
+    from minipara.methods import build_adapter
+
     args = tiny_args("llama")
     path = tmp_path / "a.safetensors"
     save_adapter(path, build_adapter(method, args), args)
@@ -348,10 +415,12 @@ def test_bad_adapter_metadata(tmp_path, method, edit, words):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_adapter_tensor(tmp_path, value):
-    from minipara.io.adapters import load_adapter, save_adapter
-    from minipara.errors import UserError
-    from minipara.methods import build_adapter
     from conftest import tiny_args
+
+    from minipara.errors import UserError
+    from minipara.io.adapters import load_adapter, save_adapter
+    from minipara.methods import build_adapter
+
     args = tiny_args("llama")
     ad = build_adapter("lora", args)
     with torch.no_grad():
@@ -361,17 +430,22 @@ def test_non_finite_adapter_tensor(tmp_path, value):
         load_adapter(tmp_path / "a.safetensors", args)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"target_modules": 5}, ("target_modules must be a string or a list of strings",)),
-    ({"lora_alpha": True}, ("option alpha must be a finite number",)),
-    ({"lora_alpha": float("nan")}, ("option alpha must be a finite number",)),
-    ({"r": True}, ("option r must be at least 1 (an integer)",)),
-    ({"use_rslora": "no"}, ("rslora must be true or false",)),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"target_modules": 5}, ("target_modules must be a string or a list of strings",)),
+        ({"lora_alpha": True}, ("option alpha must be a finite number",)),
+        ({"lora_alpha": float("nan")}, ("option alpha must be a finite number",)),
+        ({"r": True}, ("option r must be at least 1 (an integer)",)),
+        ({"use_rslora": "no"}, ("rslora must be true or false",)),
+    ],
+)
 def test_bad_peft_config(tmp_path, changes, words):
-    from minipara.io.adapters import load_adapter
-    from minipara.errors import UserError
     from conftest import tiny_args
+
+    from minipara.errors import UserError
+    from minipara.io.adapters import load_adapter
+
     args = tiny_args("llama")
     cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **changes}
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
@@ -388,17 +462,20 @@ def test_bad_peft_config(tmp_path, changes, words):
 
 def test_adapter_files_are_byte_identical_across_processes(tmp_path):
     """safetensors keeps metadata in a hash map: the key order changed from process to process."""
-    code = ("import sys; sys.path.insert(0, 'tests'); import torch; from conftest import tiny_args; "
-            "from minipara.methods import build_adapter; from minipara.io.adapters import save_adapter; "
-            "a = tiny_args('llama'); torch.manual_seed(0); "
-            "save_adapter(sys.argv[1], build_adapter('lora', a), a, template='none', weights_id='0123')")
+    code = (
+        "import sys; sys.path.insert(0, 'tests'); import torch; from conftest import tiny_args; "
+        "from minipara.methods import build_adapter; from minipara.io.adapters import save_adapter; "
+        "a = tiny_args('llama'); torch.manual_seed(0); "
+        "save_adapter(sys.argv[1], build_adapter('lora', a), a, template='none', weights_id='0123')"
+    )
     for name in ("a", "b", "c"):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], cwd=ROOT, check=True, timeout=120)
     files = [(tmp_path / n).read_bytes() for n in "abc"]
     assert files[0] == files[1] == files[2]
     import struct
+
     (n,) = struct.unpack("<Q", files[0][:8])
-    header = files[0][8:8 + n].rstrip(b" ")
+    header = files[0][8 : 8 + n].rstrip(b" ")
     assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -407,6 +484,7 @@ def test_adapter_on_other_weights_warns(model_dir, tmp_path, capsys):
     from minipara.io.adapters import save_adapter
     from minipara.io.checkpoints import load_model
     from minipara.methods import build_adapter
+
     model = load_model(model_dir)
     path = tmp_path / "a.safetensors"
     save_adapter(path, build_adapter("para", model.args), model.args, weights_id=model.weights_id)
@@ -415,6 +493,7 @@ def test_adapter_on_other_weights_warns(model_dir, tmp_path, capsys):
         t = load_file(d / "model.safetensors")
         t["model.layers.0.mlp.up_proj.weight"] *= 1.5
         save_file(t, d / "model.safetensors")
+
     other = copy_with(model_dir, tmp_path, edit)
     args = ["red cat", "--adapter", path, "--max-new-tokens", "2", "--model"]
     code, out, err = run_script("generate", [*args, model_dir], capsys)
@@ -437,9 +516,29 @@ def data_dir(tmp_path_factory):
 
 
 def train_args(model_dir, data_dir, out, *extra, method="para"):
-    return ["--method", method, "--task", "custom", "--model", model_dir, "--train", data_dir / "train.jsonl",
-            "--dev", data_dir / "dev.jsonl", "--out", out, "--batch-size", "4", "--max-steps", "1",
-            "--eval-beams", "1", "--max-eval", "2", *extra]
+    return [
+        "--method",
+        method,
+        "--task",
+        "custom",
+        "--model",
+        model_dir,
+        "--train",
+        data_dir / "train.jsonl",
+        "--dev",
+        data_dir / "dev.jsonl",
+        "--out",
+        out,
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--eval-beams",
+        "1",
+        "--max-eval",
+        "2",
+        *extra,
+    ]
 
 
 def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
@@ -469,12 +568,13 @@ def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
         (train_args(**d, out=out) + ["--r", "abc"], ("--r needs an integer",)),
         (train_args(**d, out=t) + ["--force"], ("is the --train file",)),
         (train_args(**d, out=w / "run.ckpt"), ("would both be",)),
-        (train_args(**d, out=data_dir / "x.safetensors") + ["--dev", data_dir / "x.log.jsonl"],
-         ("is the --dev file",)),
+        (train_args(**d, out=data_dir / "x.safetensors") + ["--dev", data_dir / "x.log.jsonl"], ("is the --dev file",)),
         (train_args(**d, out=w / "report-only.safetensors", method="none"), ("report-only.report.json exists",)),
         (train_args(**d, out=w / "file" / "a.safetensors"), ("not a writable folder",)),
-        (train_args(**d, out=w / "new" / "deeper" / "a.safetensors", method="iapt") + ["--soft-tokens", "600"],
-         ("600 prefix slots",)),
+        (
+            train_args(**d, out=w / "new" / "deeper" / "a.safetensors", method="iapt") + ["--soft-tokens", "600"],
+            ("600 prefix slots",),
+        ),
     ]
     (data_dir / "x.log.jsonl").write_text((data_dir / "dev.jsonl").read_text())
     for argv, words in cases:
@@ -483,10 +583,17 @@ def test_train_refusals(model_dir, data_dir, tmp_path, capsys):
 
 def test_train_refuses_an_output_in_use(model_dir, data_dir, tmp_path, capsys):
     from minipara.io.files import OutputLock
+
     out = tmp_path / "a.safetensors"
     with OutputLock(out):  # another run holds it
-        refused("train", train_args(model_dir, data_dir, out), capsys, "being written by another run", "pid",
-                watch=[tmp_path])
+        refused(
+            "train",
+            train_args(model_dir, data_dir, out),
+            capsys,
+            "being written by another run",
+            "pid",
+            watch=[tmp_path],
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -520,6 +627,7 @@ def test_train_resume_refusals_and_repair(model_dir, data_dir, tmp_path, capsys)
         t = load_file(d / "model.safetensors")
         t["model.norm.weight"] += 0.5
         save_file(t, d / "model.safetensors")
+
     other = copy_with(model_dir, tmp_path / "m", edit)
     refused("train", train_args(other, data_dir, out) + ["--resume"], capsys, "other weights", watch=[tmp_path])
 

@@ -1,4 +1,5 @@
 """The results command: runs every (method, seed) once, skips finished ones, tabulates."""
+
 import json
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 from minipara.train import results
 
 # A stand-in for train.py: writes the report (and a log) train.py would write, from its arguments.
-FAKE_TRAIN = r'''
+FAKE_TRAIN = r"""
 import json, sys, time
 a = sys.argv[1:]
 arg = lambda k, d=None: a[len(a) - 1 - a[::-1].index(k) + 1] if k in a else d
@@ -30,7 +31,7 @@ else:
         for step, loss in ((20, 0.4), (40, 0.3)):
             f.write(json.dumps({"event": "eval", "step": step, "dev_loss": loss}) + "\n")
 json.dump(report, open(stem + ".report.json", "w"))
-'''
+"""
 
 
 @pytest.fixture
@@ -43,8 +44,25 @@ def fake_train(tmp_path, monkeypatch):
 
 def test_runs_every_combination_once_and_tabulates(tmp_path, fake_train, capsys):
     base = tmp_path / "out"
-    argv = ["--task", "sst2", "--methods", "none,para,lora,bitfit", "--seeds", "0,1,2", "--lr-for", "lora=3e-3",
-            "--parallel", "3", "--dir", str(base), "--", "--max-steps", "40", "--lr", "1e-4"]
+    argv = [
+        "--task",
+        "sst2",
+        "--methods",
+        "none,para,lora,bitfit",
+        "--seeds",
+        "0,1,2",
+        "--lr-for",
+        "lora=3e-3",
+        "--parallel",
+        "3",
+        "--dir",
+        str(base),
+        "--",
+        "--max-steps",
+        "40",
+        "--lr",
+        "1e-4",
+    ]
     assert results.main(argv) == 1  # bitfit's runs fail, and say so
     assert "3 runs failed: sst2 bitfit seed 0, sst2 bitfit seed 1, sst2 bitfit seed 2" in capsys.readouterr().err
     calls = (base / "sst2/lora-seed1.calls").read_text().split()
@@ -107,22 +125,50 @@ def test_bad_lr_override_is_refused():
 def test_runs_the_real_train_script_on_a_tiny_model(tmp_path):
     """End to end with train.py on a tiny LLaMA directory: one run, its report in the table."""
     from conftest import write_tiny_model_dir
+
     (tmp_path / "m").mkdir()
     model = write_tiny_model_dir(tmp_path / "m")
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"the cat {w}", "response": w}) + "\n"
-                            for w in ["yes", "no", "red", "blue"] * 4))
-    argv = ["--task", "custom", "--methods", "none,bitfit", "--seeds", "0", "--dir", str(tmp_path / "out"),
-            "--threads", "1", "--", "--model", str(model), "--train", str(data), "--dev", str(data),
-            "--max-steps", "2", "--eval-every", "1", "--max-eval", "2", "--eval-beams", "1"]
+    data.write_text(
+        "".join(json.dumps({"prompt": f"the cat {w}", "response": w}) + "\n" for w in ["yes", "no", "red", "blue"] * 4)
+    )
+    argv = [
+        "--task",
+        "custom",
+        "--methods",
+        "none,bitfit",
+        "--seeds",
+        "0",
+        "--dir",
+        str(tmp_path / "out"),
+        "--threads",
+        "1",
+        "--",
+        "--model",
+        str(model),
+        "--train",
+        str(data),
+        "--dev",
+        str(data),
+        "--max-steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--max-eval",
+        "2",
+        "--eval-beams",
+        "1",
+    ]
     assert results.main(argv) == 0, (tmp_path / "out/custom/bitfit-seed0.out").read_text()
     rows = json.loads((tmp_path / "out/custom.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "bitfit"] and rows[1]["steps"] == [2]
-    assert rows[1]["commit"] and sys.executable in json.loads((tmp_path / "out/custom.json").read_text())[
-        "runs"][1]["launch"]["command"]
+    assert (
+        rows[1]["commit"]
+        and sys.executable in json.loads((tmp_path / "out/custom.json").read_text())["runs"][1]["launch"]["command"]
+    )
 
 
-SLOW_TRAIN = r'''
+SLOW_TRAIN = r"""
 import os, signal, sys, time
 a = sys.argv[1:]
 stem = a[a.index("--out") + 1][:-len(".safetensors")]
@@ -138,7 +184,7 @@ for _ in range(1200):
             sys.exit(137)  # aborted without saving
         open(stem + ".ckpt", "w").write("saved")
         sys.exit(130)
-'''
+"""
 
 
 def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
@@ -149,13 +195,16 @@ def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
     import signal
     import subprocess
     import time
+
     script = tmp_path / "train.py"
     script.write_text(SLOW_TRAIN)
     base = tmp_path / "out"
-    driver = (f"import sys; from pathlib import Path; from minipara import cli; from minipara.train import results; "
-              f"results.TRAIN_SCRIPT = Path({str(script)!r}); "
-              f"cli.run(lambda: results.main(['--task', 'sst2', '--methods', 'para,lora', '--seeds', '0,1', "
-              f"'--parallel', '2', '--dir', {str(base)!r}]))")
+    driver = (
+        f"import sys; from pathlib import Path; from minipara import cli; from minipara.train import results; "
+        f"results.TRAIN_SCRIPT = Path({str(script)!r}); "
+        f"cli.run(lambda: results.main(['--task', 'sst2', '--methods', 'para,lora', '--seeds', '0,1', "
+        f"'--parallel', '2', '--dir', {str(base)!r}]))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids = []
     for _ in range(200):

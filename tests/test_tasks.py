@@ -1,11 +1,13 @@
 """Task loaders, splits, refusals and metrics, on small fixtures written into tmp_path."""
+
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minipara.train import metrics
 from minipara.errors import UserError
+from minipara.train import metrics
 from minipara.train.tasks import DEV_SIZE, TASKS, load_task
 
 
@@ -22,8 +24,10 @@ def write_text(path, text):
 
 
 def rte_rows(n):
-    return [{"premise": f"p{i}", "hypothesis": f"h{i}", "idx": i,
-             "label": "entailment" if i % 2 else "not_entailment"} for i in range(n)]
+    return [
+        {"premise": f"p{i}", "hypothesis": f"h{i}", "idx": i, "label": "entailment" if i % 2 else "not_entailment"}
+        for i in range(n)
+    ]
 
 
 def sizes(task):
@@ -35,19 +39,25 @@ def test_copa_ships_with_its_splits_and_template():
     task = load_task("copa")
     assert sizes(task) == {"train": 400, "dev": 50, "test": 50}
     first = task.splits["train"][0]
-    assert first.prompt == ("Premise:\nMy body cast a shadow over the grass.\nChoice 1: The sun was rising.\n"
-                            "Choice 2: The grass was cut.\nQuestion:\nWhat was the cause?")
+    assert first.prompt == (
+        "Premise:\nMy body cast a shadow over the grass.\nChoice 1: The sun was rising.\n"
+        "Choice 2: The grass was cut.\nQuestion:\nWhat was the cause?"
+    )
     assert (first.response, first.answers) == ("1", ["1"])
     assert task.metric_name == "accuracy"
 
 
-@pytest.mark.parametrize("name, expected, first_response", [
-    ("rte", {"train": 2490, "dev": 138, "test": 139}, "not entailment"),  # SPEC.md: validation halved
-    ("sst2", {"train": 66349, "dev": 1000, "test": 872}, "negative"),  # 1,000 train rows as dev; GLUE dev as test
-    ("gsm8k", {"train": 6973, "dev": 500, "test": 1319}, None),  # 500 train problems as dev (SPEC.md)
-])
+@pytest.mark.parametrize(
+    "name, expected, first_response",
+    [
+        ("rte", {"train": 2490, "dev": 138, "test": 139}, "not entailment"),  # SPEC.md: validation halved
+        ("sst2", {"train": 66349, "dev": 1000, "test": 872}, "negative"),  # 1,000 train rows as dev; GLUE dev as test
+        ("gsm8k", {"train": 6973, "dev": 500, "test": 1319}, None),  # 500 train problems as dev (SPEC.md)
+    ],
+)
 def test_tasks_ship_gzipped_with_their_licence(name, expected, first_response):
     from minipara.train.tasks import SHIPPED
+
     task = load_task(name)
     assert sizes(task) == expected
     assert (SHIPPED / name / "LICENSE").is_file()
@@ -58,6 +68,7 @@ def test_tasks_ship_gzipped_with_their_licence(name, expected, first_response):
 
 def test_gzipped_files_are_read_from_a_data_dir(tmp_path):
     import gzip
+
     path = tmp_path / "rte/val.jsonl.gz"
     write_jsonl(tmp_path / "rte/train.jsonl", rte_rows(3))
     with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -82,8 +93,10 @@ def test_small_task_halves_validation_deterministically(tmp_path):
     assert sizes(a) == {"train": 5, "dev": 5, "test": 6}
     assert a.splits == b.splits
     dev, test = {e.prompt for e in a.splits["dev"]}, {e.prompt for e in a.splits["test"]}
-    assert not dev & test and dev | test == {f"sentence 1: p{i}\nsentence 2: h{i}\nAre sentence 1 and sentence 2 "
-                                             "have entailment relation or not?" for i in range(11)}
+    assert not dev & test and dev | test == {
+        f"sentence 1: p{i}\nsentence 2: h{i}\nAre sentence 1 and sentence 2 have entailment relation or not?"
+        for i in range(11)
+    }
     other = load_task("rte", str(tmp_path), seed=4)
     assert {e.prompt for e in other.splits["dev"]} != dev
     assert a.splits["train"][0].response == "not entailment" and a.splits["train"][1].response == "entailment"
@@ -97,7 +110,7 @@ def test_data_dir_may_be_the_task_folder(tmp_path):
 
 def test_large_task_holds_out_dev_from_train(tmp_path):
     n = DEV_SIZE + 7
-    lines = ["sentence\tlabel"] + [f"s{i} \"quoted {i}\t{i % 2}" for i in range(n)]
+    lines = ["sentence\tlabel"] + [f's{i} "quoted {i}\t{i % 2}' for i in range(n)]
     write_text(tmp_path / "sst2/train.tsv", "\n".join(lines) + "\n")
     write_text(tmp_path / "sst2/dev.tsv", "text\tlabel\ngood .\t1\nbad .\t0\n")
     task = load_task("sst2", str(tmp_path), seed=1)
@@ -132,13 +145,22 @@ def test_qnli_tsv(tmp_path):
     write_text(tmp_path / "qnli/train.tsv", head + rows)
     write_text(tmp_path / "qnli/dev.tsv", head + "0\tWho?\tHim.\tnot_entailment\n")
     ex = load_task("qnli", str(tmp_path)).splits["test"][0]
-    assert ex.prompt == "sentence 1: Who?\nsentence 2: Him.\nAre sentence 1 and sentence 2 have entailment relation or not?"
+    assert (
+        ex.prompt
+        == "sentence 1: Who?\nsentence 2: Him.\nAre sentence 1 and sentence 2 have entailment relation or not?"
+    )
     assert ex.response == "not entailment"
 
 
 def squad_doc(n):
-    qas = [{"id": str(i), "question": f"q{i}?", "answers": [{"text": f"a{i}", "answer_start": 0}] * 2
-            + [{"text": f"the a{i}", "answer_start": 0}]} for i in range(n)]
+    qas = [
+        {
+            "id": str(i),
+            "question": f"q{i}?",
+            "answers": [{"text": f"a{i}", "answer_start": 0}] * 2 + [{"text": f"the a{i}", "answer_start": 0}],
+        }
+        for i in range(n)
+    ]
     return {"version": "1.1", "data": [{"title": "t", "paragraphs": [{"context": "ctx", "qas": qas}]}]}
 
 
@@ -153,13 +175,16 @@ def test_squad_json(tmp_path):
     assert task.metric_name == "f1_em"
     # "a0 b" vs "a0": F1 2/3, EM 0; "a1": F1 1, EM 1 -> F1 5/6, EM 1/2, f1_em 2/3
     assert task.metric(["a0 b", "a1"], task.splits["test"]) == pytest.approx(
-        {"f1_em": 2 / 3, "f1": 5 / 6, "exact_match": 0.5})
+        {"f1_em": 2 / 3, "f1": 5 / 6, "exact_match": 0.5}
+    )
     assert list(task.metric(["a0 b", "a1"], task.splits["test"])) == ["f1_em", "f1", "exact_match"]
 
 
 def test_record_jsonl(tmp_path):
-    row = {"passage": {"text": "Story text.\n@highlight\nFirst point\n@highlight\nSecond"},
-           "qas": [{"query": "@placeholder won", "answers": [{"start": 0, "end": 4, "text": "Story"}]}] * 2}
+    row = {
+        "passage": {"text": "Story text.\n@highlight\nFirst point\n@highlight\nSecond"},
+        "qas": [{"query": "@placeholder won", "answers": [{"start": 0, "end": 4, "text": "Story"}]}] * 2,
+    }
     write_jsonl(tmp_path / "record/train.jsonl", [row] * (DEV_SIZE // 2 + 1))
     write_jsonl(tmp_path / "record/val.jsonl", [row])
     task = load_task("record", str(tmp_path))
@@ -173,8 +198,9 @@ def test_e2e_official_splits_group_references_for_evaluation(tmp_path):
     rows = "".join(f'"name[X{i}], food[Thai]","X{i} serves Thai food."\n' for i in range(5))
     write_text(tmp_path / "e2e/trainset.csv", "mr,ref\n" + rows)
     write_text(tmp_path / "e2e/devset.csv", 'mr,ref\n"name[D]","D."\n"name[D]","D!"\n')
-    write_text(tmp_path / "e2e/testset_w_refs.csv", 'mr,ref\n"name[A]","A is nice."\n"name[A]","A, nice."\n'
-               '"name[B]","B."\n')
+    write_text(
+        tmp_path / "e2e/testset_w_refs.csv", 'mr,ref\n"name[A]","A is nice."\n"name[A]","A, nice."\n"name[B]","B."\n'
+    )
     task = load_task("e2e", str(tmp_path))
     # SPEC.md: the official files as they are; a random hold-out of training rows would leak
     # (each meaning representation has several references).
@@ -187,7 +213,10 @@ def test_e2e_official_splits_group_references_for_evaluation(tmp_path):
 
 
 def test_gsm8k_jsonl(tmp_path):
-    rows = [{"question": f"{i}+1?", "answer": f"It is <<{i}+1={i + 1}>>{i + 1}.\n#### {i + 1:,}"} for i in range(DEV_SIZE + 300)]
+    rows = [
+        {"question": f"{i}+1?", "answer": f"It is <<{i}+1={i + 1}>>{i + 1}.\n#### {i + 1:,}"}
+        for i in range(DEV_SIZE + 300)
+    ]
     write_jsonl(tmp_path / "gsm8k/train.jsonl", rows)
     write_jsonl(tmp_path / "gsm8k/test.jsonl", rows[1233:1234])
     task = load_task("gsm8k", str(tmp_path))
@@ -199,30 +228,44 @@ def test_gsm8k_jsonl(tmp_path):
 
 
 def test_wikisql_renders_sql_and_executes(tmp_path):
-    table = {"id": "t1", "header": ["Player", "Goals", "Team"], "types": ["text", "real", "text"],
-             "rows": [["Ann", 3, "Red and Blue"], ["Bob", 5, "Green"], ["Cy", 7, "Red and Blue"]]}
-    row = {"table_id": "t1", "question": "Most goals for Red and Blue?",
-           "sql": {"sel": 1, "agg": 1, "conds": [[2, 0, "Red and Blue"]]}}
+    table = {
+        "id": "t1",
+        "header": ["Player", "Goals", "Team"],
+        "types": ["text", "real", "text"],
+        "rows": [["Ann", 3, "Red and Blue"], ["Bob", 5, "Green"], ["Cy", 7, "Red and Blue"]],
+    }
+    row = {
+        "table_id": "t1",
+        "question": "Most goals for Red and Blue?",
+        "sql": {"sel": 1, "agg": 1, "conds": [[2, 0, "Red and Blue"]]},
+    }
     for split, n in (("train", 3), ("dev", 2), ("test", 1)):  # the official files (SPEC.md)
         write_jsonl(tmp_path / f"wikisql/{split}.tables.jsonl", [table])
         write_jsonl(tmp_path / f"wikisql/{split}.jsonl", [row] * n)
     task = load_task("wikisql", str(tmp_path))
     assert sizes(task) == {"train": 3, "dev": 2, "test": 1}
     ex = task.splits["test"][0]
-    assert ex.prompt == ("Answer the following query by writing a SQL query on the given table:\n"
-                         "Most goals for Red and Blue?\nTable information:\nPlayer, Goals, Team.")
+    assert ex.prompt == (
+        "Answer the following query by writing a SQL query on the given table:\n"
+        "Most goals for Red and Blue?\nTable information:\nPlayer, Goals, Team."
+    )
     assert ex.response == "SELECT MAX(Goals) FROM table WHERE Team = Red and Blue"
-    preds = ["select max( goals ) from table where team = 'red and blue'",  # same query, other spelling
-             "SELECT Goals FROM table WHERE Player = Cy",  # different query, same result
-             "SELECT MIN(Goals) FROM table WHERE Team = Red and Blue", "not sql"]
+    preds = [
+        "select max( goals ) from table where team = 'red and blue'",  # same query, other spelling
+        "SELECT Goals FROM table WHERE Player = Cy",  # different query, same result
+        "SELECT MIN(Goals) FROM table WHERE Team = Red and Blue",
+        "not sql",
+    ]
     scores = task.metric(preds, [ex] * 4)
     assert list(scores) == ["execution_accuracy", "exact_match"]
     assert scores == {"execution_accuracy": 0.5, "exact_match": 0.25}
 
 
 def test_alpaca_holds_out_dev_and_test(tmp_path):
-    items = [{"instruction": f"Do {i}.", "input": "" if i % 2 else f"in{i}", "output": f"out{i}"}
-             for i in range(2 * DEV_SIZE + 5)]
+    items = [
+        {"instruction": f"Do {i}.", "input": "" if i % 2 else f"in{i}", "output": f"out{i}"}
+        for i in range(2 * DEV_SIZE + 5)
+    ]
     write_text(tmp_path / "alpaca/alpaca_data.json", json.dumps(items))
     task = load_task("alpaca", str(tmp_path))
     assert sizes(task) == {"train": 5, "dev": DEV_SIZE, "test": DEV_SIZE}
@@ -288,8 +331,12 @@ def test_bad_label_and_bad_json_name_the_line(tmp_path):
 
 # ---- metrics on hand-computed cases ----
 def test_accuracy_normalises_labels():
-    assert metrics.accuracy(["Not_Entailment.", " positive ", "yes", "no"],
-                            ["not entailment", "Positive", ["no", "yes"], "yes"]) == 0.75
+    assert (
+        metrics.accuracy(
+            ["Not_Entailment.", " positive ", "yes", "no"], ["not entailment", "Positive", ["no", "yes"], "yes"]
+        )
+        == 0.75
+    )
 
 
 def test_squad_f1_and_exact_match():

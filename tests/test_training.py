@@ -5,6 +5,7 @@ decides the answer, response = [answer, EOS]; the answer therefore depends on th
 and a constant output scores about 50%. Learning rates are per method: tiny random models
 need far larger ones than the papers' 1e-4 (see LR).
 """
+
 import importlib.util
 import random
 import subprocess
@@ -13,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE, tiny_model, write_tiny_model_dir
 
 from minipara import cli
 from minipara.errors import UserError
 from minipara.methods import METHODS, build_adapter
-from minipara.train.trainer import EvalSet, Trainer, TrainConfig, evaluate, loss_sum
-
-from conftest import DEVICE, tiny_model, write_tiny_model_dir
+from minipara.train.trainer import EvalSet, TrainConfig, Trainer, evaluate, loss_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,8 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # vector generators (PARA, PEDRO, PARADE) learn at 1e-2 but diverge from about 6e-2 (their
 # scales multiply activations); IAPT wants 2e-2; the fixed scale/bias methods (IA3, BitFit)
 # 5e-2 to 1e-1; LoRA fails to converge at 3e-2.
-LR = {"para": 1e-2, "pedro": 1e-2, "parade": 1e-2, "iapt": 2e-2,
-      "lora": 1e-2, "ia3": 5e-2, "bitfit": 1e-1, "ptuning_v2": 1e-2}
+LR = {
+    "para": 1e-2,
+    "pedro": 1e-2,
+    "parade": 1e-2,
+    "iapt": 2e-2,
+    "lora": 1e-2,
+    "ia3": 5e-2,
+    "bitfit": 1e-1,
+    "ptuning_v2": 1e-2,
+}
 
 
 def make(n: int, seed: int, bos: int = 1, eos: int = 2) -> list:
@@ -46,6 +54,7 @@ def make(n: int, seed: int, bos: int = 1, eos: int = 2) -> list:
 def evset(pairs, eos: int = 2) -> EvalSet:
     def score(gens):
         return {"accuracy": sum(g == r[:-1] for g, (_, r) in zip(gens, pairs)) / len(pairs)}
+
     return EvalSet([p for p, _ in pairs], score, max_new_tokens=2, stop_ids=(eos,))
 
 
@@ -87,20 +96,29 @@ def short_run(method, family, ckpt, stop_at=None, resume=False, seed=0, **over):
     bos, eos = model.args.bos_id, model.args.eos_ids[0]
     ad = adapter_for(method, model, seed=seed)
     dev = make(24, 2, bos, eos)
-    cfg = TrainConfig(**{**dict(lr=1e-2, arch_lr=1e-3, max_steps=40, batch_size=8, micro_batch=4,
-                                eval_every=10, patience=100, seed=3), **over})
+    cfg = TrainConfig(
+        **{
+            **dict(
+                lr=1e-2, arch_lr=1e-3, max_steps=40, batch_size=8, micro_batch=4, eval_every=10, patience=100, seed=3
+            ),
+            **over,
+        }
+    )
 
     def on_step(t):
         if t.state.step == stop_at:
             t.request_stop("test")  # what the CLI's SIGINT/SIGTERM handler calls
+
     tr = Trainer(model, ad, make(60, 1, bos, eos), dev, evset(dev, eos), cfg, ckpt_path=ckpt, on_step=on_step)
     if resume:
         tr.resume()
     return tr, tr.run()
 
 
-@pytest.mark.parametrize("method,family,stop_at", [("para", "gemma", 13), ("para", "llama", 10),
-                                                   ("iapt", "llama", 17), ("lora", "llama", 23)])
+@pytest.mark.parametrize(
+    "method,family,stop_at",
+    [("para", "gemma", 13), ("para", "llama", 10), ("iapt", "llama", 17), ("lora", "llama", 23)],
+)
 def test_interrupt_and_resume_is_bit_identical(tmp_path, method, family, stop_at):
     """Stopping mid-epoch (13, 17, 23) or just before a due evaluation (10), then resuming in a
     fresh process-like setup (new model, adapter built from another seed), ends with exactly
@@ -122,9 +140,11 @@ def test_interrupt_and_resume_is_bit_identical(tmp_path, method, family, stop_at
 def test_resume_refuses_another_method_model_or_option(tmp_path):
     ck = tmp_path / "a.ckpt"
     short_run("para", "llama", ck, max_steps=2, eval_every=2)
-    for method, family, over, msg in [("lora", "llama", {}, "checkpoint of method para, not lora"),
-                                      ("para", "gemma", {}, "another model"),
-                                      ("para", "llama", {"lr": 0.5}, "training option lr=0.01")]:
+    for method, family, over, msg in [
+        ("lora", "llama", {}, "checkpoint of method para, not lora"),
+        ("para", "gemma", {}, "another model"),
+        ("para", "llama", {"lr": 0.5}, "training option lr=0.01"),
+    ]:
         with pytest.raises(UserError, match=msg):
             short_run(method, family, ck, resume=True, max_steps=2, eval_every=2, **over)
     with pytest.raises(UserError, match="no checkpoint"):
@@ -140,8 +160,15 @@ def test_early_stopping_by_metric_keeps_the_best(tmp_path):
     ev.score = lambda gens: {"accuracy": next(scores)}
     snaps = {}
     cfg = TrainConfig(lr=1e-2, batch_size=8, eval_every=2, patience=3, select="metric")
-    tr = Trainer(model, ad, make(32, 1), dev, ev, cfg,
-                 on_best=lambda a: snaps.__setitem__(tr.state.step, {k: v.clone() for k, v in a.state_dict().items()}))
+    tr = Trainer(
+        model,
+        ad,
+        make(32, 1),
+        dev,
+        ev,
+        cfg,
+        on_best=lambda a: snaps.__setitem__(tr.state.step, {k: v.clone() for k, v in a.state_dict().items()}),
+    )
     res = tr.run()
     assert res.stopped_by == "early_stopping" and res.step == 10 and res.best_step == 4
     assert res.best_metric == 0.7 and list(snaps) == [2, 4]
@@ -153,6 +180,7 @@ def test_dev_loss_selects_and_stops_while_the_metric_is_logged(monkeypatch):
     """The papers' rule: keep the checkpoint of the lowest dev loss, stop after `patience`
     evaluations without a lower one; the dev metric is still computed at each evaluation."""
     import minipara.train.trainer as training
+
     model = tiny_model("llama")
     ad = adapter_for("para", model)
     dev = make(16, 2)
@@ -172,8 +200,11 @@ def test_gradients_are_clipped_to_global_norm_one():
     ad = adapter_for("lora", model)
     tr = Trainer(model, ad, make(32, 1), make(8, 2), evset(make(8, 2)), TrainConfig(lr=1e-2, batch_size=8))
     norms = []
-    tr.opt.register_step_pre_hook(lambda opt, args, kwargs: norms.append(
-        torch.cat([p.grad.flatten() for p in tr.weights if p.grad is not None]).norm().item()))
+    tr.opt.register_step_pre_hook(
+        lambda opt, args, kwargs: norms.append(
+            torch.cat([p.grad.flatten() for p in tr.weights if p.grad is not None]).norm().item()
+        )
+    )
     with torch.no_grad():  # a large loss: unclipped gradients would be far above 1
         for p in ad.parameters():
             p.add_(torch.randn_like(p))
@@ -226,6 +257,7 @@ def test_response_never_reaches_a_pooler(method):
         st = real(i, h, pool_mask, m)
         recorded.append(st)
         return st
+
     ad.layer_state = spy
 
     def states(pairs):
@@ -272,7 +304,7 @@ def test_micro_batches_give_the_full_batch_gradient():
             ad.gen.w_up.normal_(0, 0.1)
         n = sum(len(r) for _, r in pairs)
         for s in range(0, 8, mb):
-            (loss_sum(model, ad, pairs[s:s + mb]) / n).backward()
+            (loss_sum(model, ad, pairs[s : s + mb]) / n).backward()
         grads.append([p.grad.clone() for p in ad.parameters()])
     for g1, g2 in zip(*grads):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
@@ -292,8 +324,14 @@ def test_bilevel_schedule(method):
         for p in ad.parameters():
             if id(p) not in arch:
                 p.add_(torch.randn_like(p) * 0.05)
-    tr = Trainer(model, ad, train, dev, evset(dev), TrainConfig(lr=1e-2, arch_lr=1e-2, warmup=0, batch_size=8,
-                                                                 max_steps=4, eval_every=100))
+    tr = Trainer(
+        model,
+        ad,
+        train,
+        dev,
+        evset(dev),
+        TrainConfig(lr=1e-2, arch_lr=1e-2, warmup=0, batch_size=8, max_steps=4, eval_every=100),
+    )
     calls, real = [], tr._update
     named = dict(ad.named_parameters())
 
@@ -301,10 +339,16 @@ def test_bilevel_schedule(method):
         before = {k: p.detach().clone() for k, p in named.items()}
         loss = real(pairs, params, opt)
         moved = {k for k, p in named.items() if not torch.equal(p, before[k])}
-        split = "dev" if all(any(x is d for d in dev) for x in pairs) else \
-            "train" if all(any(x is t for t in train) for x in pairs) else "mixed"
+        split = (
+            "dev"
+            if all(any(x is d for d in dev) for x in pairs)
+            else "train"
+            if all(any(x is t for t in train) for x in pairs)
+            else "mixed"
+        )
         calls.append((split, moved))
         return loss
+
     tr._update = spy
     tr.run()
     arch_names = {k for k, p in named.items() if id(p) in arch}
@@ -329,8 +373,16 @@ def test_refuses_a_response_longer_than_the_context():
 
 def test_default_training_config():
     c = TrainConfig().resolved(400)
-    assert (c.batch_size, c.micro_batch, c.eval_every, c.lr, c.arch_lr, c.warmup, c.patience, c.eval_beams) == \
-        (16, 16, 25, 1e-4, 1e-6, 0.06, 10, 3)
+    assert (c.batch_size, c.micro_batch, c.eval_every, c.lr, c.arch_lr, c.warmup, c.patience, c.eval_beams) == (
+        16,
+        16,
+        25,
+        1e-4,
+        1e-6,
+        0.06,
+        10,
+        3,
+    )
     assert (c.select, c.max_grad_norm, c.max_len) == ("loss", 1.0, 2048)  # SPEC.md, decisions after review
     c = TrainConfig().resolved(50_000)
     assert (c.batch_size, c.eval_every) == (128, 200)
@@ -349,8 +401,14 @@ def run_cli(argv, capsys) -> tuple[int, list[str]]:
 
 
 def test_cli_unknown_method_exits_2_with_one_line():
-    r = subprocess.run([sys.executable, "train.py", "--method", "nope", "--task", "copa"], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "train.py", "--method", "nope", "--task", "copa"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "error: unknown method 'nope'; choose one of " + ", ".join(METHODS)
 
@@ -384,6 +442,7 @@ def tiny_dir(tmp_path_factory):
     """A tiny HF-format LLaMA directory (conftest.write_tiny_model_dir) and custom-task files
     whose answer depends on the prompt's colour word."""
     import json
+
     d = write_tiny_model_dir(tmp_path_factory.mktemp("tiny"))
     r = random.Random(0)
 
@@ -395,6 +454,7 @@ def tiny_dir(tmp_path_factory):
             answer = "yes" if colour == "red" else "no"
             out.append(json.dumps({"prompt": f"the {filler} is {colour}", "response": answer}))
         return "\n".join(out) + "\n"
+
     (d / "train.jsonl").write_text(rows(32))
     (d / "dev.jsonl").write_text(rows(8))
     return d
@@ -404,9 +464,29 @@ ENV = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}  # tiny model: thread
 
 
 def train_cmd(d, out, *extra):
-    return [sys.executable, "train.py", "--method", "para", "--task", "custom", "--model", str(d),
-            "--train", str(d / "train.jsonl"), "--dev", str(d / "dev.jsonl"), "--out", str(out),
-            "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-2", *extra]
+    return [
+        sys.executable,
+        "train.py",
+        "--method",
+        "para",
+        "--task",
+        "custom",
+        "--model",
+        str(d),
+        "--train",
+        str(d / "train.jsonl"),
+        "--dev",
+        str(d / "dev.jsonl"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--micro-batch",
+        "2",
+        "--lr",
+        "1e-2",
+        *extra,
+    ]
 
 
 def test_cli_run_writes_adapter_checkpoint_log_and_report(tiny_dir, tmp_path):
@@ -414,24 +494,39 @@ def test_cli_run_writes_adapter_checkpoint_log_and_report(tiny_dir, tmp_path):
 
     from minipara.io.adapters import load_adapter
     from minipara.model.config import ModelArgs
+
     out = tmp_path / "run" / "a.safetensors"
-    r = subprocess.run(train_cmd(tiny_dir, out, "--max-steps", "6", "--eval-every", "3"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        train_cmd(tiny_dir, out, "--max-steps", "6", "--eval-every", "3"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 6/6" in r.stderr and "it/s" in r.stderr and "ETA" in r.stderr
     assert load_adapter(out, ModelArgs.from_dir(tiny_dir)).method == "para"
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report == json.loads(r.stdout)
-    for key in ("test_metric", "dev_metric_best", "trainable_params", "steps", "wall_time_s",
-                "peak_memory_bytes", "command"):
+    for key in (
+        "test_metric",
+        "dev_metric_best",
+        "trainable_params",
+        "steps",
+        "wall_time_s",
+        "peak_memory_bytes",
+        "command",
+    ):
         assert key in report, key
     assert report["steps"] == 6 and report["stopped_by"] == "max_steps" and "--max-steps 6" in report["command"]
     events = [json.loads(x)["event"] for x in out.with_suffix(".log.jsonl").read_text().splitlines()]
     assert events == ["start", "eval", "eval", "end"]
     ck = torch.load(out.with_suffix(".ckpt"), weights_only=True)
     assert ck["progress"]["step"] == 6 and ck["progress"]["done"]
-    again = subprocess.run(train_cmd(tiny_dir, out, "--max-steps", "6"), cwd=ROOT, env=ENV,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        train_cmd(tiny_dir, out, "--max-steps", "6"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "--force" in again.stderr
 
 
@@ -439,6 +534,7 @@ def test_cli_sigint_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     import signal
 
     from safetensors.torch import load_file
+
     steps = ["--eval-every", "40"]  # 10 epochs of 8 steps
     ref = tmp_path / "ref.safetensors"
     r = subprocess.run(train_cmd(tiny_dir, ref, *steps), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -454,8 +550,9 @@ def test_cli_sigint_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     assert "Traceback" not in err and "checkpoint saved" in err and "Resume with:" in err
     resume_cmd = err.split("Resume with: ", 1)[1].strip()
     assert resume_cmd.endswith("--resume")
-    r = subprocess.run(train_cmd(tiny_dir, out, *steps, "--resume"), cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        train_cmd(tiny_dir, out, *steps, "--resume"), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(ref), load_file(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -467,9 +564,10 @@ def test_cli_method_none_scores_the_bare_model(tiny_dir, tmp_path):
     import json
 
     from minipara.io.checkpoints import load_model
-    from minipara.train.tasks import load_task
     from minipara.io.tokenizer import Tokenizer
+    from minipara.train.tasks import load_task
     from minipara.train.trainer import evaluate, prepare_task
+
     out = tmp_path / "none.safetensors"
     cmd = [c if c != "para" else "none" for c in train_cmd(tiny_dir, out)]
     r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -489,28 +587,58 @@ def test_python_run_writes_what_train_py_writes(tiny_dir, tmp_path, capsys):
     import json
 
     import minipara
+
     opts = ["--max-steps", "4", "--eval-every", "2", "--eval-beams", "1", "--r", "2"]
     cli_out, py_out = tmp_path / "cli" / "a.safetensors", tmp_path / "py" / "a.safetensors"
     code, err = run_cli([str(x) for x in train_cmd(tiny_dir, cli_out, *opts)[2:]], capsys)
     assert code == 0, err
-    report = minipara.run("para", "custom", model=tiny_dir, train=tiny_dir / "train.jsonl",
-                          dev=tiny_dir / "dev.jsonl", out=py_out, batch_size=4, micro_batch=2, lr=1e-2,
-                          max_steps=4, eval_every=2, eval_beams=1, r=2, progress=False)
-    assert sorted(p.name for p in py_out.parent.iterdir()) == sorted(p.name for p in cli_out.parent.iterdir()) \
+    report = minipara.run(
+        "para",
+        "custom",
+        model=tiny_dir,
+        train=tiny_dir / "train.jsonl",
+        dev=tiny_dir / "dev.jsonl",
+        out=py_out,
+        batch_size=4,
+        micro_batch=2,
+        lr=1e-2,
+        max_steps=4,
+        eval_every=2,
+        eval_beams=1,
+        r=2,
+        progress=False,
+    )
+    assert (
+        sorted(p.name for p in py_out.parent.iterdir())
+        == sorted(p.name for p in cli_out.parent.iterdir())
         == ["a.ckpt", "a.log.jsonl", "a.report.json", "a.safetensors"]
+    )
     assert py_out.read_bytes() == cli_out.read_bytes()
     assert report == json.loads(py_out.with_suffix(".report.json").read_text())
     assert report["command"].startswith("minipara.run('para', 'custom', out=") and "r=2" in report["command"]
 
     def comparable(rep):
-        return {k: v for k, v in rep.items() if k not in ("command", "out", "wall_time_s", "peak_memory_bytes",
-                                                          "peak_memory_mb")}
+        return {
+            k: v
+            for k, v in rep.items()
+            if k not in ("command", "out", "wall_time_s", "peak_memory_bytes", "peak_memory_mb")
+        }
+
     assert comparable(report) == comparable(json.loads(cli_out.with_suffix(".report.json").read_text()))
-    events = [[json.loads(x)["event"] for x in f.with_suffix(".log.jsonl").read_text().splitlines()]
-              for f in (cli_out, py_out)]
+    events = [
+        [json.loads(x)["event"] for x in f.with_suffix(".log.jsonl").read_text().splitlines()]
+        for f in (cli_out, py_out)
+    ]
     assert events[0] == events[1] == ["start", "eval", "eval", "end"]
     cks = [torch.load(f.with_suffix(".ckpt"), weights_only=True) for f in (cli_out, py_out)]
     assert all(torch.equal(cks[0]["adapter"][k], cks[1]["adapter"][k]) for k in cks[0]["adapter"])
     with pytest.raises(UserError, match="exists; pass force"):  # the same refusals, in Python's terms
-        minipara.run("para", "custom", model=tiny_dir, train=tiny_dir / "train.jsonl", dev=tiny_dir / "dev.jsonl",
-                     out=py_out, max_steps=4)
+        minipara.run(
+            "para",
+            "custom",
+            model=tiny_dir,
+            train=tiny_dir / "train.jsonl",
+            dev=tiny_dir / "dev.jsonl",
+            out=py_out,
+            max_steps=4,
+        )

@@ -2,13 +2,13 @@
 (model.upcast_layers): the results stay those of the model, closer to float32 arithmetic,
 and the KV cache and adapter states stay in the model's dtype for decoding. The tests force
 that path (model.fast_16bit_matmul), so they run whatever this CPU has."""
+
 import pytest
 import torch
+from conftest import prefill_then_decode, tiny_model
 
 import minipara.model.transformer as model_mod
 from minipara.methods import build_adapter
-
-from conftest import prefill_then_decode, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,8 @@ def test_long_bf16_input_runs_in_float32_and_decodes_on_in_bf16(monkeypatch, fam
     m32.setup_rope()
     tokens = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(0))
     assert model_mod.upcast_layers(m16.tok_embeddings(tokens)) and not model_mod.upcast_layers(
-        m16.tok_embeddings(tokens[:, :1]))  # a decode step stays in bf16
+        m16.tok_embeddings(tokens[:, :1])
+    )  # a decode step stays in bf16
     ref = m32(tokens, hidden_only=True)
     err = {}
     for name, threshold in (("upcast", model_mod.UPCAST_MIN_TOKENS), ("bf16", 10**9)):

@@ -7,15 +7,16 @@ a user of HF would take for each method: PEFT's LoRA and (IA)^3, and PEFT's mixe
 LoRA inference (`adapter_names`) for many tenants; the prompt-aware methods have
 no HF implementation.
 """
+
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from minipara.model.config import ModelArgs
 from minipara.decode.generation import left_pad
 from minipara.io.checkpoints import hf_names
+from minipara.model.config import ModelArgs
 from minipara.model.projections import HF_MODULES
 
 HF_VARIANTS = ("base", "lora", "ia3")  # methods HF + PEFT can run
@@ -23,25 +24,41 @@ HF_VARIANTS = ("base", "lora", "ia3")  # methods HF + PEFT can run
 
 def config_dict(args: ModelArgs) -> dict:
     """An HF config.json dict for ModelArgs (the shapes bench.py knows: LLaMA and Gemma 3)."""
-    d = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_dim,
-             num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-             num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, rms_norm_eps=args.norm_eps,
-             max_position_embeddings=args.max_seq_len, tie_word_embeddings=args.tie_embeddings,
-             rope_theta=args.rope_theta, bos_token_id=args.bos_id, eos_token_id=list(args.eos_ids),
-             pad_token_id=args.pad_id)
+    d = dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=args.ffn_dim,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        head_dim=args.head_dim,
+        rms_norm_eps=args.norm_eps,
+        max_position_embeddings=args.max_seq_len,
+        tie_word_embeddings=args.tie_embeddings,
+        rope_theta=args.rope_theta,
+        bos_token_id=args.bos_id,
+        eos_token_id=list(args.eos_ids),
+        pad_token_id=args.pad_id,
+    )
     if args.model_type == "llama":
         return dict(d, model_type="llama", rope_scaling=args.rope_scaling)
     if args.model_type == "gemma3_text":
-        return dict(d, model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh",
-                    query_pre_attn_scalar=round(args.attn_scale ** -2), sliding_window=args.sliding_window,
-                    rope_local_base_freq=args.rope_local_theta,
-                    layer_types=["sliding_attention" if s else "full_attention" for s in args.sliding])
+        return dict(
+            d,
+            model_type="gemma3_text",
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=round(args.attn_scale**-2),
+            sliding_window=args.sliding_window,
+            rope_local_base_freq=args.rope_local_theta,
+            layer_types=["sliding_attention" if s else "full_attention" for s in args.sliding],
+        )
     raise ValueError(f"no HF config for model_type {args.model_type!r}")
 
 
 def hf_model(model, path=None):
     """An HF causal LM sharing `model`'s parameters (from path's config.json when given)."""
     import transformers
+
     a = model.args
     cfg = json.loads((Path(path) / "config.json").read_text()) if path else config_dict(a)
     config = transformers.AutoConfig.for_model(**cfg)
@@ -66,8 +83,10 @@ def _random_lora(hf, names: list[str], seed: int):
     """hf wrapped by PEFT with one LoRA adapter per name (rank 4, alpha 8, all seven linears,
     as the papers' baseline), all with nonzero random weights."""
     import peft
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                          target_modules=[m.split(".")[1] for m in HF_MODULES.values()])
+
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, target_modules=[m.split(".")[1] for m in HF_MODULES.values()]
+    )
     torch.manual_seed(seed)
     pm = peft.get_peft_model(hf, cfg, adapter_name=names[0])
     for n in names[1:]:
@@ -91,8 +110,10 @@ def hf_variant(model, variant: str, path=None, tenants: int = 0, batch: int = 1)
     if tenants:
         return None  # PEFT mixes only LoRA adapters within a batch
     import peft
-    cfg = peft.IA3Config(target_modules=["k_proj", "v_proj", "up_proj"], feedforward_modules=["up_proj"],
-                         init_ia3_weights=False)
+
+    cfg = peft.IA3Config(
+        target_modules=["k_proj", "v_proj", "up_proj"], feedforward_modules=["up_proj"], init_ia3_weights=False
+    )
     torch.manual_seed(0)
     return peft.get_peft_model(hf, cfg).eval(), {}
 
@@ -117,15 +138,23 @@ class HFGenerate:
 
     def __init__(self, hf, extra: dict, prompts, beams: int, new_tokens: int, pad_id: int):
         from transformers import LogitsProcessorList
+
         device = next(hf.parameters()).device
         self.hf, self.clock = hf, FirstTokenClock()
         self.tokens, valid = left_pad(prompts, pad_id, device)
-        self.kwargs = dict(attention_mask=valid.long(), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           num_beams=beams, do_sample=False, pad_token_id=pad_id,
-                           logits_processor=LogitsProcessorList([self.clock]), **extra)
+        self.kwargs = dict(
+            attention_mask=valid.long(),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            num_beams=beams,
+            do_sample=False,
+            pad_token_id=pad_id,
+            logits_processor=LogitsProcessorList([self.clock]),
+            **extra,
+        )
 
     @torch.no_grad()
     def __call__(self) -> list[list[int]]:
         self.clock.first_token_at = None
         out = self.hf.generate(self.tokens, **self.kwargs)  # beam search: the best beam per prompt
-        return out[:, self.tokens.shape[1]:].tolist()
+        return out[:, self.tokens.shape[1] :].tolist()

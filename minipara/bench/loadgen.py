@@ -18,6 +18,7 @@ the largest gap between two tokens of one request, and the server's prefill stal
 The client speaks HTTP/1.1 through h11 (uvicorn's own protocol library) on asyncio
 streams, so it runs wherever the server does, without an HTTP client package.
 """
+
 import argparse
 import asyncio
 import json
@@ -78,13 +79,18 @@ async def one_request(host, port, body) -> dict:
                 times.append(time.perf_counter())
             elif "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
+
     status, raw = await http(host, port, "POST", "/v1/completions", body, on_data)
     if status != 200:
         raise RuntimeError(f"HTTP {status}: {raw[:300]!r}")
     n = usage.get("completion_tokens", len(times))
     gaps = [b - a for a, b in zip(times, times[1:])]
-    return {"ttft": times[0] - t0, "tpot": (times[-1] - times[0]) / max(1, n - 1), "tokens": n,
-            "max_gap": max(gaps, default=0.0)}
+    return {
+        "ttft": times[0] - t0,
+        "tpot": (times[-1] - times[0]) / max(1, n - 1),
+        "tokens": n,
+        "max_gap": max(gaps, default=0.0),
+    }
 
 
 def pct(xs, q):
@@ -101,20 +107,37 @@ async def run_load(host, port, clients: int, requests: int, names: list, prompt:
     async def client(c):
         for j in range(requests):
             name = names[(c * requests + j) % len(names)]
-            body = {"model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            body = {
+                "model": name,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            }
             results.append(await one_request(host, port, body))
+
     t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(clients)))
     wall = time.perf_counter() - t0
     _, raw = await http(host, port, "GET", f"/stats?since={since}")
     stats = json.loads(raw)
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 1),
-            **{f"{k}_p{int(q * 100)}_ms": round(1000 * pct([r[k] for r in results], q), 1)
-               for k in ("ttft", "tpot") for q in (0.5, 0.99)},
-            "max_gap_ms": round(1000 * max(r["max_gap"] for r in results), 1),
-            "stall_p99_ms": round(1000 * stats["stall_p99_s"], 1), "stall_max_ms": round(1000 * stats["stall_max_s"], 1)}
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_s": round(tokens / wall, 1),
+        **{
+            f"{k}_p{int(q * 100)}_ms": round(1000 * pct([r[k] for r in results], q), 1)
+            for k in ("ttft", "tpot")
+            for q in (0.5, 0.99)
+        },
+        "max_gap_ms": round(1000 * max(r["max_gap"] for r in results), 1),
+        "stall_p99_ms": round(1000 * stats["stall_p99_s"], 1),
+        "stall_max_ms": round(1000 * stats["stall_max_s"], 1),
+    }
 
 
 def tenant_names(method: str, n: int) -> list[str]:
@@ -130,6 +153,7 @@ def write_adapters(folder: Path, args, methods: set, n: int):
     at a constant init get noise, so none is trivially the identity."""
     from minipara.io.adapters import save_adapter
     from minipara.methods import build_adapter
+
     for method in sorted(methods):
         for k in range(n):
             torch.manual_seed(k)
@@ -142,8 +166,11 @@ def write_adapters(folder: Path, args, methods: set, n: int):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minipara.bench.loadgen", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m minipara.bench.loadgen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--shape", help="a random model of this shape (see minipara/benchmark.py), e.g. llama-2-7b")
     g.add_argument("--model", help="an HF-format model directory")
@@ -163,8 +190,9 @@ def parse(argv=None):
 
 def main(argv=None):
     from minipara.bench.speed import SHAPES, prompt_ids
-    from minipara.model.config import ModelArgs
     from minipara.errors import UserError
+    from minipara.model.config import ModelArgs
+
     a = parse(argv)
     clients = [int(x) for x in a.clients.split(",")]
     counts = [int(x) for x in a.adapters.split(",")]
@@ -179,28 +207,64 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="minipara-loadgen-") as tmp, socket.socket() as sock:
         folder = Path(tmp)
         t = time.perf_counter()
-        write_adapters(folder, args, {m for m in methods if m in ("lora", "para")} |
-                       ({"lora", "para"} if "mix" in methods else set()), max(counts))
+        write_adapters(
+            folder,
+            args,
+            {m for m in methods if m in ("lora", "para")} | ({"lora", "para"} if "mix" in methods else set()),
+            max(counts),
+        )
         print(f"adapters written in {time.perf_counter() - t:.1f} s", flush=True)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         sock.close()
-        cmd = [sys.executable, "-m", "minipara.serve", *(["--shape", a.shape] if a.shape else ["--model", a.model]),
-               "--dtype", a.dtype, "--device", a.device, "--adapters", str(folder), "--port", str(port),
-               "--max-batch", str(max(clients)), "--context", str(a.prompt_tokens + a.max_tokens),
-               "--max-waiting", "1024", "--adapter-memory", "1000000", "--prefill-budget", str(a.prefill_budget),
-               *(["--compile"] if a.compile else [])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "minipara.serve",
+            *(["--shape", a.shape] if a.shape else ["--model", a.model]),
+            "--dtype",
+            a.dtype,
+            "--device",
+            a.device,
+            "--adapters",
+            str(folder),
+            "--port",
+            str(port),
+            "--max-batch",
+            str(max(clients)),
+            "--context",
+            str(a.prompt_tokens + a.max_tokens),
+            "--max-waiting",
+            "1024",
+            "--adapter-memory",
+            "1000000",
+            "--prefill-budget",
+            str(a.prefill_budget),
+            *(["--compile"] if a.compile else []),
+        ]
         server = subprocess.Popen(cmd)
         try:
             rows = asyncio.run(_runs(a, port, server, clients, counts, methods, prompt))
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
-    print(f"\n`python -m minipara.bench.loadgen {' '.join(sys.argv[1:] if argv is None else argv)}`; "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() and 'cuda' in a.device else 'CPU'}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    keys = ["method", "adapters", "clients", "tok_s", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms",
-            "max_gap_ms", "stall_p99_ms"]
+    print(
+        f"\n`python -m minipara.bench.loadgen {' '.join(sys.argv[1:] if argv is None else argv)}`; "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() and 'cuda' in a.device else 'CPU'}, "
+        f"{time.strftime('%Y-%m-%d')}\n"
+    )
+    keys = [
+        "method",
+        "adapters",
+        "clients",
+        "tok_s",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "tpot_p50_ms",
+        "tpot_p99_ms",
+        "max_gap_ms",
+        "stall_p99_ms",
+    ]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
@@ -226,10 +290,14 @@ async def _runs(a, port, server, clients, counts, methods, prompt) -> list[dict]
     await run_load(host, port, len(names), 1, names, prompt, a.max_tokens)
     rows = []
     for method in methods:
-        for n in ([1] if method == "base" else [n for n in counts if method != "mix" or n > 1]):
+        for n in [1] if method == "base" else [n for n in counts if method != "mix" or n > 1]:
             for c in clients:
-                r = {"method": method, "adapters": n if method != "base" else 0, "clients": c,
-                     **await run_load(host, port, c, a.requests, tenant_names(method, n), prompt, a.max_tokens)}
+                r = {
+                    "method": method,
+                    "adapters": n if method != "base" else 0,
+                    "clients": c,
+                    **await run_load(host, port, c, a.requests, tenant_names(method, n), prompt, a.max_tokens),
+                }
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     return rows
@@ -237,4 +305,5 @@ async def _runs(a, port, server, clients, counts, methods, prompt) -> list[dict]
 
 if __name__ == "__main__":
     from minipara.cli import run
+
     run(main)

@@ -5,6 +5,7 @@ A 274-token prompt (the news-article instruction of paper 002, Appendix F), exac
 (and min/max) of repeated runs. Tokens per second as the papers count them: new
 tokens over the whole generation time (prefill included).
 """
+
 import gc
 import json
 import platform
@@ -15,8 +16,8 @@ import time
 
 import torch
 
-from minipara.model.config import ModelArgs
 from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.model.config import ModelArgs
 from minipara.model.transformer import Transformer
 
 PROMPT_TOKENS = 274
@@ -35,17 +36,59 @@ NEWS_PROMPT = (
 )
 
 SHAPES = {
-    "llama-2-7b": dict(model_type="llama", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32,
-                       head_dim=128, ffn_dim=11008, norm_eps=1e-5, max_seq_len=4096, attn_scale=128 ** -0.5),
-    "llama-3-8b": dict(model_type="llama", vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                       head_dim=128, ffn_dim=14336, norm_eps=1e-5, max_seq_len=8192, attn_scale=128 ** -0.5,
-                       rope_theta=500000.0, bos_id=128000, eos_ids=(128001,)),
-    "gemma-3-270m": dict(model_type="gemma3_text", vocab_size=262144, dim=640, n_layers=18, n_heads=4,
-                         n_kv_heads=1, head_dim=256, ffn_dim=2048, norm_eps=1e-6, max_seq_len=32768,
-                         tie_embeddings=True, activation="gelu_tanh", norm_offset=1.0, embed_scale=True,
-                         qk_norm=True, sandwich_norm=True, attn_scale=256 ** -0.5, rope_theta=1e6,
-                         sliding_window=512, sliding=tuple((i + 1) % 6 != 0 for i in range(18)),
-                         bos_id=2, eos_ids=(1,)),
+    "llama-2-7b": dict(
+        model_type="llama",
+        vocab_size=32000,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
+        ffn_dim=11008,
+        norm_eps=1e-5,
+        max_seq_len=4096,
+        attn_scale=128**-0.5,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=14336,
+        norm_eps=1e-5,
+        max_seq_len=8192,
+        attn_scale=128**-0.5,
+        rope_theta=500000.0,
+        bos_id=128000,
+        eos_ids=(128001,),
+    ),
+    "gemma-3-270m": dict(
+        model_type="gemma3_text",
+        vocab_size=262144,
+        dim=640,
+        n_layers=18,
+        n_heads=4,
+        n_kv_heads=1,
+        head_dim=256,
+        ffn_dim=2048,
+        norm_eps=1e-6,
+        max_seq_len=32768,
+        tie_embeddings=True,
+        activation="gelu_tanh",
+        norm_offset=1.0,
+        embed_scale=True,
+        qk_norm=True,
+        sandwich_norm=True,
+        attn_scale=256**-0.5,
+        rope_theta=1e6,
+        sliding_window=512,
+        sliding=tuple((i + 1) % 6 != 0 for i in range(18)),
+        bos_id=2,
+        eos_ids=(1,),
+    ),
 }
 # Each method's adapter as the papers configure it; "lora-merged" is LoRA folded into a copy of the weights.
 VARIANTS = ("base", "para", "pedro", "parade", "iapt", "lora", "lora-merged", "ia3", "bitfit", "ptuning_v2")
@@ -131,6 +174,7 @@ def make_adapter(variant: str, model, seed: int = 0):
     """(model to run, adapter) for a variant; adapters get small random weights so that
     none is trivially the identity (speed does not depend on the values)."""
     from minipara.methods import build_adapter
+
     if variant == "base":
         return model, None
     method = "lora" if variant == "lora-merged" else variant
@@ -155,6 +199,7 @@ class Runner:
         self.decoder = TimedDecoder(model)
         if compile_step:
             from minipara.decode.compiled import compile_decoder
+
             compile_decoder(self.decoder)
         self.cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
         self.totals, self.ttfts, self.warmup_s, self.peak_mb, self.last = [], [], 0.0, 0.0, None
@@ -196,6 +241,7 @@ class Runner:
     def profile(self) -> str:
         """torch.profiler's table of the costliest ops of one more generation."""
         from torch.profiler import ProfilerActivity
+
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             self.generate()
@@ -208,7 +254,9 @@ class Runner:
         tps = sorted(n / t for t in self.totals)
         decode_tps = sorted((n - 1) / (t - f) for t, f in zip(self.totals, self.ttfts))
         return {
-            "tps": statistics.median(tps), "tps_min": tps[0], "tps_max": tps[-1],
+            "tps": statistics.median(tps),
+            "tps_min": tps[0],
+            "tps_max": tps[-1],
             "tps_all_rows": statistics.median(tps) * b,
             "decode_tps": statistics.median(decode_tps),
             "ttft_ms": statistics.median(self.ttfts) * 1e3,
@@ -223,6 +271,7 @@ class HFRunner(Runner):
 
     def __init__(self, hf, extra, prompts, beams, new_tokens, pad_id):
         from minipara.bench.hf_compare import HFGenerate
+
         self.prompts, self.n = prompts, new_tokens
         self.weight = hf.get_input_embeddings().weight
         self.device = self.weight.device
@@ -259,7 +308,8 @@ def run_row(model, adapter, prompts, beams, new_tokens, runs, warmup, compile_st
         out["x_hf"] = out["tps"] / theirs["tps"]
         if adapter is None and not hf[1]:
             out["hf_same_tokens"] = sum(x == y for a, b in zip(ours.last, runners[1].last) for x, y in zip(a, b)) / (
-                new_tokens * len(prompts))
+                new_tokens * len(prompts)
+            )
     if profile:
         out["profile"] = ours.profile()
     del ours, runners
@@ -282,8 +332,12 @@ def run_interleaved(settings: list[tuple], prompts, new_tokens, runs, warmup, co
 
 
 def machine_info(device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "date": time.strftime("%Y-%m-%d")}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -292,11 +346,28 @@ def machine_info(device) -> dict:
     return info
 
 
-COLUMNS = [("variant", "{}"), ("batch", "{}"), ("beams", "{}"), ("tps", "{:.1f}"), ("tps_min", "{:.1f}"),
-           ("tps_max", "{:.1f}"), ("x_base", "{:.2f}"), ("decode_tps", "{:.1f}"), ("x_base_decode", "{:.2f}"),
-           ("ttft_ms", "{:.1f}"), ("peak_mb", "{:.0f}"), ("kv_mb", "{:.0f}"), ("tps_all_rows", "{:.1f}"),
-           ("warmup_s", "{:.0f}"), ("hf_tps", "{:.1f}"), ("hf_decode_tps", "{:.1f}"), ("hf_ttft_ms", "{:.1f}"),
-           ("hf_peak_mb", "{:.0f}"), ("x_hf", "{:.2f}"), ("hf_same_tokens", "{:.2f}")]
+COLUMNS = [
+    ("variant", "{}"),
+    ("batch", "{}"),
+    ("beams", "{}"),
+    ("tps", "{:.1f}"),
+    ("tps_min", "{:.1f}"),
+    ("tps_max", "{:.1f}"),
+    ("x_base", "{:.2f}"),
+    ("decode_tps", "{:.1f}"),
+    ("x_base_decode", "{:.2f}"),
+    ("ttft_ms", "{:.1f}"),
+    ("peak_mb", "{:.0f}"),
+    ("kv_mb", "{:.0f}"),
+    ("tps_all_rows", "{:.1f}"),
+    ("warmup_s", "{:.0f}"),
+    ("hf_tps", "{:.1f}"),
+    ("hf_decode_tps", "{:.1f}"),
+    ("hf_ttft_ms", "{:.1f}"),
+    ("hf_peak_mb", "{:.0f}"),
+    ("x_hf", "{:.2f}"),
+    ("hf_same_tokens", "{:.2f}"),
+]
 
 
 def print_table(rows: list[dict], file=sys.stdout, markdown=False):
@@ -329,13 +400,15 @@ def save_json(path, rows, info, settings):
         json.dump({"machine": info, "settings": settings, "results": rows}, f, indent=1)
 
 
-def train_speed(model, method: str, ranks, steps: int, warmup: int, batch: int, micro_batch: int | None,
-                prompt_tokens: int) -> dict:
+def train_speed(
+    model, method: str, ranks, steps: int, warmup: int, batch: int, micro_batch: int | None, prompt_tokens: int
+) -> dict:
     """Optimizer steps per second of training `method` on `model` through the Trainer's own
     step, over synthetic examples (random prompts of prompt_tokens ids, 2-token responses);
     with several ranks (torchrun) each takes its share of every global batch of `batch`.
     Evaluation is not timed. The figures are this rank's; every rank waits for the slowest."""
-    from minipara.train.trainer import EvalSet, Trainer, TrainConfig
+    from minipara.train.trainer import EvalSet, TrainConfig, Trainer
+
     g = torch.Generator().manual_seed(0)
     a = model.args
     eos = a.eos_ids[0]
@@ -343,6 +416,7 @@ def train_speed(model, method: str, ranks, steps: int, warmup: int, batch: int, 
     def example():
         prompt = [a.bos_id] + torch.randint(3, a.vocab_size, (prompt_tokens - 1,), generator=g).tolist()
         return prompt, [int(torch.randint(3, a.vocab_size, (1,), generator=g)), eos]
+
     train = [example() for _ in range(batch * (steps + warmup))]  # no example seen twice
     dev = train[:batch]
     ev = EvalSet([p for p, _ in dev[:1]], lambda gens: {"none": 0.0}, 1, (eos,))
@@ -358,6 +432,14 @@ def train_speed(model, method: str, ranks, steps: int, warmup: int, batch: int, 
         trainer._train_step()
     _sync(torch.empty(0, device=device))
     dt = time.perf_counter() - t
-    return {"method": method, "ranks": ranks.world, "batch": batch, "micro_batch": trainer.cfg.micro_batch,
-            "prompt_tokens": prompt_tokens, "steps": steps, "steps_per_s": steps / dt,
-            "examples_per_s": steps * batch / dt, "peak_mb": peak_memory_mb(device)}
+    return {
+        "method": method,
+        "ranks": ranks.world,
+        "batch": batch,
+        "micro_batch": trainer.cfg.micro_batch,
+        "prompt_tokens": prompt_tokens,
+        "steps": steps,
+        "steps_per_s": steps / dt,
+        "examples_per_s": steps * batch / dt,
+        "peak_mb": peak_memory_mb(device),
+    }

@@ -19,6 +19,7 @@ adapter and prompt shape) is compiled (which fuses the element-wise work: 13.2 -
 for the 7B's 274-token prefill on an H100), recorded once and then replayed as one graph
 launch; a mixture of tenants' generators run eagerly inside it (mixture.py).
 """
+
 from collections import OrderedDict
 
 import torch
@@ -75,8 +76,10 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         beams.update(raw_step(cache, beams.tokens, keys, bufs))
 
     def by_tuning(fn):  # {tune: fn compiled with or without the tuning}: see above
-        return {tune: torch.compile(fn, fullgraph=True, dynamic=False, **(tuned if tune else plain))
-                for tune in (True, False)}
+        return {
+            tune: torch.compile(fn, fullgraph=True, dynamic=False, **(tuned if tune else plain))
+            for tune in (True, False)
+        }
 
     compiled, compiled_beam = by_tuning(raw_step), by_tuning(raw_beam_step)
     eager_step, eager_beam_step = decoder.step, decoder.beam_step

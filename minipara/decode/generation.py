@@ -6,6 +6,7 @@ the cache with index ops. Beam search follows HF transformers' algorithm
 (2K candidates per step, length-penalised finished hypotheses, the same
 early-stop heuristic), so the two give the same sequences.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -33,11 +34,14 @@ class GenerationConfig:
         if self.max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})", ("max_new_tokens",))
         if abs(self.length_penalty) > 50:  # the length's power overflows beyond (131072 ** 60 > 1e308)
-            raise UserError(f"length_penalty must be between -50 and 50 (got {self.length_penalty})",
-                            ("length_penalty",))
+            raise UserError(
+                f"length_penalty must be between -50 and 50 (got {self.length_penalty})", ("length_penalty",)
+            )
         if not all(map(math.isfinite, (self.temperature, self.top_p, self.length_penalty))):
-            raise UserError("temperature, top_p and length_penalty must be finite numbers",
-                            ("temperature", "top_p", "length_penalty"))
+            raise UserError(
+                "temperature, top_p and length_penalty must be finite numbers",
+                ("temperature", "top_p", "length_penalty"),
+            )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0", ("temperature", "top_p", "top_k"))
         if self.beams > 1 and self.temperature > 0:
@@ -51,8 +55,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device):
     valid = torch.zeros(len(prompts), T, dtype=torch.bool)
     for i, p in enumerate(prompts):
         if p:
-            tokens[i, T - len(p):] = torch.tensor(p)
-            valid[i, T - len(p):] = True
+            tokens[i, T - len(p) :] = torch.tensor(p)
+            valid[i, T - len(p) :] = True
     return tokens.to(device), valid.to(device)
 
 
@@ -120,8 +124,9 @@ class Decoder:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=None,
-             decoder: Decoder | None = None, on_token=None) -> list[list[int]]:
+def generate(
+    model, prompts: list[list[int]], cfg: GenerationConfig, adapter=None, decoder: Decoder | None = None, on_token=None
+) -> list[list[int]]:
     """Generated token ids for each prompt (EOS included when produced).
 
     on_token(row, token_id) is called as tokens are chosen (greedy/sampling only), for streaming.
@@ -134,9 +139,12 @@ def generate(model, prompts: list[list[int]], cfg: GenerationConfig, adapter=Non
     n_pre = adapter.n_prefix if adapter is not None else 0
     longest = max(len(p) for p in prompts)
     if n_pre + longest + cfg.max_new_tokens > a.max_seq_len:
-        raise UserError(f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
-                        f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
-                        f"of {a.max_seq_len} tokens", ("max_new_tokens",))
+        raise UserError(
+            f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
+            f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
+            f"of {a.max_seq_len} tokens",
+            ("max_new_tokens",),
+        )
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)
@@ -260,15 +268,21 @@ class Beams(nn.Module):
         super().__init__()
         self.keep = keep  # candidates per prompt and step: HF's max(2, 1 + #EOS ids) * K
         for name, shape, dtype in [
-                ("run_seq", (B, K, N_max), torch.long), ("run_score", (B, K), torch.float),  # running beams
-                ("fin_seq", (B, K, N_max), torch.long), ("fin_len", (B, K), torch.long),  # best finished ones
-                ("fin_score", (B, K), torch.float), ("fin_done", (B, K), torch.bool),
-                ("improvable", (B,), torch.bool),  # HF's early-stop heuristic, per prompt
-                ("live", (), torch.bool),  # still searching: gates every update
-                ("rows", (B * K,), torch.long),  # the next step's cache row for each beam ...
-                ("tokens", (B * K,), torch.long),  # ... and its token
-                ("t", (), torch.long), ("n_new", (), torch.long),  # the step; max_new_tokens
-                ("lp", (), torch.float64), ("is_eos", (V,), torch.bool)]:  # length penalty; EOS ids
+            ("run_seq", (B, K, N_max), torch.long),
+            ("run_score", (B, K), torch.float),  # running beams
+            ("fin_seq", (B, K, N_max), torch.long),
+            ("fin_len", (B, K), torch.long),  # best finished ones
+            ("fin_score", (B, K), torch.float),
+            ("fin_done", (B, K), torch.bool),
+            ("improvable", (B,), torch.bool),  # HF's early-stop heuristic, per prompt
+            ("live", (), torch.bool),  # still searching: gates every update
+            ("rows", (B * K,), torch.long),  # the next step's cache row for each beam ...
+            ("tokens", (B * K,), torch.long),  # ... and its token
+            ("t", (), torch.long),
+            ("n_new", (), torch.long),  # the step; max_new_tokens
+            ("lp", (), torch.float64),
+            ("is_eos", (V,), torch.bool),
+        ]:  # length penalty; EOS ids
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @torch.no_grad()
@@ -317,8 +331,12 @@ class Beams(nn.Module):
         fs = cand_score / penalty - 1e9 * (~self.improvable[:, None]).float() - 1e9 * (~just).float()
         m_score = torch.cat([self.fin_score, fs], 1)
         best = m_score.topk(K).indices
-        for buf, new in ((self.fin_seq, cand_seq), (self.fin_len, (t + 1).expand(B, self.keep)),
-                         (self.fin_done, just), (self.fin_score, fs)):
+        for buf, new in (
+            (self.fin_seq, cand_seq),
+            (self.fin_len, (t + 1).expand(B, self.keep)),
+            (self.fin_done, just),
+            (self.fin_score, fs),
+        ):
             buf.copy_(torch.where(live, _take(torch.cat([buf, new], 1), best), buf))
         best_running = self.run_score[:, 0] / penalty
         worst_fin = torch.where(self.fin_done.all(1), self.fin_score.min(1).values, -1e9)

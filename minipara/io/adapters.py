@@ -17,6 +17,7 @@ UserError saying what is wrong; other weights of the same architecture only warn
 Tensors must be floating point and finite. A directory holding `adapter_config.json` is a PEFT
 adapter and goes through minipara.io.peft_import.
 """
+
 import dataclasses
 import json
 import math
@@ -29,13 +30,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from minipara.model.config import ModelArgs
 from minipara.errors import UserError
+from minipara.io.checkpoints import all_finite
 from minipara.io.files import atomic_write
 from minipara.io.identity import base_record, canonical_args, compare_base
-from minipara.io.checkpoints import all_finite
 from minipara.methods import METHODS, method_class
 from minipara.methods.base import config_dict
+from minipara.model.config import ModelArgs
 
 FORMAT = "minipara-adapter"
 FORMAT_VERSION = 1
@@ -74,11 +75,11 @@ def _write_safetensors(tensors: dict, filename: str, metadata: dict):
     hash map, whose order changes from run to run, so identical adapters made different files."""
     data = save(tensors, metadata=metadata)
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format aligns the tensor data to 8 bytes
     with open(filename, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
-        f.write(memoryview(data)[8 + n:])
+        f.write(memoryview(data)[8 + n :])
 
 
 def _read_header(path: Path) -> tuple[dict, dict, dict]:
@@ -93,8 +94,9 @@ def _read_header(path: Path) -> tuple[dict, dict, dict]:
         if head[8:9] != b"{":
             raise UserError(f"{path} is not a safetensors file")
         if 8 + n > size:
-            raise UserError(f"{path} is damaged or truncated: its header claims {n} bytes, "
-                            f"the file has {size - 8} after the length")
+            raise UserError(
+                f"{path} is damaged or truncated: its header claims {n} bytes, the file has {size - 8} after the length"
+            )
         raw = head[8:] + f.read(n - 1)
     try:
         header = json.loads(raw)
@@ -122,8 +124,9 @@ def _checked(path) -> tuple[Path, dict, dict, dict, dict]:
     if not path.exists():
         raise UserError(f"adapter file {path} does not exist")
     if not path.is_file():
-        raise UserError(f"{path} is not a file (an adapter is one .safetensors file, "
-                        "or a PEFT directory with adapter_config.json)")
+        raise UserError(
+            f"{path} is not a file (an adapter is one .safetensors file, or a PEFT directory with adapter_config.json)"
+        )
     meta, shapes, dtypes = _read_header(path)
     if "format" not in meta:
         raise UserError(f"{path} is a safetensors file but not a minipara adapter (no 'format' in its metadata)")
@@ -133,8 +136,10 @@ def _checked(path) -> tuple[Path, dict, dict, dict, dict]:
     if not re.fullmatch(r"[1-9][0-9]{0,5}", version):
         raise UserError(f"{path} has a damaged header: format_version {version!r} is not a positive integer")
     if int(version) > FORMAT_VERSION:
-        raise UserError(f"{path} was written by a newer minipara (adapter format {version}); this version "
-                        f"reads format {FORMAT_VERSION} and older: upgrade minipara")
+        raise UserError(
+            f"{path} was written by a newer minipara (adapter format {version}); this version "
+            f"reads format {FORMAT_VERSION} and older: upgrade minipara"
+        )
     method = meta.get("method")
     if method not in METHODS:
         raise UserError(f"{path} holds an adapter of unknown method {method!r}; known methods: {', '.join(METHODS)}")
@@ -157,8 +162,10 @@ def _config(cls, config: dict, path):
     names = {f.name for f in dataclasses.fields(cls.config_cls)}
     unknown = sorted(set(config) - names)
     if unknown:
-        raise UserError(f"{path}: config field(s) {', '.join(unknown)} of method {cls.method} are unknown "
-                        "to this version of minipara (written by a newer one?)")
+        raise UserError(
+            f"{path}: config field(s) {', '.join(unknown)} of method {cls.method} are unknown "
+            "to this version of minipara (written by a newer one?)"
+        )
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     try:
         return cls.config_cls(**config)
@@ -200,8 +207,10 @@ def load_adapter(path, model_args: ModelArgs, weights_id: str | None = None):
     wrong = [k for k in sorted(want) if shapes[k] != want[k]]
     if wrong:
         k = wrong[0]
-        raise UserError(f"{path}: tensor {k} has shape {list(shapes[k])} in the file, "
-                        f"this {cls.method} config needs {list(want[k])}")
+        raise UserError(
+            f"{path}: tensor {k} has shape {list(shapes[k])} in the file, "
+            f"this {cls.method} config needs {list(want[k])}"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -209,8 +218,9 @@ def load_adapter(path, model_args: ModelArgs, weights_id: str | None = None):
         raise UserError(f"{path} is damaged or truncated ({e})") from None
     bad = next((k for k in sorted(tensors) if not all_finite(tensors[k])), None)
     if bad is not None:
-        raise UserError(f"{path}: tensor {bad} holds NaN or infinite values; the adapter is damaged "
-                        "(or its training diverged)")
+        raise UserError(
+            f"{path}: tensor {bad} holds NaN or infinite values; the adapter is damaged (or its training diverged)"
+        )
     with torch.no_grad():
         adapter.load_state_dict(tensors, strict=True)
     adapter.template = meta.get("template")  # the prompt template it was trained with, if recorded
@@ -223,8 +233,10 @@ def _load_peft(path: Path, model_args: ModelArgs):
     except ImportError as e:
         if e.name != f"{__package__}.peft_import":
             raise  # the module exists but is broken: a bug, not a user mistake
-        raise UserError(f"{path} is a PEFT adapter directory, but this minipara cannot import PEFT "
-                        "adapters (minipara.io.peft_import is missing)") from None
+        raise UserError(
+            f"{path} is a PEFT adapter directory, but this minipara cannot import PEFT "
+            "adapters (minipara.io.peft_import is missing)"
+        ) from None
     return load_peft_adapter(path, model_args)
 
 
@@ -242,9 +254,18 @@ def adapter_info(path) -> dict:
             raise UserError(f"{p / 'adapter_config.json'} must hold a JSON object")
         weights = p / "adapter_model.safetensors"
         shapes = _read_header(weights)[1] if weights.is_file() else {}
-        return {"method": str(config.get("peft_type", "")).lower(), "config": config,
-                "base": {"model": config.get("base_model_name_or_path")},
-                "params": sum(math.prod(s) for s in shapes.values()), "format_version": "peft"}
+        return {
+            "method": str(config.get("peft_type", "")).lower(),
+            "config": config,
+            "base": {"model": config.get("base_model_name_or_path")},
+            "params": sum(math.prod(s) for s in shapes.values()),
+            "format_version": "peft",
+        }
     path, meta, shapes, _, config = _checked(p)
-    return {"method": meta["method"], "config": config, "base": json.loads(meta["base"]),
-            "params": sum(math.prod(s) for s in shapes.values()), "format_version": int(meta["format_version"])}
+    return {
+        "method": meta["method"],
+        "config": config,
+        "base": json.loads(meta["base"]),
+        "params": sum(math.prod(s) for s in shapes.values()),
+        "format_version": int(meta["format_version"]),
+    }

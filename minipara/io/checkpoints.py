@@ -6,6 +6,7 @@ tensor name and shape is checked against the config before anything is copied, a
 every value is checked to be finite once copied (a NaN weight would otherwise decode
 as silent garbage).
 """
+
 import hashlib
 from functools import partial
 from pathlib import Path
@@ -13,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minipara.model.config import ModelArgs, read_json_object
 from minipara.errors import UserError
-from minipara.model.transformer import Transformer
+from minipara.model.config import ModelArgs, read_json_object
 from minipara.model.projections import HF_MODULES
+from minipara.model.transformer import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,8 +113,10 @@ def _index(path: Path) -> dict[str, Path]:
     if index.is_file():
         wmap = read_json_object(index).get("weight_map")
         if not isinstance(wmap, dict) or not all(isinstance(k, str) and isinstance(f, str) for k, f in wmap.items()):
-            raise UserError(f"{index} is not a valid safetensors index: its weight_map must be an object "
-                            "mapping tensor names to shard file names")
+            raise UserError(
+                f"{index} is not a valid safetensors index: its weight_map must be an object "
+                "mapping tensor names to shard file names"
+            )
         shards = {f: path / f for f in wmap.values()}
         for f, p in shards.items():
             if Path(f).name != f or not p.is_file():
@@ -149,9 +152,11 @@ def _copy_in(param, full) -> torch.Tensor:
     """Copy a checkpoint tensor into a parameter, or this rank's slice of it if it is sharded;
     returns what this process now holds."""
     from torch.distributed.tensor import DTensor, distribute_tensor
+
     if isinstance(param, DTensor):  # every rank read the file: no communication needed
-        full = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
-                                 src_data_rank=None)
+        full = distribute_tensor(
+            full.to(param.device, param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
         return param.to_local().copy_(full.to_local())
     return param.copy_(full)
 
@@ -172,10 +177,15 @@ def load_model(path, dtype="float32", device="cpu", shard=None) -> Transformer:
     missing = [n for n in shapes if n not in where]
     unexpected = sorted(set(where) - set(shapes) - optional)
     if missing:
-        raise UserError(f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise UserError(
+            f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if unexpected:
-        raise UserError(f"{path}: unexpected tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
-                        + f" for a {args.model_type} config")
+        raise UserError(
+            f"{path}: unexpected tensor {unexpected[0]}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + f" for a {args.model_type} config"
+        )
     model = model.to(dtype)  # on meta: nothing is allocated in float32 first
     if shard is not None:
         model = shard(model)
@@ -199,8 +209,10 @@ def load_model(path, dtype="float32", device="cpu", shard=None) -> Transformer:
                     raise UserError(f"{f.name}: tensor {hf} has shape {list(got)}, the config needs {list(shapes[hf])}")
                 t = handles[f].get_tensor(hf)
                 if t.is_complex() or not t.is_floating_point():
-                    raise UserError(f"{f.name}: tensor {hf} holds {str(t.dtype).replace('torch.', '')} values; "
-                                    "a checkpoint's weights are floating point")
+                    raise UserError(
+                        f"{f.name}: tensor {hf} holds {str(t.dtype).replace('torch.', '')} values; "
+                        "a checkpoint's weights are floating point"
+                    )
                 fingerprint.update(f"{hf}{list(t.shape)}".encode() + _sample(t))
                 parts.append(t)
             with torch.no_grad():
@@ -208,10 +220,13 @@ def load_model(path, dtype="float32", device="cpu", shard=None) -> Transformer:
             if not all_finite(p):  # checked once, on the copy; the file's parts only to name the culprit
                 bad = next((hf for hf, x in zip(theirs, parts) if not all_finite(x)), None)
                 if bad is not None:
-                    raise UserError(f"{where[bad]}: tensor {bad} holds NaN or infinite values; "
-                                    "the checkpoint is damaged")
-                raise UserError(f"{path}: tensor {theirs[0]} overflows {str(dtype).replace('torch.', '')} "
-                                "(values beyond its range); load it in float32 or bfloat16")
+                    raise UserError(
+                        f"{where[bad]}: tensor {bad} holds NaN or infinite values; the checkpoint is damaged"
+                    )
+                raise UserError(
+                    f"{path}: tensor {theirs[0]} overflows {str(dtype).replace('torch.', '')} "
+                    "(values beyond its range); load it in float32 or bfloat16"
+                )
     except (SafetensorError, OSError) as e:
         raise UserError(f"a safetensors file in {path} is damaged or truncated ({e})") from None
     finally:

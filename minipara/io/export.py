@@ -12,6 +12,7 @@ The prompt-aware methods (PARA, PEDRO, PARADE, IAPT) make their parameters from 
 which neither a PEFT file nor a fixed checkpoint can hold: they are refused, as are the
 methods PEFT has no exact counterpart for (BitFit, P-tuning v2).
 """
+
 import json
 import os
 import shutil
@@ -21,10 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minipara.model.config import read_json_object
 from minipara.errors import UserError
 from minipara.io.checkpoints import hf_state_dict
 from minipara.methods import PROMPT_AWARE
+from minipara.model.config import read_json_object
 from minipara.model.projections import HF_MODULES
 
 PREFIX = "base_model.model.model.layers"
@@ -35,8 +36,10 @@ _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.js
 def _refuse(adapter, what: str, allowed: tuple[str, ...]):
     method = getattr(adapter, "method", type(adapter).__name__)
     if method in PROMPT_AWARE:
-        raise UserError(f"{method} adapters cannot be exported {what}: they generate their parameters from each "
-                        "prompt at prefill, which no fixed weights can express; serve them with minipara")
+        raise UserError(
+            f"{method} adapters cannot be exported {what}: they generate their parameters from each "
+            "prompt at prefill, which no fixed weights can express; serve them with minipara"
+        )
     if method == "mixture":
         raise UserError(f"a mixture of adapters cannot be exported {what}: export each adapter on its own")
     if method not in allowed:
@@ -48,15 +51,29 @@ def export_peft(adapter, out_dir, base_model: str | None = None) -> Path:
     """Write a LoRA or (IA)^3 `adapter` as a PEFT adapter directory `out_dir` (which must not
     exist yet, or be empty); `base_model` is recorded as base_model_name_or_path."""
     _refuse(adapter, "to PEFT", ("lora", "ia3"))
-    common = {"base_model_name_or_path": base_model, "task_type": "CAUSAL_LM", "inference_mode": True,
-              "fan_in_fan_out": False, "modules_to_save": None, "revision": None}
+    common = {
+        "base_model_name_or_path": base_model,
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "revision": None,
+    }
     tensors = {}
     targets = list(adapter.config.targets)
     with torch.no_grad():
         if adapter.method == "lora":
             c = adapter.config
-            config = {"peft_type": "LORA", "r": c.r, "lora_alpha": c.alpha, "use_rslora": c.rslora,
-                      "lora_dropout": 0.0, "bias": "none", "init_lora_weights": True, **common}
+            config = {
+                "peft_type": "LORA",
+                "r": c.r,
+                "lora_alpha": c.alpha,
+                "use_rslora": c.rslora,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "init_lora_weights": True,
+                **common,
+            }
             for p in targets:
                 for i in range(adapter.args.n_layers):
                     name = f"{PREFIX}.{i}.{HF_MODULES[p]}"
@@ -74,6 +91,7 @@ def export_peft(adapter, out_dir, base_model: str | None = None) -> Path:
     def write(tmp: Path):
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
     return _write_dir(Path(out_dir), write)
 
 
@@ -87,9 +105,11 @@ def export_merged(model, adapter, out_dir, source_dir) -> Path:
         model = adapter.merge(model)
     a = model.args
     if a.mlp_bias and a.model_type != "llama":
-        raise UserError(f"transformers' {a.model_type} models have no MLP biases, so a BitFit adapter on "
-                        "gate/up/down cannot be written as their checkpoint: train BitFit with targets q,k,v,o "
-                        "for this model, or serve the adapter unmerged")
+        raise UserError(
+            f"transformers' {a.model_type} models have no MLP biases, so a BitFit adapter on "
+            "gate/up/down cannot be written as their checkpoint: train BitFit with targets q,k,v,o "
+            "for this model, or serve the adapter unmerged"
+        )
     source = Path(source_dir)
     config = read_json_object(source / "config.json")
     if config.get("model_type") == "gemma3" and "text_config" in config:  # only the text model is kept
@@ -105,9 +125,14 @@ def export_merged(model, adapter, out_dir, source_dir) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in source.iterdir():
-            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.startswith("model-") \
-                    and f.suffix not in (".gguf", ".bin", ".pt", ".pth"):
+            if (
+                f.is_file()
+                and f.name not in _WEIGHT_FILES
+                and not f.name.startswith("model-")
+                and f.suffix not in (".gguf", ".bin", ".pt", ".pth")
+            ):
                 shutil.copy2(f, tmp / f.name)
+
     return _write_dir(Path(out_dir), write)
 
 

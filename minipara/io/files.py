@@ -9,6 +9,7 @@ outputs that never land on an input.
 - `check_paths(outputs, inputs)`: refuses outputs that are the same file as an input or as
   each other (`--out t.jsonl` over the training data, `--out run.ckpt` over its checkpoint).
 """
+
 import fcntl
 import os
 import socket
@@ -55,12 +56,16 @@ def check_paths(outputs: dict[str, Path], inputs: dict[str, Path]):
     for i, (name, out) in enumerate(outs):
         for in_name, src in inputs.items():
             if src is not None and _same(out, Path(src)):
-                raise UserError(f"{name} {out} is the {in_name} file: it would be overwritten; choose another out",
-                                _options(name, in_name))
-        for other, out2 in outs[i + 1:]:
+                raise UserError(
+                    f"{name} {out} is the {in_name} file: it would be overwritten; choose another out",
+                    _options(name, in_name),
+                )
+        for other, out2 in outs[i + 1 :]:
             if _same(out, out2):
-                raise UserError(f"{name} and {other} would both be {out}; choose an out whose name ends in "
-                                ".safetensors", _options(name, other))
+                raise UserError(
+                    f"{name} and {other} would both be {out}; choose an out whose name ends in .safetensors",
+                    _options(name, other),
+                )
 
 
 def _options(*names: str) -> tuple[str, ...]:
@@ -102,8 +107,11 @@ class OutputLock:
             except BlockingIOError:
                 holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise UserError(f"{self.target} is being written by another run ({holder}); wait for it to end "
-                                f"or choose another out (if no such run exists, delete {self.path})", ("out",)) from None
+                raise UserError(
+                    f"{self.target} is being written by another run ({holder}); wait for it to end "
+                    f"or choose another out (if no such run exists, delete {self.path})",
+                    ("out",),
+                ) from None
             # The holder may have removed the file between our open and flock: lock the current one.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

@@ -7,6 +7,7 @@ means the adapter cannot be right and is refused. Different weights under the sa
 legitimate for an adapter (a base model's adapter on its chat variant), so they give a warning;
 a training run must continue on the very weights it started on, so `--resume` refuses them.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -28,16 +29,18 @@ def base_record(args: ModelArgs, weights_id: str | None) -> dict:
     return rec
 
 
-def compare_base(saved: dict, saved_args: str | None, args: ModelArgs, weights_id: str | None
-                 ) -> tuple[str | None, str | None]:
+def compare_base(
+    saved: dict, saved_args: str | None, args: ModelArgs, weights_id: str | None
+) -> tuple[str | None, str | None]:
     """(refusal, warning) for something made on the base model `saved` (a base_record, with
     `saved_args` its canonical_args when known) used with the model (`args`, `weights_id`).
-    Both None when they match; the texts complete "... was made for/on ...". """
+    Both None when they match; the texts complete "... was made for/on ..."."""
     here = base_record(args, weights_id)
 
     def describe(rec):
         vocab = f", vocabulary {rec.get('vocab_size')}" if saved.get("vocab_size") != here["vocab_size"] else ""
         return f"{rec.get('model_type')} with {rec.get('n_layers')} layers, dim {rec.get('dim')}{vocab}"
+
     if any(saved.get(k) != here[k] for k in SHAPE):
         return f"made for {describe(saved)}; this model is {describe(here)}", None
     if saved.get("config_hash") != here["config_hash"]:
@@ -50,6 +53,8 @@ def compare_base(saved: dict, saved_args: str | None, args: ModelArgs, weights_i
             pass
         return f"made for a {here['model_type']} model of the same shape but the model configs differ{detail}", None
     if saved.get("weights") and weights_id and saved["weights"] != weights_id:
-        return None, (f"made on other weights of this model's architecture (weights fingerprint {saved['weights']}, "
-                      f"this checkpoint's {weights_id}): a fine-tune or chat variant of it")
+        return None, (
+            f"made on other weights of this model's architecture (weights fingerprint {saved['weights']}, "
+            f"this checkpoint's {weights_id}): a fine-tune or chat variant of it"
+        )
     return None, None

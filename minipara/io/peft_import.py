@@ -12,21 +12,24 @@ represents exactly is accepted; anything else is refused with a one-line UserErr
 says why, rather than loaded approximately. Every tensor's shape is checked against the
 model, which is how an adapter made for another base model is caught.
 """
+
 import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minipara.model.config import ModelArgs, read_json_object
 from minipara.errors import UserError
 from minipara.methods.ia3 import IA3, IA3Config
 from minipara.methods.lora import Lora, LoraConfig
+from minipara.model.config import ModelArgs, read_json_object
 from minipara.model.projections import HF_MODULES, PROJECTIONS, in_sizes, out_sizes
 
 MODULES = {m: p for p, m in HF_MODULES.items()}  # HF module (relative to a decoder layer) -> our projection
-_TENSOR = re.compile(r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<module>self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
-                     r"\.(?P<kind>lora_A|lora_B|ia3_l)(?:\.default)?(?:\.weight)?")
+_TENSOR = re.compile(
+    r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<module>self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)"
+    r"\.(?P<kind>lora_A|lora_B|ia3_l)(?:\.default)?(?:\.weight)?"
+)
 
 # Config fields whose non-default values change what the adapter computes, with the reason.
 _LORA_REFUSED = {
@@ -92,8 +95,10 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     if not f.is_file():
         if (path / "adapter_model.bin").is_file():
             # A .bin is a pickle, which can run code when loaded: never open one.
-            raise UserError(f"{path} holds adapter_model.bin (a pickle, which minipara does not load); re-save the "
-                            "adapter with save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors")
+            raise UserError(
+                f"{path} holds adapter_model.bin (a pickle, which minipara does not load); re-save the "
+                "adapter with save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors"
+            )
         raise UserError(f"{path} has no adapter_model.safetensors")
     try:
         with safe_open(str(f), framework="pt") as h:
@@ -108,12 +113,16 @@ def _parts(path: Path, tensors: dict, args: ModelArgs) -> dict[tuple[int, str, s
     for name in sorted(tensors):
         m = _TENSOR.fullmatch(name)
         if m is None:
-            raise UserError(f"{path}: tensor {name} adapts something other than a layer's attention/MLP "
-                            "projections, which minipara cannot import")
+            raise UserError(
+                f"{path}: tensor {name} adapts something other than a layer's attention/MLP "
+                "projections, which minipara cannot import"
+            )
         i = int(m["layer"])
         if i >= args.n_layers:
-            raise UserError(f"{path}: tensor {name} is for layer {i}, but the model has {args.n_layers} layers "
-                            "(adapter made for another base model?)")
+            raise UserError(
+                f"{path}: tensor {name} is for layer {i}, but the model has {args.n_layers} layers "
+                "(adapter made for another base model?)"
+            )
         key = (i, MODULES[m["module"]], m["kind"])
         if key in out:
             raise UserError(f"{path}: tensors {out[key]} and {name} are the same adapter weight")
@@ -141,8 +150,10 @@ def _matching(path: Path, spec, field: str) -> set[str]:
     for t in spec:
         hit = {p for n, p in names.items() if n == t or n.endswith("." + t)}
         if not hit:
-            raise UserError(f"{path}: {field} entry {t!r} is not one of the projections minipara adapts "
-                            f"({', '.join(m.split('.')[1] for m in MODULES)})")
+            raise UserError(
+                f"{path}: {field} entry {t!r} is not one of the projections minipara adapts "
+                f"({', '.join(m.split('.')[1] for m in MODULES)})"
+            )
         found |= hit
     return found
 
@@ -155,8 +166,10 @@ def _expect(path: Path, parts: dict, tensors: dict, key: tuple, shape: tuple, ar
         raise UserError(f"{path}: tensor base_model.model.model.layers.{i}.{HF_MODULES[p]}.{kind}{sfx} is missing")
     name = parts.pop(key)
     if tuple(tensors[name].shape) != shape:
-        raise UserError(f"{path}: tensor {name} has shape {list(tensors[name].shape)}, this {args.model_type} "
-                        f"model needs {list(shape)} (adapter made for another base model?)")
+        raise UserError(
+            f"{path}: tensor {name} has shape {list(tensors[name].shape)}, this {args.model_type} "
+            f"model needs {list(shape)} (adapter made for another base model?)"
+        )
     return tensors[name].float()
 
 
@@ -169,8 +182,10 @@ def _leftover(path: Path, parts: dict):
 def _lora(path, cfg, tensors, parts, targets, args) -> Lora:
     init = cfg.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise UserError(f"{path}: this LoRA was initialised with {init!r}, which changes the base weights; re-save "
-                        "it with save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain LoRA")
+        raise UserError(
+            f"{path}: this LoRA was initialised with {init!r}, which changes the base weights; re-save "
+            "it with save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain LoRA"
+        )
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{path}: cannot import this LORA adapter exactly: it trains biases (bias={cfg['bias']!r})")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
@@ -199,8 +214,10 @@ def _ia3(path, cfg, tensors, parts, targets, args) -> IA3:
         raise UserError(f"{path}: feedforward_modules must be a subset of target_modules")
     if ff - {"down"}:
         p = sorted(ff - {"down"})[0]
-        raise UserError(f"{path}: {HF_MODULES[p]} is a feedforward module, so PEFT scales its input, which output "
-                        "scaling cannot express; only down_proj may be a feedforward module")
+        raise UserError(
+            f"{path}: {HF_MODULES[p]} is a feedforward module, so PEFT scales its input, which output "
+            "scaling cannot express; only down_proj may be a feedforward module"
+        )
     # down's input is act(gate) * up, so scaling it equals scaling the up output.
     ours = {"up" if p == "down" and p in ff else p for p in targets}
     if not ours:

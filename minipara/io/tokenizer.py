@@ -11,6 +11,7 @@ checkpoint ships its own chat template of that style (tokenizer_config.json), th
 template rendered for one user message, so a default system turn comes along exactly as in
 transformers' `apply_chat_template`.
 """
+
 import json
 from pathlib import Path
 
@@ -23,11 +24,20 @@ LLAMA2_SYSTEM = "You are a helpful, respectful and honest assistant."
 # name -> (BOS marker, prompt, response, end marker); "{prompt}"/"{response}" are filled in.
 _FORMATS = {
     "llama2": ("<s>", f"[INST] <<SYS>>\n{LLAMA2_SYSTEM}\n<</SYS>>\n\n{{prompt}} [/INST]", " {response} ", "</s>"),
-    "gemma": ("<bos>", "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n", "{response}",
-              "<end_of_turn>"),
+    "gemma": (
+        "<bos>",
+        "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n",
+        "{response}",
+        "<end_of_turn>",
+    ),
     "chatml": ("", "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", "{response}", "<|im_end|>"),
-    "llama3": ("<|begin_of_text|>", "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n", "{response}", "<|eot_id|>"),
+    "llama3": (
+        "<|begin_of_text|>",
+        "<|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "{response}",
+        "<|eot_id|>",
+    ),
     "none": ("", "{prompt}", "{response}", ""),  # BOS (where the tokenizer adds one) and EOS are still added as ids
 }
 TEMPLATES = tuple(_FORMATS)
@@ -38,17 +48,21 @@ _IN_TEXT = {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>"}
 
 class _Base:
     """What both tokenizers share: `path` (the file read) and `vocab_size` are set by each."""
+
     chat_template: str | None = None
 
     def check_fits(self, model_vocab: int):
         """Refuse a tokenizer whose ids the model's embedding cannot look up."""
         if self.vocab_size > model_vocab:
-            raise UserError(f"{self.path} has {self.vocab_size} tokens but the model's vocabulary has "
-                            f"{model_vocab} (config.json vocab_size): tokenizer and weights are from different models")
+            raise UserError(
+                f"{self.path} has {self.vocab_size} tokens but the model's vocabulary has "
+                f"{model_vocab} (config.json vocab_size): tokenizer and weights are from different models"
+            )
 
 
 class Tokenizer(_Base):
     """A SentencePiece `tokenizer.model` (LLaMA 1/2, Gemma)."""
+
     add_bos = True  # every prompt starts with BOS
 
     def __init__(self, model_dir):
@@ -59,8 +73,10 @@ class Tokenizer(_Base):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:  # sentencepiece's only report of an unreadable model
-            raise UserError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0] if str(e) else 'empty'}); "
-                            "copy the checkpoint's tokenizer.model again") from None
+            raise UserError(
+                f"{path} is not a SentencePiece model ({str(e).splitlines()[0] if str(e) else 'empty'}); "
+                "copy the checkpoint's tokenizer.model again"
+            ) from None
         if self.vocab_size < 1:
             raise UserError(f"{path} holds no tokens")
         self.path = path
@@ -101,6 +117,7 @@ class JsonTokenizer(_Base):
 
     def __init__(self, model_dir):
         from tokenizers import Tokenizer as Fast
+
         d = Path(model_dir)
         self.path = d / "tokenizer.json"
         try:
@@ -119,8 +136,11 @@ class JsonTokenizer(_Base):
         else:  # the post-processor decides, as in transformers
             self.add_bos = self.bos_id is not None and self.tk.encode("a").ids[:1] == [self.bos_id]
         self.chat_template = chat_template(d)
-        self.special_tokens = {k: _content(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")
-                               if cfg.get(k) is not None}
+        self.special_tokens = {
+            k: _content(cfg.get(k))
+            for k in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if cfg.get(k) is not None
+        }
 
     def _special(self, token, fallback):
         token = _content(token)
@@ -152,6 +172,7 @@ def _json(f: Path) -> dict:
     if not f.is_file():
         return {}
     from minipara.model.config import read_json_object
+
     return read_json_object(f)
 
 
@@ -181,8 +202,9 @@ def chat_template(model_dir) -> str | None:
     return t if isinstance(t, str) else None
 
 
-def render_chat(template: str, messages: list[dict], special_tokens: dict | None = None,
-                add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str, messages: list[dict], special_tokens: dict | None = None, add_generation_prompt: bool = True
+) -> str:
     """A chat template (Jinja) filled in as transformers' apply_chat_template does (sandboxed)."""
     from datetime import datetime
 
@@ -191,11 +213,13 @@ def render_chat(template: str, messages: list[dict], special_tokens: dict | None
 
     def raise_exception(message):
         raise TemplateError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **(special_tokens or {}))
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **(special_tokens or {})
+        )
     except TemplateError as e:
         raise UserError(f"the model's chat template failed: {e}") from None
 
@@ -228,8 +252,10 @@ def encode_chat(tok, template: str, messages: list[dict]) -> list[int]:
     if template == "chatml":
         turn, head = "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n"
     else:
-        turn, head = ("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
-                      "<|start_header_id|>assistant<|end_header_id|>\n\n")
+        turn, head = (
+            "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        )
     text = "".join(turn.format(role=m["role"], content=m["content"]) for m in messages)
     return tok.encode(_FORMATS[template][0] + text + head)
 
@@ -241,8 +267,7 @@ def apply_template(template: str, prompt: str, response: str | None = None) -> t
     return bos + p.replace("{prompt}", prompt), "" if response is None else r.replace("{response}", response) + end
 
 
-def encode_example(tok, template: str, prompt: str, response: str | None = None
-                   ) -> tuple[list[int], list[int]]:
+def encode_example(tok, template: str, prompt: str, response: str | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids): the prompt starts with BOS where the tokenizer adds one (or
     the template writes it); the response, when given, ends with the template's end marker (EOS
     for llama2 and none, <end_of_turn> for gemma, <|im_end|> for chatml, <|eot_id|> for llama3).
@@ -260,7 +285,7 @@ def encode_example(tok, template: str, prompt: str, response: str | None = None
     r = r.replace("{response}", response)
     joint = tok.encode(p + r)
     n = len(prompt_ids) - len(lead)
-    body = joint[n:] if joint[:n] == prompt_ids[len(lead):] else tok.encode(r)
+    body = joint[n:] if joint[:n] == prompt_ids[len(lead) :] else tok.encode(r)
     return prompt_ids, body + [end_id(tok, template)]
 
 
@@ -273,8 +298,11 @@ def end_id(tok, template: str) -> int:
     try:
         return tok.token_id(end)
     except UserError:
-        raise UserError(f"template {template} ends responses with {end}, a token this model's tokenizer does not "
-                        "have: choose another template", ("template",)) from None
+        raise UserError(
+            f"template {template} ends responses with {end}, a token this model's tokenizer does not "
+            "have: choose another template",
+            ("template",),
+        ) from None
 
 
 def default_template(model_type: str) -> str:

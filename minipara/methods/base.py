@@ -3,6 +3,7 @@
 A method returns, per layer, the `LayerState` the model applies (minipara/layer_state.py, the
 model-adapter contract, beside the model); it names a layer's linears as projections.py does.
 """
+
 import math
 import threading
 from dataclasses import MISSING, fields
@@ -10,8 +11,8 @@ from dataclasses import MISSING, fields
 import torch
 from torch import nn
 
-from minipara.model.config import ModelArgs
 from minipara.errors import UserError
+from minipara.model.config import ModelArgs
 from minipara.model.layer_state import LayerState  # noqa: F401 - what layer_state() returns, for the methods
 from minipara.model.projections import PROJECTIONS, fused_linear, in_sizes, out_sizes  # noqa: F401 - the methods' vocabulary
 
@@ -34,6 +35,7 @@ class Adapter(nn.Module):
     `__init__(config, args)` and implement `layer_state` (or `state`, where the states do not
     depend on the prompt). Parameters are kept in float32; states are cast to the model's dtype.
     """
+
     method: str = ""
     n_prefix: int = 0  # extra key/value entries each layer places before the text
     template: str | None = None  # the prompt template it was trained with (set by adapter files)
@@ -66,8 +68,9 @@ class Adapter(nn.Module):
     mixable: bool = False
 
     @classmethod
-    def mixed_layer_state(cls, adapters: list, which: torch.Tensor, i: int, h: torch.Tensor,
-                          pool_mask: torch.Tensor, model) -> LayerState | None:
+    def mixed_layer_state(
+        cls, adapters: list, which: torch.Tensor, i: int, h: torch.Tensor, pool_mask: torch.Tensor, model
+    ) -> LayerState | None:
         """Layer i's state for rows whose adapter is adapters[which[b]] (all of this class and
         config): what each one's layer_state gives its rows, in one call (mixable methods)."""
         return adapters[0].layer_state(i, h, pool_mask, model, rows=per_row(adapters, which))
@@ -89,8 +92,7 @@ class Adapter(nn.Module):
 
     def merge(self, model):
         """A copy of `model` with this adapter folded into its weights (mergeable methods only)."""
-        raise UserError(f"{self.method} cannot be merged into the base weights: {self.merge_refusal}; "
-                        "use it unmerged")
+        raise UserError(f"{self.method} cannot be merged into the base weights: {self.merge_refusal}; use it unmerged")
 
 
 class LayerPass:

@@ -4,13 +4,14 @@ The base linears of LLaMA/Gemma have no bias, so the bias is a new vector per li
 (zeros at init: an untrained adapter is the identity) rather than a base parameter
 made trainable. Merging gives the fused linears a bias.
 """
+
 import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from minipara.methods.base import Adapter, LayerState, MethodConfig, PROJECTIONS, check_targets, fused_linear, out_sizes
+from minipara.methods.base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, out_sizes
 
 
 @dataclass
@@ -52,8 +53,9 @@ class BitFit(Adapter):
                 lin = fused_linear(merged, i, f)
                 if lin.bias is None:
                     w = lin.weight
-                    lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device),
-                                            requires_grad=False)
+                    lin.bias = nn.Parameter(
+                        torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False
+                    )
                 if f in bias:
                     lin.bias.copy_(lin.bias.float() + bias[f].reshape(-1).to(lin.bias.device))
         return merged

@@ -4,6 +4,7 @@ Baseline setting: vectors on the K, V and FFN up-projection outputs, initialised
 so an untrained adapter is the identity. (PEFT's default for LLaMA scales down_proj's
 input instead of up_proj's output: the same thing, since down's input is act(gate) * up.)
 """
+
 import copy
 from dataclasses import dataclass
 

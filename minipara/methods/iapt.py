@@ -26,6 +26,7 @@ Variants (paper 003, Table 5) are config values:
     IAPT-3: share_every=1, m=64            IAPT-4: activation="gelu"   IAPT-5: activation="relu"
     IAPT-6: activation="relu-gelu"         IAPT-7: activation="gelu-relu"  (by layer depth)
 """
+
 from dataclasses import dataclass
 
 import torch

@@ -6,6 +6,7 @@ identity. Parameters are kept per projection and stacked over layers, transposed
 x @ A @ B layout the model uses: a[p] (L, in, r) = A^T, b[p] (L, r, out) = B^T, unscaled
 as in PEFT; the scale is folded into B when a layer's state is built.
 """
+
 import copy
 import math
 from dataclasses import dataclass
@@ -13,9 +14,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from minipara.methods.base import (
+    PROJECTIONS,
+    Adapter,
+    LayerState,
+    MethodConfig,
+    check_targets,
+    fused_linear,
+    in_sizes,
+    out_sizes,
+)
 from minipara.model.layer_state import lora_delta
 from minipara.model.projections import widths
-from minipara.methods.base import PROJECTIONS, Adapter, LayerState, MethodConfig, check_targets, fused_linear, in_sizes, out_sizes
+
 
 @dataclass
 class LoraConfig(MethodConfig):
@@ -42,8 +53,12 @@ class Lora(Adapter):
         ins, outs, r, L = in_sizes(args), out_sizes(args), config.r, args.n_layers
         # nn.Linear's kaiming_uniform_(a=sqrt(5)) on A (r, in) is U(-1/sqrt(in), 1/sqrt(in));
         # written out because fan-in of the stacked (L, in, r) tensor would be computed wrongly.
-        self.a = nn.ParameterDict({p: nn.Parameter(torch.empty(L, ins[p], r).uniform_(-ins[p] ** -0.5, ins[p] ** -0.5))
-                                   for p in config.targets})
+        self.a = nn.ParameterDict(
+            {
+                p: nn.Parameter(torch.empty(L, ins[p], r).uniform_(-(ins[p] ** -0.5), ins[p] ** -0.5))
+                for p in config.targets
+            }
+        )
         self.b = nn.ParameterDict({p: nn.Parameter(torch.zeros(L, r, outs[p])) for p in config.targets})
 
     def low_rank(self) -> dict:

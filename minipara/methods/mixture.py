@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from minipara.errors import UserError
-from minipara.model.projections import FUSED, parts as parts_of, widths
-from minipara.model.layer_state import lora_parts
 from minipara.methods.base import Adapter, LayerPass, LayerState
+from minipara.model.layer_state import lora_parts
+from minipara.model.projections import FUSED, widths
+from minipara.model.projections import parts as parts_of
 
 
 class Mixture(Adapter):
@@ -76,8 +77,9 @@ class Mixture(Adapter):
 
     def _rows_of(self, c: int, device) -> torch.Tensor:
         """Call c's rows, and which of its adapters each uses, as tensors on `device`."""
-        return self._keep(("rows", c, str(device)), lambda: tuple(torch.tensor(x, device=device)
-                                                                  for x in self.calls[c][1:]))
+        return self._keep(
+            ("rows", c, str(device)), lambda: tuple(torch.tensor(x, device=device) for x in self.calls[c][1:])
+        )
 
     def _check(self, batch: int):
         if batch != self.batch:
@@ -108,8 +110,11 @@ class Mixture(Adapter):
         out = LayerState(lora=lora)
         for kind, fill in (("scale", 1.0), ("bias", 0.0)):
             for name in sorted({n for _, _, st in parts for n in getattr(st, kind)}):
-                vals = [(rows, _rows(_as3d(getattr(st, kind)[name]), len(rows)))
-                        for _, rows, st in parts if name in getattr(st, kind)]
+                vals = [
+                    (rows, _rows(_as3d(getattr(st, kind)[name]), len(rows)))
+                    for _, rows, st in parts
+                    if name in getattr(st, kind)
+                ]
                 ref = vals[0][1]
                 # The fill row, then every member's rows, picked into batch order by one index
                 # (three ops, not one write per member).
@@ -129,6 +134,7 @@ class Mixture(Adapter):
     def _low_rank_state(self, i: int, batch: int, device, dtype) -> dict:
         """Layer i's {fused linear: (A, Bm)} of the low-rank members. Their pairs do not depend
         on the prompt: all layers' are gathered at once, at a pass's first layer (LayerPass)."""
+
         def build():
             blocks = {}
             for c in self.low_rank_calls:
@@ -137,6 +143,7 @@ class Mixture(Adapter):
                     blocks.setdefault(p, []).append((tuple(idx), A, Bm, s))
             stacks = self._pairs(blocks, batch, device, dtype)
             return [{f: (A[j], Bm[j]) for f, (A, Bm) in stacks.items()} for j in range(self.args.n_layers)]
+
         return dict(self.low_rank_pass.get(i, self.args.n_layers, build)) if self.low_rank_calls else {}
 
     def _generated(self, i: int, h, pool_mask, model) -> tuple[list, dict]:
@@ -148,8 +155,9 @@ class Mixture(Adapter):
                 continue
             ix, which = self._rows_of(c, h.device)
             if len(ads) > 1:
-                st = type(ads[0]).mixed_layer_state(ads, which, i, h.index_select(0, ix),
-                                                    pool_mask.index_select(0, ix), model)
+                st = type(ads[0]).mixed_layer_state(
+                    ads, which, i, h.index_select(0, ix), pool_mask.index_select(0, ix), model
+                )
             elif type(ads[0]).layer_state is Adapter.layer_state:  # states that do not read the prompt
                 st = ads[0].layer_state(i, h, pool_mask, model)  # ((IA)^3, BitFit: no rows to pick out)
             else:
@@ -160,7 +168,9 @@ class Mixture(Adapter):
             for f, pair in st.lora.items():  # fused pairs (scaling folded in), shared or per row: by part
                 for p, (A, Bm) in zip(parts_of(f), lora_parts(*pair, widths(self.args, f))):
                     if A.dim() == 2 or (A.shape[0] == 1 and Bm.shape[0] == 1):
-                        blocks.setdefault(p, []).append((tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 1.0))
+                        blocks.setdefault(p, []).append(
+                            (tuple(idx), A.reshape(A.shape[-2:]), Bm.reshape(Bm.shape[-2:]), 1.0)
+                        )
                         continue
                     A, Bm = (_rows(t if t.dim() == 3 else t[None], len(idx)) for t in (A, Bm))
                     blocks.setdefault(p, []).extend(((row,), A[k], Bm[k], 1.0) for k, row in enumerate(idx))
@@ -191,12 +201,14 @@ class Mixture(Adapter):
     def _order(self, groups: tuple, batch: int, device) -> torch.Tensor:
         """(batch,) index into [fill row, the groups' rows in turn]: each row's own entry, the
         fill row (0) for rows outside the groups."""
+
         def make():
             order, at = [0] * batch, 1
             for rows in groups:
                 for r in rows:
                     order[r], at = at, at + 1
             return torch.tensor(order, device=device)
+
         return self._keep(("order", groups, str(device)), make)
 
     def _gather(self, f: str, present: list, part_blocks, batch: int, device):
@@ -206,6 +218,7 @@ class Mixture(Adapter):
         B row being zero); local, {present part: (batch, R)}: the same as rows of that part's
         stacked B's, padding the zero row past them, so that a padded rank adds exactly nothing;
         scale, {present part: (rows + 1, 1)}: the scaling of each row of its stacked B's."""
+
         def make():
             n, ks = len(parts_of(f)), [parts_of(f).index(p) for p in present]
             mine = [[[] for _ in range(n)] for _ in range(batch)]  # row -> part -> [(column, local)]
@@ -229,8 +242,13 @@ class Mixture(Adapter):
                         cols[r, j, k] = c
                         local[ks.index(k), r, j] = lc
             return cols.to(device), dict(zip(present, local.to(device))), dict(zip(present, scale))
-        key = (f, tuple(present), tuple(tuple((b[0], b[1].shape[-1], b[3]) for b in bl) for bl in part_blocks),
-               str(device))
+
+        key = (
+            f,
+            tuple(present),
+            tuple(tuple((b[0], b[1].shape[-1], b[3]) for b in bl) for bl in part_blocks),
+            str(device),
+        )
         return self._keep(key, make)
 
     def merge(self, model):

@@ -11,14 +11,15 @@ On models that normalise each query/key head (Gemma 3), l_q and l_k scale the no
 heads, before RoPE: applied to the projection output, the norm would cancel any per-head
 magnitude they learn (SPEC.md, "Decisions added after the first review").
 """
+
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minipara.methods.base import Adapter, LayerState, MethodConfig, out_sizes, row_matmul
 from minipara.errors import UserError
+from minipara.methods.base import Adapter, LayerState, MethodConfig, out_sizes, row_matmul
 from minipara.methods.poolers import POOLERS, pool
 
 TARGETS = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv": ("q", "v")}

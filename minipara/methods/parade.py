@@ -19,6 +19,7 @@ Variants (paper 002, Table 6) are config values:
 (PARADE-2, Zhang et al.'s capsule pooler, is not implemented.) The paper's 9.8M and 9.4M
 for PARADE-3/4 are the counts without b_up, like PARA's 8.9M.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +77,7 @@ class Parade(Para):
 
     def __init__(self, config: ParadeConfig, args):
         if config.pooler == "capsule" and (config.capsules < 1 or config.r % config.capsules):
-            raise UserError(f"PARADE's {config.capsules} capsules must divide r = {config.r}: "
-                            "change r or capsules")
+            raise UserError(f"PARADE's {config.capsules} capsules must divide r = {config.r}: change r or capsules")
         super().__init__(config, args)
         if config.pooler == "capsule":
             self.caps = CapsulePooler(args.n_layers, config.r, config.capsules)
@@ -86,5 +86,9 @@ class Parade(Para):
         if self.config.pooler != "capsule":
             return super().pooled(i, h, pool_mask, rows)
         param = self.own(rows)
-        return self.caps(h.float() @ param(lambda a: a.gen.w_down[i]), pool_mask,
-                         param(lambda a: a.caps.w_cap[i]), param(lambda a: a.caps.v[i]))
+        return self.caps(
+            h.float() @ param(lambda a: a.gen.w_down[i]),
+            pool_mask,
+            param(lambda a: a.caps.w_cap[i]),
+            param(lambda a: a.caps.v[i]),
+        )

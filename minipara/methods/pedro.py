@@ -10,6 +10,7 @@ and variants are PARA's: PEDRO-1/2 = pooler mean/max, PEDRO-3 = targets qkvgu wi
 PEDRO-4 = targets qv with r=24; PEDRO-5/6/7 = activation relu / gelu / relu-gelu (fixed
 functions: no architecture parameters, so no bi-level steps).
 """
+
 from dataclasses import dataclass
 
 from torch import nn
@@ -21,6 +22,7 @@ from minipara.methods.rational import Rational, check_activation, fixed_activati
 @dataclass
 class PedroConfig(ParaConfig):
     """PARA's options (r, pooler, targets, up_bias), and the generator activation."""
+
     activation: str = "rational"  # rational | relu (PEDRO-5) | gelu (PEDRO-6) | relu-gelu (PEDRO-7) | gelu-relu
 
 

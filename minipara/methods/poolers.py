@@ -5,6 +5,7 @@ are masked out), so the generated parameters are the ones inference computes
 from the prompt alone. Attention-based poolers live with their method
 (PARADE's capsules, IAPT's soft-token attention).
 """
+
 import torch
 
 POOLERS = ("last", "mean", "max")

@@ -7,6 +7,7 @@ starts at position prefix_len. Init: N(0, 1), like PEFT's prefix embedding (an
 nn.Embedding at its default init) and the P-tuning v2 code's; the papers give none.
 Not an identity at init, and not mergeable (the base class refuses).
 """
+
 from dataclasses import dataclass
 
 import torch

@@ -14,6 +14,7 @@ headroom for the largest gradient (dR/da_6 = x^6 / (1 + |Q|)), and R and its gra
 finite for every input, inf included. Where the b-polynomial Q crosses zero the gradients
 are finite too: the denominator is >= 1 and |.| has gradient 0 at 0.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,8 +22,15 @@ from torch import nn
 from minipara.errors import UserError
 
 # fit_gelu() on this file's grid (float64; b_1 = b_3 = b_5 = 0, see there).
-GELU_A = (2.7958403487266028e-05, 0.4999999999907111, 0.3985031977579699, 0.16223387411041676,
-          0.0639959401609636, 0.01830169723203025, 0.0020992082896436953)
+GELU_A = (
+    2.7958403487266028e-05,
+    0.4999999999907111,
+    0.3985031977579699,
+    0.16223387411041676,
+    0.0639959401609636,
+    0.01830169723203025,
+    0.0020992082896436953,
+)
 GELU_B = (0.0, 0.3244677482036004, 0.0, 0.03660339446644223, 0.0)
 LIMIT = 1e5  # |x| beyond this is clamped (see the module docstring)
 
@@ -79,7 +87,7 @@ def fit_gelu(points: int = 6001) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """
     x = torch.linspace(-3, 3, points, dtype=torch.float64)
     f = F.gelu(x)
-    lin = torch.stack([x ** j for j in range(7)] + [-f * x ** i for i in range(1, 6)], -1)
+    lin = torch.stack([x**j for j in range(7)] + [-f * x**i for i in range(1, 6)], -1)
     start = torch.linalg.lstsq(lin, f[:, None], driver="gelsd").solution[:, 0]
     free = torch.tensor([1.0] * 7 + [0.0, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64)
     p = (start * free).requires_grad_()
@@ -89,8 +97,9 @@ def fit_gelu(points: int = 6001) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
     with torch.no_grad():
         scale = 1.0 / mse()  # a loss near 1 keeps L-BFGS's step and curvature tests meaningful
-    opt = torch.optim.LBFGS([p], max_iter=1000, history_size=100, line_search_fn="strong_wolfe",
-                            tolerance_grad=0.0, tolerance_change=0.0)
+    opt = torch.optim.LBFGS(
+        [p], max_iter=1000, history_size=100, line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0
+    )
 
     def closure():
         opt.zero_grad()

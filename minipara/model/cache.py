@@ -7,6 +7,7 @@ a real entry, so masks are built from two small tensors instead of per-row
 Python bookkeeping. Buffers are allocated once and updated in place, which
 keeps their addresses fixed for CUDA graphs.
 """
+
 import torch
 from torch import nn
 
@@ -15,8 +16,7 @@ from minipara.model.layer_state import LayerState
 
 
 class KVCache(nn.Module):
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, n_prefix: int = 0,
-                 dtype=torch.float32, device=None):
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, n_prefix: int = 0, dtype=torch.float32, device=None):
         super().__init__()
         # One buffer per layer: a compiled step then writes each new entry in place. (Views of
         # one stacked buffer made the compiler copy the whole buffer at every step.)
@@ -71,8 +71,9 @@ class KVCache(nn.Module):
             self.states = [None] * self.n_layers
             return
         first = per_layer[0]
-        if first is None or any(p is None or p.keys() != first.keys() or
-                                any(p[k].shape != first[k].shape for k in p) for p in per_layer):
+        if first is None or any(
+            p is None or p.keys() != first.keys() or any(p[k].shape != first[k].shape for k in p) for p in per_layer
+        ):
             return
         for key in first:
             new = torch.stack([p[key] for p in per_layer])
@@ -82,8 +83,7 @@ class KVCache(nn.Module):
             else:
                 buf.copy_(new)
             self.packed[key] = buf
-        self.states = [LayerState.from_tensors({k: b[i] for k, b in self.packed.items()})
-                       for i in range(self.n_layers)]
+        self.states = [LayerState.from_tensors({k: b[i] for k, b in self.packed.items()}) for i in range(self.n_layers)]
 
     @torch.no_grad()
     def reorder(self, rows: torch.Tensor, since: int = 0):
@@ -96,7 +96,7 @@ class KVCache(nn.Module):
             if name == "slot":
                 continue
             if buf.dim() > 1:  # (rows, slots) or (rows, heads, slots, head_dim)
-                buf = buf[:, since:self.length] if buf.dim() == 2 else buf[:, :, since:self.length]
+                buf = buf[:, since : self.length] if buf.dim() == 2 else buf[:, :, since : self.length]
             buf.copy_(buf.index_select(0, rows))
         self._reorder_states(rows)
 

@@ -4,6 +4,7 @@ One dataclass covers the LLaMA and Gemma families; the family differences are
 plain fields (norm offset, activation, extra norms, sliding layers), so the
 model code has no `if family == ...` branches.
 """
+
 import json
 import math
 from dataclasses import dataclass, field
@@ -98,8 +99,14 @@ def read_json_object(f: Path) -> dict:
 
 
 _REQUIRED = object()
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a JSON object",
-          list: "a JSON list"}
+_KINDS = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    dict: "a JSON object",
+    list: "a JSON list",
+}
 
 
 class Fields:
@@ -129,8 +136,9 @@ class Fields:
             what = _KINDS[kind] if kind is not float else "a finite number"
             raise UserError(f"{self.where}: {name} must be {what}, got {json.dumps(v)}")
         if (low is not None and v < low) or (positive and v <= 0):
-            raise UserError(f"{self.where}: {name} must be {f'at least {low}' if low is not None else 'positive'}, "
-                            f"got {v}")
+            raise UserError(
+                f"{self.where}: {name} must be {f'at least {low}' if low is not None else 'positive'}, got {v}"
+            )
         return v
 
     def token_id(self, name: str, vocab: int, default):
@@ -152,8 +160,10 @@ def _common(c: Fields) -> dict:
     if n_heads % n_kv:
         raise UserError(f"{c.where}: num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv}")
     if "head_dim" not in c and dim % n_heads:
-        raise UserError(f"{c.where}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
-                        "(and no head_dim is given)")
+        raise UserError(
+            f"{c.where}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
+            "(and no head_dim is given)"
+        )
     eos = c.cfg.get("eos_token_id")
     if isinstance(eos, list):
         eos_ids = tuple(Fields({"eos_token_id": e}, c.where).token_id("eos_token_id", vocab, None) for e in eos)

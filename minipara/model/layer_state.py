@@ -11,12 +11,14 @@ Methods speak in per-projection names (q, k, v, o, gate, up, down: projections.p
 fuses q|k|v and gate|up, so `LayerState.build` concatenates the parts, filling ones
 (multipliers) or zeros (biases, low-rank blocks) for projections the method leaves alone.
 """
+
 from dataclasses import dataclass, field
 
 import torch
 
 from minipara.model.config import ModelArgs
-from minipara.model.projections import FUSED, out_sizes, parts as _parts, widths
+from minipara.model.projections import FUSED, out_sizes, widths
+from minipara.model.projections import parts as _parts
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LayerState:
               own, and for parts left alone, are zeros (A's there may hold anything).
     prefix_k, prefix_v: (B|1, n_kv, P, head_dim) extra keys/values before the text
     """
+
     scale: dict = field(default_factory=dict)
     bias: dict = field(default_factory=dict)
     lora: dict = field(default_factory=dict)
@@ -82,8 +85,10 @@ class LayerState:
 
     def select(self, rows: torch.Tensor) -> "LayerState":
         """The state for rows `rows` (beam expansion/reorder); shared tensors stay shared."""
+
         def pick(t):
             return t if t.dim() < 3 or t.shape[0] == 1 else t.index_select(0, rows)
+
         return LayerState(
             scale={k: pick(v) for k, v in self.scale.items()},
             bias={k: pick(v) for k, v in self.bias.items()},
@@ -96,13 +101,14 @@ class LayerState:
         """Layer i of a state that `build` made from parts stacked over the layers ((L, out)
         vectors, (L, in, r) and (L, r, out) pairs, fused to (L, r * n, in) and (L, r, out)): its
         state shared by every row."""
-        return LayerState(scale={k: v[i:i + 1] for k, v in self.scale.items()},
-                          bias={k: v[i:i + 1] for k, v in self.bias.items()},
-                          lora={k: (a[i], b[i]) for k, (a, b) in self.lora.items()})
+        return LayerState(
+            scale={k: v[i : i + 1] for k, v in self.scale.items()},
+            bias={k: v[i : i + 1] for k, v in self.bias.items()},
+            lora={k: (a[i], b[i]) for k, (a, b) in self.lora.items()},
+        )
 
     @classmethod
-    def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None,
-              qk_after_norm=False):
+    def build(cls, args: ModelArgs, dtype, scale=None, bias=None, lora=None, prefix_kv=None, qk_after_norm=False):
         """Fuse per-projection parts into the model's fused linears.
 
         scale/bias: {proj: (B|1, out) or (out,)}; lora: {proj: (A (in, r), B (r, out))},
@@ -123,9 +129,12 @@ class LayerState:
             for f in {FUSED[p] for p in parts or ()}:
                 ref = next(parts[p] for p in _parts(f) if p in parts)
                 lead = ref.shape[:-1] if ref.dim() > 1 else (1,)
-                pieces = [parts[p].reshape(*lead, -1) if p in parts else
-                          torch.full((*lead, outs[p]), fill, dtype=ref.dtype, device=ref.device)
-                          for p in _parts(f)]
+                pieces = [
+                    parts[p].reshape(*lead, -1)
+                    if p in parts
+                    else torch.full((*lead, outs[p]), fill, dtype=ref.dtype, device=ref.device)
+                    for p in _parts(f)
+                ]
                 getattr(st, kind)[f] = torch.cat(pieces, -1).unsqueeze(-2).to(dtype)
         for f in {FUSED[p] for p in lora or ()}:
             fused = fuse_lora([lora.get(p) for p in _parts(f)], widths(args, f))
@@ -149,7 +158,7 @@ def fuse_lora(pairs, outs):
         if ab is not None:
             rp = ab[0].shape[-1]
             a[..., :rp, p, :] = ab[0].mT
-            bm[..., :rp, col:col + w] = ab[1]
+            bm[..., :rp, col : col + w] = ab[1]
         col += w
     return a.flatten(-3, -2), bm
 
@@ -173,7 +182,7 @@ def lora_update(x, a, bm, split=None):
 def lora_parts(a, bm, split=None):
     """The parts' (A (..., in, r), B (..., r, out)) of a fused pair (a, bm): fuse_lora undone."""
     bms = _by_part(bm, split)
-    return [(a[..., p::len(bms), :].mT, b) for p, b in enumerate(bms)]
+    return [(a[..., p :: len(bms), :].mT, b) for p, b in enumerate(bms)]
 
 
 def _by_part(bm, split):

@@ -6,6 +6,7 @@ Projections are fused (q|k|v and gate|up) for speed; adapters attach through
 ("q_norm", "k_norm"), and through per-layer prefix key/values. With no adapter the
 hooks are a single `is None` test.
 """
+
 import math
 
 import torch
@@ -122,7 +123,12 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         norm = lambda: RMSNorm(args.dim, args.norm_eps, args.norm_offset)  # noqa: E731
-        self.attention_norm, self.attention, self.ffn_norm, self.ffn = norm(), Attention(args), norm(), FeedForward(args)
+        self.attention_norm, self.attention, self.ffn_norm, self.ffn = (
+            norm(),
+            Attention(args),
+            norm(),
+            FeedForward(args),
+        )
         self.sandwich = args.sandwich_norm
         if self.sandwich:
             self.post_attention_norm, self.post_ffn_norm = norm(), norm()
@@ -147,8 +153,10 @@ class Transformer(nn.Module):
             self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         # sqrt(dim) rounded to each dtype, as Python numbers (a tensor's .item() would break a compiled graph);
         # made on the CPU, as load_model builds the model under the meta device
-        self.embed_scale = {dt: torch.tensor(math.sqrt(args.dim), dtype=dt, device="cpu").item()
-                            for dt in (torch.float32, torch.bfloat16, torch.float16)}
+        self.embed_scale = {
+            dt: torch.tensor(math.sqrt(args.dim), dtype=dt, device="cpu").item()
+            for dt in (torch.float32, torch.bfloat16, torch.float16)
+        }
         self.register_buffer("inv_freq_global", torch.empty(args.head_dim // 2), persistent=False)
         self.register_buffer("inv_freq_local", torch.empty(args.head_dim // 2), persistent=False)
         self.setup_rope()
@@ -184,8 +192,16 @@ class Transformer(nn.Module):
         return KVCache(self.args, batch, max_len, n_prefix, dtype=p.dtype, device=p.device)
 
     # ---- forward --------------------------------------------------------------------------
-    def forward(self, tokens, valid=None, cache: KVCache | None = None, adapter=None,
-                pool_mask=None, hidden_only=False, last_only=False):
+    def forward(
+        self,
+        tokens,
+        valid=None,
+        cache: KVCache | None = None,
+        adapter=None,
+        pool_mask=None,
+        hidden_only=False,
+        last_only=False,
+    ):
         """Logits (B, T, V) for tokens (B, T).
 
         valid:     (B, T) bool, False at padding (left or right). Default: all valid.
@@ -230,11 +246,32 @@ class Transformer(nn.Module):
                 cache.pack_states(cache.states)
             return out
         states = [None] * self.args.n_layers
-        return self._layers(tokens, q_pos, q_slot, k_pos, k_ok, n_pre, None, states, adapter,
-                            valid if pool_mask is None else pool_mask, hidden_only, last_only)
+        return self._layers(
+            tokens,
+            q_pos,
+            q_slot,
+            k_pos,
+            k_ok,
+            n_pre,
+            None,
+            states,
+            adapter,
+            valid if pool_mask is None else pool_mask,
+            hidden_only,
+            last_only,
+        )
 
-    def step(self, tokens, cache: KVCache, valid=None, adapter=None, pool_mask=None,
-             hidden_only=False, last_only=False, states=None):
+    def step(
+        self,
+        tokens,
+        cache: KVCache,
+        valid=None,
+        adapter=None,
+        pool_mask=None,
+        hidden_only=False,
+        last_only=False,
+        states=None,
+    ):
         """The tensor-only part of a cached forward: reads and advances `cache.slot` and the
         per-row positions on the device, and reads no host-side counters, so a decode step
         (one token per row, no adapter) can be captured once and replayed (fast.py).
@@ -250,12 +287,24 @@ class Transformer(nn.Module):
         cache.slot.add_(T)
         # Only a prefill writes prefix entries; a decode step reads no host-side count at all.
         n_pre = cache.n_prefix if adapter is not None else 0
-        return self._layers(tokens, q_pos, q_slot, cache.pos, cache.ok, n_pre, cache,
-                            cache.states if states is None else states, adapter,
-                            valid if pool_mask is None else pool_mask, hidden_only, last_only)
+        return self._layers(
+            tokens,
+            q_pos,
+            q_slot,
+            cache.pos,
+            cache.ok,
+            n_pre,
+            cache,
+            cache.states if states is None else states,
+            adapter,
+            valid if pool_mask is None else pool_mask,
+            hidden_only,
+            last_only,
+        )
 
-    def _layers(self, tokens, q_pos, q_slot, k_pos, k_ok, n_pre, cache, states, adapter, pool_mask,
-                hidden_only, last_only):
+    def _layers(
+        self, tokens, q_pos, q_slot, k_pos, k_ok, n_pre, cache, states, adapter, pool_mask, hidden_only, last_only
+    ):
         a = self.args
         x = self.tok_embeddings(tokens)
         if a.embed_scale:  # HF rounds sqrt(dim) to the model dtype first
@@ -263,8 +312,10 @@ class Transformer(nn.Module):
         dtype, upcast = x.dtype, upcast_layers(x)
         if upcast:
             x = x.float()
-        masks = {w: attention_mask(q_pos, q_slot, k_pos, k_ok, w) for w in
-                 {a.sliding_window if s else None for s in a.sliding}}
+        masks = {
+            w: attention_mask(q_pos, q_slot, k_pos, k_ok, w)
+            for w in {a.sliding_window if s else None for s in a.sliding}
+        }
         ropes = {s: self.rope(a.sliding.index(s), q_pos, x.dtype) for s in set(a.sliding)}
         for i, layer in enumerate(self.layers):
             if adapter is not None:  # (in the model's dtype: its states are kept for decode)
@@ -309,8 +360,13 @@ def fast_16bit_matmul(dtype) -> bool:
 
 def upcast_layers(x) -> bool:
     """Whether to run the layers of this forward in float32 (x: the embedded input)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[1] > 1 and x.shape[0] * x.shape[1] >= UPCAST_MIN_TOKENS and not fast_16bit_matmul(x.dtype))
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.shape[1] > 1
+        and x.shape[0] * x.shape[1] >= UPCAST_MIN_TOKENS
+        and not fast_16bit_matmul(x.dtype)
+    )
 
 
 def attention_mask(q_pos, q_slot, k_pos, k_ok, window: int | None):

@@ -18,6 +18,7 @@ requests finish for up to --shutdown-timeout seconds, then cancels the rest.
 
 Extensions beyond OpenAI's parameters: `top_k` and `ignore_eos` (as in vLLM).
 """
+
 import argparse
 import asyncio
 import contextlib
@@ -33,20 +34,28 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from minipara.serve.engine import Engine, Overloaded, Request
-from minipara.errors import UserError
 from minipara.decode.generation import GenerationConfig
+from minipara.errors import UserError
+from minipara.serve.engine import Engine, Overloaded, Request
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        return JSONResponse(
+            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}},
+            status_code=self.status,
+        )
 
 
 def id_text(ids) -> str:
@@ -66,8 +75,9 @@ class Server:
 
     def need_tokenizer(self, param: str):
         if self.lm is None:
-            raise ApiError(400, "this server's model has no tokenizer: send the prompt as a list of token ids",
-                           param=param)
+            raise ApiError(
+                400, "this server's model has no tokenizer: send the prompt as a list of token ids", param=param
+            )
 
     # ---- reading a request ---------------------------------------------------------------
     async def body(self, http: HttpRequest) -> dict:
@@ -88,8 +98,12 @@ class Server:
         try:
             return await run_in_threadpool(self.pool.get, name)
         except KeyError:
-            raise ApiError(404, f"the model {name!r} does not exist: GET /v1/models lists the base model and "
-                                "the adapters", param="model", code="model_not_found") from None
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist: GET /v1/models lists the base model and the adapters",
+                param="model",
+                code="model_not_found",
+            ) from None
         except UserError as e:
             raise ApiError(400, f"adapter {name!r} cannot be used: {e}", param="model") from None
 
@@ -97,16 +111,19 @@ class Server:
         """The request's template, as generate.py chooses it (the adapter's training template...)."""
         return self.lm.template(self.template, [adapter]) if self.lm is not None else "none"
 
-    def sampling(self, body: dict, adapter, n_prompt: int, default_max, prompt_param: str
-                 ) -> tuple[GenerationConfig, tuple]:
+    def sampling(
+        self, body: dict, adapter, n_prompt: int, default_max, prompt_param: str
+    ) -> tuple[GenerationConfig, tuple]:
         """The request's GenerationConfig and stop strings, every value checked."""
+
         def number(key, default, lo, hi, lo_open=False):
             v = body.get(key)
             if v is None:
                 return default
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or v > hi or (lo_open and v == lo):
-                raise ApiError(400, f"{key} must be a number {'>' if lo_open else '>='} {lo} and <= {hi}, got {v!r}",
-                               param=key)
+                raise ApiError(
+                    400, f"{key} must be a number {'>' if lo_open else '>='} {lo} and <= {hi}, got {v!r}", param=key
+                )
             return v
 
         def integer(key, default, lo):
@@ -116,22 +133,41 @@ class Server:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ApiError(400, f"{key} must be an integer >= {lo}, got {v!r}", param=key)
             return v
-        for key, neutral in (("n", 1), ("best_of", 1), ("presence_penalty", 0), ("frequency_penalty", 0),
-                             ("logprobs", None), ("top_logprobs", None), ("echo", False), ("logit_bias", None),
-                             ("suffix", None)):
+
+        for key, neutral in (
+            ("n", 1),
+            ("best_of", 1),
+            ("presence_penalty", 0),
+            ("frequency_penalty", 0),
+            ("logprobs", None),
+            ("top_logprobs", None),
+            ("echo", False),
+            ("logit_bias", None),
+            ("suffix", None),
+        ):
             if body.get(key) not in (None, neutral, False, {}):
                 raise ApiError(400, f"{key}={body[key]!r} is not supported by this server", param=key)
         n_pre = adapter.n_prefix if adapter is not None else 0
         room = min(self.context - n_prompt, self.engine.slots - n_pre - n_prompt)
         if room < 1:
-            raise ApiError(400, f"this model's maximum context length is {self.context} tokens and the prompt "
-                                f"has {n_prompt}: shorten it", param=prompt_param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {self.context} tokens and the prompt "
+                f"has {n_prompt}: shorten it",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_new = integer(max_key, min(default_max, room) if default_max else room, 1)
         if max_new > room:
-            raise ApiError(400, f"this model's maximum context length is {self.context} tokens; the request "
-                                f"has {n_prompt} prompt tokens and asks for {max_new} more: shorten the prompt "
-                                f"or lower {max_key}", param=max_key, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"this model's maximum context length is {self.context} tokens; the request "
+                f"has {n_prompt} prompt tokens and asks for {max_new} more: shorten the prompt "
+                f"or lower {max_key}",
+                param=max_key,
+                code="context_length_exceeded",
+            )
         temperature = number("temperature", 1.0, 0, 2)
         top_p = number("top_p", 1.0, 0, 1, lo_open=True)
         top_k = integer("top_k", 0, 0)
@@ -144,8 +180,9 @@ class Server:
         if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
         eos = () if body.get("ignore_eos") else self.eos_ids(self.template_for(adapter))
-        cfg = GenerationConfig(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
-                               seed=seed, eos_ids=eos)
+        cfg = GenerationConfig(
+            max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_ids=eos
+        )
         return cfg, tuple(stop)
 
     def eos_ids(self, template: str) -> tuple:
@@ -160,11 +197,17 @@ class Server:
                 raise ApiError(400, "prompt is empty: give some text to continue", param="prompt")
             return self.lm.encode_prompt(prompt, template)
         vocab = self.engine.model.args.vocab_size
-        if (isinstance(prompt, list) and prompt
-                and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt)):
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt)
+        ):
             return list(prompt)
-        raise ApiError(400, f"prompt must be a string or a non-empty list of token ids in [0, {vocab}) "
-                            "(one prompt per request)", param="prompt")
+        raise ApiError(
+            400,
+            f"prompt must be a string or a non-empty list of token ids in [0, {vocab}) (one prompt per request)",
+            param="prompt",
+        )
 
     def chat_ids(self, messages, template: str) -> list[int]:
         if not isinstance(messages, list) or not messages:
@@ -178,8 +221,9 @@ class Server:
                 content = "".join(str(p.get("text", "")) for p in content)
             role = m.get("role") if isinstance(m, dict) else None
             if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
-                raise ApiError(400, "each message needs a role (system, user or assistant) and text content",
-                               param="messages")
+                raise ApiError(
+                    400, "each message needs a role (system, user or assistant) and text content", param="messages"
+                )
             turns.append(("system" if role == "developer" else role, content))
         if turns[-1][0] != "user":
             raise ApiError(400, "the last message must be the user's", param="messages")
@@ -189,8 +233,12 @@ class Server:
     # ---- the routes ------------------------------------------------------------------------
     async def models(self, http: HttpRequest):
         names = [self.name] + await run_in_threadpool(self.pool.names)
-        return JSONResponse({"object": "list", "data": [
-            {"id": n, "object": "model", "created": self.created, "owned_by": "minipara"} for n in names]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": n, "object": "model", "created": self.created, "owned_by": "minipara"} for n in names],
+            }
+        )
 
     async def completions(self, http: HttpRequest):
         return await self.serve(http, chat=False)
@@ -225,20 +273,24 @@ class Server:
             def emit(kind, value):  # called from the engine's thread
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                     loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
             req = Request(ids, cfg, adapter, stop, emit)
             try:
                 self.engine.submit(req)
             except Overloaded as e:
-                raise ApiError(429, f"the server is overloaded ({e}): retry later", kind="rate_limit_exceeded",
-                               code="rate_limit_exceeded") from None
+                raise ApiError(
+                    429,
+                    f"the server is overloaded ({e}): retry later",
+                    kind="rate_limit_exceeded",
+                    code="rate_limit_exceeded",
+                ) from None
             except RuntimeError as e:
                 raise ApiError(503, str(e), kind="server_error", code="shutting_down") from None
         except ApiError as e:
             return e.response()
         reply = Reply(self.name if adapter is None else body["model"], chat, len(ids))
         if stream:
-            return StreamingResponse(self.stream(http, req, events, reply, usage_chunk),
-                                     media_type="text/event-stream")
+            return StreamingResponse(self.stream(http, req, events, reply, usage_chunk), media_type="text/event-stream")
         text, reason = [], None
         try:
             while reason is None:
@@ -300,8 +352,12 @@ class Reply:
 
     def whole(self, text: str, reason: str, n: int) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
             return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(n)}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(n)}
@@ -312,12 +368,17 @@ class Reply:
             delta = piece if isinstance(piece, dict) else {"content": piece}
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
-        return {**self._head("text_completion"),
-                "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
+        return {
+            **self._head("text_completion"),
+            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
+        }
 
     def usage_chunk(self, n: int) -> dict:
-        return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
-                "usage": self.usage(n)}
+        return {
+            **self._head("chat.completion.chunk" if self.chat else "text_completion"),
+            "choices": [],
+            "usage": self.usage(n),
+        }
 
 
 def sse(obj) -> str:
@@ -328,6 +389,7 @@ def chat_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
     """Token ids of a conversation in the model family's chat format (tokenizer.py's templates,
     extended to several turns); one user message gives exactly encode_example's prompt."""
     from minipara.io.tokenizer import LLAMA2_SYSTEM, encode_chat, encode_example
+
     if template in ("chatml", "llama3"):  # tokenizer.json chat models: their own template, all roles
         return encode_chat(tok, template, [{"role": r, "content": c} for r, c in turns])
     system = "\n\n".join(c for r, c in turns if r == "system")
@@ -368,53 +430,74 @@ def build_app(server: Server) -> Starlette:
     async def server_error(http, exc):  # a bug: the traceback goes to the log, the client gets a body
         return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
 
-    return Starlette(routes=[
-        Route("/v1/models", server.models, methods=["GET"]),
-        Route("/v1/completions", server.completions, methods=["POST"]),
-        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
-        Route("/stats", server.stats, methods=["GET"]),
-    ], lifespan=lifespan, exception_handlers={HTTPException: http_error, Exception: server_error})
+    return Starlette(
+        routes=[
+            Route("/v1/models", server.models, methods=["GET"]),
+            Route("/v1/completions", server.completions, methods=["POST"]),
+            Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+            Route("/stats", server.stats, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+    )
 
 
 def parse(argv=None):
     from minipara import cli
-    p = argparse.ArgumentParser(prog="python -m minipara.serve", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = argparse.ArgumentParser(
+        prog="python -m minipara.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_model_args(p)
-    p.add_argument("--shape", help="serve a randomly initialised model of this shape instead of --model "
-                                   "(load tests: prompts are token ids), e.g. llama-2-7b")
+    p.add_argument(
+        "--shape",
+        help="serve a randomly initialised model of this shape instead of --model "
+        "(load tests: prompts are token ids), e.g. llama-2-7b",
+    )
     p.add_argument("--adapters", help="folder of adapters (NAME.safetensors files, PEFT directories)")
     p.add_argument("--name", default="base", help="the base model's name in requests (default: base)")
     p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (as generate.py)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
-    p.add_argument("--context", type=int, default=None,
-                   help="longest prompt plus completion, in tokens (default: the model's, at most 2048)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="longest prompt plus completion, in tokens (default: the model's, at most 2048)",
+    )
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 429")
-    p.add_argument("--prefill-budget", type=int, default=512,
-                   help="prompt tokens prefilled between two decode steps (at least one request)")
+    p.add_argument(
+        "--prefill-budget",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled between two decode steps (at least one request)",
+    )
     p.add_argument("--adapter-memory", type=float, default=1024, help="MiB of adapters kept loaded")
     p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
-    p.add_argument("--shutdown-timeout", type=float, default=30,
-                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30, help="seconds in-flight requests get to finish after SIGTERM"
+    )
     return p.parse_args(argv)
 
 
 def make_server(a) -> Server:
     """The model (through the public API), adapters and engine for parsed arguments."""
     from minipara import cli
-    from minipara.serve.pool import AdapterPool
     from minipara.io.checkpoints import parse_device, parse_dtype
+    from minipara.serve.pool import AdapterPool
+
     if a.shape and a.model:
         raise UserError("give --model or --shape, not both")
     if a.adapters is not None and not os.path.isdir(a.adapters):
         raise UserError(f"--adapters {a.adapters} is not a folder")
     if a.shape:
         from minipara.bench.speed import SHAPES, random_model
+
         if a.shape not in SHAPES:
             raise UserError(f"unknown --shape {a.shape!r}; known: {', '.join(SHAPES)}")
         from minipara.decode.generation import Decoder
+
         lm, model = None, random_model(a.shape, parse_dtype(a.dtype), parse_device(a.device))
         decoder, text = Decoder(model), id_text
     else:
@@ -424,27 +507,36 @@ def make_server(a) -> Server:
     context = a.context or min(model.args.max_seq_len, 2048)
     if a.max_batch < 1 or context < 2:
         raise UserError("--max-batch must be at least 1 and --context at least 2")
-    pool = AdapterPool(a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20),
-                        model.weights_id)
+    pool = AdapterPool(
+        a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20), model.weights_id
+    )
     pool.preload()
     if a.compile:
         from minipara.decode.compiled import compile_decoder
+
         compile_decoder(decoder)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).
     slots = -(-(context + context // 2 + 64) // 128) * 128
-    engine = Engine(model, text, max_batch=a.max_batch, slots=slots, max_waiting=a.max_waiting,
-                    prefill_budget=a.prefill_budget, decoder=decoder)
+    engine = Engine(
+        model,
+        text,
+        max_batch=a.max_batch,
+        slots=slots,
+        max_waiting=a.max_waiting,
+        prefill_budget=a.prefill_budget,
+        decoder=decoder,
+    )
     return Server(engine, lm, pool, a.template, a.name, context)
 
 
 def main(argv=None):
     import uvicorn
+
     a = parse(argv)
     server = make_server(a)
-    print(f"minipara: serving {a.name} with adapters {server.pool.names()} on http://{a.host}:{a.port}/v1",
-          flush=True)
-    uvicorn.run(build_app(server), host=a.host, port=a.port, log_level="warning",
-                timeout_graceful_shutdown=a.shutdown_timeout)
+    print(f"minipara: serving {a.name} with adapters {server.pool.names()} on http://{a.host}:{a.port}/v1", flush=True)
+    uvicorn.run(
+        build_app(server), host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=a.shutdown_timeout
+    )
     return 0
-

@@ -23,6 +23,7 @@ first served, while rows are free, until `prefill_budget` prompt tokens have bee
 (always at least one request). A decoding row therefore waits at most the prefill of about
 `prefill_budget` tokens for its next token; `stats()` reports the stalls it saw.
 """
+
 import collections
 import threading
 import time
@@ -30,8 +31,8 @@ import traceback
 
 import torch
 
-from minipara.model.cache import KVCache
 from minipara.decode.generation import Decoder, GenerationConfig, _pick
+from minipara.model.cache import KVCache
 from minipara.model.layer_state import LayerState
 
 FILL = {"scale": 1.0, "bias": 0.0, "lora_a": 0.0, "lora_b": 0.0}  # a row without the state: identity
@@ -59,13 +60,26 @@ class Request:
 
 
 class Engine:
-    def __init__(self, model, decode_text, max_batch: int = 8, slots: int = 2048, max_waiting: int = 64,
-                 prefill_budget: int = 512, decoder: Decoder | None = None):
+    def __init__(
+        self,
+        model,
+        decode_text,
+        max_batch: int = 8,
+        slots: int = 2048,
+        max_waiting: int = 64,
+        prefill_budget: int = 512,
+        decoder: Decoder | None = None,
+    ):
         self.model, self.decode_text = model, decode_text
         self.decoder = decoder or Decoder(model)
         self.cache = model.new_cache(max_batch, slots)
         self.device = model.tok_embeddings.weight.device
-        self.max_batch, self.slots, self.max_waiting, self.prefill_budget = max_batch, slots, max_waiting, prefill_budget
+        self.max_batch, self.slots, self.max_waiting, self.prefill_budget = (
+            max_batch,
+            slots,
+            max_waiting,
+            prefill_budget,
+        )
         self.rows: list[Request | None] = [None] * max_batch
         self.next_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.packed: dict = {}  # (kind, linear) -> (layers, rows, ...) states of all rows
@@ -121,10 +135,19 @@ class Engine:
     def stats(self, since: int = 0) -> dict:
         """Steps, rows, queue and the prefill stalls (`since`: skip the first stalls, to see a later period)."""
         s = sorted(self.stalls[since:])
-        q = (lambda f: s[min(len(s) - 1, int(f * len(s)))] if s else 0.0)
-        return {"steps": self.steps, "active": self.active(), "waiting": len(self.waiting),
-                "prefill_stalls": len(self.stalls), "stall_p50_s": q(0.5), "stall_p99_s": q(0.99),
-                "stall_max_s": s[-1] if s else 0.0}
+
+        def q(f):
+            return s[min(len(s) - 1, int(f * len(s)))] if s else 0.0
+
+        return {
+            "steps": self.steps,
+            "active": self.active(),
+            "waiting": len(self.waiting),
+            "prefill_stalls": len(self.stalls),
+            "stall_p50_s": q(0.5),
+            "stall_p99_s": q(0.99),
+            "stall_max_s": s[-1] if s else 0.0,
+        }
 
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self):
@@ -190,9 +213,9 @@ class Engine:
         c.ok[r] = False
         for i in range(self.model.args.n_layers):
             for dst, src in zip(c.kv(i), small.kv(i)):
-                dst[r, :, s:s + need] = src[0, :, :need]
-        c.pos[r, s:s + need] = small.pos[0, :need]
-        c.ok[r, s:s + need] = small.ok[0, :need]
+                dst[r, :, s : s + need] = src[0, :, :need]
+        c.pos[r, s : s + need] = small.pos[0, :need]
+        c.ok[r, s : s + need] = small.ok[0, :need]
         c.next_pos[r] = small.next_pos[0]
         self._set_states(r, small.states)
         self.next_tok[r] = first
@@ -212,7 +235,7 @@ class Engine:
         nxt = logits.argmax(-1)
         for r, req in enumerate(self.rows[:k]):
             if req is not None and req.cfg.temperature > 0:
-                nxt[r] = self._pick(req, logits[r:r + 1])
+                nxt[r] = self._pick(req, logits[r : r + 1])
         self.next_tok[:k].copy_(nxt)
         self.steps += 1
         for r, tok in enumerate(nxt.tolist()):
@@ -234,8 +257,11 @@ class Engine:
             v.max_len, v.packed = self.cache.max_len, None
         if v.packed is None:
             v.packed = {key: b[:, :k] for key, b in self.packed.items()}
-            v.states = ([LayerState.from_tensors({key: b[i] for key, b in v.packed.items()})
-                         for i in range(v.n_layers)] if v.packed else [None] * v.n_layers)
+            v.states = (
+                [LayerState.from_tensors({key: b[i] for key, b in v.packed.items()}) for i in range(v.n_layers)]
+                if v.packed
+                else [None] * v.n_layers
+            )
         return v
 
     def _pick(self, req: Request, logits):
@@ -256,7 +282,7 @@ class Engine:
         if reason is None:  # hold back what may still become a stop string or a whole character
             end = len(text.rstrip("\ufffd")) - max((len(s) - 1 for s in req.stop), default=0)
         if end > req.sent:
-            req.emit("text", text[req.sent:end])
+            req.emit("text", text[req.sent : end])
             req.sent = end
         if reason is not None:
             req.emit("done", reason)
@@ -293,13 +319,13 @@ class Engine:
                 big = tuple(max(a, b) for a, b in zip(shape, buf.shape[-2:])) if buf is not None else tuple(shape)
                 new = torch.full((len(rows), self.max_batch, *big), FILL[kind], dtype=ref.dtype, device=ref.device)
                 if buf is not None:
-                    new[..., :buf.shape[-2], :buf.shape[-1]] = buf
+                    new[..., : buf.shape[-2], : buf.shape[-1]] = buf
                 buf = self.packed[key] = new
                 changed = True
             for i, t in enumerate(rows):
                 if t is not None:
                     t = t.reshape(-1, *t.shape[-2:])[0]
-                    buf[i, r, :t.shape[0], :t.shape[1]] = t
+                    buf[i, r, : t.shape[0], : t.shape[1]] = t
             self.users.setdefault(key, set()).add(r)
         if changed:
             self._repack()
@@ -309,8 +335,11 @@ class Engine:
             v.packed = None  # rebuilt from the new buffers when next used
         c, n = self.cache, self.model.args.n_layers
         c.packed = dict(self.packed)
-        c.states = ([LayerState.from_tensors({k: b[i] for k, b in self.packed.items()}) for i in range(n)]
-                    if self.packed else [None] * n)
+        c.states = (
+            [LayerState.from_tensors({k: b[i] for k, b in self.packed.items()}) for i in range(n)]
+            if self.packed
+            else [None] * n
+        )
 
     def _compact(self):
         """Move each row's valid entries to the front of its slots (order does not matter to

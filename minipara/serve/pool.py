@@ -7,13 +7,14 @@ not yet seen, so adapters copied in while the server runs are served too. An evi
 adapter is only dropped from the pool: a request that already holds it keeps it until
 its prefill has made its states.
 """
+
 import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from minipara.io.adapters import load_adapter
 from minipara.errors import UserError
+from minipara.io.adapters import load_adapter
 
 
 class AdapterPool:

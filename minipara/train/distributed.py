@@ -19,6 +19,7 @@ zero-weighted micro-batches, and evaluation is done in full on every rank instea
 `Ranks()` is one process alone: every method is then a no-op, so training without
 torchrun is unchanged.
 """
+
 import datetime
 import os
 
@@ -43,13 +44,13 @@ class Ranks:
     def share(self, items: list) -> list:
         """This rank's contiguous part of `items` (sizes differ by at most one)."""
         n = len(items)
-        return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+        return items[self.rank * n // self.world : (self.rank + 1) * n // self.world]
 
     def micro_batches(self, items: list, size: int) -> list[tuple[list, bool]]:
         """This rank's share cut into micro-batches of at most `size`, each with whether it
         counts; in lockstep every rank gets as many, padded with uncounted copies of items[:1]."""
         mine = self.share(items)
-        batches = [(mine[s:s + size], True) for s in range(0, len(mine), size)]
+        batches = [(mine[s : s + size], True) for s in range(0, len(mine), size)]
         if self.lockstep:
             per_rank = -(-len(items) // self.world)
             batches += [(items[:1], False)] * (-(-per_rank // size) - len(batches))
@@ -114,21 +115,29 @@ def init(device: str, shard_base: bool = False, timeout_s: float = 1800) -> tupl
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         if device != "cuda":
-            raise UserError(f"under torchrun each rank takes the GPU of its LOCAL_RANK: give device cuda, "
-                            f"not {device}", options=("device",))
+            raise UserError(
+                f"under torchrun each rank takes the GPU of its LOCAL_RANK: give device cuda, not {device}",
+                options=("device",),
+            )
         if not torch.cuda.is_available():
-            raise UserError("device cuda was asked for, but no CUDA GPU is available; use device cpu",
-                            options=("device",))
+            raise UserError(
+                "device cuda was asked for, but no CUDA GPU is available; use device cpu", options=("device",)
+            )
         local = int(os.environ.get("LOCAL_RANK", 0))
         if local >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs: start at most that many "
-                            "processes per node")
+            raise UserError(
+                f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs: start at most that many "
+                "processes per node"
+            )
         torch.cuda.set_device(local)
         device, backend = f"cuda:{local}", "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=torch.device(device) if backend == "nccl" else None)
+    dist.init_process_group(
+        backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=torch.device(device) if backend == "nccl" else None,
+    )
     return Ranks(rank, world, lockstep=shard_base and world > 1), device
 
 
@@ -143,6 +152,7 @@ def shard_layers(model):
     after the forward, since the loss calls `model.logits` outside it. Call on the meta
     device, before the weights are read (loading.load_model's `shard` argument)."""
     from torch.distributed.fsdp import fully_shard
+
     for block in model.layers:
         fully_shard(block)
     fully_shard(model, reshard_after_forward=False)

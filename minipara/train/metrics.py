@@ -3,6 +3,7 @@
 Each metric takes the predictions and, per example, its accepted reference answers (one
 string or a list of strings); an example scores its best match over its references.
 """
+
 import re
 import string
 from collections import Counter
@@ -112,6 +113,7 @@ def gsm8k_accuracy(preds, answers) -> float:
     def score(pred, ref):
         got = final_number(pred)
         return float(got is not None and got == final_number(ref))
+
     return _mean_best(preds, answers, score)
 
 
@@ -209,8 +211,10 @@ def execute_sql(sql: dict, table: dict) -> list:
 
 def wikisql_execution_accuracy(preds, gold: list[dict], tables: list[dict]) -> float:
     """A prediction is right when it runs on its table and gives the gold query's result."""
+
     def score(pred, pair):
         sql, table = pair
         parsed = parse_sql(pred, table["header"])
         return float(parsed is not None and execute_sql(parsed, table) == execute_sql(sql, table))
+
     return _mean_best(preds, [[pair] for pair in zip(gold, tables)], score)

@@ -16,6 +16,7 @@ the best dev score and dev loss, trainable parameters, lr, steps, time, commit),
 evaluation from the training logs; needs matplotlib, the `plot` extra). `--readme` replaces
 the block between `<!-- results:<task> -->` and `<!-- /results:<task> -->` with the table.
 """
+
 import argparse
 import json
 import os
@@ -37,7 +38,7 @@ METHODS = ("none", "para", "pedro", "parade", "iapt", "lora", "ia3", "bitfit", "
 
 
 def parse_lrs(text: str | None) -> dict[str, float]:
-    """"ia3=3e-3,ptuning_v2=1e-2" -> {"ia3": 0.003, "ptuning_v2": 0.01}."""
+    """ "ia3=3e-3,ptuning_v2=1e-2" -> {"ia3": 0.003, "ptuning_v2": 0.01}."""
     out = {}
     for item in filter(None, (text or "").split(",")):
         method, _, value = item.partition("=")
@@ -58,8 +59,9 @@ def git_commit() -> str:
         return os.environ["MINIPARA_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -68,6 +70,7 @@ def git_commit() -> str:
 def machine() -> str:
     try:
         import torch
+
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(0)
     except ImportError:
@@ -77,8 +80,19 @@ def machine() -> str:
 
 def command_for(task: str, method: str, seed: int, folder: Path, lrs: dict, extra: list[str], resume: bool):
     stem = run_stem(folder, method, seed)
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "--method", method, "--task", task, "--seed", str(seed),
-           "--out", str(stem) + ".safetensors", *extra]
+    cmd = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        "--method",
+        method,
+        "--task",
+        task,
+        "--seed",
+        str(seed),
+        "--out",
+        str(stem) + ".safetensors",
+        *extra,
+    ]
     if method in lrs:
         cmd += ["--lr", repr(lrs[method])]  # last: it wins over an --lr among the shared arguments
     if method != "none":
@@ -91,8 +105,16 @@ def command_for(task: str, method: str, seed: int, folder: Path, lrs: dict, extr
 SLOW_FIRST = {"pedro": 0, "iapt": 0}
 
 
-def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, lrs: dict, extra: list[str],
-            parallel: int, threads: int | None) -> list[str]:
+def run_all(
+    tasks: list[str],
+    methods: list[str],
+    seeds: list[int],
+    base: Path,
+    lrs: dict,
+    extra: list[str],
+    parallel: int,
+    threads: int | None,
+) -> list[str]:
     """Run every (task, method, seed) without a report, `parallel` at a time, slow methods
     first. Returns the failures."""
     todo = []
@@ -100,7 +122,7 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
         folder = base / task
         folder.mkdir(parents=True, exist_ok=True)
         for method in methods:
-            for seed in (seeds if method != "none" else seeds[:1]):  # the bare model has no seed
+            for seed in seeds if method != "none" else seeds[:1]:  # the bare model has no seed
                 stem = run_stem(folder, method, seed)
                 if Path(str(stem) + ".report.json").is_file():
                     continue
@@ -129,12 +151,28 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
             while todo and len(running) < parallel:
                 task, method, seed, cmd = todo.pop(0)
                 stem = run_stem(base / task, method, seed)
-                Path(str(stem) + ".run.json").write_text(json.dumps(
-                    {"command": shlex.join(cmd), "commit": commit, "machine": where,
-                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+                Path(str(stem) + ".run.json").write_text(
+                    json.dumps(
+                        {
+                            "command": shlex.join(cmd),
+                            "commit": commit,
+                            "machine": where,
+                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        },
+                        indent=2,
+                    )
+                    + "\n"
+                )
                 out = open(str(stem) + ".out", "w")
-                running.append((f"{task} {method} seed {seed}", subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True), out))
+                running.append(
+                    (
+                        f"{task} {method} seed {seed}",
+                        subprocess.Popen(
+                            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
+                        ),
+                        out,
+                    )
+                )
             time.sleep(1)
             for item in list(running):
                 name, proc, out = item
@@ -146,16 +184,21 @@ def run_all(tasks: list[str], methods: list[str], seeds: list[int], base: Path, 
                 status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {out.name})"
                 if proc.returncode != 0:
                     failed.append(name)
-                print(f"[{done} done, {len(running)} running, {len(todo)} waiting, {time.time() - t0:.0f} s] "
-                      f"{name}: {status}", file=sys.stderr)
+                print(
+                    f"[{done} done, {len(running)} running, {len(todo)} waiting, {time.time() - t0:.0f} s] "
+                    f"{name}: {status}",
+                    file=sys.stderr,
+                )
     except _Stopped as e:
         for _, proc, _ in running:  # each stops after its current step and saves a checkpoint
             proc.send_signal(e.args[0])
         for _, proc, out in running:
             proc.wait()
             out.close()
-        raise UserError(f"interrupted: {len(running)} running run(s) saved their checkpoints and stopped, "
-                        f"{len(todo)} not started; the same command resumes them") from None
+        raise UserError(
+            f"interrupted: {len(running)} running run(s) saved their checkpoints and stopped, "
+            f"{len(todo)} not started; the same command resumes them"
+        ) from None
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -171,7 +214,7 @@ def load_runs(folder: Path) -> list[dict]:
     """Every run of a task folder that has a report: its report, launch record and dev-loss curve."""
     runs = []
     for report_path in sorted(folder.glob("*.report.json")):
-        stem = str(report_path)[:-len(".report.json")]
+        stem = str(report_path)[: -len(".report.json")]
         report = json.loads(report_path.read_text())
         launch = Path(stem + ".run.json")
         report["launch"] = json.loads(launch.read_text()) if launch.is_file() else {}
@@ -219,10 +262,23 @@ def summarise(runs: list[dict]) -> list[dict]:
             params, lr = rs[0]["trainable_params"], rs[0].get("lr")
             steps, seconds = [r["steps"] for r in rs], [r["wall_time_s"] for r in rs]
         commits = sorted({r["launch"].get("commit", "unknown") for r in rs})
-        rows.append({"method": method, "metric": metric, "seeds": [r.get("seed") for r in rs], "test": test,
-                     "dev_best": dev, "dev_loss_best": dev_loss, "trainable_params": params, "lr": lr,
-                     "steps": steps, "best_step": [r.get("best_step") for r in rs], "time_s": seconds,
-                     "commit": ",".join(commits), "machine": sorted({r["launch"].get("machine", "?") for r in rs})})
+        rows.append(
+            {
+                "method": method,
+                "metric": metric,
+                "seeds": [r.get("seed") for r in rs],
+                "test": test,
+                "dev_best": dev,
+                "dev_loss_best": dev_loss,
+                "trainable_params": params,
+                "lr": lr,
+                "steps": steps,
+                "best_step": [r.get("best_step") for r in rs],
+                "time_s": seconds,
+                "commit": ",".join(commits),
+                "machine": sorted({r["launch"].get("machine", "?") for r in rs}),
+            }
+        )
     return rows
 
 
@@ -233,22 +289,28 @@ def markdown(task: str, rows: list[dict], runs: list[dict]) -> str:
     caps = sorted({r["launch"].get("command", "") for r in runs})
     machines = sorted({m for row in rows for m in row["machine"]})
     started = sorted(r["launch"].get("started", "") for r in runs if r["launch"].get("started"))
-    lines = [f"| method | test {metric} median (min-max) | dev {metric} | dev loss | trainable params "
-             "| lr | steps | time (s) | seeds | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| method | test {metric} median (min-max) | dev {metric} | dev loss | trainable params "
+        "| lr | steps | time (s) | seeds | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lr = f"{row['lr']:g}" if row["lr"] is not None else "-"
-        lines.append(f"| {row['method']} | {_spread(row['test'], 3)} | {_spread(row['dev_best'], 3)} | "
-                     f"{_spread(row['dev_loss_best'], 3)} | {row['trainable_params']:,} | {lr} | "
-                     f"{_spread(row['steps'], 0)} | {_spread(row['time_s'], 0)} | {len(row['test'])} | "
-                     f"{row['commit']} |")
+        lines.append(
+            f"| {row['method']} | {_spread(row['test'], 3)} | {_spread(row['dev_best'], 3)} | "
+            f"{_spread(row['dev_loss_best'], 3)} | {row['trainable_params']:,} | {lr} | "
+            f"{_spread(row['steps'], 0)} | {_spread(row['time_s'], 0)} | {len(row['test'])} | "
+            f"{row['commit']} |"
+        )
     shared = common_arguments(caps)
-    note = (f"\n{task}: the checkpoint with the lowest dev loss, its test score, dev score and dev loss; "
-            "median over seeds (min-max); the bare model is scored as it is. "
-            f"Machine: {', '.join(machines)}; runs started {started[0][:10] if started else '?'}. "
-            f"Every run: `train.py --task {task} {shared}` (per-method lr as listed; time: training and "
-            "test evaluation, with other runs sharing the machine). Written by "
-            f"`python -m minipara.train.results --task {task} --table-only`.\n")
+    note = (
+        f"\n{task}: the checkpoint with the lowest dev loss, its test score, dev score and dev loss; "
+        "median over seeds (min-max); the bare model is scored as it is. "
+        f"Machine: {', '.join(machines)}; runs started {started[0][:10] if started else '?'}. "
+        f"Every run: `train.py --task {task} {shared}` (per-method lr as listed; time: training and "
+        "test evaluation, with other runs sharing the machine). Written by "
+        f"`python -m minipara.train.results --task {task} --table-only`.\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 
@@ -276,6 +338,7 @@ def plot(task: str, runs: list[dict], path: Path) -> str | None:
     """The dev-loss curves as a PNG; returns why not when matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -288,8 +351,16 @@ def plot(task: str, runs: list[dict], path: Path) -> str | None:
         steps, losses = zip(*r["dev_loss_curve"])
         m = r["method"]
         first = m not in colors
-        line, = ax.plot(steps, losses, color=colors.get(m), alpha=0.8, linewidth=1.2, marker="o", markersize=3,
-                        label=m if first else None)
+        (line,) = ax.plot(
+            steps,
+            losses,
+            color=colors.get(m),
+            alpha=0.8,
+            linewidth=1.2,
+            marker="o",
+            markersize=3,
+            label=m if first else None,
+        )
         colors.setdefault(m, line.get_color())
     ax.set_xlabel("step")
     ax.set_ylabel("dev loss (per response token)")
@@ -332,12 +403,18 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []
     if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
-    p = argparse.ArgumentParser(prog="python -m minipara.train.results", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help="a task, or several (comma-separated) sharing the arguments "
-                   "after --, run in one pool")
+        extra = argv[argv.index("--") + 1 :]
+        argv = argv[: argv.index("--")]
+    p = argparse.ArgumentParser(
+        prog="python -m minipara.train.results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--task",
+        required=True,
+        help="a task, or several (comma-separated) sharing the arguments after --, run in one pool",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated; none = the bare model")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     p.add_argument("--lr-for", help="per-method lr overrides, e.g. ia3=3e-3,ptuning_v2=1e-2")

@@ -14,6 +14,7 @@ step with a checkpoint (`RunInterrupted`); `resume=True` continues it.
 
 `LanguageModel.train` is the simple in-memory path (no files unless asked, no resume).
 """
+
 import inspect
 import json
 import resource
@@ -27,8 +28,11 @@ from pathlib import Path
 from minipara.errors import UserError
 
 # Spellings from the papers for config fields whose names differ between methods.
-ALIASES = {"rank": ("r",), "soft_tokens": ("soft_tokens", "l_sp", "n_soft"),
-           "share_every": ("share_every", "l_s", "share")}
+ALIASES = {
+    "rank": ("r",),
+    "soft_tokens": ("soft_tokens", "l_sp", "n_soft"),
+    "share_every": ("share_every", "l_s", "share"),
+}
 
 
 class RunInterrupted(Exception):
@@ -37,8 +41,10 @@ class RunInterrupted(Exception):
     process's place among torchrun's."""
 
     def __init__(self, signal_name: str, step: int, total_steps: int, checkpoint: Path, rank: int = 0, world: int = 1):
-        super().__init__(f"{signal_name}: interrupted at step {step}/{total_steps}; checkpoint saved to {checkpoint}; "
-                         "run again with resume=True to continue")
+        super().__init__(
+            f"{signal_name}: interrupted at step {step}/{total_steps}; checkpoint saved to {checkpoint}; "
+            "run again with resume=True to continue"
+        )
         self.signal, self.step, self.total_steps, self.checkpoint = signal_name, step, total_steps, checkpoint
         self.rank, self.world = rank, world
 
@@ -49,23 +55,47 @@ def option_field(method_cls, name: str):
     own = {f.name: f for f in fields(method_cls.config_cls)}
     target = name if name in own else next((t for t in ALIASES.get(name, ()) if t in own), None)
     if target is None:
-        raise UserError(f"method {method_cls.method} has no option {name}; its options: {', '.join(own) or 'none'}",
-                        (name, *own))
+        raise UserError(
+            f"method {method_cls.method} has no option {name}; its options: {', '.join(own) or 'none'}", (name, *own)
+        )
     return own[target]
 
 
 def output_files(out, method: str, task: str, seed: int) -> dict:
     """The run's files: out (default runs/<method>-<task>-seed<seed>.safetensors), ckpt, log, report."""
     out = Path(out if out is not None else f"runs/{method}-{task}-seed{seed}.safetensors")
-    return {"out": out, "ckpt": out.with_suffix(".ckpt"), "log": out.with_suffix(".log.jsonl"),
-            "report": out.with_suffix(".report.json")}
+    return {
+        "out": out,
+        "ckpt": out.with_suffix(".ckpt"),
+        "log": out.with_suffix(".log.jsonl"),
+        "report": out.with_suffix(".report.json"),
+    }
 
 
-def run(method: str, task: str, *, out=None, model=None, dtype: str = "float32", device: str = "cpu",
-        template: str = "auto", data_dir=None, train=None, dev=None, test=None, max_eval: int | None = None,
-        max_test: int | None = None, max_new_tokens: int | None = None, resume: bool = False, force: bool = False,
-        shard_base: bool = False, config=None, progress: bool = True, command: str | None = None,
-        **options) -> dict | None:
+def run(
+    method: str,
+    task: str,
+    *,
+    out=None,
+    model=None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    template: str = "auto",
+    data_dir=None,
+    train=None,
+    dev=None,
+    test=None,
+    max_eval: int | None = None,
+    max_test: int | None = None,
+    max_new_tokens: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    shard_base: bool = False,
+    config=None,
+    progress: bool = True,
+    command: str | None = None,
+    **options,
+) -> dict | None:
     """Train a `method` adapter on `task` with the papers' recipe, evaluate it on test, and
     return the report (also written to <out stem>.report.json); see the module's docstring
     for the files. Under torchrun, data-parallel over the ranks: rank 0 writes the files and
@@ -91,12 +121,36 @@ def run(method: str, task: str, *, out=None, model=None, dtype: str = "float32",
     Raises UserError for anything a user can fix, RunInterrupted when a signal stopped it.
     """
     from minipara.train import distributed
+
     if command is None:
         given = {k: v for k, v in locals().items() if k in _DEFAULTS and v != _DEFAULTS[k]}
-        command = "minipara.run(" + ", ".join([repr(method), repr(task)] + [
-            f"{k}={v!r}" for k, v in {**given, **options}.items()]) + ")"
-    r = _Run(method, task, out, model, dtype, template, data_dir, train, dev, test, max_eval, max_test,
-             max_new_tokens, resume, force, shard_base, config, progress, command, options)
+        command = (
+            "minipara.run("
+            + ", ".join([repr(method), repr(task)] + [f"{k}={v!r}" for k, v in {**given, **options}.items()])
+            + ")"
+        )
+    r = _Run(
+        method,
+        task,
+        out,
+        model,
+        dtype,
+        template,
+        data_dir,
+        train,
+        dev,
+        test,
+        max_eval,
+        max_test,
+        max_new_tokens,
+        resume,
+        force,
+        shard_base,
+        config,
+        progress,
+        command,
+        options,
+    )
     ranks, r.device = distributed.init(device, shard_base)  # one process unless torchrun started this
     try:
         report = r.run_on(ranks)
@@ -106,8 +160,11 @@ def run(method: str, task: str, *, out=None, model=None, dtype: str = "float32",
         distributed.finish()
 
 
-_DEFAULTS = {k: p.default for k, p in inspect.signature(run).parameters.items()
-             if p.default is not inspect.Parameter.empty and k != "command"}
+_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(run).parameters.items()
+    if p.default is not inspect.Parameter.empty and k != "command"
+}
 
 
 class Log:
@@ -131,20 +188,43 @@ class Log:
 def peak_memory(device) -> tuple[int, str]:
     if device.type == "cuda":
         import torch
+
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
 
 
 def write_report(path: Path, report: dict):
     from minipara.io.files import atomic_write
+
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
 
 
 class _Run:
     """One run's options and the steps of `run`."""
 
-    def __init__(self, method, task, out, model, dtype, template, data_dir, train, dev, test, max_eval, max_test,
-                 max_new_tokens, resume, force, shard_base, config, progress, command, options):
+    def __init__(
+        self,
+        method,
+        task,
+        out,
+        model,
+        dtype,
+        template,
+        data_dir,
+        train,
+        dev,
+        test,
+        max_eval,
+        max_test,
+        max_new_tokens,
+        resume,
+        force,
+        shard_base,
+        config,
+        progress,
+        command,
+        options,
+    ):
         self.method, self.task_name, self.out, self.model, self.dtype = method, task, out, model, dtype
         self.template, self.data_dir, self.train, self.dev, self.test = template, data_dir, train, dev, test
         self.max_eval, self.max_test, self.max_new_tokens = max_eval, max_test, max_new_tokens
@@ -156,9 +236,9 @@ class _Run:
             print(text, file=sys.stderr)
 
     def run_on(self, ranks):
+        from minipara.io.tokenizer import TEMPLATES
         from minipara.methods import method_class
         from minipara.train.tasks import load_task
-        from minipara.io.tokenizer import TEMPLATES
         from minipara.train.trainer import TrainConfig
 
         # Everything that can be refused without the model is checked first.
@@ -168,8 +248,9 @@ class _Run:
         cls = config = None
         if self.method == "none":
             if method_opts:
-                raise UserError(f"method none trains nothing: it has no option {next(iter(method_opts))}",
-                                tuple(method_opts)[:1])
+                raise UserError(
+                    f"method none trains nothing: it has no option {next(iter(method_opts))}", tuple(method_opts)[:1]
+                )
         else:
             cls = method_class(self.method)
             opts = {option_field(cls, k).name: v for k, v in method_opts.items()}
@@ -178,8 +259,11 @@ class _Run:
             except (TypeError, ValueError) as e:
                 raise UserError(f"bad {cls.method} options: {e}") from None
             if self.shard_base and not cls.shardable:
-                raise UserError(f"shard_base: {self.method} runs the base's attention weights in its generators, "
-                                "which a sharded base does not allow; train it without shard_base", ("shard_base",))
+                raise UserError(
+                    f"shard_base: {self.method} runs the base's attention weights in its generators, "
+                    "which a sharded base does not allow; train it without shard_base",
+                    ("shard_base",),
+                )
         # The dev/test split of a task is fixed (seed 0), so every training seed sees the same test set.
         task = load_task(self.task_name, self.data_dir, seed=0, train=self.train, dev=self.dev, test=self.test)
         tcfg = replace(self.config or TrainConfig(), **training).resolved(len(task.splits["train"]))
@@ -188,8 +272,11 @@ class _Run:
         if self.max_test is not None and self.max_test < 0:
             raise UserError("max_test must be at least 0 (0: the whole test split)", ("max_test",))
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens}); leave it out for the "
-                            "longest train/dev response", ("max_new_tokens",))
+            raise UserError(
+                f"max_new_tokens must be at least 1 (got {self.max_new_tokens}); leave it out for the "
+                "longest train/dev response",
+                ("max_new_tokens",),
+            )
         if self.template not in TEMPLATES + ("auto",):
             raise UserError(f"unknown template {self.template!r}; valid: {', '.join(TEMPLATES)}, auto")
         if self.out is not None and str(self.out) == "":
@@ -200,6 +287,7 @@ class _Run:
         if not ranks.main:  # rank 0 alone writes files, so it alone holds the lock
             return self.run_locked(ranks, cls, config, task, tcfg, files)
         from minipara.io.files import OutputLock
+
         with OutputLock(files["out"]):
             return self.run_locked(ranks, cls, config, task, tcfg, files)
 
@@ -207,16 +295,22 @@ class _Run:
         """Refuse, before any work: an output that is an input or another output, one that cannot be
         written, and overwriting a finished or interrupted run without force."""
         from minipara.io.files import OutputLock, check_paths, check_writable
+
         if self.resume and self.force:
             raise UserError("resume continues a run and force starts over: give one of them", ("resume", "force"))
         if self.resume and self.method == "none":
             raise UserError("method none scores the bare model: there is nothing to resume", ("method",))
         if files["out"].is_dir():
-            raise UserError(f"out {files['out']} is a directory: give a file name such as "
-                            f"{files['out'] / 'adapter.safetensors'}", ("out",))
+            raise UserError(
+                f"out {files['out']} is a directory: give a file name such as {files['out'] / 'adapter.safetensors'}",
+                ("out",),
+            )
         mine = {"report": files["report"]} if self.method == "none" else files
-        inputs = dict(zip(("train", "dev", "test"), task.files)) if self.task_name == "custom" else \
-            {f"task file {f.name}": f for f in task.files}
+        inputs = (
+            dict(zip(("train", "dev", "test"), task.files))
+            if self.task_name == "custom"
+            else {f"task file {f.name}": f for f in task.files}
+        )
         if self.model is not None and Path(self.model).is_dir():
             inputs.update({f"model's {f.name}": f for f in Path(self.model).iterdir() if f.is_file()})
         named = {("out" if k == "out" else f"the {k} file"): f for k, f in mine.items()}
@@ -226,21 +320,29 @@ class _Run:
             check_writable(f, f"the {k} file")
         existing = [str(f) for k, f in mine.items() if k in ("out", "ckpt", "report") and f.exists()]
         if existing and not (self.force or self.resume):
-            raise UserError(f"{existing[0]} exists; pass force to overwrite it"
-                            + (", resume to continue an interrupted run," if self.method != "none" else "")
-                            + " or choose another out", ("force", "resume", "out"))
+            raise UserError(
+                f"{existing[0]} exists; pass force to overwrite it"
+                + (", resume to continue an interrupted run," if self.method != "none" else "")
+                + " or choose another out",
+                ("force", "resume", "out"),
+            )
         if self.resume and not files["ckpt"].is_file():
-            raise UserError(f"resume: no checkpoint {files['ckpt']} (it is written at the first evaluation "
-                            "or when a run is interrupted)", ("resume",))
+            raise UserError(
+                f"resume: no checkpoint {files['ckpt']} (it is written at the first evaluation "
+                "or when a run is interrupted)",
+                ("resume",),
+            )
 
     def run_locked(self, ranks, cls, config, task, tcfg, files):
         """The run itself (on rank 0, holding the output's lock)."""
         from minipara.api import load
         from minipara.io.tokenizer import resolve_template
         from minipara.train.trainer import prepare_task
+
         shard = None
         if ranks.lockstep:
             from minipara.train.distributed import shard_layers
+
             shard = shard_layers
         lm = load(self.model, self.dtype, self.device, shard=shard)
         model, tok, path = lm.model, lm.tokenizer, lm.path
@@ -249,6 +351,7 @@ class _Run:
             data = prepare_task(task, tok, template, self.max_eval, self.max_new_tokens, self.max_test)
             return self.score_bare_model(model, data, tcfg, files, str(path), template, ranks)
         import torch
+
         torch.manual_seed(tcfg.seed)  # the adapter's initial values come from the seed too
         try:
             adapter = cls(config, model.args)
@@ -257,8 +360,9 @@ class _Run:
         adapter.to(model.tok_embeddings.weight.device)
         data = prepare_task(task, tok, template, self.max_eval, self.max_new_tokens, self.max_test)
         if not ranks.main:  # rank 0 alone writes files and prints
-            return self.train_and_report(model, adapter, task, data, tcfg, files, lambda event: None, str(path),
-                                         template, ranks)
+            return self.train_and_report(
+                model, adapter, task, data, tcfg, files, lambda event: None, str(path), template, ranks
+            )
         log = Log(files["log"])
         try:
             return self.train_and_report(model, adapter, task, data, tcfg, files, log, str(path), template, ranks)
@@ -268,32 +372,56 @@ class _Run:
     def score_bare_model(self, model, data, tcfg, files, model_path, template, ranks):
         """The reference point of a task's table: the untrained model, decoded as training evaluates."""
         from minipara.train.trainer import evaluate, fit_eval
+
         _, _, dev_eval, test_eval = data
-        (dev_eval, n_dev), (test_eval, n_test) = (fit_eval(ev, tcfg.max_len, s) for ev, s in
-                                                  ((dev_eval, "dev"), (test_eval, "test")))
+        (dev_eval, n_dev), (test_eval, n_test) = (
+            fit_eval(ev, tcfg.max_len, s) for ev, s in ((dev_eval, "dev"), (test_eval, "test"))
+        )
         t = time.time()
-        scores = {split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch, ranks=ranks)
-                  for split, ev in (("dev", dev_eval), ("test", test_eval))}
+        scores = {
+            split: evaluate(model, None, ev, tcfg.eval_beams, tcfg.eval_batch, ranks=ranks)
+            for split, ev in (("dev", dev_eval), ("test", test_eval))
+        }
         if not ranks.main:
             return None
-        report = {"method": "none", "task": self.task_name, "model": model_path, "template": template, **scores,
-                  "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
-                  "cut_examples": {"dev_eval": n_dev, "test": n_test},
-                  "wall_time_s": round(time.time() - t, 2), "command": self.command}
+        report = {
+            "method": "none",
+            "task": self.task_name,
+            "model": model_path,
+            "template": template,
+            **scores,
+            "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
+            "cut_examples": {"dev_eval": n_dev, "test": n_test},
+            "wall_time_s": round(time.time() - t, 2),
+            "command": self.command,
+        }
         write_report(files["report"], report)
         return report
 
     def train_and_report(self, model, adapter, task, data, tcfg, files, log, model_path, template, ranks):
         from minipara.io.adapters import save_adapter
         from minipara.train.trainer import Progress, Trainer, check_eval, evaluate, fit_eval
+
         train, dev, dev_eval, test_eval = data
         test_eval, n_test_cut = fit_eval(test_eval, tcfg.max_len, "test")
         check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training
 
         def save(ad):
             save_adapter(files["out"], ad, model.args, template, model.weights_id)
-        trainer = Trainer(model, adapter, train, dev, dev_eval, tcfg, ckpt_path=files["ckpt"], log=log,
-                          on_best=save, progress=Progress() if self.progress else None, ranks=ranks)
+
+        trainer = Trainer(
+            model,
+            adapter,
+            train,
+            dev,
+            dev_eval,
+            tcfg,
+            ckpt_path=files["ckpt"],
+            log=log,
+            on_best=save,
+            progress=Progress() if self.progress else None,
+            ranks=ranks,
+        )
         n_params = sum(p.numel() for p in adapter.parameters())
         if self.resume:
             trainer.resume()
@@ -301,24 +429,48 @@ class _Run:
             if self.force and ranks.main:  # every check has passed: only now is the old run given up
                 for f in files.values():
                     f.unlink(missing_ok=True)
-            log({"event": "start", "command": self.command, "method": adapter.method, "task": self.task_name,
-                 "model": model_path, "template": template, "trainable_params": n_params,
-                 "total_steps": trainer.total, "train_examples": len(train), "dev_examples": len(dev),
-                 "config": vars(trainer.cfg), "cut_examples": {**trainer.cut, "test": n_test_cut}})
+            log(
+                {
+                    "event": "start",
+                    "command": self.command,
+                    "method": adapter.method,
+                    "task": self.task_name,
+                    "model": model_path,
+                    "template": template,
+                    "trainable_params": n_params,
+                    "total_steps": trainer.total,
+                    "train_examples": len(train),
+                    "dev_examples": len(dev),
+                    "config": vars(trainer.cfg),
+                    "cut_examples": {**trainer.cut, "test": n_test_cut},
+                }
+            )
         cut = {**trainer.cut, "test": n_test_cut}
-        self.say(ranks, f"{adapter.method} on {self.task_name}: {n_params:,} trainable parameters, {len(train)} train / "
-                 f"{len(dev)} dev examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch "
-                 f"{tcfg.micro_batch}" + (f" per rank, {ranks.world} ranks" + (", base sharded" if ranks.lockstep else "")
-                                          if ranks.world > 1 else "") + f"), dev evaluation every {tcfg.eval_every} steps"
-                 + (f", resuming at step {trainer.state.step}" if self.resume else ""))
+        self.say(
+            ranks,
+            f"{adapter.method} on {self.task_name}: {n_params:,} trainable parameters, {len(train)} train / "
+            f"{len(dev)} dev examples, {trainer.total} steps (batch {tcfg.batch_size}, micro-batch "
+            f"{tcfg.micro_batch}"
+            + (
+                f" per rank, {ranks.world} ranks" + (", base sharded" if ranks.lockstep else "")
+                if ranks.world > 1
+                else ""
+            )
+            + f"), dev evaluation every {tcfg.eval_every} steps"
+            + (f", resuming at step {trainer.state.step}" if self.resume else ""),
+        )
         if any(cut.values()):
-            self.say(ranks, f"prompts cut from the start to fit {tcfg.max_len} tokens per example: "
-                     + ", ".join(f"{n} {split}" for split, n in cut.items() if n))
+            self.say(
+                ranks,
+                f"prompts cut from the start to fit {tcfg.max_len} tokens per example: "
+                + ", ".join(f"{n} {split}" for split, n in cut.items() if n),
+            )
 
         result = self.train_with_signals(trainer, ranks)
         if result.status == "interrupted":
-            raise RunInterrupted(trainer.stop_reason, result.step, result.total_steps, files["ckpt"],
-                                 ranks.rank, ranks.world)
+            raise RunInterrupted(
+                trainer.stop_reason, result.step, result.total_steps, files["ckpt"], ranks.rank, ranks.world
+            )
 
         t_test = time.time()
         trainer.load_best()
@@ -328,18 +480,37 @@ class _Run:
         save(adapter)  # again: a resumed finished run whose adapter file was deleted gets it back
         peak, peak_kind = peak_memory(model.tok_embeddings.weight.device)
         primary = next(iter(test))
-        report = {"method": adapter.method, "task": self.task_name, "model": model_path, "template": template,
-                  "seed": tcfg.seed, "out": str(files["out"]), "test_metric": {primary: test[primary]}, "test": test,
-                  "dev_metric_best": {task.metric_name: result.best_metric}, "dev_best": result.best_dev,
-                  "dev_loss_best": result.best_dev_loss, "selected_by": f"dev {tcfg.select}",
-                  "best_step": result.best_step, "lr": tcfg.lr, "batch_size": tcfg.batch_size,
-                  "cut_examples": cut, "trainable_params": n_params, "steps": result.step,
-                  "total_steps": result.total_steps, "stopped_by": result.stopped_by,
-                  # training (summed over resumed sessions) and the test evaluation; not model loading
-                  "wall_time_s": round(result.wall_time + time.time() - t_test, 2), "peak_memory_bytes": peak,
-                  "peak_memory_mb": round(peak / 2**20, 1), "peak_memory_kind": peak_kind,
-                  "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
-                  "ranks": ranks.world, "sharded_base": ranks.lockstep, "command": self.command}
+        report = {
+            "method": adapter.method,
+            "task": self.task_name,
+            "model": model_path,
+            "template": template,
+            "seed": tcfg.seed,
+            "out": str(files["out"]),
+            "test_metric": {primary: test[primary]},
+            "test": test,
+            "dev_metric_best": {task.metric_name: result.best_metric},
+            "dev_best": result.best_dev,
+            "dev_loss_best": result.best_dev_loss,
+            "selected_by": f"dev {tcfg.select}",
+            "best_step": result.best_step,
+            "lr": tcfg.lr,
+            "batch_size": tcfg.batch_size,
+            "cut_examples": cut,
+            "trainable_params": n_params,
+            "steps": result.step,
+            "total_steps": result.total_steps,
+            "stopped_by": result.stopped_by,
+            # training (summed over resumed sessions) and the test evaluation; not model loading
+            "wall_time_s": round(result.wall_time + time.time() - t_test, 2),
+            "peak_memory_bytes": peak,
+            "peak_memory_mb": round(peak / 2**20, 1),
+            "peak_memory_kind": peak_kind,
+            "eval_examples": {"dev": len(dev_eval.prompts), "test": len(test_eval.prompts)},
+            "ranks": ranks.world,
+            "sharded_base": ranks.lockstep,
+            "command": self.command,
+        }
         log({"event": "end", **report})
         write_report(files["report"], report)
         return report
@@ -356,12 +527,14 @@ class _Run:
                 raise KeyboardInterrupt  # a second signal: stop at once
             trainer.request_stop(signal.Signals(signum).name)
             if self.progress and ranks.main:
-                print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort without saving)...",
-                      file=sys.stderr)
+                print(
+                    f"\n{signal.Signals(signum).name}: stopping after this step (again to abort without saving)...",
+                    file=sys.stderr,
+                )
+
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return trainer.run()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-

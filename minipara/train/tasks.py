@@ -6,6 +6,7 @@ minipara (minipara/data/<task>/, gzip-compressed where large, each with its lice
 every other task reads the files listed in `FILES` from `--data-dir`. A file may be given
 as it is or gzip-compressed (`<name>.gz`).
 """
+
 import csv
 import gzip
 import io
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from minipara.train import metrics
 from minipara.errors import UserError
+from minipara.train import metrics
 
 TASKS = ("copa", "boolq", "rte", "sst2", "qnli", "squad", "record", "e2e", "gsm8k", "wikisql", "alpaca", "custom")
 SHIPPED = Path(__file__).resolve().parents[1] / "data"
@@ -43,9 +44,14 @@ FILES = {
     "record": {"train": "record/train.jsonl", "val": "record/val.jsonl"},  # SuperGLUE
     "e2e": {"train": "e2e/trainset.csv", "dev": "e2e/devset.csv", "test": "e2e/testset_w_refs.csv"},  # E2E NLG
     "gsm8k": {"train": "gsm8k/train.jsonl", "val": "gsm8k/test.jsonl"},
-    "wikisql": {"train": "wikisql/train.jsonl", "train_tables": "wikisql/train.tables.jsonl",
-                "dev": "wikisql/dev.jsonl", "dev_tables": "wikisql/dev.tables.jsonl",
-                "test": "wikisql/test.jsonl", "test_tables": "wikisql/test.tables.jsonl"},
+    "wikisql": {
+        "train": "wikisql/train.jsonl",
+        "train_tables": "wikisql/train.tables.jsonl",
+        "dev": "wikisql/dev.jsonl",
+        "dev_tables": "wikisql/dev.tables.jsonl",
+        "test": "wikisql/test.jsonl",
+        "test_tables": "wikisql/test.tables.jsonl",
+    },
     "alpaca": {"train": "alpaca/alpaca_data.json"},
 }
 
@@ -83,8 +89,9 @@ def read_text(path, what: str = "file") -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r}); "
-                        "save the file as UTF-8") from None
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte {e.object[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from None
 
 
 def read_text_lines(path, what: str = "file") -> list[str]:
@@ -158,31 +165,46 @@ def _copa(path):
         query = "What was the cause?" if r["question"] == "cause" else "What happened as a result?"
         prompt = f"Premise:\n{r['premise']}\nChoice 1: {r['choice1']}\nChoice 2: {r['choice2']}\nQuestion:\n{query}"
         return _example(prompt, _label({0: "1", 1: "2"}, r["label"]))
+
     return _build(path, _jsonl(path), make)
 
 
 def _boolq(path):
     labels = {True: "yes", False: "no", "true": "yes", "false": "no"}  # bool, or strings in some copies
-    return _build(path, _jsonl(path), lambda r: _example(
-        f"Reference document:\n{r['passage']}\nQuestion:\n{r['question']}", _label(labels, r["label"])))
+    return _build(
+        path,
+        _jsonl(path),
+        lambda r: _example(
+            f"Reference document:\n{r['passage']}\nQuestion:\n{r['question']}", _label(labels, r["label"])
+        ),
+    )
 
 
 def _rte(path):
-    return _build(path, _jsonl(path), lambda r: _example(
-        ENTAIL.format(r["premise"], r["hypothesis"]), _label(ENTAIL_LABELS, r["label"])))
+    return _build(
+        path,
+        _jsonl(path),
+        lambda r: _example(ENTAIL.format(r["premise"], r["hypothesis"]), _label(ENTAIL_LABELS, r["label"])),
+    )
 
 
 def _sst2(path):
     def make(r):
         sentence = r["sentence"] if "sentence" in r else r["text"]  # GLUE's header, or `text`
-        return _example(f"{sentence.strip()}\nThe sentiment of the given sentence is:",
-                        _label({"1": "positive", "0": "negative"}, r["label"]))
+        return _example(
+            f"{sentence.strip()}\nThe sentiment of the given sentence is:",
+            _label({"1": "positive", "0": "negative"}, r["label"]),
+        )
+
     return _build(path, _table(path, "\t"), make)
 
 
 def _qnli(path):
-    return _build(path, _table(path, "\t"), lambda r: _example(
-        ENTAIL.format(r["question"], r["sentence"]), _label(ENTAIL_LABELS, r["label"])))
+    return _build(
+        path,
+        _table(path, "\t"),
+        lambda r: _example(ENTAIL.format(r["question"], r["sentence"]), _label(ENTAIL_LABELS, r["label"])),
+    )
 
 
 def _qa(prompt: str, texts: list[str]) -> Example:
@@ -195,10 +217,16 @@ def _qa(prompt: str, texts: list[str]) -> Example:
 def _squad(path):
     doc = _json(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise UserError(f"{path}: expected SQuAD v1.1 json, {{\"data\": [{{\"paragraphs\": [...]}}, ...]}}")
-    return _build(path, ((f"article {i}", a) for i, a in enumerate(doc["data"])), lambda article: [
-        _qa(QA.format(p["context"], qa["question"]), [a["text"] for a in qa["answers"]])
-        for p in article["paragraphs"] for qa in p["qas"]])
+        raise UserError(f'{path}: expected SQuAD v1.1 json, {{"data": [{{"paragraphs": [...]}}, ...]}}')
+    return _build(
+        path,
+        ((f"article {i}", a) for i, a in enumerate(doc["data"])),
+        lambda article: [
+            _qa(QA.format(p["context"], qa["question"]), [a["text"] for a in qa["answers"]])
+            for p in article["paragraphs"]
+            for qa in p["qas"]
+        ],
+    )
 
 
 def _record(path):
@@ -206,6 +234,7 @@ def _record(path):
         # The passage marks its highlights with "@highlight" lines; join them as sentences (as T5 does).
         text = re.sub(r"\n@highlight\n", ". ", re.sub(r"([.?!\"'])\n@highlight\n", r"\1 ", r["passage"]["text"]))
         return [_qa(QA.format(text, qa["query"]), [a["text"] for a in qa["answers"]]) for qa in r["qas"]]
+
     return _build(path, _jsonl(path), make)
 
 
@@ -224,9 +253,14 @@ def _e2e_grouped(path):
 
 
 def _gsm8k(path):
-    prompt = "Answer the following math quesition:\n{}\nInstruction: please think step by step."  # sic, as in the papers
-    return _build(path, _jsonl(path), lambda r: Example(
-        prompt.format(r["question"]), r["answer"], [r["answer"].rsplit("####", 1)[-1].strip()]))
+    prompt = (
+        "Answer the following math quesition:\n{}\nInstruction: please think step by step."  # sic, as in the papers
+    )
+    return _build(
+        path,
+        _jsonl(path),
+        lambda r: Example(prompt.format(r["question"]), r["answer"], [r["answer"].rsplit("####", 1)[-1].strip()]),
+    )
 
 
 def _wikisql(path):
@@ -238,9 +272,12 @@ def _wikisql(path):
         if table is None:
             raise ValueError(f"table {r['table_id']!r} is not in {tables_path}")
         sql = metrics.render_sql(r["sql"], table["header"])
-        prompt = (f"Answer the following query by writing a SQL query on the given table:\n{r['question']}\n"
-                  f"Table information:\n{', '.join(table['header'])}.")
+        prompt = (
+            f"Answer the following query by writing a SQL query on the given table:\n{r['question']}\n"
+            f"Table information:\n{', '.join(table['header'])}."
+        )
         return Example(prompt, sql, [sql], {"sql": r["sql"], "table": table})
+
     return _build(path, _jsonl(path), make)
 
 
@@ -249,8 +286,11 @@ def _alpaca(path):
     items = _json(path)
     if not isinstance(items, list):
         raise UserError(f"{path}: expected a JSON list of {{instruction, input, output}}")
-    return _build(path, ((f"item {i}", r) for i, r in enumerate(items)), lambda r: _example(
-        r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), r["output"]))
+    return _build(
+        path,
+        ((f"item {i}", r) for i, r in enumerate(items)),
+        lambda r: _example(r["instruction"] + (f"\n{r['input']}" if r.get("input") else ""), r["output"]),
+    )
 
 
 def _custom(path):
@@ -259,6 +299,7 @@ def _custom(path):
             if not isinstance(r[key], str):
                 raise ValueError(f"field {key!r} is not a string")
         return _example(r["prompt"], r["response"])
+
     return _build(path, _jsonl(path), make)
 
 
@@ -286,9 +327,12 @@ def _math(preds, examples):
 
 
 def _sql(preds, examples):
-    return {"execution_accuracy": metrics.wikisql_execution_accuracy(
-                preds, [e.meta["sql"] for e in examples], [e.meta["table"] for e in examples]),
-            "exact_match": metrics.wikisql_exact_match(preds, _answers(examples))}
+    return {
+        "execution_accuracy": metrics.wikisql_execution_accuracy(
+            preds, [e.meta["sql"] for e in examples], [e.meta["table"] for e in examples]
+        ),
+        "exact_match": metrics.wikisql_exact_match(preds, _answers(examples)),
+    }
 
 
 def _free(preds, examples):
@@ -299,12 +343,18 @@ def _free(preds, examples):
 
 # name -> (reader of the train file, reader of the val file, metric, its primary key)
 _REGISTRY = {
-    "copa": (_copa, _copa, _labels, "accuracy"), "boolq": (_boolq, _boolq, _labels, "accuracy"),
-    "rte": (_rte, _rte, _labels, "accuracy"), "sst2": (_sst2, _sst2, _labels, "accuracy"),
-    "qnli": (_qnli, _qnli, _labels, "accuracy"), "squad": (_squad, _squad, _span, "f1_em"),
-    "record": (_record, _record, _span, "f1_em"), "e2e": (_e2e, _e2e_grouped, _rouge, "rouge_l"),
-    "gsm8k": (_gsm8k, _gsm8k, _math, "accuracy"), "wikisql": (_wikisql, _wikisql, _sql, "execution_accuracy"),
-    "alpaca": (_alpaca, None, _rouge, "rouge_l"), "custom": (_custom, _custom, _free, "accuracy"),
+    "copa": (_copa, _copa, _labels, "accuracy"),
+    "boolq": (_boolq, _boolq, _labels, "accuracy"),
+    "rte": (_rte, _rte, _labels, "accuracy"),
+    "sst2": (_sst2, _sst2, _labels, "accuracy"),
+    "qnli": (_qnli, _qnli, _labels, "accuracy"),
+    "squad": (_squad, _squad, _span, "f1_em"),
+    "record": (_record, _record, _span, "f1_em"),
+    "e2e": (_e2e, _e2e_grouped, _rouge, "rouge_l"),
+    "gsm8k": (_gsm8k, _gsm8k, _math, "accuracy"),
+    "wikisql": (_wikisql, _wikisql, _sql, "execution_accuracy"),
+    "alpaca": (_alpaca, None, _rouge, "rouge_l"),
+    "custom": (_custom, _custom, _free, "accuracy"),
 }
 
 
@@ -347,8 +397,14 @@ def _need(path: Path) -> Path:
     return found
 
 
-def load_task(name: str, data_dir: str | None = None, seed: int = 0,
-              train: str | None = None, dev: str | None = None, test: str | None = None) -> Task:
+def load_task(
+    name: str,
+    data_dir: str | None = None,
+    seed: int = 0,
+    train: str | None = None,
+    dev: str | None = None,
+    test: str | None = None,
+) -> Task:
     """Load a task's train/dev/test examples; `seed` fixes which examples become dev/test.
 
     train/dev/test are paths for the `custom` task only (jsonl, one {"prompt", "response"}
@@ -358,14 +414,14 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
     read_train, read_val, metric, metric_name = _REGISTRY[name]
     if name == "custom":
         if not (train and dev):
-            raise UserError('task custom needs train and dev: jsonl files of {"prompt": ..., "response": ...}',
-                            ("train", "dev"))
+            raise UserError(
+                'task custom needs train and dev: jsonl files of {"prompt": ..., "response": ...}', ("train", "dev")
+            )
         splits = {"train": read_train(_need(Path(train))), "dev": read_val(_need(Path(dev)))}
         splits["test"] = read_val(_need(Path(test))) if test else splits["dev"]
         return Task(name, splits, metric_name, metric, tuple(Path(f) for f in (train, dev, test) if f))
     if train or dev or test:
-        raise UserError(f"train/dev/test files are for the custom task; task {name} reads data_dir",
-                        ("data_dir",))
+        raise UserError(f"train/dev/test files are for the custom task; task {name} reads data_dir", ("data_dir",))
     base = _task_dir(name, data_dir)
     files = {key: _need(base / Path(rel).name) for key, rel in FILES[name].items()}
     examples = read_train(files["train"])
@@ -379,8 +435,10 @@ def load_task(name: str, data_dir: str | None = None, seed: int = 0,
         size = DEV_SIZES.get(name, DEV_SIZE)
         held = [size] if read_val else [size, size]
         if len(examples) <= sum(held):
-            raise UserError(f"{files['train']} holds {len(examples)} examples; {name} needs more than "
-                            f"{sum(held)}, as {sum(held)} of them are held out")
+            raise UserError(
+                f"{files['train']} holds {len(examples)} examples; {name} needs more than "
+                f"{sum(held)}, as {sum(held)} of them are held out"
+            )
         dev_part, *rest = _split(examples, seed, held)
         test_part = read_val(files["val"]) if read_val else rest.pop(0)
         splits = {"train": rest[0], "dev": dev_part, "test": test_part}

@@ -23,6 +23,7 @@ tokenizer or task files; `prepare_task` builds both from a task and a tokenizer.
   patience) is written after every evaluation and on request_stop(); resuming continues
   to the same result, bit for bit on the CPU, as an uninterrupted run.
 """
+
 import hashlib
 import json
 import math
@@ -36,10 +37,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minipara.train.distributed import Ranks
+from minipara.decode.generation import Decoder, GenerationConfig, generate
 from minipara.errors import UserError
 from minipara.io.files import atomic_write
-from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.train.distributed import Ranks
 
 CKPT_FORMAT = "minipara-train-checkpoint"
 CKPT_VERSION = 3  # 2: progress as TrainState, dev-loss selection, the arch scheduler; 3: weights fingerprint
@@ -76,8 +77,10 @@ class TrainConfig:
             if getattr(c, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(c, name)})", (name,))
         if c.batch_size % c.micro_batch:
-            raise UserError(f"batch_size {c.batch_size} is not divisible by micro_batch {c.micro_batch}",
-                            ("batch_size", "micro_batch"))
+            raise UserError(
+                f"batch_size {c.batch_size} is not divisible by micro_batch {c.micro_batch}",
+                ("batch_size", "micro_batch"),
+            )
         if c.max_steps is not None and c.max_steps < 1:
             raise UserError(f"max_steps must be at least 1 (got {c.max_steps})", ("max_steps",))
         if c.patience < 1 or (c.eval_every is not None and c.eval_every < 1):
@@ -103,6 +106,7 @@ class TrainConfig:
 class EvalSet:
     """What evaluation decodes and how it is scored: `score(generated ids per prompt)` returns
     metrics with the primary one first. Generated ids come without the stop token."""
+
     prompts: list[list[int]]
     score: Callable[[list[list[int]]], dict]
     max_new_tokens: int
@@ -120,11 +124,11 @@ def collate(pairs: list[Pair], pad_id: int, device):
     valid, pool, tmask = (torch.zeros(B, T, dtype=torch.bool) for _ in range(3))
     for i, (p, r) in enumerate(pairs):
         seq = p + r[:-1]
-        tokens[i, :len(seq)] = torch.tensor(seq)
-        valid[i, :len(seq)] = True
-        pool[i, :len(p)] = True
-        tmask[i, len(p) - 1:len(p) - 1 + len(r)] = True
-        targets[i, len(p) - 1:len(p) - 1 + len(r)] = torch.tensor(r)
+        tokens[i, : len(seq)] = torch.tensor(seq)
+        valid[i, : len(seq)] = True
+        pool[i, : len(p)] = True
+        tmask[i, len(p) - 1 : len(p) - 1 + len(r)] = True
+        targets[i, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(r)
     return tuple(t.to(device) for t in (tokens, valid, pool, tmask, targets))
 
 
@@ -140,13 +144,13 @@ def loss_sum(model, adapter, pairs: list[Pair]) -> torch.Tensor:
 def mean_loss(model, adapter, pairs: list[Pair], batch: int, ranks: Ranks = Ranks()) -> float:
     """Mean cross-entropy per response token; split over the ranks unless the base is sharded."""
     mine = pairs if ranks.lockstep else ranks.share(pairs)
-    total = sum(float(loss_sum(model, adapter, mine[i:i + batch])) for i in range(0, len(mine), batch))
+    total = sum(float(loss_sum(model, adapter, mine[i : i + batch])) for i in range(0, len(mine), batch))
     return (total if ranks.lockstep else ranks.sum(total)) / sum(len(r) for _, r in pairs)
 
 
 def cut_prompt(prompt: list[int], keep: int) -> list[int]:
     """The prompt's first token (BOS) and its last keep - 1 tokens: a long prompt loses its start."""
-    return prompt if len(prompt) <= keep else prompt[:1] + prompt[len(prompt) - keep + 1:]
+    return prompt if len(prompt) <= keep else prompt[:1] + prompt[len(prompt) - keep + 1 :]
 
 
 def fit_pairs(pairs: list[Pair], max_len: int, split: str) -> tuple[list[Pair], int]:
@@ -156,8 +160,11 @@ def fit_pairs(pairs: list[Pair], max_len: int, split: str) -> tuple[list[Pair], 
     for i, (p, r) in enumerate(pairs):
         if len(p) + len(r) > max_len:
             if len(r) + 2 > max_len:
-                raise UserError(f"{split} example {i + 1}: its response alone ({len(r)} tokens) leaves no room "
-                                f"for a prompt within max_len {max_len}; raise it or drop the example", ("max_len",))
+                raise UserError(
+                    f"{split} example {i + 1}: its response alone ({len(r)} tokens) leaves no room "
+                    f"for a prompt within max_len {max_len}; raise it or drop the example",
+                    ("max_len",),
+                )
             out.append((cut_prompt(p, max_len - len(r)), r))
             n += 1
         else:
@@ -169,8 +176,11 @@ def fit_eval(ev: "EvalSet", max_len: int, split: str) -> tuple["EvalSet", int]:
     """The EvalSet with every prompt cut so that it and max_new_tokens fit in max_len."""
     keep = max_len - ev.max_new_tokens
     if keep < 2:
-        raise UserError(f"{split}: {ev.max_new_tokens} new tokens leave no room for a prompt within "
-                        f"max_len {max_len}; raise max_len or lower max_new_tokens", ("max_len", "max_new_tokens"))
+        raise UserError(
+            f"{split}: {ev.max_new_tokens} new tokens leave no room for a prompt within "
+            f"max_len {max_len}; raise max_len or lower max_new_tokens",
+            ("max_len", "max_new_tokens"),
+        )
     prompts = [cut_prompt(p, keep) for p in ev.prompts]
     return EvalSet(prompts, ev.score, ev.max_new_tokens, ev.stop_ids), sum(len(p) > keep for p in ev.prompts)
 
@@ -182,23 +192,28 @@ def check_pairs(pairs: list[Pair], split: str, max_len: int, n_prefix: int = 0):
         if not p or not r:
             raise UserError(f"{split} example {i + 1} has an empty {'prompt' if not p else 'response'}")
         if n_prefix + len(p) + len(r) > max_len:
-            raise UserError(f"{split} example {i + 1}: prompt ({len(p)} tokens) plus response ({len(r)} tokens)"
-                            f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's "
-                            f"context of {max_len} tokens; shorten or drop it")
+            raise UserError(
+                f"{split} example {i + 1}: prompt ({len(p)} tokens) plus response ({len(r)} tokens)"
+                f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's "
+                f"context of {max_len} tokens; shorten or drop it"
+            )
 
 
 def check_eval(ev: "EvalSet", split: str, max_len: int, n_prefix: int = 0):
     for i, p in enumerate(ev.prompts):
         if n_prefix + len(p) + ev.max_new_tokens > max_len:
-            raise UserError(f"{split} example {i + 1}: prompt ({len(p)} tokens) plus {ev.max_new_tokens} new tokens"
-                            f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's context "
-                            f"of {max_len} tokens; shorten it or lower --max-new-tokens")
+            raise UserError(
+                f"{split} example {i + 1}: prompt ({len(p)} tokens) plus {ev.max_new_tokens} new tokens"
+                f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's context "
+                f"of {max_len} tokens; shorten it or lower --max-new-tokens"
+            )
 
 
 # ---- evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
-def decode_all(model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None, should_stop=None,
-               ranks: Ranks = Ranks()):
+def decode_all(
+    model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None, should_stop=None, ranks: Ranks = Ranks()
+):
     """Generated ids (stop token removed) for every prompt, or None if should_stop() became true.
     Prompts are batched by length to waste little on padding; the order is kept in the result.
     Several ranks decode one contiguous part each of the length order, and all get the whole
@@ -208,32 +223,41 @@ def decode_all(model, adapter, ev: EvalSet, beams: int, batch: int, decoder=None
     out = [None] * len(order)
     if ranks.world > 1 and not ranks.lockstep:
         mine = ranks.share(order)
-        part = decode_all(model, adapter, EvalSet([ev.prompts[i] for i in mine], ev.score, ev.max_new_tokens,
-                                                  ev.stop_ids), beams, batch, decoder)
+        part = decode_all(
+            model,
+            adapter,
+            EvalSet([ev.prompts[i] for i in mine], ev.score, ev.max_new_tokens, ev.stop_ids),
+            beams,
+            batch,
+            decoder,
+        )
         for i, g in ranks.gather(list(zip(mine, part))):
             out[i] = g
         return out
     for s in range(0, len(order), batch):
         if should_stop is not None and should_stop():
             return None
-        rows = order[s:s + batch]
+        rows = order[s : s + batch]
         gens = generate(model, [ev.prompts[i] for i in rows], cfg, adapter=adapter, decoder=decoder)
         for i, g in zip(rows, gens):
             out[i] = g[:-1] if g and g[-1] in ev.stop_ids else g
     return out
 
 
-def evaluate(model, adapter, ev: EvalSet, beams: int = 3, batch: int = 16, decoder=None,
-             ranks: Ranks = Ranks()) -> dict:
+def evaluate(
+    model, adapter, ev: EvalSet, beams: int = 3, batch: int = 16, decoder=None, ranks: Ranks = Ranks()
+) -> dict:
     return ev.score(decode_all(model, adapter, ev, beams, batch, decoder, ranks=ranks))
 
 
 def warmup_linear(total: int, warmup: int):
     """HF's get_linear_schedule_with_warmup as a LambdaLR factor."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
         return max(0.0, (total - step) / max(1, total - warmup))
+
     return factor
 
 
@@ -264,6 +288,7 @@ class Result:
 class TrainState:
     """A run's progress: what a checkpoint keeps besides tensors and RNG states, and all a
     resume needs to continue the same run."""
+
     step: int = 0
     epoch: int = 0  # the train split's permutation in use, and the next batch in it
     pos: int = 0
@@ -294,9 +319,21 @@ class Trainer:
     training together (distributed.py); log, on_best, progress and checkpoints are rank 0's.
     """
 
-    def __init__(self, model, adapter, train: list[Pair], dev: list[Pair], dev_eval: EvalSet,
-                 cfg: TrainConfig, ckpt_path=None, log=None, on_best=None, on_step=None, progress=None,
-                 ranks: Ranks = Ranks()):
+    def __init__(
+        self,
+        model,
+        adapter,
+        train: list[Pair],
+        dev: list[Pair],
+        dev_eval: EvalSet,
+        cfg: TrainConfig,
+        ckpt_path=None,
+        log=None,
+        on_best=None,
+        on_step=None,
+        progress=None,
+        ranks: Ranks = Ranks(),
+    ):
         self.cfg = c = cfg.resolved(len(train))
         train, n_train = fit_pairs(train, c.max_len, "train")
         dev, n_dev = fit_pairs(dev, c.max_len, "dev")
@@ -337,13 +374,23 @@ class Trainer:
     def run_identity(self) -> dict:
         from minipara.io.identity import base_record, canonical_args
         from minipara.methods.base import config_dict
-        return {"method": self.adapter.method,
-                "adapter_config": json.loads(json.dumps(config_dict(self.adapter.config), default=list)),
-                "model": base_record(self.model.args, self.model.weights_id),
-                "model_args": canonical_args(self.model.args),
-                "train_config": asdict(self.cfg),
-                "data": fingerprint([self.train, self.dev, self.dev_eval.prompts, self.dev_eval.max_new_tokens,
-                                     list(self.dev_eval.stop_ids)])}
+
+        return {
+            "method": self.adapter.method,
+            "adapter_config": json.loads(json.dumps(config_dict(self.adapter.config), default=list)),
+            "model": base_record(self.model.args, self.model.weights_id),
+            "model_args": canonical_args(self.model.args),
+            "train_config": asdict(self.cfg),
+            "data": fingerprint(
+                [
+                    self.train,
+                    self.dev,
+                    self.dev_eval.prompts,
+                    self.dev_eval.max_new_tokens,
+                    list(self.dev_eval.stop_ids),
+                ]
+            ),
+        }
 
     def request_stop(self, reason: str = "stop requested"):
         """Stop after the current step (or abort a running evaluation), save a checkpoint and
@@ -357,7 +404,7 @@ class Trainer:
 
     def _next_train(self) -> list[Pair]:
         b, s = self.cfg.batch_size, self.state
-        idx = self._order(len(self.train), 0, s.epoch)[s.pos * b:(s.pos + 1) * b]
+        idx = self._order(len(self.train), 0, s.epoch)[s.pos * b : (s.pos + 1) * b]
         s.pos += 1
         if s.pos == self.per_epoch:
             s.epoch, s.pos = s.epoch + 1, 0
@@ -365,7 +412,7 @@ class Trainer:
 
     def _next_dev(self) -> list[Pair]:
         b, s = min(self.cfg.batch_size, len(self.dev)), self.state
-        idx = self._order(len(self.dev), 1, s.dev_epoch)[s.dev_pos * b:(s.dev_pos + 1) * b]
+        idx = self._order(len(self.dev), 1, s.dev_epoch)[s.dev_pos * b : (s.dev_pos + 1) * b]
         s.dev_pos += 1
         if s.dev_pos == math.ceil(len(self.dev) / b):
             s.dev_epoch, s.dev_pos = s.dev_epoch + 1, 0
@@ -410,8 +457,16 @@ class Trainer:
         """Score the dev set, track the best adapter and patience. False if interrupted."""
         model, ad, s = self.model, self.adapter, self.state
         alone = self.ranks.world == 1  # ranks abort only together, between steps
-        gens = decode_all(model, ad, self.dev_eval, self.cfg.eval_beams, self.cfg.eval_batch, self.decoder,
-                          should_stop=(lambda: self.stop_reason is not None) if alone else None, ranks=self.ranks)
+        gens = decode_all(
+            model,
+            ad,
+            self.dev_eval,
+            self.cfg.eval_beams,
+            self.cfg.eval_batch,
+            self.decoder,
+            should_stop=(lambda: self.stop_reason is not None) if alone else None,
+            ranks=self.ranks,
+        )
         if gens is None:
             return False
         metrics = self.dev_eval.score(gens)
@@ -425,10 +480,19 @@ class Trainer:
                 self.on_best(ad)
         else:
             s.bad_evals += 1
-        event = {"event": "eval", "step": s.step, "epoch": round(s.step / self.per_epoch, 3),
-                 "train_loss": s.loss_total / max(1, s.loss_count), "lr": self.sched.get_last_lr()[0],
-                 "dev": metrics, "dev_loss": dev_loss, "best_step": s.best_step, "best_dev_loss": s.best_dev_loss,
-                 "bad_evals": s.bad_evals, "elapsed": round(s.elapsed + time.time() - self._t0, 3)}
+        event = {
+            "event": "eval",
+            "step": s.step,
+            "epoch": round(s.step / self.per_epoch, 3),
+            "train_loss": s.loss_total / max(1, s.loss_count),
+            "lr": self.sched.get_last_lr()[0],
+            "dev": metrics,
+            "dev_loss": dev_loss,
+            "best_step": s.best_step,
+            "best_dev_loss": s.best_dev_loss,
+            "bad_evals": s.bad_evals,
+            "elapsed": round(s.elapsed + time.time() - self._t0, 3),
+        }
         s.history.append(event)
         self._log(event)
         s.loss_total, s.loss_count = 0.0, 0
@@ -475,9 +539,18 @@ class Trainer:
     def result(self) -> Result:
         s = self.state
         best_metric = float(next(iter(s.best_dev.values()))) if s.best_dev else None
-        return Result("finished" if s.done else "interrupted", s.step, self.total, best_metric, s.best_dev,
-                      s.best_step, s.stopped_by, s.elapsed + (time.time() - self._t0 if hasattr(self, "_t0") else 0.0),
-                      s.history, s.best_dev_loss)
+        return Result(
+            "finished" if s.done else "interrupted",
+            s.step,
+            self.total,
+            best_metric,
+            s.best_dev,
+            s.best_step,
+            s.stopped_by,
+            s.elapsed + (time.time() - self._t0 if hasattr(self, "_t0") else 0.0),
+            s.history,
+            s.best_dev_loss,
+        )
 
     def load_best(self):
         """Put the best adapter (by the selection score) into the adapter, in place."""
@@ -497,12 +570,19 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         progress = asdict(self.state)
         progress["elapsed"] = self.state.elapsed + time.time() - self._t0
-        ck = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "identity": self.identity,
-              "adapter": _clone(self.adapter.state_dict()), "best_adapter": self.best_state,
-              "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-              "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
-              "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None,
-              "progress": progress, "rng": rng}
+        ck = {
+            "format": CKPT_FORMAT,
+            "version": CKPT_VERSION,
+            "identity": self.identity,
+            "adapter": _clone(self.adapter.state_dict()),
+            "best_adapter": self.best_state,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "arch_optimizer": self.arch_opt.state_dict() if self.arch_opt else None,
+            "arch_scheduler": self.arch_sched.state_dict() if self.arch_sched else None,
+            "progress": progress,
+            "rng": rng,
+        }
         atomic_write(self.ckpt_path, lambda tmp: torch.save(ck, tmp))
         self.ranks.barrier()
 
@@ -510,8 +590,9 @@ class Trainer:
         """Continue from a checkpoint written by a run with the same method, model, options and data."""
         path = Path(path or self.ckpt_path)
         if not path.is_file():
-            raise UserError(f"--resume: no checkpoint {path} (it is written at the first evaluation "
-                            "or when a run is interrupted)")
+            raise UserError(
+                f"--resume: no checkpoint {path} (it is written at the first evaluation or when a run is interrupted)"
+            )
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the same user problem
@@ -519,8 +600,10 @@ class Trainer:
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise UserError(f"--resume: {path} is not a minipara training checkpoint")
         if ck.get("version") != CKPT_VERSION:
-            raise UserError(f"--resume: {path} was written by an older minipara (checkpoint version "
-                            f"{ck.get('version')}, this one reads {CKPT_VERSION}); start over with --force")
+            raise UserError(
+                f"--resume: {path} was written by an older minipara (checkpoint version "
+                f"{ck.get('version')}, this one reads {CKPT_VERSION}); start over with --force"
+            )
         if not isinstance(ck.get("identity"), dict) or set(ck["identity"]) != set(self.identity):
             raise UserError(f"--resume: {path} lacks the record of the run that wrote it; start over with --force")
         _check_identity(path, ck["identity"], self.identity, self.model)
@@ -541,8 +624,10 @@ class Trainer:
             if "cuda" in ck["rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-            raise UserError(f"--resume: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            "start over with --force") from None
+            raise UserError(
+                f"--resume: {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "start over with --force"
+            ) from None
         self.best_state = ck["best_adapter"]
         self.state = state
         self._log({"event": "resumed", "step": self.state.step, "from": str(path)})
@@ -574,8 +659,9 @@ def _checked_progress(path, progress) -> TrainState:
         else:
             ok = isinstance(v, type(default))
         if not ok:
-            raise UserError(f"--resume: {path} has a damaged progress record ({f.name} = {v!r}); "
-                            "start over with --force")
+            raise UserError(
+                f"--resume: {path} has a damaged progress record ({f.name} = {v!r}); start over with --force"
+            )
     return TrainState(**progress)
 
 
@@ -585,19 +671,26 @@ def _check_identity(path, saved: dict, here: dict, model):
     if not isinstance(saved["model"], dict):
         raise UserError(f"--resume: {path} lacks the record of its base model; start over with --force")
     from minipara.io.identity import compare_base
+
     refusal, other_weights = compare_base(saved["model"], saved.get("model_args"), model.args, model.weights_id)
     if refusal or other_weights:  # a run continues on the very weights it started on
-        raise UserError(f"--resume: {path} is a checkpoint of another model: it was {refusal or other_weights}; "
-                        "resume with the original --model")
+        raise UserError(
+            f"--resume: {path} is a checkpoint of another model: it was {refusal or other_weights}; "
+            "resume with the original --model"
+        )
     for key, what in (("adapter_config", "method option"), ("train_config", "training option")):
         s, h = saved[key], here[key]
         for k in sorted(set(s) | set(h)):
             if s.get(k) != h.get(k):
-                raise UserError(f"--resume: {path} was made with {what} {k}={s.get(k)!r}, this command gives "
-                                f"{h.get(k)!r}; rerun with the original options")
+                raise UserError(
+                    f"--resume: {path} was made with {what} {k}={s.get(k)!r}, this command gives "
+                    f"{h.get(k)!r}; rerun with the original options"
+                )
     if saved["data"] != here["data"]:
-        raise UserError(f"--resume: {path} was made on different training or dev data (task, template or "
-                        "files changed); rerun with the original data or start over with --force")
+        raise UserError(
+            f"--resume: {path} was made on different training or dev data (task, template or "
+            "files changed); rerun with the original data or start over with --force"
+        )
 
 
 # ---- progress bar -----------------------------------------------------------------------------
@@ -619,8 +712,10 @@ class Progress:
         self.last = now
         rate = (step - self.first) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else 0
-        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
-                f"ETA {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}")
+        line = (
+            f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {rate:.2f} it/s | "
+            f"ETA {int(eta // 3600):d}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}"
+        )
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -631,8 +726,14 @@ class Progress:
 
 
 # ---- tasks on top: tokenise, score with the task's metric -------------------------------------
-def prepare_task(task, tokenizer, template: str, max_eval: int | None = None, max_new_tokens: int | None = None,
-                 max_test: int | None = None):
+def prepare_task(
+    task,
+    tokenizer,
+    template: str,
+    max_eval: int | None = None,
+    max_new_tokens: int | None = None,
+    max_test: int | None = None,
+):
     """(train pairs, dev pairs, dev EvalSet, test EvalSet) of a loaded task. max_eval caps the
     evaluated dev (and test) examples; max_test caps the test ones apart (0: all of them)."""
     from minipara.io.tokenizer import encode_example, end_id
@@ -649,8 +750,13 @@ def prepare_task(task, tokenizer, template: str, max_eval: int | None = None, ma
 
         def score(gens):
             return task.metric([tokenizer.decode(g).strip() for g in gens], examples)
+
         return EvalSet([p for p, _ in pairs], score, new, stop)
 
     test_cap = max_eval if max_test is None else (max_test or None)
-    return (train, dev, evalset(task.splits["dev"], dev, max_eval),
-            evalset(task.splits["test"], encode(task.splits["test"]), test_cap))
+    return (
+        train,
+        dev,
+        evalset(task.splits["dev"], dev, max_eval),
+        evalset(task.splits["test"], encode(task.splits["test"]), test_cap),
+    )

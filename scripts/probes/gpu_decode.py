@@ -21,6 +21,7 @@ library then took up (coordinate-descent tuning, products as reductions, a compi
 and what it did not (LoRA's x.A as r separate reductions or as cuBLAS products, one-token
 attention as plain products): results/probes/gpu-decode-2026-11-25.txt.
 """
+
 import argparse
 import functools
 import json
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, ".")
 from minipara.bench import speed as bm  # noqa: E402
-from minipara.decode import compiled as fast# noqa: E402
+from minipara.decode import compiled as fast  # noqa: E402
 from minipara.decode.compiled import compile_decoder  # noqa: E402
 from minipara.model.layer_state import LayerState  # noqa: E402
 
@@ -40,8 +41,13 @@ APPLY = LayerState.apply
 
 
 def gemv(file):
-    shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
-              "logits": (32000, 4096)}
+    shapes = {
+        "qkv": (12288, 4096),
+        "o": (4096, 4096),
+        "gate_up": (22016, 4096),
+        "down": (4096, 11008),
+        "logits": (32000, 4096),
+    }
     torch._inductor.config.coordinate_descent_tuning = True
     red = torch.compile(lambda x, w: torch.stack([(r * w).sum(-1) for r in x.unbind(0)]), dynamic=False)
     out = []
@@ -89,7 +95,9 @@ def bmm_apply(self, name, x, y, split=None):
         a, b = (t.to(x.dtype) for t in self.lora[name])
         n = 1 if split is None else len(split)
         xa = (x[..., None, :] * (a[:, None] if a.dim() == 3 else a)).sum(-1).unflatten(-1, (-1, n))  # (B, 1, r, n)
-        y = y + torch.cat([torch.matmul(xa[..., p], bp) for p, bp in enumerate(b.split(split or (b.shape[-1],), -1))], -1)
+        y = y + torch.cat(
+            [torch.matmul(xa[..., p], bp) for p, bp in enumerate(b.split(split or (b.shape[-1],), -1))], -1
+        )
         st = LayerState(scale=self.scale, bias=self.bias)
         return st.apply(name, x, y)
     return APPLY(self, name, x, y, split)
@@ -108,8 +116,16 @@ def main():
     dev = torch.device(a.device)
     shape = "llama-2-7b"
     if a.tiny:
-        bm.SHAPES["tiny"] = dict(bm.SHAPES[shape], n_layers=2, dim=256, n_heads=4, n_kv_heads=4, head_dim=64,
-                                 ffn_dim=512, attn_scale=64 ** -0.5)
+        bm.SHAPES["tiny"] = dict(
+            bm.SHAPES[shape],
+            n_layers=2,
+            dim=256,
+            n_heads=4,
+            n_kv_heads=4,
+            head_dim=64,
+            ffn_dim=512,
+            attn_scale=64**-0.5,
+        )
         shape = "tiny"
     model = bm.random_model(shape, torch.bfloat16, dev)
     prompts = [bm.prompt_ids(None, 1, 32000)]

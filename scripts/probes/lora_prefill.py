@@ -12,6 +12,7 @@ padded to 8 ranks, the second one against a block-diagonal B, added into y by cu
 which the library had in e806ce0 and gave back (results/probes/lora-prefill-2026-11-26.txt; in
 its call-5 runs `lib` was that form and `bmm+bmm`, since dropped, the library's form, `lib` now).
 """
+
 import argparse
 import statistics
 import time
@@ -21,8 +22,12 @@ import torch.nn.functional as F
 
 from minipara.model.layer_state import lora_update
 
-SHAPES = {"qkv": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)), "gate_up": (4096, (11008, 11008)),
-          "down": (11008, (4096,))}
+SHAPES = {
+    "qkv": (4096, (4096, 4096, 4096)),
+    "o": (4096, (4096,)),
+    "gate_up": (4096, (11008, 11008)),
+    "down": (11008, (4096,)),
+}
 
 
 def first_bmm(x, a):  # x.A as a GEMM against A's (R, in) rows
@@ -55,19 +60,22 @@ def second_sum(xa, bm, split):  # as a rank sum, which the compiler fuses into t
     n, r = len(split), bm.shape[-2]
     if bm.dim() == 3:
         bm = bm[:, None]
-    return torch.cat([sum(xa[..., j * n + p, None] * b[..., j, :] for j in range(r))
-                      for p, b in enumerate(bm.split(split, -1))], -1)
+    return torch.cat(
+        [sum(xa[..., j * n + p, None] * b[..., j, :] for j in range(r)) for p, b in enumerate(bm.split(split, -1))], -1
+    )
 
 
 # name: (prepare A once, first product, second product)
-VARIANTS = {"none": None,
-            "lib": (None, None, None),
-            "bmm+sum": (lambda a: a, first_bmm, second_sum),
-            "pad16+bmm": (pad16, first_bmm, second_bmm),
-            "pad16+sum": (pad16, first_bmm, second_sum),
-            "pad16T+sum": (lambda a: pad16(a).mT.contiguous().mT, first_bmm, second_sum),
-            "red+sum": (lambda a: a, first_red, second_sum),
-            "pad8+badd": (lambda a: F.pad(a, (0, 0, 0, -a.shape[-2] % 8)), first_bmm, second_badd)}
+VARIANTS = {
+    "none": None,
+    "lib": (None, None, None),
+    "bmm+sum": (lambda a: a, first_bmm, second_sum),
+    "pad16+bmm": (pad16, first_bmm, second_bmm),
+    "pad16+sum": (pad16, first_bmm, second_sum),
+    "pad16T+sum": (lambda a: pad16(a).mT.contiguous().mT, first_bmm, second_sum),
+    "red+sum": (lambda a: a, first_red, second_sum),
+    "pad8+badd": (lambda a: F.pad(a, (0, 0, 0, -a.shape[-2] % 8)), first_bmm, second_badd),
+}
 
 
 def with_update(variant, y, x, a, bm, split):
@@ -97,16 +105,18 @@ def main():
     for name, (fan_in, split) in SHAPES.items():
         B, T, r, n = args.batch, args.tokens, args.rank, len(split)
         x = torch.randn(B, T, fan_in, device=dev, dtype=dt)
-        w = torch.randn(sum(split), fan_in, device=dev, dtype=dt) * fan_in ** -0.5
+        w = torch.randn(sum(split), fan_in, device=dev, dtype=dt) * fan_in**-0.5
         lead = (B,) if args.per_row else ()
-        a = torch.randn(*lead, r * n, fan_in, device=dev, dtype=dt) * fan_in ** -0.5
+        a = torch.randn(*lead, r * n, fan_in, device=dev, dtype=dt) * fan_in**-0.5
         bm = torch.randn(*lead, r, sum(split), device=dev, dtype=dt)
         ref = None
         row = []
         for vname, v in VARIANTS.items():
+
             def f(x, w, a, bm, v=v, split=split):
                 y = x @ w.T
                 return y if v is None else with_update(v, y, x, a, bm, split)
+
             g = f if args.eager else torch.compile(f, dynamic=False)
             av = a if v is None or v[0] is None else v[0](a)
             y = g(x, w, av, bm)

@@ -5,6 +5,7 @@ replays): wall time and the number of ops that launch work, for n tenants of one
       [--tokens 274] [--shape gemma-3-270m] [--device cpu] [--calls 5]
   --tenants 0: one adapter alone (its own layer_state), not a mixture
 """
+
 import argparse
 import sys
 import time
@@ -45,6 +46,7 @@ def main():
     mix = Mixture(ads, [k % a.tenants for k in range(a.batch)]) if a.tenants else build_adapter(a.method, args).to(dev)
     h = torch.randn(a.batch, a.tokens, args.dim, dtype=torch.bfloat16, device=dev)
     pm = torch.ones(a.batch, a.tokens, dtype=torch.bool, device=dev)
+
     def prefill():
         for i in range(args.n_layers):
             mix.layer_state(i, h, pm, model)
@@ -63,8 +65,10 @@ def main():
             torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / a.calls * 1e3
     L = args.n_layers
-    print(f"{a.tenants or 'one'} {a.method} {'tenants' if a.tenants else 'adapter'}, batch {a.batch}, {a.tokens} tokens, {a.shape} ({L} layers, width "
-          f"{args.dim}), bf16, {a.device}: {c.n} ops ({c.n / L:.1f} a layer), {ms:.1f} ms ({ms / L:.2f} a layer)")
+    print(
+        f"{a.tenants or 'one'} {a.method} {'tenants' if a.tenants else 'adapter'}, batch {a.batch}, {a.tokens} tokens, {a.shape} ({L} layers, width "
+        f"{args.dim}), bf16, {a.device}: {c.n} ops ({c.n / L:.1f} a layer), {ms:.1f} ms ({ms / L:.2f} a layer)"
+    )
 
 
 if __name__ == "__main__":

@@ -6,20 +6,35 @@ max |g(x)|; max |l - 1| over the batch (l = generated vectors); spread across pr
 over elements) of l; drift of the rational parameters from GELU.
 Run: OMP_NUM_THREADS=1 nice python scripts/probes/probe_train.py --method pedro \
        --init-seed 2 --data-seed 2 --steps 40 --batch 16 [--arch-lr 0] [--activation gelu] [--lr 1e-4]"""
-import argparse, json, math, time
-import torch, minipara
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+import minipara
 from minipara.train.trainer import TrainConfig, mean_loss
 
 ap = argparse.ArgumentParser()
-ap.add_argument("--method", default="pedro"); ap.add_argument("--init-seed", type=int, default=0)
-ap.add_argument("--data-seed", type=int, default=0); ap.add_argument("--steps", type=int, default=40)
-ap.add_argument("--batch", type=int, default=16); ap.add_argument("--lr", type=float, default=1e-4)
-ap.add_argument("--arch-lr", type=float, default=1e-6); ap.add_argument("--activation", default=None)
+ap.add_argument("--method", default="pedro")
+ap.add_argument("--init-seed", type=int, default=0)
+ap.add_argument("--data-seed", type=int, default=0)
+ap.add_argument("--steps", type=int, default=40)
+ap.add_argument("--batch", type=int, default=16)
+ap.add_argument("--lr", type=float, default=1e-4)
+ap.add_argument("--arch-lr", type=float, default=1e-6)
+ap.add_argument("--activation", default=None)
 ap.add_argument("--total", type=int, default=None, help="schedule length (default: steps)")
-ap.add_argument("--dev-n", type=int, default=96); ap.add_argument("--every", type=int, default=1)
+ap.add_argument("--dev-n", type=int, default=96)
+ap.add_argument("--every", type=int, default=1)
 ap.add_argument("--json", default=None)
-ap.add_argument("--rms-input", action="store_true",
-                help="prototype fix: divide the pooled hidden state (IAPT: each hidden state) by its RMS before W_down")
+ap.add_argument(
+    "--rms-input",
+    action="store_true",
+    help="prototype fix: divide the pooled hidden state (IAPT: each hidden state) by its RMS before W_down",
+)
 a = ap.parse_args()
 
 lm = minipara.load()
@@ -33,6 +48,8 @@ a0 = {n: p.detach().clone() for n, p in ad.named_parameters() if id(p) in arch_i
 
 step_rec = {"act": {}, "vec": {}, "clip": {}}
 orig_clip = torch.nn.utils.clip_grad_norm_
+
+
 def clip(params, max_norm, *args, **kw):
     params = list(params)
     norms = {names[id(p)]: p.grad.norm().item() for p in params if p.grad is not None}
@@ -43,64 +60,92 @@ def clip(params, max_norm, *args, **kw):
         g = ad.gen.w_up.grad
         per_layer = g.flatten(1).norm(dim=1)
         rec["w_up_share"] = (g.norm().item() / total) ** 2
-        rec["w_up_top_layer"] = int(per_layer.argmax()); rec["w_up_top_norm"] = per_layer.max().item()
-        rec["w_down_norm"] = ad.gen.w_down.grad.norm().item(); rec["b_up_norm"] = ad.gen.b_up.grad.norm().item()
+        rec["w_up_top_layer"] = int(per_layer.argmax())
+        rec["w_up_top_norm"] = per_layer.max().item()
+        rec["w_down_norm"] = ad.gen.w_down.grad.norm().item()
+        rec["b_up_norm"] = ad.gen.b_up.grad.norm().item()
     if group == "weights" and a.method == "iapt":
         rec.update({k: norms[k] for k in ("w_down", "w_up", "w_sa") if k in norms})
     step_rec["clip"][group] = rec
     return orig_clip(params, max_norm, *args, **kw)
+
+
 torch.nn.utils.clip_grad_norm_ = clip
 
 if a.rms_input and a.method == "iapt":  # the same prototype for IAPT: its generators see h / rms(h)
     orig_soft = ad.soft_tokens
+
     def soft_tokens(i, h, m, *rest):
         h = h.float()
         return orig_soft(i, h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6), m, *rest)
+
     ad.soft_tokens = soft_tokens
 elif a.rms_input:
     from minipara.methods.poolers import pool as _pool
+
     def pooled(i, h, m, *rest):
         p = _pool(h.float(), m, ad.config.pooler)
         return (p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + 1e-6)) @ ad.gen.w_down[i]
+
     ad.pooled = pooled
 
 if hasattr(ad, "gen"):  # PARA/PEDRO: the activation's input/output and the vectors
     orig_act = ad.activation
+
     def act(i, z, *rest):
         out = orig_act(i, z, *rest)
         if torch.is_grad_enabled():
             step_rec["act"][i] = (z.detach().abs().max().item(), out.detach().abs().max().item())
         return out
+
     ad.activation = act
     orig_vectors = ad.vectors
+
     def vectors(i, z, *rest):
         v = orig_vectors(i, z, *rest)
         if torch.is_grad_enabled():
             d = v.detach()
-            step_rec["vec"][i] = ((d - 1).abs().max().item(), d.std(dim=0).mean().item(), d.min().item(), d.max().item())
+            step_rec["vec"][i] = (
+                (d - 1).abs().max().item(),
+                d.std(dim=0).mean().item(),
+                d.min().item(),
+                d.max().item(),
+            )
         return v
+
     ad.vectors = vectors
 else:  # IAPT: soft tokens
     orig_act = ad.activation
+
     def act(i, p, *rest):
         out = orig_act(i, p, *rest)
         if torch.is_grad_enabled():
             s = out.detach() @ ad.w_up[i // ad.config.share_every].detach()
-            step_rec["act"][i] = (p.detach().abs().max().item(), out.detach().abs().max().item(), s.norm(dim=-1).mean().item())
+            step_rec["act"][i] = (
+                p.detach().abs().max().item(),
+                out.detach().abs().max().item(),
+                s.norm(dim=-1).mean().item(),
+            )
         return out
+
     ad.activation = act
 
-dev = tr.dev[:a.dev_n]
+dev = tr.dev[: a.dev_n]
 log = []
+
+
 def dev_eval():
     ad.eval()
     with torch.no_grad():
         return mean_loss(lm.model, ad, dev, 16)
+
+
 print(f"# {a}", flush=True)
 print(f"step 0 dev_loss {dev_eval():.4f}", flush=True)
 t0 = time.time()
 for step in range(1, a.steps + 1):
-    for k in step_rec: step_rec[k] = {}
+    for k in step_rec:
+        step_rec[k] = {}
     loss = tr._train_step()
     e = {"step": step, "loss": loss, "clip": step_rec["clip"]}
     if hasattr(ad, "gen"):
@@ -108,7 +153,8 @@ for step in range(1, a.steps + 1):
         e["max_gx"] = [float(f"{step_rec['act'][i][1]:.3g}") for i in sorted(step_rec["act"])]
         e["max_dev1"] = [float(f"{step_rec['vec'][i][0]:.3g}") for i in sorted(step_rec["vec"])]
         e["spread"] = [float(f"{step_rec['vec'][i][1]:.3g}") for i in sorted(step_rec["vec"])]
-        e["vmin"] = min(v[2] for v in step_rec["vec"].values()); e["vmax"] = max(v[3] for v in step_rec["vec"].values())
+        e["vmin"] = min(v[2] for v in step_rec["vec"].values())
+        e["vmax"] = max(v[3] for v in step_rec["vec"].values())
     else:
         e["max_p"] = [float(f"{step_rec['act'][i][0]:.3g}") for i in sorted(step_rec["act"])]
         e["soft_norm"] = [float(f"{step_rec['act'][i][2]:.3g}") for i in sorted(step_rec["act"])]
