@@ -6,7 +6,6 @@ and a constant output scores about 50%. Learning rates are per method: tiny rand
 need far larger ones than the papers' 1e-4 (see LR).
 """
 
-import importlib.util
 import random
 import subprocess
 import sys
@@ -392,9 +391,8 @@ def test_default_training_config():
 
 # ---- the command line ----------------------------------------------------------------------------
 def run_cli(argv, capsys) -> tuple[int, list[str]]:
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from minipara.commands import train as mod
+
     with pytest.raises(SystemExit) as e:
         cli.run(lambda: mod.main(argv))
     return e.value.code, capsys.readouterr().err.strip().splitlines()

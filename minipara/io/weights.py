@@ -423,3 +423,10 @@ def sentencepiece_model(tok: dict):
     n.remove_extra_whitespaces = False
     n.escape_whitespaces = True
     return m
+
+
+def main(argv=None) -> int:
+    """`minipara weights [NAME]`: convert a shipped model if needed and print its directory."""
+    argv = sys.argv[1:] if argv is None else argv
+    print(ensure_model(argv[0] if argv else DEFAULT_MODEL))
+    return 0
