@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -474,7 +475,17 @@ def parse(argv=None):
         help="prompt tokens prefilled between two decode steps (at least one request)",
     )
     p.add_argument("--adapter-memory", type=float, default=1024, help="MiB of adapters kept loaded")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step for every batch bucket at start-up (default: on CUDA only)",
+    )
+    p.add_argument(
+        "--buckets",
+        default="1,2,4,8,16,24,32,48,64,96,128",
+        help="batch sizes the step runs at (the rows in use are padded up to the next; --max-batch is added)",
+    )
     p.add_argument(
         "--shutdown-timeout", type=float, default=30, help="seconds in-flight requests get to finish after SIGTERM"
     )
@@ -511,10 +522,11 @@ def make_server(a) -> Server:
         a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20), model.weights_id
     )
     pool.preload()
-    if a.compile:
+    compiled = a.compile if a.compile is not None else model.tok_embeddings.weight.is_cuda
+    if compiled and model.tok_embeddings.weight.is_cuda:
         from minipara.decode.compiled import compile_decoder
 
-        compile_decoder(decoder)
+        compile_decoder(decoder)  # the prefill's CUDA graphs (the engine compiles its own step)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).
     slots = -(-(context + context // 2 + 64) // 128) * 128
@@ -526,7 +538,11 @@ def make_server(a) -> Server:
         max_waiting=a.max_waiting,
         prefill_budget=a.prefill_budget,
         decoder=decoder,
+        buckets=[int(b) for b in a.buckets.split(",")],
+        compile="inductor" if compiled else None,
     )
+    took = engine.warmup(list(pool.loaded.values()))
+    print(f"minipara: warmed up in {took:.1f} s ({'compiled' if compiled else 'eager'})", file=sys.stderr, flush=True)
     return Server(engine, lm, pool, a.template, a.name, context)
 
 
