@@ -156,3 +156,39 @@ def test_static_steps_never_recompile_and_match_alone():
     for i, (req, want) in enumerate(zip(reqs, alone)):
         assert req.tokens == want, f"request {i} ({req.adapter and req.adapter.method}, {req.cfg})"
     assert engine.compactions >= 1 and engine.prefills < len(reqs)  # some prefills were batched
+
+
+class Poisoned(Engine):
+    """Before every step, the free rows get garbage: NaN adapter states and sampling settings,
+    huge cache entries and an out-of-range position."""
+
+    def _step(self):
+        for r, req in enumerate(self.rows):
+            if req is None:
+                for i in range(self.model.args.n_layers):
+                    for buf in self.cache.kv(i):
+                        buf[r] = 1e4
+                for buf in self.states.bufs.values():
+                    buf[:, r] = float("nan")
+                for name in ("temperature", "top_p"):
+                    self.io[name][r] = float("nan")
+                self.io["tokens"][r], self.io["top_k"][r], self.cache.next_pos[r] = 96, -3, 10**6
+        super()._step()
+
+
+@exact_only
+def test_padding_rows_never_leak_into_real_rows():
+    """Rows padded up to a bucket compute on garbage; the real rows' tokens do not change."""
+    model = tiny_model("gemma")
+    ads = [perturbed(build_adapter(m, model.args), seed=i).to(DEVICE) for i, m in enumerate(["para", "lora"])]
+    engine = Poisoned(model, text_of, max_batch=4, slots=48, buckets=(4,))
+    reqs, want, arrivals = [], [], {}
+    for i in range(8):
+        cfg = GenerationConfig(max_new_tokens=3 + 2 * i, eos_ids=(), temperature=0.8 * (i % 2), top_p=0.9, seed=i)
+        prompt = [model.args.bos_id] + list(range(5, 9 + i))
+        reqs.append(Request(prompt, cfg, ads[i % 2] if i % 3 else None))
+        want.append(generate(model, [prompt], cfg, adapter=reqs[-1].adapter)[0])
+        arrivals.setdefault(3 * i, []).append([reqs[-1]])
+    drive(engine, arrivals)
+    for i, (req, w) in enumerate(zip(reqs, want)):
+        assert req.tokens == w, f"request {i}"
