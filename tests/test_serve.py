@@ -206,7 +206,8 @@ def post(url, data: bytes):
         (dict(temperature=3), 400, "temperature"),
         (dict(top_p=0), 400, "top_p"),
         (dict(max_tokens=0), 400, "max_tokens"),
-        (dict(n=2), 400, "n"),
+        (dict(n=5), 400, "n"),  # more choices than rows (--max-batch 4)
+        (dict(logprobs=21), 400, "logprobs"),
         (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ],
 )
@@ -374,3 +375,45 @@ def test_pool_warns_for_adapters_made_on_other_weights(tmp_path):
         pool.get("mine")
     with pytest.warns(BaseModelWarning, match="other weights"):
         pool.get("other")
+
+
+def test_logprobs_n_and_seed(server, files):
+    """n choices share one prefill, each from its own random stream of the seed (choice 0 is
+    what generate.py gives for that seed); logprobs report the model's distribution."""
+    c = server.client
+    kw = dict(model="para", prompt="the cat", max_tokens=6, temperature=1.0, seed=11)
+    first = [ch.text for ch in c.completions.create(n=3, **kw).choices]
+    again = c.completions.create(n=3, **kw)
+    assert [ch.text for ch in again.choices] == first and [ch.index for ch in again.choices] == [0, 1, 2]
+    assert len(set(first)) > 1 and again.usage.completion_tokens == 18
+    lm = _LMS.get(files[0]) or _LMS.setdefault(files[0], minipara.load(files[0]))
+    ad = lm.load_adapter(files[1] / "para.safetensors")
+    assert first[0] == lm.generate("the cat", adapter=ad, max_new_tokens=6, temperature=1.0, seed=11).text
+    # Greedy: each token is the most likely one, and its logprob the largest of the top ones.
+    got = c.completions.create(model="lora", prompt="the cat is", max_tokens=5, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == got.usage.completion_tokens == 5
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # (up to 3: tokens that decode to the same text share a key, as in OpenAI's format)
+        assert 1 <= len(top) <= 3 and v <= 0 and abs(v - max(top.values())) < 1e-5 and tok in top
+    assert "".join(lp.tokens) == got.choices[0].text
+    # Chat, streamed, two choices: every token's logprobs arrive with its choice's chunks.
+    stream = c.chat.completions.create(
+        model="lora",
+        messages=[{"role": "user", "content": "red dog"}],
+        max_tokens=4,
+        temperature=0.8,
+        seed=2,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    texts, entries = ["", ""], [[], []]
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            entries[ch.index] += ch.logprobs.content if ch.logprobs and ch.logprobs.content else []
+    for text, es in zip(texts, entries):
+        assert len(es) == 4 and "".join(e.token for e in es) == text
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in es)

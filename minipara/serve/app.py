@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from minipara.decode.generation import GenerationConfig
 from minipara.errors import UserError
-from minipara.serve.engine import Engine, Overloaded, Request
+from minipara.serve.engine import TOP_LOGPROBS, Engine, Overloaded, Request
 
 
 class ApiError(Exception):
@@ -114,8 +114,9 @@ class Server:
 
     def sampling(
         self, body: dict, adapter, n_prompt: int, default_max, prompt_param: str
-    ) -> tuple[GenerationConfig, tuple]:
-        """The request's GenerationConfig and stop strings, every value checked."""
+    ) -> tuple[GenerationConfig, tuple, int, int | None]:
+        """The request's GenerationConfig, stop strings, n (choices) and logprobs (None, or
+        how many top tokens to report with each token's log-probability), every value checked."""
 
         def number(key, default, lo, hi, lo_open=False):
             v = body.get(key)
@@ -127,21 +128,30 @@ class Server:
                 )
             return v
 
-        def integer(key, default, lo):
+        def integer(key, default, lo, hi=float("inf")):
             v = body.get(key)
             if v is None:
                 return default
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ApiError(400, f"{key} must be an integer >= {lo}, got {v!r}", param=key)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                most = f" and <= {hi}" if hi < float("inf") else ""
+                raise ApiError(400, f"{key} must be an integer >= {lo}{most}, got {v!r}", param=key)
             return v
 
+        n = integer("n", 1, 1, self.engine.max_batch)
+        if prompt_param == "messages":  # chat: logprobs true/false, top_logprobs the count
+            if body.get("logprobs") not in (None, True, False):
+                raise ApiError(400, f"logprobs must be true or false, got {body['logprobs']!r}", param="logprobs")
+            top = integer("top_logprobs", 0, 0, TOP_LOGPROBS)
+            if body.get("top_logprobs") is not None and not body.get("logprobs"):
+                raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+            logprobs = top if body.get("logprobs") else None
+        else:
+            logprobs = integer("logprobs", None, 0, TOP_LOGPROBS)
+
         for key, neutral in (
-            ("n", 1),
             ("best_of", 1),
             ("presence_penalty", 0),
             ("frequency_penalty", 0),
-            ("logprobs", None),
-            ("top_logprobs", None),
             ("echo", False),
             ("logit_bias", None),
             ("suffix", None),
@@ -184,7 +194,7 @@ class Server:
         cfg = GenerationConfig(
             max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_ids=eos
         )
-        return cfg, tuple(stop)
+        return cfg, tuple(stop), n, logprobs
 
     def eos_ids(self, template: str) -> tuple:
         return self.lm.stop_ids(template) if self.lm is not None else tuple(self.engine.model.args.eos_ids)
@@ -263,7 +273,9 @@ class Server:
                 if "prompt" not in body:
                     raise ApiError(400, "'prompt' is required", param="prompt")
                 ids = self.prompt_ids(body["prompt"], template)
-            cfg, stop = self.sampling(body, adapter, len(ids), None if chat else 16, "messages" if chat else "prompt")
+            cfg, stop, n, logprobs = self.sampling(
+                body, adapter, len(ids), None if chat else 16, "messages" if chat else "prompt"
+            )
             stream = body.get("stream", False)
             if not isinstance(stream, bool):
                 raise ApiError(400, "stream must be true or false", param="stream")
@@ -271,13 +283,16 @@ class Server:
             usage_chunk = isinstance(options, dict) and bool(options.get("include_usage"))
             loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-            def emit(kind, value):  # called from the engine's thread
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                    loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            def emitter(i):
+                def emit(kind, value):  # called from the engine's thread
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                        loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
 
-            req = Request(ids, cfg, adapter, stop, emit)
+                return emit
+
+            reqs = [Request(ids, cfg, adapter, stop, emitter(i), logprobs) for i in range(n)]
             try:
-                self.engine.submit(req)
+                self.engine.submit(*reqs)
             except Overloaded as e:
                 raise ApiError(
                     429,
@@ -289,59 +304,70 @@ class Server:
                 raise ApiError(503, str(e), kind="server_error", code="shutting_down") from None
         except ApiError as e:
             return e.response()
-        reply = Reply(self.name if adapter is None else body["model"], chat, len(ids))
+        reply = Reply(self.name if adapter is None else body["model"], chat, len(ids), self.engine.decode_text)
         if stream:
-            return StreamingResponse(self.stream(http, req, events, reply, usage_chunk), media_type="text/event-stream")
-        text, reason = [], None
+            return StreamingResponse(
+                self.stream(http, reqs, events, reply, usage_chunk), media_type="text/event-stream"
+            )
+        text, reasons = [[] for _ in reqs], [None] * n
         try:
-            while reason is None:
+            while None in reasons:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return JSONResponse({}, status_code=499)
                     continue
                 if kind == "text":
-                    text.append(value)
+                    text[i].append(value)
                 elif kind == "done":
-                    reason = value
+                    reasons[i] = value
                 else:
                     return ApiError(500, value, kind="server_error").response()
         finally:
-            req.cancel()  # a no-op once finished; frees the row if the client went away
-        return JSONResponse(reply.whole("".join(text), reason, len(req.tokens)))
+            for req in reqs:
+                req.cancel()  # a no-op once finished; frees the row if the client went away
+        return JSONResponse(reply.whole(["".join(t) for t in text], reasons, reqs))
 
-    async def stream(self, http, req, events, reply, usage_chunk):
+    async def stream(self, http, reqs, events, reply, usage_chunk):
         try:
             if reply.chat:
-                yield sse(reply.chunk({"role": "assistant", "content": ""}, None))
+                for i in range(len(reqs)):
+                    yield sse(reply.chunk({"role": "assistant", "content": ""}, None, i))
+            done, told = 0, [0] * len(reqs)  # choices finished; tokens whose logprobs were sent
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
                     continue
-                if kind == "text":
-                    yield sse(reply.chunk(value, None))
-                elif kind == "done":
-                    yield sse(reply.chunk("" if not reply.chat else {}, value))
-                    if usage_chunk:
-                        yield sse(reply.usage_chunk(len(req.tokens)))
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
+                if kind == "error":
                     yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
                     return
+                req, upto = reqs[i], len(reqs[i].logprobs_out)
+                lp = reply.logprobs(req, told[i], upto)
+                told[i] = upto
+                if kind == "text":
+                    yield sse(reply.chunk(value, None, i, lp))
+                else:
+                    yield sse(reply.chunk("" if not reply.chat else {}, value, i, lp))
+                    done += 1
+                    if done == len(reqs):
+                        if usage_chunk:
+                            yield sse(reply.usage_chunk(sum(len(r.tokens) for r in reqs)))
+                        yield "data: [DONE]\n\n"
+                        return
         finally:
-            req.cancel()
+            for req in reqs:
+                req.cancel()
 
 
 class Reply:
     """OpenAI's response shapes for one request: whole, or as stream chunks."""
 
-    def __init__(self, model: str, chat: bool, n_prompt: int):
-        self.model, self.chat, self.n_prompt = model, chat, n_prompt
+    def __init__(self, model: str, chat: bool, n_prompt: int, decode_text):
+        self.model, self.chat, self.n_prompt, self.decode_text = model, chat, n_prompt, decode_text
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -351,27 +377,61 @@ class Reply:
     def usage(self, n: int) -> dict:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": n, "total_tokens": self.n_prompt + n}
 
-    def whole(self, text: str, reason: str, n: int) -> dict:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(n)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(n)}
+    def logprobs(self, req, start: int = 0, end: int | None = None) -> dict | None:
+        """OpenAI's logprobs object for the request's tokens [start, end), None if not asked."""
+        if req.logprobs is None:
+            return None
+        end = len(req.logprobs_out) if end is None else end
 
-    def chunk(self, piece, reason) -> dict:
+        # A token's text is what it adds to the text before it (a lone token decodes without
+        # the space a SentencePiece word starts with), so the tokens join into the text.
+        def piece(j, t):
+            before = req.tokens[:j]
+            return self.decode_text([*before, t])[len(self.decode_text(before)) :]
+
+        rows = [
+            (piece(j, req.tokens[j]), lp, [(piece(j, t), v) for t, v in top])
+            for j, (lp, top) in enumerate(req.logprobs_out[start:end], start)
+        ]
+        if self.chat:
+            entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}  # noqa: E731
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(t, v) for t, v in top]} for s, lp, top in rows]}
+        offsets = [sum(len(s) for s, _, _ in rows[:j]) for j in range(len(rows))]
+        return {
+            "tokens": [s for s, _, _ in rows],
+            "token_logprobs": [lp for _, lp, _ in rows],
+            "top_logprobs": [dict(reversed(top)) for _, _, top in rows],  # a shared key keeps the likeliest
+            "text_offset": offsets,
+        }
+
+    def whole(self, texts: list, reasons: list, reqs: list) -> dict:
+        n = sum(len(r.tokens) for r in reqs)
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self.logprobs(req),
+                    "finish_reason": reason,
+                }
+                for i, (text, reason, req) in enumerate(zip(texts, reasons, reqs))
+            ]
+            return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(n)}
+        choices = [
+            {"index": i, "text": text, "logprobs": self.logprobs(req), "finish_reason": reason}
+            for i, (text, reason, req) in enumerate(zip(texts, reasons, reqs))
+        ]
+        return {**self._head("text_completion"), "choices": choices, "usage": self.usage(n)}
+
+    def chunk(self, piece, reason, index: int = 0, logprobs=None) -> dict:
         """piece: new text (completions), or the chat delta (a dict, or text for its content)."""
         if self.chat:
             delta = piece if isinstance(piece, dict) else {"content": piece}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
         return {
             **self._head("text_completion"),
-            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "text": piece, "logprobs": logprobs, "finish_reason": reason}],
         }
 
     def usage_chunk(self, n: int) -> dict:
