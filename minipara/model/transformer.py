@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipara.model.adapter import AdapterLike
 from minipara.model.cache import KVCache
 from minipara.model.config import ModelArgs, rope_inv_freq
 
@@ -197,7 +198,7 @@ class Transformer(nn.Module):
         tokens,
         valid=None,
         cache: KVCache | None = None,
-        adapter=None,
+        adapter: AdapterLike | None = None,
         pool_mask=None,
         hidden_only=False,
         last_only=False,
@@ -266,7 +267,7 @@ class Transformer(nn.Module):
         tokens,
         cache: KVCache,
         valid=None,
-        adapter=None,
+        adapter: AdapterLike | None = None,
         pool_mask=None,
         hidden_only=False,
         last_only=False,
