@@ -48,6 +48,25 @@ class GenerationConfig:
             raise UserError("beam search is deterministic here: use beams 1 to sample", ("beams",))
 
 
+def context_room(context: int, n_prompt: int, n_prefix: int = 0) -> int:
+    """How many new tokens fit after a prompt: the one context-length rule, used by generation,
+    training, evaluation, the benchmark and the server. An adapter's prefix slots, the prompt
+    and the new tokens together must fit the context (the model's max_seq_len, or less)."""
+    return context - n_prefix - n_prompt
+
+
+def check_context(context: int, n_prompt: int, n_new: int, n_prefix: int = 0, what: str = "prompt", new: str = ""):
+    """A UserError unless `context_room` leaves `n_new` tokens; `what` names the prompt, `new`
+    says what the new tokens are (default: max_new_tokens)."""
+    if n_new > context_room(context, n_prompt, n_prefix):
+        new = new or f"max_new_tokens ({n_new})"
+        raise UserError(
+            f"{what} ({n_prompt} tokens) plus {new}{f' plus {n_prefix} prefix slots' if n_prefix else ''} "
+            f"exceeds the model's context of {context} tokens",
+            ("max_new_tokens",),
+        )
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device):
     """(B, T) tokens and (B, T) validity mask, prompts aligned to the right."""
     T = max(len(p) for p in prompts)
@@ -138,13 +157,7 @@ def generate(
     eos = tuple(a.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
     n_pre = adapter.n_prefix if adapter is not None else 0
     longest = max(len(p) for p in prompts)
-    if n_pre + longest + cfg.max_new_tokens > a.max_seq_len:
-        raise UserError(
-            f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
-            f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
-            f"of {a.max_seq_len} tokens",
-            ("max_new_tokens",),
-        )
+    check_context(a.max_seq_len, longest, cfg.max_new_tokens, n_pre)
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)
@@ -158,9 +171,11 @@ def _pick(logits, cfg: GenerationConfig, gen):
     if cfg.temperature == 0:
         return logits.argmax(-1)
     # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
-    # to -inf (greedy, its limit) rather than everything to +-inf and NaN.
+    # to -inf (greedy, its limit) rather than everything to +-inf and NaN. A temperature below
+    # float32's smallest number would be 0 once a float32 (0/0 is NaN): the smallest is as greedy.
     logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
+    t = max(cfg.temperature, torch.finfo(torch.float32).tiny)
+    logits = (logits - logits.amax(-1, keepdim=True)) / t
     if cfg.top_k:
         kth = logits.topk(min(cfg.top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
