@@ -10,7 +10,7 @@ neighbouring kernels, LoRA a pair of small matmuls.
 On CUDA the compiler tunes its kernels by coordinate descent, under which it also makes a
 one-row product a reduction of its own (fused with the input's norm) instead of a cuBLAS
 GEMV: on an H100 the 7B's decode step goes from 5.6 to 5.2 ms of GPU time
-(scripts/probes/gpu_decode.py, results/probes/).
+(docs/benchmarks.md; the probe, scripts/probes/gpu_decode.py, is in git history).
 
 The prefill runs once per request but launches a few thousand small kernels (norms,
 RoPE, and each layer's generator): eagerly, a batch-1 prefill of a 7B model is
@@ -28,7 +28,7 @@ from minipara.model.cache import reorder_packed
 from minipara.model.layer_state import LayerState
 
 # LoRA's steps compile without coordinate-descent tuning (see compile_decoder); the probe
-# (scripts/probes/gpu_decode.py) sets this to measure them tuned.
+# (scripts/probes/gpu_decode.py, in git history) set this to measure them tuned.
 TUNE_LORA_STEPS = False
 # A captured beam step moves this many slots after the shared prompt (bucketed statically,
 # so one graph serves every step and prompt length); longer generations reorder eagerly.
@@ -50,8 +50,8 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         # generated reductions (gpt-fast sets it too). LoRA's steps compile untuned: tuned, the
         # step ran slower (176.1 against 181.3 tok/s on an H200: its x.A reads split the tuned
         # fusions) and compiled for 123 s against 87-122 s
-        # (results/probes/gpu-decode-2026-11-26.txt); with x.A folded into the base product,
-        # tuned, at 103.5 against 175.4 (results/probes/gpu-decode-2026-11-26-lorafold.txt).
+        # (results/probes/gpu-decode-2026-11-26.txt, in git history); with x.A folded into the
+        # base product, tuned, at 103.5 against 175.4 (the -lorafold.txt log beside it).
         plain = {"mode": "reduce-overhead"}
         tuned = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
     if graph_prefill is None:

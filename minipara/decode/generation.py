@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipara.errors import UserError
+from minipara.model.adapter import AdapterLike
 
 
 @dataclass
@@ -98,7 +99,7 @@ class Decoder:
         c.reset(n_prefix)
         return c
 
-    def prefill(self, tokens, valid, max_len, adapter=None):
+    def prefill(self, tokens, valid, max_len, adapter: AdapterLike | None = None):
         """A cache holding the prompts (and the adapter's states), and the logits (B, V) of
         the first new token."""
         n_pre = adapter.n_prefix if adapter is not None else 0
@@ -106,7 +107,7 @@ class Decoder:
         return cache, self.run_prefill(cache, tokens, valid, adapter)
 
     @torch.no_grad()
-    def run_prefill(self, cache, tokens, valid, adapter):
+    def run_prefill(self, cache, tokens, valid, adapter: AdapterLike | None):
         """Fill an emptied cache with the prompts; last-position logits (B, V).
         May be replaced by a replayed CUDA graph (see fast.py)."""
         return self.model(tokens, valid=valid, cache=cache, adapter=adapter, last_only=True)[:, -1]
@@ -144,7 +145,12 @@ class Decoder:
 
 @torch.no_grad()
 def generate(
-    model, prompts: list[list[int]], cfg: GenerationConfig, adapter=None, decoder: Decoder | None = None, on_token=None
+    model,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    adapter: AdapterLike | None = None,
+    decoder: Decoder | None = None,
+    on_token=None,
 ) -> list[list[int]]:
     """Generated token ids for each prompt (EOS included when produced).
 

@@ -1,5 +1,5 @@
 """Tokenizers (SentencePiece `tokenizer.model`, or HF `tokenizer.json` through the `tokenizers`
-library) and the chat templates of SPEC.md ("Prompt templates"), plus ChatML and LLaMA 3's.
+library) and the chat templates of docs/methods.md (Prompt templates), plus ChatML and LLaMA 3's.
 
 A template wraps a prompt and its response. For the SentencePiece families (llama2, gemma) its
 leading BOS marker (`<s>`, `<bos>`) and the response's end marker (`</s>`, `<end_of_turn>`)
@@ -261,7 +261,7 @@ def encode_chat(tok, template: str, messages: list[dict]) -> list[int]:
 
 
 def apply_template(template: str, prompt: str, response: str | None = None) -> tuple[str, str]:
-    """(prompt text, response text) as SPEC.md writes them, markers included; response "" if None."""
+    """(prompt text, response text) as docs/methods.md writes them, markers included; response "" if None."""
     _check(template)
     bos, p, r, end = _FORMATS[template]
     return bos + p.replace("{prompt}", prompt), "" if response is None else r.replace("{response}", response) + end
