@@ -49,6 +49,25 @@ class GenerationConfig:
             raise UserError("beam search is deterministic here: use beams 1 to sample", ("beams",))
 
 
+def context_room(context: int, n_prompt: int, n_prefix: int = 0) -> int:
+    """How many new tokens fit after a prompt: the one context-length rule, used by generation,
+    training, evaluation, the benchmark and the server. An adapter's prefix slots, the prompt
+    and the new tokens together must fit the context (the model's max_seq_len, or less)."""
+    return context - n_prefix - n_prompt
+
+
+def check_context(context: int, n_prompt: int, n_new: int, n_prefix: int = 0, what: str = "prompt", new: str = ""):
+    """A UserError unless `context_room` leaves `n_new` tokens; `what` names the prompt, `new`
+    says what the new tokens are (default: max_new_tokens)."""
+    if n_new > context_room(context, n_prompt, n_prefix):
+        new = new or f"max_new_tokens ({n_new})"
+        raise UserError(
+            f"{what} ({n_prompt} tokens) plus {new}{f' plus {n_prefix} prefix slots' if n_prefix else ''} "
+            f"exceeds the model's context of {context} tokens",
+            ("max_new_tokens",),
+        )
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device):
     """(B, T) tokens and (B, T) validity mask, prompts aligned to the right."""
     T = max(len(p) for p in prompts)
@@ -144,13 +163,7 @@ def generate(
     eos = tuple(a.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
     n_pre = adapter.n_prefix if adapter is not None else 0
     longest = max(len(p) for p in prompts)
-    if n_pre + longest + cfg.max_new_tokens > a.max_seq_len:
-        raise UserError(
-            f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
-            f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
-            f"of {a.max_seq_len} tokens",
-            ("max_new_tokens",),
-        )
+    check_context(a.max_seq_len, longest, cfg.max_new_tokens, n_pre)
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)
@@ -192,8 +205,12 @@ def sample(logits, temperature, top_k, top_p, key, step):
     V = logits.shape[-1]
     greedy = logits.argmax(-1)
     # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the
-    # others to -inf (greedy, its limit) rather than everything to +-inf and NaN.
-    t = temperature.float().clamp(min=1e-6)[:, None]
+    # others to -inf (greedy, its limit) rather than everything to +-inf and NaN. A temperature
+    # below float32's smallest normal number (or one that rounds to 0 as a float32) is greedy,
+    # and the division never sees a 0 (0/0 is NaN).
+    tiny = torch.finfo(torch.float32).tiny
+    temperature = temperature.float()
+    t = temperature.clamp(min=tiny)[:, None]
     scaled = (logits - logits.amax(-1, keepdim=True)) / t
     ranked, _ = scaled.sort(-1, descending=True)
     # The kept set is a prefix of the ranking: top-k's k, then top-p's smallest prefix that
@@ -209,7 +226,7 @@ def sample(logits, temperature, top_k, top_p, key, step):
     h = mix32(mix32(key[:, None] ^ mix32(step[:, None] + 0x9E3779B9)) + ids * 0x9E3779B1)
     u = ((h >> 8).float() + 0.5) * 2.0**-24  # in (0, 1)
     drawn = (scaled - (-u.log()).log()).argmax(-1)
-    return torch.where(temperature > 0, drawn, greedy)
+    return torch.where(temperature >= tiny, drawn, greedy)
 
 
 def token_logprobs(logits, tokens, k: int):
