@@ -41,9 +41,14 @@ def logits(model, ad):
 
 @pytest.mark.parametrize("case", CASES)
 def test_old_adapter_file_gives_its_old_logits(case, expected):
+    """The file has no input_norm (it predates it): it loads as input_norm none, the literal
+    form it was trained with, and gives its logits; the default (rms) would not."""
     model, ad = load(case)
+    assert ad.config.input_norm == "none"
     want = expected[f"{case}.logits"]
     assert (logits(model, ad) - want).abs().max() < tol(1e-4)
+    ad.config.input_norm = "rms"
+    assert (logits(model, ad) - want).abs().max() > 1e-2
 
 
 @exact_only
