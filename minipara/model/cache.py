@@ -50,12 +50,24 @@ class KVCache(nn.Module):
         """Empty the cache for a new batch of requests, keeping the buffers (and their addresses)."""
         if n_prefix > self.max_len:
             raise ValueError(f"{n_prefix} prefix slots exceed the cache length {self.max_len}")
+        self.clear(end=self.length)  # the slots the last request wrote; the rest are still zero
         self.ok.zero_()
         self.slot.fill_(n_prefix)
         self.n_prefix = self.length = n_prefix
         self.states = [None] * self.n_layers
         self._spare.update(self.packed)
         self.packed = {}
+
+    @torch.no_grad()
+    def clear(self, row: int | None = None, end: int | None = None):
+        """Zero the keys and values of `row` (default: every row) in slots [0, end) (default:
+        all), before a new request uses them. Masking does not protect a request from what an
+        earlier one left: a masked slot still enters attention as 0 * V, and 0 * NaN is NaN,
+        so the NaN or inf of one adapter that overflowed would reach every later request.
+        A memset per request, where checking or masking would cost every decode step."""
+        for i in range(self.n_layers):
+            for buf in self.kv(i):
+                (buf if row is None else buf[row])[..., :end, :].zero_()
 
     @torch.no_grad()
     def pack_states(self, states: list):

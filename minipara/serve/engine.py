@@ -211,6 +211,7 @@ class Engine:
             c.length = need
         s = c.length - need
         c.ok[r] = False
+        c.clear(r, c.length)  # what the row's last request left (slots from c.length on are zero)
         for i in range(self.model.args.n_layers):
             for dst, src in zip(c.kv(i), small.kv(i)):
                 dst[r, :, s : s + need] = src[0, :, :need]
@@ -355,6 +356,9 @@ class Engine:
         c.pos.copy_(c.pos.gather(1, order))
         c.ok.copy_(c.ok.gather(1, order))
         n = int(c.ok.sum(1).max())
+        for i in range(self.model.args.n_layers):
+            for buf in c.kv(i):
+                buf[:, :, n:].zero_()  # no row's entries are left there: keep them zero for _join
         c.slot.fill_(n)
         c.length = n
         self.compactions += 1

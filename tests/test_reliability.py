@@ -1,0 +1,112 @@
+"""Issue 26: one request's NaN or inf never reaches another request or another row; non-finite
+adapters are refused wherever they enter; a diverged run stops; outputs never land on inputs.
+Table-driven, tiny models: each case costs milliseconds."""
+
+import threading
+
+import pytest
+import torch
+from conftest import DEVICE, exact_only, perturbed, tiny_model
+
+from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.methods import METHODS, build_adapter
+from minipara.methods.mixture import Mixture
+from minipara.serve.engine import Engine, Request
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OPTIONS = {"ptuning_v2": dict(prefix_len=6)}  # the default 64 would need a longer context
+
+
+def adapter(model, method: str, seed: int, poison: str | None = None):
+    """A trained-looking adapter; poison: "nan" fills its tensors with NaN, "overflow" scales
+    them by 1e30 (finite, as a run at --lr 1e30 writes them, but inf once used)."""
+    ad = perturbed(build_adapter(method, model.args, **OPTIONS.get(method, {})), seed=seed).to(DEVICE)
+    with torch.no_grad():
+        for p in ad.parameters():
+            if poison == "nan":
+                p.fill_(float("nan"))
+            elif poison == "overflow":
+                p.mul_(1e30)
+    return ad
+
+
+def kv_finite(cache) -> bool:
+    return all(bool(torch.isfinite(b).all()) for i in range(cache.n_layers) for b in cache.kv(i))
+
+
+# Every method with NaN; with values that overflow, the methods whose overflow reaches the
+# KV cache (IA3's and P-tuning v2's 1e30 saturate to finite values).
+POISONED = [(m, "nan") for m in METHODS] + [(m, "overflow") for m in ("para", "pedro", "iapt", "lora", "bitfit")]
+PROMPTS = [[1, 5, 6, 7, 9, 11], [1, 8, 9]]
+GREEDY = GenerationConfig(max_new_tokens=6, eos_ids=())
+BEAMS = GenerationConfig(max_new_tokens=5, beams=2, eos_ids=())
+
+
+# ---- no NaN or inf crosses a request boundary ----------------------------------------------------
+@exact_only
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("method, poison", POISONED)
+def test_poisoned_request_leaves_nothing_to_the_next(family, method, poison):
+    """A reused Decoder (as LanguageModel.generate keeps one) serves a poisoned adapter's request,
+    then good requests: each gets what a fresh decoder gives it."""
+    model = tiny_model(family)
+    bad, good = adapter(model, method, 1, poison), adapter(model, method, 2)
+    dec = Decoder(model)
+    generate(model, PROMPTS, GREEDY, adapter=bad, decoder=dec)
+    assert not all(kv_finite(c) for c in dec._caches.values()), "the poisoned request should leave NaN/inf"
+    for cfg, ad, prompts in [
+        (GREEDY, good, PROMPTS),
+        (GREEDY, None, PROMPTS),
+        (BEAMS, good, PROMPTS),
+        (GREEDY, None, PROMPTS[1:]),
+    ]:
+        want = generate(model, prompts, cfg, adapter=ad, decoder=Decoder(model))
+        assert generate(model, prompts, cfg, adapter=ad, decoder=dec) == want, (cfg.beams, ad is None)
+
+
+@exact_only
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("method, poison", POISONED)
+def test_poisoned_tenant_in_a_mixed_batch(family, method, poison):
+    """In a mixed batch a poisoned tenant's row harms no other row, and no later batch."""
+    model = tiny_model(family)
+    bad, good, lora = adapter(model, method, 1, poison), adapter(model, method, 2), adapter(model, "lora", 3)
+    prompts = PROMPTS * 2 + PROMPTS[:1]
+    alone = [generate(model, [p], GREEDY, adapter=a)[0] for p, a in zip(prompts, [good, None, lora, good, None])]
+    dec = Decoder(model)
+    mixed = generate(model, prompts, GREEDY, Mixture([bad, good, lora], [1, None, 2, 1, 0]), dec)
+    assert mixed[:4] == alone[:4]
+    assert generate(model, prompts, GREEDY, Mixture([good, lora], [0, None, 1, 0, None]), dec) == alone
+
+
+@exact_only
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("method, poison", [("lora", "nan"), ("iapt", "nan"), ("para", "overflow")])
+def test_poisoned_request_in_the_server_engine(family, method, poison):
+    """The server's engine: a poisoned request beside a good one, then good requests in the rows
+    it used: every good request gets the tokens it gets alone."""
+    model = tiny_model(family)
+    bad, good = adapter(model, method, 1, poison), adapter(model, method, 2)
+    engine = Engine(model, lambda ids: " ".join(map(str, ids)), max_batch=2, slots=40)
+    engine.start()
+    try:
+        for wave in ([(bad, 0), (good, 1)], [(good, 0), (None, 1)], [(None, 0), (good, 1)], [(bad, 0)] * 2):
+            reqs = [Request(PROMPTS[p], GREEDY, ad) for ad, p in wave]
+            done, left = threading.Event(), [len(reqs)]
+
+            def emit(kind, value):
+                if kind != "text":
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+            for r in reqs:
+                r.emit = emit
+                engine.submit(r)
+            assert done.wait(60)
+            for r in reqs:
+                if r.adapter is not bad:
+                    assert r.tokens == generate(model, [r.prompt], GREEDY, adapter=r.adapter)[0]
+    finally:
+        engine.stop()
