@@ -19,7 +19,7 @@ import torch
 
 from minipara.decode.generation import Decoder, GenerationConfig, generate
 from minipara.errors import UserError
-from minipara.methods.base import Adapter
+from minipara.methods.base import Adapter, check_values
 
 GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
 
@@ -194,6 +194,7 @@ class LanguageModel:
         adapters = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
         if len(adapters) != len(texts):
             raise UserError(f"{len(adapters)} adapters for {len(texts)} prompts: give one per prompt (None for none)")
+        _check_adapters(adapters, single=not isinstance(adapter, (list, tuple)))
         name = self.template(template, adapters)
         if cfg.eos_ids is None:
             cfg.eos_ids = self.stop_ids(name)
@@ -306,6 +307,7 @@ class LanguageModel:
         from minipara.train.tasks import Task, load_task
         from minipara.train.trainer import evaluate, prepare_task
 
+        _check_adapters([adapter])
         if not isinstance(task, Task):
             task = load_task(task)
         if split not in ("dev", "test"):
@@ -330,6 +332,14 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
     tok.check_fits(model.args.vocab_size)
     return LanguageModel(model, tok, path)
+
+
+def _check_adapters(adapters: list, single: bool = True):
+    """Refuse adapters holding NaN, inf or absurd values (methods.base.check_values), each once:
+    edited or trained in Python they never passed a file's checks, and would answer garbage."""
+    for i, a in enumerate(adapters):
+        if isinstance(a, Adapter) and all(a is not b for b in adapters[:i]):
+            check_values(a, "the adapter" if single else f"the adapter of prompt {i + 1}")
 
 
 def _batch_adapter(adapters: list):

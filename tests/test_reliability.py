@@ -110,3 +110,80 @@ def test_poisoned_request_in_the_server_engine(family, method, poison):
                     assert r.tokens == generate(model, [r.prompt], GREEDY, adapter=r.adapter)[0]
     finally:
         engine.stop()
+
+
+# ---- non-finite adapters refused wherever they enter -----------------------------------------
+def poison_lora(ad, how: str):
+    """Edit a LoRA adapter in place as a user (or a diverged run) might."""
+    with torch.no_grad():
+        if how == "alpha":
+            ad.config.alpha = 1e308  # finite, but its scale times any weight overflows
+        else:
+            ad.b["v"][1, 0, 3] = {"nan": float("nan"), "inf": float("-inf"), "overflow": 1e30}[how]
+    return ad
+
+
+def write_unchecked(monkeypatch, path, ad, args):
+    """An adapter file as an older minipara (or another tool) could have written it."""
+    import minipara.io.adapters as files
+
+    with monkeypatch.context() as m:
+        m.setattr(files, "check_values", lambda *a, **k: None)
+        files.save_adapter(path, ad, args)
+    return path
+
+
+def _pool(lm, tmp_path, monkeypatch, ad):
+    from minipara.serve.pool import AdapterPool
+
+    folder = tmp_path.parent / "adapters"  # (beside "out", where nothing may appear)
+    folder.mkdir()
+    write_unchecked(monkeypatch, folder / "bad.safetensors", ad, lm.args)
+    lm.save_adapter(folder / "good.safetensors", lm.new_adapter("lora"))
+    pool = AdapterPool(folder, lm.args, lm.device, 1 << 30)
+    pool.preload()  # reports the bad one and goes on
+    assert "good" in pool.loaded and "bad" not in pool.loaded
+    pool.get("bad")
+
+
+ENTRIES = {
+    "generate": (lambda lm, ad, t, mp: lm.generate("red cat", adapter=ad, max_new_tokens=2), "the adapter"),
+    "generate a mixed batch": (
+        lambda lm, ad, t, mp: lm.generate(["red", "cat"], adapter=[None, ad], max_new_tokens=2),
+        "the adapter of prompt 2",
+    ),
+    "evaluate": (lambda lm, ad, t, mp: lm.evaluate(ad, "copa"), "the adapter"),
+    "save_adapter": (lambda lm, ad, t, mp: lm.save_adapter(t / "a.safetensors", ad), "a.safetensors"),
+    "export_peft": (lambda lm, ad, t, mp: lm.export_peft(ad, t / "peft"), "the adapter to export"),
+    "export_merged": (lambda lm, ad, t, mp: lm.export_merged(ad, t / "merged"), "the adapter to merge"),
+    "load_adapter": (
+        lambda lm, ad, t, mp: lm.load_adapter(write_unchecked(mp, t / "b.safetensors", ad, lm.args)),
+        "b.safetensors",
+    ),
+    "server pool": (lambda lm, ad, t, mp: _pool(lm, t, mp, ad), "bad.safetensors"),
+}
+REASONS = {"nan": "NaN or infinite", "inf": "NaN or infinite", "overflow": "up to 1e+30", "alpha": "alpha"}
+
+
+@pytest.mark.parametrize("how", list(REASONS))
+@pytest.mark.parametrize("entry", list(ENTRIES))
+def test_non_finite_adapter_refused_at_every_entry(model_dir, tmp_path, monkeypatch, entry, how):
+    import minipara
+    from minipara.errors import UserError
+
+    lm = minipara.load(model_dir)
+    ad = poison_lora(lm.new_adapter("lora"), how)
+    run, name = ENTRIES[entry]
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError) as e:
+        run(lm, ad, tmp_path / "out", monkeypatch)
+    assert name in str(e.value) and REASONS[how] in str(e.value), str(e.value)
+    assert not any((tmp_path / "out").glob("[!b]*")), "a refused adapter wrote a file"
+
+
+def test_absurd_option_refused_when_built(model_dir):
+    import minipara
+    from minipara.errors import UserError
+
+    with pytest.raises(UserError, match="alpha must be a finite number within"):
+        minipara.load(model_dir).new_adapter("lora", alpha=1e308)
