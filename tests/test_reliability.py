@@ -187,3 +187,37 @@ def test_absurd_option_refused_when_built(model_dir):
 
     with pytest.raises(UserError, match="alpha must be a finite number within"):
         minipara.load(model_dir).new_adapter("lora", alpha=1e308)
+
+
+# ---- a diverged run stops ------------------------------------------------------------------------
+from test_refusals import data_dir, run_script, train_args  # noqa: E402, F401 - data_dir: the fixture
+
+DIVERGING = {  # flags -> the step that diverges; a warm-up from lr 0 gives one good step first
+    ("--lr", "1e30", "--warmup", "0", "--max-steps", "2"): 1,
+    ("--lr", "1e30", "--warmup", "0.5", "--max-steps", "4", "--eval-every", "1"): 2,
+}
+
+
+@pytest.mark.parametrize("method", ["para", "lora", "ia3"])
+@pytest.mark.parametrize("flags", list(DIVERGING))
+def test_diverged_run_stops_and_keeps_the_last_good_files(model_dir, data_dir, tmp_path, capsys, method, flags):  # noqa: F811
+    import json
+
+    from minipara.io.adapters import load_adapter
+    from minipara.model.config import ModelArgs
+
+    out = tmp_path / "a.safetensors"
+    code, _, err = run_script("train", train_args(model_dir, data_dir, out, *flags, method=method), capsys)
+    step = DIVERGING[flags]
+    assert code == 2 and f"error: training diverged at step {step}" in err and "--lr" in err, err
+    assert "Traceback" not in err
+    assert not out.with_suffix(".report.json").exists()
+    for line in out.with_suffix(".log.jsonl").read_text().splitlines():  # strict JSON: no NaN
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the log: {line}"))
+    if step == 1:
+        assert not out.exists() and not out.with_suffix(".ckpt").exists()
+    else:  # the adapter and checkpoint of step 1 stay, and load
+        args = ModelArgs.from_hf(json.loads((model_dir / "config.json").read_text()))
+        load_adapter(out, args)
+        ck = torch.load(out.with_suffix(".ckpt"), weights_only=True)
+        assert ck["progress"]["step"] == 1
