@@ -92,9 +92,8 @@ class LanguageModel:
         prompt template it was trained with, so generation picks the same one)."""
         from minipara.io.adapters import save_adapter
 
-        save_adapter(
-            path, adapter, self.args, template if template is not None else adapter.template, self.model.weights_id
-        )
+        template = template if template is not None else adapter.template
+        save_adapter(path, adapter, self.args, template, self.model.weights_id, reads=(self.path,))
 
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
@@ -285,7 +284,12 @@ class LanguageModel:
         """Train `adapter` in place on `task` (see `trainer` for the options) and leave the best
         adapter (by dev loss, or TrainConfig.select) in it; with `out`, that adapter is also written there each time it
         improves. Returns the training Result (steps, best dev metrics, history)."""
-        if out is not None:
+        if out is not None:  # refused before training, not at the first evaluation
+            from minipara.io.files import check_output
+            from minipara.train.tasks import Task, load_task
+
+            task = task if isinstance(task, Task) else load_task(task)
+            check_output(out, "out", (self.path, *task.files), ("out",))
             options["on_best"] = lambda ad: self.save_adapter(out, ad)
         tr = self.trainer(adapter, task, config, template, **options)
         result = tr.run()

@@ -3,6 +3,7 @@ adapters are refused wherever they enter; a diverged run stops; outputs never la
 Table-driven, tiny models: each case costs milliseconds."""
 
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,62 @@ def test_diverged_run_stops_and_keeps_the_last_good_files(model_dir, data_dir, t
         load_adapter(out, args)
         ck = torch.load(out.with_suffix(".ckpt"), weights_only=True)
         assert ck["progress"]["step"] == 1
+
+
+# ---- one output-path rule: never an input, never a directory --------------------------------------
+from test_refusals import refused, snapshot  # noqa: E402
+
+
+def test_python_writers_never_write_over_the_model_or_the_data(model_dir, data_dir, tmp_path):  # noqa: F811
+    import minipara
+    from minipara.errors import UserError
+    from minipara.train.tasks import load_task
+
+    lm = minipara.load(model_dir)
+    ad = lm.new_adapter("lora")
+    task = load_task("custom", train=str(data_dir / "train.jsonl"), dev=str(data_dir / "dev.jsonl"))
+    (tmp_path / "d").mkdir()
+    cases = [
+        (lambda: lm.save_adapter(model_dir / "model.safetensors", ad), "a file of"),
+        (lambda: lm.save_adapter(model_dir / "tokenizer.model", ad), "a file of"),
+        (lambda: lm.save_adapter(tmp_path / "d", ad), "is a directory"),
+        (lambda: lm.save_adapter(Path(minipara.__file__).parent / "x.safetensors", ad), "minipara package"),
+        (lambda: lm.train(ad, task, out=model_dir / "model.safetensors"), "a file of"),
+        (lambda: lm.train(ad, task, out=data_dir / "train.jsonl"), "a file this run reads"),
+        (lambda: lm.train(ad, task, out=tmp_path / "d"), "is a directory"),
+    ]
+    before = snapshot(model_dir, data_dir, tmp_path)
+    for call, words in cases:
+        with pytest.raises(UserError, match=words):
+            call()
+    assert snapshot(model_dir, data_dir, tmp_path) == before
+
+
+def test_scripts_never_write_over_the_model_or_into_a_directory(model_dir, data_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import shutil
+
+    import minipara.io.weights
+
+    weights = tmp_path / "weights"
+    shutil.copytree(model_dir, weights / "gemma-3-270m")  # stands for the default model
+    monkeypatch.setattr(minipara.io.weights, "WEIGHTS_DIR", weights)
+    default = weights / "gemma-3-270m"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "b.ckpt").mkdir()
+    train = train_args(model_dir, data_dir, tmp_path / "x.safetensors")
+    at = train.index("--out") + 1
+    no_model = train[: 2 * 2] + train[6:]  # without --model: the default one
+    cases = [
+        (
+            "train",
+            [*no_model[: at - 2], default / "tokenizer.model", *no_model[at - 1 :], "--force"],
+            "tokenizer.model",
+        ),
+        ("train", [*train[:at], tmp_path / "d", *train[at + 1 :], "--force"], "is a directory"),
+        ("train", [*train[:at], tmp_path / "b.safetensors", *train[at + 1 :], "--force"], "is a directory"),
+        ("bench", ["--model", model_dir, "--runs", "1", "--json", model_dir / "config.json"], "config.json"),
+        ("bench", ["--model", model_dir, "--runs", "1", "--json", tmp_path / "d"], "is a directory"),
+        ("bench", ["--model", model_dir, "--runs", "1", "--markdown", tmp_path / "d"], "is a directory"),
+    ]
+    for script, argv, words in cases:
+        refused(script, argv, capsys, words, watch=[tmp_path, model_dir, data_dir])

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from minipara.errors import UserError
-from minipara.io.files import atomic_write
+from minipara.io.files import atomic_write, check_output
 from minipara.io.identity import base_record, canonical_args, compare_base
 from minipara.methods import METHODS, method_class
 from minipara.methods.base import check_values, config_dict
@@ -47,13 +47,17 @@ class BaseModelWarning(UserWarning):
     on its chat variant): allowed, but the user should know."""
 
 
-def save_adapter(path, adapter, model_args: ModelArgs, template: str | None = None, weights_id: str | None = None):
+def save_adapter(
+    path, adapter, model_args: ModelArgs, template: str | None = None, weights_id: str | None = None, reads=()
+):
     """Write `adapter` to `path` atomically (readers see the old file or the complete new one).
     `template`: the prompt template it was trained with, so generation can use the same;
-    `weights_id`: the base model's weights fingerprint (Transformer.weights_id)."""
+    `weights_id`: the base model's weights fingerprint (Transformer.weights_id); `reads`: files
+    and directories in use (the model's), never written over (files.check_output)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a file name such as {path / 'adapter.safetensors'}")
+    check_output(path, "the adapter file", reads)
     check_values(adapter, f"the adapter to write to {path}")  # a file that every load would refuse
     # Clones: safetensors refuses tensors that share memory, and wants them contiguous on the CPU.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter.state_dict().items()}

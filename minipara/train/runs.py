@@ -294,7 +294,8 @@ class _Run:
     def check_outputs(self, files: dict, task):
         """Refuse, before any work: an output that is an input or another output, one that cannot be
         written, and overwriting a finished or interrupted run without force."""
-        from minipara.io.files import OutputLock, check_paths, check_writable
+        from minipara.io.files import OutputLock, check_output, check_paths, check_writable
+        from minipara.io.weights import model_dir
 
         if self.resume and self.force:
             raise UserError("resume continues a run and force starts over: give one of them", ("resume", "force"))
@@ -311,11 +312,14 @@ class _Run:
             if self.task_name == "custom"
             else {f"task file {f.name}": f for f in task.files}
         )
-        if self.model is not None and Path(self.model).is_dir():
-            inputs.update({f"model's {f.name}": f for f in Path(self.model).iterdir() if f.is_file()})
+        model = model_dir(self.model)  # the default model's too
+        if model is not None and model.is_dir():
+            inputs.update({f"model's {f.name}": f for f in model.iterdir() if f.is_file()})
         named = {("out" if k == "out" else f"the {k} file"): f for k, f in mine.items()}
         named["the lock file"] = OutputLock(files["out"]).path
         check_paths(named, inputs)
+        for name, f in named.items():
+            check_output(f, name, (), ("out",))  # no side file a directory, none in the package
         for k, f in mine.items():
             check_writable(f, f"the {k} file")
         existing = [str(f) for k, f in mine.items() if k in ("out", "ckpt", "report") and f.exists()]
