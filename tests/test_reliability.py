@@ -281,3 +281,69 @@ def test_scripts_never_write_over_the_model_or_into_a_directory(model_dir, data_
     ]
     for script, argv, words in cases:
         refused(script, argv, capsys, words, watch=[tmp_path, model_dir, data_dir])
+
+
+# ---- torchrun: ranks agree on their settings at start -------------------------------------------
+RANK_1_DIFFERS = {  # what rank 1 is started with (rank 0: the defaults of train_args)
+    "lr": dict(lr=1e-3),
+    "seed": dict(seed=5),
+    "batch_size": dict(batch_size=2),
+    "max_steps": dict(max_steps=3),
+    "method": dict(method="lora"),
+}
+
+
+def _ranks_worker(rank, ports, model_dir, data_dir, out, results):
+    import os
+
+    from minipara.errors import UserError
+    from minipara.train.runs import run
+
+    torch.set_num_threads(1)
+    for (name, change), port in zip(RANK_1_DIFFERS.items(), ports):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+        kw = dict(method="para", lr=1e-2, seed=0, batch_size=4, max_steps=1)
+        kw.update(change if rank == 1 else {})
+        method = kw.pop("method")
+        try:
+            run(
+                method,
+                "custom",
+                out=f"{out}-{name}.safetensors",
+                model=str(model_dir),
+                train=str(data_dir / "train.jsonl"),
+                dev=str(data_dir / "dev.jsonl"),
+                max_eval=2,
+                eval_beams=1,
+                progress=False,
+                **kw,
+            )
+            results.put((rank, name, "finished"))
+        except UserError as e:
+            results.put((rank, name, str(e)))
+
+
+def test_ranks_started_differently_stop_at_once_naming_the_difference(model_dir, data_dir, tmp_path):  # noqa: F811
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    ports = [free_port() for _ in RANK_1_DIFFERS]
+    args = (ports, model_dir, data_dir, str(tmp_path / "o"), results)
+    procs = [ctx.Process(target=_ranks_worker, args=(r, *args)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = {}
+    for _ in range(2 * len(RANK_1_DIFFERS)):
+        rank, name, msg = results.get(timeout=120)
+        got[rank, name] = msg
+    for p in procs:
+        p.join(30)
+        if p.is_alive():  # (a rank stuck in a collective, as before the check)
+            p.kill()
+    for name in RANK_1_DIFFERS:
+        for rank in (0, 1):
+            msg = got[rank, name]
+            assert f"different settings: {name} is" in msg and "on rank 1" in msg, (rank, name, msg)
+    assert not any(tmp_path.iterdir())

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from minipara.errors import UserError
@@ -241,6 +241,11 @@ class _Run:
         from minipara.train.tasks import load_task
         from minipara.train.trainer import TrainConfig
 
+        # Every rank was started with the same settings (torchrun runs one command per rank, but
+        # nothing stops a launcher from passing each its own), or all stop now.
+        settings = {k: v for k, v in vars(self).items() if k not in ("progress", "command", "options", "device")}
+        settings["task"] = settings.pop("task_name")
+        ranks.agree({**settings, "config": self.config and asdict(self.config), **self.options})
         # Everything that can be refused without the model is checked first.
         train_names = {f.name for f in fields(TrainConfig)}
         training = {k: v for k, v in self.options.items() if k in train_names}
