@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
 from minipara.methods.base import Adapter, check_values
 
@@ -149,7 +149,7 @@ class LanguageModel:
     ) -> list[int]:
         """`ids`, if they leave room for max_new_tokens in the context; else, with `truncate`,
         BOS and the newest tokens that fit (the oldest text is dropped); else a UserError."""
-        room = self.args.max_seq_len - max_new_tokens - n_prefix
+        room = context_room(self.args.max_seq_len, max_new_tokens, n_prefix)  # for the prompt
         if len(ids) <= room:
             return ids
         if not truncate or room < 2:

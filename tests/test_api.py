@@ -96,3 +96,17 @@ def test_library_errors_name_parameters_not_flags(lm):
         lm.generate("red", beam=2)
     with pytest.raises(minipara.UserError, match="2 adapters for 1 prompts"):
         lm.generate(["red"], adapter=[None, None])
+
+
+@pytest.mark.parametrize(
+    "method, options, words",
+    [
+        ("para", {"r": 10**9}, "parameters"),
+        ("lora", {"r": 10**9}, "parameters"),
+        ("iapt", {"soft_tokens": 10**6}, "parameters"),
+    ],
+)
+def test_absurd_adapter_sizes_refused(lm, method, options, words):
+    """Issue 26: r=10**9 tried to allocate hundreds of GB; refused with the count, allocating nothing."""
+    with pytest.raises(minipara.UserError, match=words):
+        lm.new_adapter(method, **options)

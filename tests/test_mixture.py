@@ -295,7 +295,7 @@ def test_lora_tenants_stack_in_as_many_ops_for_sixteen_as_for_two():
     """A prefill places LoRA tenants' parts side by side, for all layers at once: its state
     building runs as many ops for 16 tenants as for 2, and for 6 layers as for 3 (fusing each
     tenant's pair first ran 648 a layer for 16: its kernels made most of a 7B's first-token
-    excess on a GPU, BENCHMARKS.md; gathering per layer, 41 a layer)."""
+    excess on a GPU, docs/benchmarks.md; gathering per layer, 41 a layer)."""
     assert ops_per_prefill("lora", 2) == ops_per_prefill("lora", 16) == ops_per_prefill("lora", 16, n_layers=6) < 60
 
 

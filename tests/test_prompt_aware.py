@@ -114,7 +114,7 @@ def test_iapt_is_not_identity_and_shifts_text_positions():
 def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
     """A uniform l_q (and l_k) of 3 sharpens every attention head. Applied before Gemma 3's
     per-head RMS norm it would be divided away (logits move ~1e-6); after the norm it moves
-    Gemma's logits by the same order as LLaMA's (SPEC.md, decisions after the first review)."""
+    Gemma's logits by the same order as LLaMA's (docs/methods.md, Query/key norm)."""
     moved = {}
     for family in ("llama", "gemma"):
         model = shared_tiny_model(family)
@@ -185,7 +185,7 @@ def test_states_come_from_the_prompt_alone(family, method, monkeypatch):
 
 
 def test_capsule_pooler_is_the_spec_on_the_prompt_slice():
-    """The batched, masked capsule pooler equals SPEC.md's formulas run on each row's prompt alone."""
+    """The batched, masked capsule pooler equals docs/methods.md's formulas (PARADE) run on each row's prompt alone."""
     ad = trained("parade", "llama", 4)
     h = torch.randn(3, 9, ad.args.dim, device=DEVICE)
     _, _, mask = prompt_batch(0, [4, 9, 1], 0)
@@ -208,7 +208,7 @@ def test_capsule_pooler_is_the_spec_on_the_prompt_slice():
 
 @pytest.mark.parametrize("options", [{}, {"pooler": "mean"}])
 def test_iapt_soft_tokens_are_the_spec_on_the_prompt_slice(options):
-    """Batched, masked soft tokens equal SPEC.md's formulas on each row's prompt alone, with
+    """Batched, masked soft tokens equal docs/methods.md's formulas (IAPT) on each row's prompt alone, with
     layers 0-1 and 2 (a smaller last group) sharing W_down, W_up and R."""
     ad = trained("iapt", "gemma", 5, share_every=2, **options)
     h = torch.randn(2, 8, ad.args.dim, device=DEVICE)
@@ -327,7 +327,7 @@ def test_parameter_counts_on_llama2_7b_shape():
     # PARADE-3 / PARADE-4 without b_up: the paper's 9.8M and 9.4M (plus the capsules)
     assert count("parade", targets="qkvgu", r=8, up_bias=False)[0] == 9_830_400 + 32 * (8 * 8 + 4 * 8)
     assert count("parade", targets="qv", r=24, up_bias=False)[0] == 9_437_184 + 32 * (24 * 24 + 4 * 24)
-    # IAPT: SPEC's formula (16.8M; the paper says 8.4M) plus R's 12 per sharing group
+    # IAPT: the paper's formula (docs/methods.md, IAPT) (16.8M; the paper says 8.4M) plus R's 12 per sharing group
     assert count("iapt") == (8 * 2 * 4096 * 256 + 32 * 256 * 4 + 8 * 12, 8 * 12) == (16_810_080, 96)
     assert count("iapt", share_every=16, m=1024)[0] == 2 * 2 * 4096 * 1024 + 32 * 1024 * 4 + 2 * 12
     assert count("iapt", share_every=1, m=64)[0] == 32 * 2 * 4096 * 64 + 32 * 64 * 4 + 32 * 12
@@ -377,7 +377,7 @@ def test_bad_options_are_refused(method, options, message):
     [("relu", F.relu, F.relu), ("gelu", F.gelu, F.gelu), ("relu-gelu", F.relu, F.gelu), ("gelu-relu", F.gelu, F.relu)],
 )
 def test_fixed_activation_variants(method, activation, first, last):
-    """PEDRO-5/6/7 and IAPT-4..7 (SPEC.md): fixed activations, split by depth at half the layers;
+    """PEDRO-5/6/7 and IAPT-4..7 (docs/methods.md): fixed activations, split by depth at half the layers;
     with no rational left there are no architecture parameters (no bi-level steps)."""
     args = ModelArgs(**{**tiny_args("llama").__dict__, "n_layers": 4})
     ad = build_adapter(method, args, activation=activation)

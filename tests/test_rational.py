@@ -7,7 +7,7 @@ from minipara.methods.rational import GELU_A, GELU_B, LIMIT, Rational, fit_gelu,
 
 
 def plain(x, a, b):
-    """SPEC.md's formula as written, without the clamp."""
+    """docs/methods.md's formula (Rational activation) as written, without the clamp."""
     num = sum(a[j] * x**j for j in range(7))
     return num / (1 + sum(b[i - 1] * x**i for i in range(1, 6)).abs())
 
@@ -28,7 +28,7 @@ def test_init_is_gelu_on_minus_3_to_3():
     x = torch.linspace(-3, 3, 60001)
     with torch.no_grad():
         err = (r(x) - F.gelu(x)).abs().max()
-    assert err < 0.02  # SPEC.md's bound
+    assert err < 0.02  # docs/methods.md's bound (Rational activation)
     assert err < 2e-4  # what the least-squares fit actually reaches (1.2e-4)
 
 

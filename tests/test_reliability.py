@@ -161,7 +161,7 @@ ENTRIES = {
         lambda lm, ad, t, mp: lm.load_adapter(write_unchecked(mp, t / "b.safetensors", ad, lm.args)),
         "b.safetensors",
     ),
-    "server pool": (lambda lm, ad, t, mp: _pool(lm, t, mp, ad), "bad.safetensors"),
+    "server pool": (lambda lm, ad, t, mp: _pool(lm, t, mp, ad), "adapter 'bad'"),  # (no server paths)
 }
 REASONS = {"nan": "NaN or infinite", "inf": "NaN or infinite", "overflow": "up to 1e+30", "alpha": "alpha"}
 

@@ -27,7 +27,7 @@ import minipara
 from minipara.io.adapters import save_adapter
 from minipara.io.checkpoints import load_model
 from minipara.methods import build_adapter
-from minipara.serve.app import build_app, make_server, parse
+from minipara.serve.app import make_server, parse, uvicorn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("para", "lora", "iapt")
@@ -54,8 +54,9 @@ class Running:
 
     def __init__(self, files, *flags):
         model_dir, adapters = files
-        self.server = make_server(parse(["--model", str(model_dir), "--adapters", str(adapters), *flags]))
-        self.uv = uvicorn.Server(uvicorn.Config(build_app(self.server), log_level="warning"))
+        a = parse(["--model", str(model_dir), "--adapters", str(adapters), *flags])
+        self.server = make_server(a)
+        self.uv = uvicorn_server(self.server, a)  # the flags' timeouts and limits, as main() serves
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
@@ -206,7 +207,8 @@ def post(url, data: bytes):
         (dict(temperature=3), 400, "temperature"),
         (dict(top_p=0), 400, "top_p"),
         (dict(max_tokens=0), 400, "max_tokens"),
-        (dict(n=2), 400, "n"),
+        (dict(n=5), 400, "n"),  # more choices than rows (--max-batch 4)
+        (dict(logprobs=21), 400, "logprobs"),
         (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ],
 )
@@ -374,3 +376,239 @@ def test_pool_warns_for_adapters_made_on_other_weights(tmp_path):
         pool.get("mine")
     with pytest.warns(BaseModelWarning, match="other weights"):
         pool.get("other")
+
+
+def test_logprobs_n_and_seed(server, files):
+    """n choices share one prefill, each from its own random stream of the seed (choice 0 is
+    what generate.py gives for that seed); logprobs report the model's distribution."""
+    c = server.client
+    kw = dict(model="para", prompt="the cat", max_tokens=6, temperature=1.0, seed=11)
+    first = [ch.text for ch in c.completions.create(n=3, **kw).choices]
+    again = c.completions.create(n=3, **kw)
+    assert [ch.text for ch in again.choices] == first and [ch.index for ch in again.choices] == [0, 1, 2]
+    assert len(set(first)) > 1 and again.usage.completion_tokens == 18
+    lm = _LMS.get(files[0]) or _LMS.setdefault(files[0], minipara.load(files[0]))
+    ad = lm.load_adapter(files[1] / "para.safetensors")
+    assert first[0] == lm.generate("the cat", adapter=ad, max_new_tokens=6, temperature=1.0, seed=11).text
+    # Greedy: each token is the most likely one, and its logprob the largest of the top ones.
+    got = c.completions.create(model="lora", prompt="the cat is", max_tokens=5, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == got.usage.completion_tokens == 5
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # (up to 3: tokens that decode to the same text share a key, as in OpenAI's format)
+        assert 1 <= len(top) <= 3 and v <= 0 and abs(v - max(top.values())) < 1e-5 and tok in top
+    assert "".join(lp.tokens) == got.choices[0].text
+    # Chat, streamed, two choices: every token's logprobs arrive with its choice's chunks.
+    stream = c.chat.completions.create(
+        model="lora",
+        messages=[{"role": "user", "content": "red dog"}],
+        max_tokens=4,
+        temperature=0.8,
+        seed=2,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    texts, entries = ["", ""], [[], []]
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            entries[ch.index] += ch.logprobs.content if ch.logprobs and ch.logprobs.content else []
+    for text, es in zip(texts, entries):
+        assert len(es) == 4 and "".join(e.token for e in es) == text
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in es)
+
+
+# ---- issue 26: no client mistake is a 500; issue 25: health, metrics, request ids, adapters --------
+DEEP = b'{"model": "base", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize(
+    "raw, status, param",
+    [
+        (DEEP, 400, None),  # RecursionError in the parser
+        (b'{"model": "base", "prompt": "a", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),  # digit limit
+        (json.dumps({"model": "m" * 300, "prompt": "a"}).encode(), 404, "model"),  # file name too long
+        (b'{"model": "base", "prompt": "the \\ud800 cat"}', 400, "prompt"),  # a lone surrogate
+        (b'{"model": "base", "messages": [{"role": "user", "content": "\\udc00"}]}', 400, "messages"),
+        (b'{"model": "base", "prompt": "a", "stop": ["\\ud800"]}', 400, "stop"),
+        (b'{"model": "\\ud800", "prompt": "a"}', 400, "model"),
+        (b'{"model": "base", "prompt": "a", "temperature": NaN}', 400, "temperature"),
+        (b'{"model": "base", "prompt": "a", "top_p": NaN}', 400, "top_p"),
+        (b'{"model": "base", "prompt": "a", "seed": 1180591620717411303424}', 400, "seed"),  # 2**70
+        (b'{"model": "base", "prompt": "a", "n": 0}', 400, "n"),
+        (b'{"model": "base", "prompt": "a", "best_of": 0}', 400, "best_of"),
+        # the serving side's fields, through protocol.py too
+        (b'{"model": "base", "prompt": "a", "seed": 9223372036854775808}', 400, "seed"),  # 2**63
+        (b'{"model": "base", "prompt": "a", "n": 1e400}', 400, "n"),  # infinity
+        (b'{"model": "base", "prompt": "a", "n": 5}', 400, "n"),  # over --max-batch 4
+        (b'{"model": "base", "prompt": "a", "logprobs": -1}', 400, "logprobs"),
+        (b'{"model": "base", "prompt": "a", "logprobs": true}', 400, "logprobs"),  # a count here
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a"}], "logprobs": 3}', 400, "logprobs"),
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}', 400, "top_logprobs"),
+        (
+            b'{"model": "base", "messages": [{"role": "user", "content": "a"}], "logprobs": true, "top_logprobs": 21}',
+            400,
+            "top_logprobs",
+        ),
+        (b'{"model": "base", "prompt": "a", "ignore_eos": "yes"}', 400, "ignore_eos"),
+        (b'{"model": "base", "prompt": "a", "stream_options": "yes"}', 400, "stream_options"),
+    ],
+)
+def test_client_mistakes_are_4xx(server, raw, status, param):
+    got, body = post(server.url + "/completions" if b"messages" not in raw else server.url + "/chat/completions", raw)
+    assert got == status and body["error"]["param"] == param, body
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_tiny_temperature_is_greedy(server):
+    """temperature 1e-300 is 0 as a float32: the sampler takes it as its limit, greedy."""
+    c = server.client
+    greedy = c.completions.create(model="lora", prompt="the cat", max_tokens=6, temperature=0).choices[0].text
+    tiny = c.completions.create(model="lora", prompt="the cat", max_tokens=6, temperature=1e-300).choices[0].text
+    assert tiny == greedy
+
+
+def test_sampler_tiny_temperature():
+    """generation.sample (which replaced _pick): a temperature that is 0 as a float32, or below
+    float32's smallest normal number, samples as greedy, top-k and top-p or not."""
+    from minipara.decode.generation import GenerationConfig, sample, sampling_rows
+
+    logits = torch.randn(3, 50)
+    for t in (1e-300, 1e-45, torch.finfo(torch.float32).tiny / 2):
+        for cfg in (
+            GenerationConfig(temperature=t, seed=0),
+            GenerationConfig(temperature=t, top_p=0.5, top_k=3, seed=0),
+        ):
+            temperature, top_k, top_p, key = sampling_rows(cfg, 3, "cpu")
+            temperature = torch.full((3,), t, dtype=torch.float64)  # as given, not yet a float32
+            for step in range(4):
+                got = sample(logits, temperature, top_k, top_p, key, torch.full((3,), step))
+                assert torch.equal(got, logits.argmax(-1)), (t, cfg)
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--port", "99999"], "--port"),
+        (["--adapter-memory", "nan"], "--adapter-memory"),
+        (["--context", "600"], "--context"),  # the tiny model has 256 positions
+        (["--max-waiting", "-1"], "--max-waiting"),
+        (["--prefill-budget", "-1"], "--prefill-budget"),
+        (["--shutdown-timeout", "nan"], "--shutdown-timeout"),
+        (["--max-body-mb", "0"], "--max-body-mb"),
+        (["--header-timeout", "-1"], "--header-timeout"),
+    ],
+)
+def test_bad_flags_refused(files, flags, words):
+    from minipara.errors import UserError
+
+    with pytest.raises(UserError, match=words):
+        make_server(parse(["--model", str(files[0]), *flags]))
+
+
+@pytest.fixture(scope="module")
+def bad_folder(files, tmp_path_factory):
+    """An adapter folder with one good adapter and every kind of bad file."""
+    import os
+
+    from minipara.io.adapters import load_adapter
+
+    d = tmp_path_factory.mktemp("bad")
+    shutil_copy = (files[1] / "lora.safetensors").read_bytes()
+    (d / "good.safetensors").write_bytes(shutil_copy)
+    (d / "dir.safetensors").mkdir()
+    os.symlink(d / "nowhere", d / "dangling.safetensors")
+    args = load_model(files[0], torch.float32, torch.device("cpu")).args
+    ad = load_adapter(files[1] / "lora.safetensors", args)
+    save_adapter(d / "template.safetensors", ad, args, template="no-such-template")
+    # an adapter whose config asks for r=10**9 (hundreds of GB): the file's metadata edited
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(d / "good.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    config["r"] = 10**9
+    save_file(tensors, str(d / "huge.safetensors"), {**meta, "config": json.dumps(config)})
+    return files[0], d
+
+
+def test_bad_adapter_files_are_skipped(bad_folder):
+    s = Running(bad_folder)
+    try:
+        assert s.client.completions.create(model="good", prompt="the cat", max_tokens=2).usage.completion_tokens
+        for name in ("template", "huge"):
+            with pytest.raises(openai.BadRequestError) as e:
+                s.client.completions.create(model=name, prompt="the cat", max_tokens=2)
+            msg = e.value.body["message"]
+            assert name in msg and str(bad_folder[1]) not in msg and "safetensors" not in msg, msg
+        for name in ("dir", "dangling"):
+            with pytest.raises(openai.NotFoundError):
+                s.client.completions.create(model=name, prompt="the cat", max_tokens=2)
+    finally:
+        s.close()
+
+
+def test_body_limits_and_timeouts(files):
+    s = Running(files, "--max-body-mb", "0.01", "--header-timeout", "0.5", "--body-timeout", "0.5")
+    try:
+        status, body = post(s.url + "/completions", json.dumps({"model": "base", "prompt": "a " * 20000}).encode())
+        assert status == 413, body
+        host, port = s.url.split("//")[1].split("/")[0].split(":")
+        idle = socket.create_connection((host, int(port)))
+        slow = socket.create_connection((host, int(port)))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        idle.settimeout(5)
+        slow.settimeout(5)
+        assert idle.recv(100) == b""  # closed at the header deadline
+        assert slow.recv(1000).startswith(b"HTTP/1.1 408")
+        idle.close()
+        slow.close()
+    finally:
+        s.close()
+
+
+def test_health_metrics_request_id_models(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = server.client
+    raw = c.completions.with_raw_response.create(
+        model="lora", prompt="the cat", max_tokens=4, extra_headers={"X-Request-Id": "abc-123"}
+    )
+    assert raw.headers["x-request-id"] == "abc-123"
+    raw = c.completions.with_raw_response.create(model="lora", prompt="the cat", max_tokens=4)
+    assert len(raw.headers["x-request-id"]) == 32  # made up
+    models = {m.id: m for m in c.models.list()}
+    assert models["lora"].parent == "base" and models["base"].parent is None
+    base = server.url.removesuffix("/v1")
+    with urllib.request.urlopen(base + "/health", timeout=10) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("minipara:requests_total", (("model", "lora"),))] >= 2
+    assert samples[("minipara:time_to_first_token_seconds_count", ())] >= 2
+    assert samples[("minipara:generation_tokens_total", ())] >= 8
+    assert ("minipara:num_requests_running", ()) in samples and ("minipara:adapters_resident", ()) in samples
+    assert families["minipara:time_per_output_token_seconds"].type == "histogram"
+
+
+def test_adapter_updates_only_with_the_flag(server, files, tmp_path):
+    base = server.url
+    assert post(base + "/load_lora_adapter", b'{"lora_name": "x"}')[0] == 404  # off by default
+    s = Running(files, "--allow-adapter-updates")
+    try:
+        (tmp_path / "new.safetensors").write_bytes((files[1] / "para.safetensors").read_bytes())
+        body = json.dumps({"lora_name": "tenant", "lora_path": str(tmp_path / "new.safetensors")}).encode()
+        assert post(s.url + "/load_lora_adapter", body)[0] == 200
+        assert "tenant" in [m.id for m in s.client.models.list()]
+        assert s.client.completions.create(model="tenant", prompt="the cat", max_tokens=2).usage.completion_tokens
+        assert post(s.url + "/unload_lora_adapter", b'{"lora_name": "tenant"}')[0] == 200
+        with pytest.raises(openai.NotFoundError):
+            s.client.completions.create(model="tenant", prompt="the cat", max_tokens=2)
+        status, err = post(s.url + "/load_lora_adapter", json.dumps({"lora_name": "t2", "lora_path": "/nope"}).encode())
+        assert status == 400 and err["error"]["param"] == "lora_path"
+    finally:
+        s.close()

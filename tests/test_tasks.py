@@ -50,9 +50,9 @@ def test_copa_ships_with_its_splits_and_template():
 @pytest.mark.parametrize(
     "name, expected, first_response",
     [
-        ("rte", {"train": 2490, "dev": 138, "test": 139}, "not entailment"),  # SPEC.md: validation halved
+        ("rte", {"train": 2490, "dev": 138, "test": 139}, "not entailment"),  # validation halved (docs/methods.md)
         ("sst2", {"train": 66349, "dev": 1000, "test": 872}, "negative"),  # 1,000 train rows as dev; GLUE dev as test
-        ("gsm8k", {"train": 6973, "dev": 500, "test": 1319}, None),  # 500 train problems as dev (SPEC.md)
+        ("gsm8k", {"train": 6973, "dev": 500, "test": 1319}, None),  # 500 train problems as dev (docs/methods.md)
     ],
 )
 def test_tasks_ship_gzipped_with_their_licence(name, expected, first_response):
@@ -171,7 +171,7 @@ def test_squad_json(tmp_path):
     ex = task.splits["test"][1]
     assert (ex.prompt, ex.response, ex.answers) == ("Context:\nctx\nQuestion:\nq1?", "a1", ["a1", "the a1"])
     assert task.metric(["x", "the A1!"], task.splits["test"]) == {"f1_em": 0.5, "f1": 0.5, "exact_match": 0.5}
-    # The papers' SQuAD/ReCoRD score, first (primary): the mean of F1 and exact match (SPEC.md).
+    # The papers' SQuAD/ReCoRD score, first (primary): the mean of F1 and exact match (docs/methods.md, Metrics).
     assert task.metric_name == "f1_em"
     # "a0 b" vs "a0": F1 2/3, EM 0; "a1": F1 1, EM 1 -> F1 5/6, EM 1/2, f1_em 2/3
     assert task.metric(["a0 b", "a1"], task.splits["test"]) == pytest.approx(
@@ -202,7 +202,7 @@ def test_e2e_official_splits_group_references_for_evaluation(tmp_path):
         tmp_path / "e2e/testset_w_refs.csv", 'mr,ref\n"name[A]","A is nice."\n"name[A]","A, nice."\n"name[B]","B."\n'
     )
     task = load_task("e2e", str(tmp_path))
-    # SPEC.md: the official files as they are; a random hold-out of training rows would leak
+    # docs/methods.md, Splits: the official files as they are; a random hold-out of training rows would leak
     # (each meaning representation has several references).
     assert sizes(task) == {"train": 5, "dev": 1, "test": 2}
     ex = task.splits["train"][0]
@@ -220,7 +220,7 @@ def test_gsm8k_jsonl(tmp_path):
     write_jsonl(tmp_path / "gsm8k/train.jsonl", rows)
     write_jsonl(tmp_path / "gsm8k/test.jsonl", rows[1233:1234])
     task = load_task("gsm8k", str(tmp_path))
-    assert sizes(task) == {"train": DEV_SIZE + 300 - 500, "dev": 500, "test": 1}  # SPEC.md: 500 problems as dev
+    assert sizes(task) == {"train": DEV_SIZE + 300 - 500, "dev": 500, "test": 1}  # 500 as dev (docs/methods.md, Splits)
     ex = task.splits["test"][0]
     assert ex.prompt == "Answer the following math quesition:\n1233+1?\nInstruction: please think step by step."
     assert ex.response == rows[1233]["answer"] and ex.answers == ["1,234"]
@@ -239,7 +239,7 @@ def test_wikisql_renders_sql_and_executes(tmp_path):
         "question": "Most goals for Red and Blue?",
         "sql": {"sel": 1, "agg": 1, "conds": [[2, 0, "Red and Blue"]]},
     }
-    for split, n in (("train", 3), ("dev", 2), ("test", 1)):  # the official files (SPEC.md)
+    for split, n in (("train", 3), ("dev", 2), ("test", 1)):  # the official files (docs/methods.md, Splits)
         write_jsonl(tmp_path / f"wikisql/{split}.tables.jsonl", [table])
         write_jsonl(tmp_path / f"wikisql/{split}.jsonl", [row] * n)
     task = load_task("wikisql", str(tmp_path))
@@ -363,7 +363,7 @@ rouge_text = st.text(alphabet=st.sampled_from(list("abcAB 0,.'-é\n")), max_size
 @settings(max_examples=300, deadline=None)
 @given(rouge_text, st.lists(rouge_text, min_size=1, max_size=3))
 def test_rouge_l_equals_the_rouge_score_package(pred, refs):
-    """SPEC.md: ROUGE-L is HF Evaluate's, i.e. rouge-score's rougeL F-measure, best over the
+    """docs/methods.md, Metrics: ROUGE-L is HF Evaluate's, i.e. rouge-score's rougeL F-measure, best over the
     references (RougeScorer.score_multi)."""
     rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
     expected = rouge_scorer.RougeScorer(["rougeL"]).score_multi(refs, pred)["rougeL"].fmeasure

@@ -382,7 +382,7 @@ def test_default_training_config():
         10,
         3,
     )
-    assert (c.select, c.max_grad_norm, c.max_len) == ("loss", 1.0, 2048)  # SPEC.md, decisions after review
+    assert (c.select, c.max_grad_norm, c.max_len) == ("loss", 1.0, 2048)  # docs/methods.md, Training
     c = TrainConfig().resolved(50_000)
     assert (c.batch_size, c.eval_every) == (128, 200)
     with pytest.raises(UserError, match="batch_size 16 is not divisible by micro_batch 5"):

@@ -142,14 +142,14 @@ def check_options(a) -> tuple[list[str], list[int]]:
 
 def check_context(model, variants: list[str], a):
     """Prompt, new tokens and the largest prefix (P-tuning v2, IAPT) must fit the context."""
+    from minipara.decode.generation import context_room
     from minipara.methods import build_adapter
 
     with torch.device("meta"):  # only n_prefix is wanted: no memory, no time
         prefix = max(
             (build_adapter(v, model.args).n_prefix for v in variants if v not in ("base", "lora-merged")), default=0
         )
-    need = a.prompt_tokens + a.new_tokens + prefix
-    if need > model.args.max_seq_len:
+    if a.new_tokens > context_room(model.args.max_seq_len, a.prompt_tokens, prefix):
         raise UserError(
             f"--prompt-tokens {a.prompt_tokens} plus --new-tokens {a.new_tokens}"
             + (f" plus {prefix} prefix slots" if prefix else "")

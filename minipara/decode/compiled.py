@@ -10,7 +10,7 @@ neighbouring kernels, LoRA a pair of small matmuls.
 On CUDA the compiler tunes its kernels by coordinate descent, under which it also makes a
 one-row product a reduction of its own (fused with the input's norm) instead of a cuBLAS
 GEMV: on an H100 the 7B's decode step goes from 5.6 to 5.2 ms of GPU time
-(scripts/probes/gpu_decode.py, results/probes/).
+(docs/benchmarks.md; the probe, scripts/probes/gpu_decode.py, is in git history).
 
 The prefill runs once per request but launches a few thousand small kernels (norms,
 RoPE, and each layer's generator): eagerly, a batch-1 prefill of a 7B model is
@@ -20,7 +20,9 @@ for the 7B's 274-token prefill on an H100), recorded once and then replayed as o
 launch; a mixture of tenants' generators run eagerly inside it (mixture.py).
 """
 
+import os
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -28,7 +30,7 @@ from minipara.model.cache import reorder_packed
 from minipara.model.layer_state import LayerState
 
 # LoRA's steps compile without coordinate-descent tuning (see compile_decoder); the probe
-# (scripts/probes/gpu_decode.py) sets this to measure them tuned.
+# (scripts/probes/gpu_decode.py, in git history) set this to measure them tuned.
 TUNE_LORA_STEPS = False
 # A captured beam step moves this many slots after the shared prompt (bucketed statically,
 # so one graph serves every step and prompt length); longer generations reorder eagerly.
@@ -41,6 +43,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     LoRA's steps; plain inductor on CPU), and on CUDA `decoder.run_prefill` with compiled,
     recorded graphs (`graph_prefill`). Numerics match the eager path to float rounding: the
     compiler may fuse and reorder the arithmetic."""
+    persistent_caches()
     model = decoder.model
     n_layers = model.args.n_layers
     cuda = model.tok_embeddings.weight.is_cuda
@@ -50,8 +53,8 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
         # generated reductions (gpt-fast sets it too). LoRA's steps compile untuned: tuned, the
         # step ran slower (176.1 against 181.3 tok/s on an H200: its x.A reads split the tuned
         # fusions) and compiled for 123 s against 87-122 s
-        # (results/probes/gpu-decode-2026-11-26.txt); with x.A folded into the base product,
-        # tuned, at 103.5 against 175.4 (results/probes/gpu-decode-2026-11-26-lorafold.txt).
+        # (results/probes/gpu-decode-2026-11-26.txt, in git history); with x.A folded into the
+        # base product, tuned, at 103.5 against 175.4 (the -lorafold.txt log beside it).
         plain = {"mode": "reduce-overhead"}
         tuned = {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
     if graph_prefill is None:
@@ -123,6 +126,36 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     if graph_prefill:
         decoder.run_prefill = PrefillGraphs(decoder.run_prefill, torch.compile(decoder.run_prefill))
     return decoder
+
+
+def persistent_caches() -> Path:
+    """Keep the compiler's caches (inductor's FX graphs and AOT autograd artifacts, Triton's
+    kernels, autotuning results) in the per-user cache folder, ~/.cache/minipara/compile
+    ($MINIPARA_COMPILE_CACHE, or $XDG_CACHE_HOME's), instead of a temporary folder: a second
+    start with the same model and settings then traces but compiles nothing. Variables
+    already set (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) win."""
+    root = os.environ.get("MINIPARA_COMPILE_CACHE")
+    root = (
+        Path(root)
+        if root
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minipara" / "compile"
+    )
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return root
+
+
+def compile_kwargs(cuda: bool, tune: bool) -> dict:
+    """torch.compile's options for a decode step: on CUDA, CUDA graphs, and with `tune` the
+    coordinate-descent tuning of the generated kernels (see compile_decoder); plain inductor
+    on CPU."""
+    if not cuda:
+        return {}
+    if tune:
+        return {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    return {"mode": "reduce-overhead"}
 
 
 def mark_static(tensors):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipara.errors import UserError
+from minipara.model.adapter import AdapterLike
 
 
 @dataclass
@@ -48,6 +49,25 @@ class GenerationConfig:
             raise UserError("beam search is deterministic here: use beams 1 to sample", ("beams",))
 
 
+def context_room(context: int, n_prompt: int, n_prefix: int = 0) -> int:
+    """How many new tokens fit after a prompt: the one context-length rule, used by generation,
+    training, evaluation, the benchmark and the server. An adapter's prefix slots, the prompt
+    and the new tokens together must fit the context (the model's max_seq_len, or less)."""
+    return context - n_prefix - n_prompt
+
+
+def check_context(context: int, n_prompt: int, n_new: int, n_prefix: int = 0, what: str = "prompt", new: str = ""):
+    """A UserError unless `context_room` leaves `n_new` tokens; `what` names the prompt, `new`
+    says what the new tokens are (default: max_new_tokens)."""
+    if n_new > context_room(context, n_prompt, n_prefix):
+        new = new or f"max_new_tokens ({n_new})"
+        raise UserError(
+            f"{what} ({n_prompt} tokens) plus {new}{f' plus {n_prefix} prefix slots' if n_prefix else ''} "
+            f"exceeds the model's context of {context} tokens",
+            ("max_new_tokens",),
+        )
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, device):
     """(B, T) tokens and (B, T) validity mask, prompts aligned to the right."""
     T = max(len(p) for p in prompts)
@@ -79,7 +99,7 @@ class Decoder:
         c.reset(n_prefix)
         return c
 
-    def prefill(self, tokens, valid, max_len, adapter=None):
+    def prefill(self, tokens, valid, max_len, adapter: AdapterLike | None = None):
         """A cache holding the prompts (and the adapter's states), and the logits (B, V) of
         the first new token."""
         n_pre = adapter.n_prefix if adapter is not None else 0
@@ -87,7 +107,7 @@ class Decoder:
         return cache, self.run_prefill(cache, tokens, valid, adapter)
 
     @torch.no_grad()
-    def run_prefill(self, cache, tokens, valid, adapter):
+    def run_prefill(self, cache, tokens, valid, adapter: AdapterLike | None):
         """Fill an emptied cache with the prompts; last-position logits (B, V).
         May be replaced by a replayed CUDA graph (see fast.py)."""
         return self.model(tokens, valid=valid, cache=cache, adapter=adapter, last_only=True)[:, -1]
@@ -125,7 +145,12 @@ class Decoder:
 
 @torch.no_grad()
 def generate(
-    model, prompts: list[list[int]], cfg: GenerationConfig, adapter=None, decoder: Decoder | None = None, on_token=None
+    model,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    adapter: AdapterLike | None = None,
+    decoder: Decoder | None = None,
+    on_token=None,
 ) -> list[list[int]]:
     """Generated token ids for each prompt (EOS included when produced).
 
@@ -138,13 +163,7 @@ def generate(
     eos = tuple(a.eos_ids if cfg.eos_ids is None else cfg.eos_ids)
     n_pre = adapter.n_prefix if adapter is not None else 0
     longest = max(len(p) for p in prompts)
-    if n_pre + longest + cfg.max_new_tokens > a.max_seq_len:
-        raise UserError(
-            f"prompt ({longest} tokens) plus max_new_tokens ({cfg.max_new_tokens})"
-            f"{f' plus {n_pre} prefix slots' if n_pre else ''} exceeds the model's context "
-            f"of {a.max_seq_len} tokens",
-            ("max_new_tokens",),
-        )
+    check_context(a.max_seq_len, longest, cfg.max_new_tokens, n_pre)
     decoder = decoder or Decoder(model)
     device = model.tok_embeddings.weight.device
     tokens, valid = left_pad(prompts, a.pad_id, device)
@@ -154,35 +173,90 @@ def generate(
     return _beam_search(decoder, cache, logits, cfg, eos)
 
 
-def _pick(logits, cfg: GenerationConfig, gen):
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
-    # to -inf (greedy, its limit) rather than everything to +-inf and NaN.
+M32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A 32-bit integer hash (Wellons' lowbias32, with multipliers below 2**31 so that no
+    product overflows int64): on Python ints and on int64 tensors alike."""
+    x = x & M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x1B873593) & M32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """The random stream of row `stream` (a batch row, or one of a request's n choices) of a
+    request seeded `seed`: what `sample` draws from, with the step."""
+    return mix32(mix32(mix32(seed & M32) ^ ((seed >> 32) & M32)) + stream)
+
+
+def sample(logits, temperature, top_k, top_p, key, step):
+    """One token per row of logits (B, V), with per-row settings as (B,) tensors: temperature
+    (0: greedy), top_k (0: off), top_p, and the row's stream `key` (stream_key) and `step`.
+
+    Sampling is an argmax of logits plus Gumbel noise hashed from (key, step, token id), not
+    a stateful generator: a row's draws depend on its own seed and step only, so a request
+    samples the same tokens alone, in any batch, and inside a captured graph.
+    Every op is a tensor op, whatever the settings (so one graph serves all of them)."""
     logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1:
-        sorted_l, order = logits.sort(-1, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > cfg.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    V = logits.shape[-1]
+    greedy = logits.argmax(-1)
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the
+    # others to -inf (greedy, its limit) rather than everything to +-inf and NaN. A temperature
+    # below float32's smallest normal number (or one that rounds to 0 as a float32) is greedy,
+    # and the division never sees a 0 (0/0 is NaN).
+    tiny = torch.finfo(torch.float32).tiny
+    temperature = temperature.float()
+    t = temperature.clamp(min=tiny)[:, None]
+    scaled = (logits - logits.amax(-1, keepdim=True)) / t
+    ranked, _ = scaled.sort(-1, descending=True)
+    # The kept set is a prefix of the ranking: top-k's k, then top-p's smallest prefix that
+    # reaches p; everything below the last kept value is dropped.
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    ranked = ranked.masked_fill(torch.arange(V, device=logits.device) >= k[:, None], float("-inf"))
+    probs = ranked.softmax(-1)
+    n_keep = ((probs.cumsum(-1) - probs) <= top_p.float()[:, None]).sum(-1).clamp(1, V)
+    n_keep = torch.minimum(n_keep, k)
+    floor = ranked.gather(1, (n_keep - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < floor, float("-inf"))
+    ids = torch.arange(V, device=logits.device, dtype=torch.long)
+    h = mix32(mix32(key[:, None] ^ mix32(step[:, None] + 0x9E3779B9)) + ids * 0x9E3779B1)
+    u = ((h >> 8).float() + 0.5) * 2.0**-24  # in (0, 1)
+    drawn = (scaled - (-u.log()).log()).argmax(-1)
+    return torch.where(temperature >= tiny, drawn, greedy)
+
+
+def token_logprobs(logits, tokens, k: int):
+    """The model's log-probabilities (temperature 1, unfiltered, as OpenAI's API reports them)
+    of `tokens` (B,), and the k most likely tokens' (values, ids), each (B, k)."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(min(k, lp.shape[-1]))
+    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
+
+
+def sampling_rows(cfg: GenerationConfig, B: int, device):
+    """(temperature, top_k, top_p, key) for B rows of one request config: row b draws from
+    stream b of the seed (a random seed if none)."""
+    seed = cfg.seed if cfg.seed is not None else torch.seed()
+    return (
+        torch.full((B,), cfg.temperature, device=device),
+        torch.full((B,), cfg.top_k, dtype=torch.long, device=device),
+        torch.full((B,), cfg.top_p, device=device),
+        torch.tensor([stream_key(seed, b) for b in range(B)], device=device),
+    )
 
 
 def _sample(decoder, cache, logits, cfg, eos, on_token):
     B = logits.shape[0]
-    gen = None
-    if cfg.temperature > 0:
-        gen = torch.Generator(device=logits.device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    rows = sampling_rows(cfg, B, logits.device)
     eos_t = torch.tensor(eos, device=logits.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     out = []
     for t in range(cfg.max_new_tokens):
-        nxt = _pick(logits, cfg, gen)
+        nxt = sample(logits, *rows, torch.full((B,), t, device=logits.device)) if cfg.temperature else logits.argmax(-1)
         out.append(nxt)
         if on_token is not None:
             for row in (~done).nonzero().flatten().tolist():

@@ -33,7 +33,7 @@ from safetensors.torch import save
 from minipara.errors import UserError
 from minipara.io.files import atomic_write, check_output
 from minipara.io.identity import base_record, canonical_args, compare_base
-from minipara.methods import METHODS, method_class
+from minipara.methods import METHODS, construct, method_class
 from minipara.methods.base import check_values, config_dict
 from minipara.model.config import ModelArgs
 
@@ -197,7 +197,7 @@ def load_adapter(path, model_args: ModelArgs, weights_id: str | None = None):
     check_base(path, meta, model_args, weights_id)
     cls = method_class(meta["method"])
     try:
-        adapter = cls(_config(cls, config, path), model_args)
+        adapter = construct(cls, _config(cls, config, path), model_args)
     except (ValueError, UserError) as e:  # a config the method refuses
         raise UserError(f"{path}: bad {cls.method} config: {e}") from None
     want = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}

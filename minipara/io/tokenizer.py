@@ -1,5 +1,5 @@
 """Tokenizers (SentencePiece `tokenizer.model`, or HF `tokenizer.json` through the `tokenizers`
-library) and the chat templates of SPEC.md ("Prompt templates"), plus ChatML and LLaMA 3's.
+library) and the chat templates of docs/methods.md (Prompt templates), plus ChatML and LLaMA 3's.
 
 A template wraps a prompt and its response. For the SentencePiece families (llama2, gemma) its
 leading BOS marker (`<s>`, `<bos>`) and the response's end marker (`</s>`, `<end_of_turn>`)
@@ -261,7 +261,7 @@ def encode_chat(tok, template: str, messages: list[dict]) -> list[int]:
 
 
 def apply_template(template: str, prompt: str, response: str | None = None) -> tuple[str, str]:
-    """(prompt text, response text) as SPEC.md writes them, markers included; response "" if None."""
+    """(prompt text, response text) as docs/methods.md writes them, markers included; response "" if None."""
     _check(template)
     bos, p, r, end = _FORMATS[template]
     return bos + p.replace("{prompt}", prompt), "" if response is None else r.replace("{response}", response) + end
@@ -325,3 +325,31 @@ def resolve_template(name: str, model_type: str, model_dir) -> str:
     if own is None:
         return "none"
     return next((t for t, marker in _IN_TEXT.items() if marker in own), None) or default_template(model_type)
+
+
+def encode_conversation(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
+    """Token ids of a conversation ((role, text) turns: system, user, assistant; the last the
+    user's) ready for the assistant's reply: the templates above extended to several turns.
+    One user message gives exactly encode_example's prompt."""
+    _check(template)
+    if template in _IN_TEXT:  # tokenizer.json chat models: their own template, all roles
+        return encode_chat(tok, template, [{"role": r, "content": c} for r, c in turns])
+    system = "\n\n".join(c for r, c in turns if r == "system")
+    turns = [(r, c) for r, c in turns if r != "system"]
+    if template == "none":  # a base model: the conversation as plain text
+        return encode_example(tok, "none", "\n".join(([system] if system else []) + [c for _, c in turns]))[0]
+    if template == "gemma":  # Gemma has no system role: it goes before the first user turn
+        text = ""
+        for i, (role, c) in enumerate(turns):
+            if i == 0 and system:
+                c = f"{system}\n\n{c}"
+            text += f"<start_of_turn>{'user' if role == 'user' else 'model'}\n{c}<end_of_turn>\n"
+        return [tok.bos_id] + tok.encode(text + "<start_of_turn>model\n")
+    # llama2: [INST] user [/INST] answer </s><s>[INST] ...
+    ids, sys_block = [], f"<<SYS>>\n{system or LLAMA2_SYSTEM}\n<</SYS>>\n\n"
+    for i, (role, c) in enumerate(turns):
+        if role == "user":
+            ids += [tok.bos_id] + tok.encode(f"[INST] {sys_block if i == 0 else ''}{c} [/INST]")
+        else:
+            ids += tok.encode(f" {c} ") + [tok.eos_id]
+    return ids

@@ -3,6 +3,8 @@
 import importlib
 from dataclasses import fields
 
+import torch
+
 from minipara.errors import UserError
 
 _MODULES = {
@@ -36,4 +38,24 @@ def build_adapter(name: str, args, **options):
     if bad:
         raise UserError(f"method {cls.method} has no option {bad[0]!r}; its options: {', '.join(sorted(known))}")
     config = cls.config_cls(**{k: v for k, v in options.items() if v is not None})
+    return construct(cls, config, args)
+
+
+MIN_LIMIT = 2**24  # adapters of tiny test models may be a large fraction of them; none need this many
+
+
+def construct(cls, config, args):
+    """cls(config, args), once a build on the meta device (no memory, no time) has shown its
+    parameter count is sane: not above the base model's own (nor 16M for tiny models). A typo
+    such as r=10**9 would otherwise try to allocate hundreds of GB."""
+    from minipara.model.transformer import Transformer
+
+    with torch.device("meta"):
+        n = sum(p.numel() for p in cls(config, args).parameters())
+        limit = max(MIN_LIMIT, sum(p.numel() for p in Transformer(args).parameters()))
+    if n > limit:
+        raise UserError(
+            f"this {cls.method} config makes an adapter of {n:,} parameters; at most {limit:,} make sense "
+            f"for this model (as many as the model itself): check its sizes (r, hidden sizes, prefix lengths)"
+        )
     return cls(config, args)

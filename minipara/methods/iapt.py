@@ -14,7 +14,7 @@ decoding never runs a generator and costs what P-tuning v2 with l_sp prefixes co
 Layers are grouped by `share_every` (L_s): group g = layers g*L_s .. g*L_s + L_s - 1 share
 W_down_g (d x m), W_up_g (m x d) and the rational activation R_g; W_sa (m x l_sp) is per
 layer. When L_s does not divide the layer count, the last group has the remaining layers.
-All weights start N(0, 0.02) (SPEC.md: W_up = 0 would still add zero-valued keys that
+All weights start N(0, 0.02) (docs/methods.md, IAPT: W_up = 0 would still add zero-valued keys that
 shift attention, so IAPT is no identity at init anyway); R_g starts as GELU.
 
 Parameters on LLaMA-2-7B (d 4096, 32 layers): 8 groups * 2 * 4096 * 256 + 32 * 256 * 4

@@ -9,7 +9,7 @@ vectors are made once per request at prefill and reused at every decode step.
 Vector sizes come from the projection shapes (GQA's smaller V, Gemma's head_dim).
 On models that normalise each query/key head (Gemma 3), l_q and l_k scale the normed
 heads, before RoPE: applied to the projection output, the norm would cancel any per-head
-magnitude they learn (SPEC.md, "Decisions added after the first review").
+magnitude they learn (docs/methods.md, Query/key norm).
 """
 
 from dataclasses import dataclass

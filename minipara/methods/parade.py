@@ -1,5 +1,5 @@
 """PARADE (paper 002): PARA whose vector generators pool the prompt with an attentional
-capsule pooler (SPEC.md fixes the paper's inconsistent dimensions):
+capsule pooler (docs/methods.md, PARADE, fixes the paper's inconsistent dimensions):
 
     h'      = h @ W_down                            (B, T, r)
     m[j->k] = h'_j @ W_cap[k]                        W_cap[k]: r x r/K, K = 4 capsules

@@ -5,7 +5,7 @@
 R_i is layer i's own rational activation (rational.py; 7 + 5 = 12 parameters per layer),
 GELU-shaped at init, so PEDRO starts as the identity like PARA. The rational parameters
 are architecture parameters: `arch_parameters()` hands them to the trainer, which trains
-them in their own optimizer group on dev batches (first-order DARTS, SPEC.md). Options
+them in their own optimizer group on dev batches (first-order DARTS, docs/methods.md, PEDRO). Options
 and variants are PARA's: PEDRO-1/2 = pooler mean/max, PEDRO-3 = targets qkvgu with r=8,
 PEDRO-4 = targets qv with r=24; PEDRO-5/6/7 = activation relu / gelu / relu-gelu (fixed
 functions: no architecture parameters, so no bi-level steps).

@@ -34,8 +34,8 @@ GELU_A = (
 GELU_B = (0.0, 0.3244677482036004, 0.0, 0.03660339446644223, 0.0)
 LIMIT = 1e5  # |x| beyond this is clamped (see the module docstring)
 
-# The generator activations PEDRO and IAPT accept (SPEC.md): the learnable rational, or fixed
-# ones for the papers' ablations (PEDRO-5/6/7, IAPT-4..7), split by depth in the last two.
+# The generator activations PEDRO and IAPT accept (docs/methods.md, Activation variants): the learnable
+# rational, or fixed ones for the papers' ablations (PEDRO-5/6/7, IAPT-4..7), split by depth in the last two.
 ACTIVATIONS = ("rational", "relu", "gelu", "relu-gelu", "gelu-relu")
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipara.model.adapter import AdapterLike
 from minipara.model.cache import KVCache
 from minipara.model.config import ModelArgs, rope_inv_freq
 
@@ -67,7 +68,7 @@ class Attention(nn.Module):
         k = k.view(B, T, a.n_kv_heads, a.head_dim)
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-            if st is not None:  # prompt-aware l_q/l_k act here: the norm would cancel them (SPEC.md)
+            if st is not None:  # prompt-aware l_q/l_k act here, the norm would cancel them (docs/methods.md)
                 q, k = st.scale_heads("q_norm", q), st.scale_heads("k_norm", k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -197,7 +198,7 @@ class Transformer(nn.Module):
         tokens,
         valid=None,
         cache: KVCache | None = None,
-        adapter=None,
+        adapter: AdapterLike | None = None,
         pool_mask=None,
         hidden_only=False,
         last_only=False,
@@ -266,7 +267,7 @@ class Transformer(nn.Module):
         tokens,
         cache: KVCache,
         valid=None,
-        adapter=None,
+        adapter: AdapterLike | None = None,
         pool_mask=None,
         hidden_only=False,
         last_only=False,

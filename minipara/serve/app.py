@@ -5,17 +5,24 @@
          -d '{"model": "tenant-a", "prompt": "Water boils at", "max_tokens": 16, "temperature": 0}'
 
 `POST /v1/completions`, `POST /v1/chat/completions` (both streamed as server-sent events
-with `"stream": true`), `GET /v1/models`. The request's `model` names an adapter in the
---adapters folder (see adapter_pool.py) or the base model (--name, default "base").
+with `"stream": true`), `GET /v1/models` (each adapter's `parent` is the base), `GET /health`,
+`GET /metrics` (Prometheus text), and with --allow-adapter-updates vLLM's
+`POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`. Every response carries an
+X-Request-Id (the client's, else a new one). The request's `model` names an adapter in the
+--adapters folder (see pool.py) or the base model (--name, default "base").
 Requests are served by continuous batching (engine.py): each joins the running batch
 at the next step with its own adapter, sampling settings and stop conditions.
 
-Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}}: 400 for a
-malformed or invalid request (prompt over the context, bad sampling values, bad JSON),
-404 for an unknown model, 429 when --max-waiting requests already wait, 503 while
-shutting down. On SIGTERM the server stops accepting connections, lets in-flight
-requests finish for up to --shutdown-timeout seconds, then cancels the rest.
+Errors are OpenAI-style bodies, {"error": {"message", "type", "param", "code"}} (protocol.py
+checks every field): 400 for a malformed or invalid request (prompt over the context, bad
+sampling values, bad JSON), 404 for an unknown model, 408/413 for a body too slow or too
+large, 429 when --max-waiting requests already wait, 503 while shutting down. On SIGTERM
+the server stops accepting connections, lets in-flight requests finish for up to
+--shutdown-timeout seconds, then answers the rest with an error.
 
+Sampling: `n` choices (up to --max-batch, sharing one prefill), `logprobs` (completions: 0 to
+20 top tokens; chat: `logprobs` true and `top_logprobs` 0 to 20) and `seed` (each choice
+draws from its own random stream of it, so a seeded request repeats, alone or in any batch).
 Extensions beyond OpenAI's parameters: `top_k` and `ignore_eos` (as in vLLM).
 """
 
@@ -24,38 +31,29 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 
+import h11
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from minipara.decode.generation import GenerationConfig
+from minipara import cli
+from minipara.decode.generation import context_room
 from minipara.errors import UserError
+from minipara.io.tokenizer import encode_conversation
+from minipara.serve import protocol
 from minipara.serve.engine import Engine, Overloaded, Request
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        kind: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}},
-            status_code=self.status,
-        )
+from minipara.serve.metrics import Metrics
+from minipara.serve.protocol import ApiError
 
 
 def id_text(ids) -> str:
@@ -68,31 +66,48 @@ class Server:
     LanguageModel `lm`, the tokenizer, templates and end markers (None for a random --shape
     model, which has no tokenizer: prompts are then token ids and the text is the ids)."""
 
-    def __init__(self, engine: Engine, lm, pool, template: str = "auto", name: str = "base", context: int = 2048):
+    def __init__(
+        self,
+        engine: Engine,
+        lm,
+        pool,
+        template: str = "auto",
+        name: str = "base",
+        context: int = 2048,
+        max_body: int = 2**24,
+        body_timeout: float = 30.0,
+        adapter_updates: bool = False,
+    ):
         self.engine, self.lm, self.pool, self.template, self.name = engine, lm, pool, template, name
-        self.context = context
+        self.context, self.max_body, self.body_timeout = context, max_body, body_timeout
+        self.adapter_updates = adapter_updates
         self.created = int(time.time())
-
-    def need_tokenizer(self, param: str):
-        if self.lm is None:
-            raise ApiError(
-                400, "this server's model has no tokenizer: send the prompt as a list of token ids", param=param
-            )
+        self.metrics = Metrics()
 
     # ---- reading a request ---------------------------------------------------------------
     async def body(self, http: HttpRequest) -> dict:
-        try:
-            body = json.loads(await http.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+        """The JSON body, read within --body-timeout and --max-body: a slow or huge upload
+        holds no connection and no memory for long."""
+        size = http.headers.get("content-length", "")
+        if size.isdigit() and int(size) > self.max_body:
+            raise ApiError(413, f"the request body has {size} bytes; this server takes at most {self.max_body}")
 
-    async def adapter(self, body: dict):
-        name = body.get("model")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "'model' is required: the base model's name or an adapter's", param="model")
+        async def read():
+            chunks, n = [], 0
+            async for chunk in http.stream():
+                n += len(chunk)
+                if n > self.max_body:
+                    raise ApiError(413, f"the request body is over this server's limit of {self.max_body} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            raw = await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout:g} s") from None
+        return protocol.read_json(raw)
+
+    async def adapter(self, name: str):
         if name == self.name:
             return None
         try:
@@ -104,140 +119,60 @@ class Server:
                 param="model",
                 code="model_not_found",
             ) from None
-        except UserError as e:
-            raise ApiError(400, f"adapter {name!r} cannot be used: {e}", param="model") from None
+        except UserError as e:  # the pool's message names the adapter, not the server's files
+            raise ApiError(400, str(e), param="model") from None
 
-    def template_for(self, adapter) -> str:
+    def template_for(self, adapter, name: str) -> str:
         """The request's template, as generate.py chooses it (the adapter's training template...)."""
-        return self.lm.template(self.template, [adapter]) if self.lm is not None else "none"
-
-    def sampling(
-        self, body: dict, adapter, n_prompt: int, default_max, prompt_param: str
-    ) -> tuple[GenerationConfig, tuple]:
-        """The request's GenerationConfig and stop strings, every value checked."""
-
-        def number(key, default, lo, hi, lo_open=False):
-            v = body.get(key)
-            if v is None:
-                return default
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < lo or v > hi or (lo_open and v == lo):
-                raise ApiError(
-                    400, f"{key} must be a number {'>' if lo_open else '>='} {lo} and <= {hi}, got {v!r}", param=key
-                )
-            return v
-
-        def integer(key, default, lo):
-            v = body.get(key)
-            if v is None:
-                return default
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ApiError(400, f"{key} must be an integer >= {lo}, got {v!r}", param=key)
-            return v
-
-        for key, neutral in (
-            ("n", 1),
-            ("best_of", 1),
-            ("presence_penalty", 0),
-            ("frequency_penalty", 0),
-            ("logprobs", None),
-            ("top_logprobs", None),
-            ("echo", False),
-            ("logit_bias", None),
-            ("suffix", None),
-        ):
-            if body.get(key) not in (None, neutral, False, {}):
-                raise ApiError(400, f"{key}={body[key]!r} is not supported by this server", param=key)
-        n_pre = adapter.n_prefix if adapter is not None else 0
-        room = min(self.context - n_prompt, self.engine.slots - n_pre - n_prompt)
-        if room < 1:
-            raise ApiError(
-                400,
-                f"this model's maximum context length is {self.context} tokens and the prompt "
-                f"has {n_prompt}: shorten it",
-                param=prompt_param,
-                code="context_length_exceeded",
-            )
-        max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_new = integer(max_key, min(default_max, room) if default_max else room, 1)
-        if max_new > room:
-            raise ApiError(
-                400,
-                f"this model's maximum context length is {self.context} tokens; the request "
-                f"has {n_prompt} prompt tokens and asks for {max_new} more: shorten the prompt "
-                f"or lower {max_key}",
-                param=max_key,
-                code="context_length_exceeded",
-            )
-        temperature = number("temperature", 1.0, 0, 2)
-        top_p = number("top_p", 1.0, 0, 1, lo_open=True)
-        top_k = integer("top_k", 0, 0)
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ApiError(400, f"seed must be an integer, got {seed!r}", param="seed")
-        stop = body.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
-        eos = () if body.get("ignore_eos") else self.eos_ids(self.template_for(adapter))
-        cfg = GenerationConfig(
-            max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_ids=eos
-        )
-        return cfg, tuple(stop)
+        if self.lm is None:
+            return "none"
+        try:
+            return self.lm.template(self.template, [adapter])
+        except UserError as e:  # an adapter whose file names a template this model cannot use
+            raise ApiError(400, f"adapter {name!r} cannot be used: {e}", param="model") from None
 
     def eos_ids(self, template: str) -> tuple:
         return self.lm.stop_ids(template) if self.lm is not None else tuple(self.engine.model.args.eos_ids)
 
-    def prompt_ids(self, prompt, template: str) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str):
-            self.need_tokenizer("prompt")
-            if not prompt.strip():
-                raise ApiError(400, "prompt is empty: give some text to continue", param="prompt")
-            return self.lm.encode_prompt(prompt, template)
-        vocab = self.engine.model.args.vocab_size
-        if (
-            isinstance(prompt, list)
-            and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt)
-        ):
-            return list(prompt)
-        raise ApiError(
-            400,
-            f"prompt must be a string or a non-empty list of token ids in [0, {vocab}) (one prompt per request)",
-            param="prompt",
-        )
+    def need_tokenizer(self, param: str):
+        if self.lm is None:
+            raise ApiError(
+                400, "this server's model has no tokenizer: send the prompt as a list of token ids", param=param
+            )
 
-    def chat_ids(self, messages, template: str) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", param="messages")
-        turns = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                    raise ApiError(400, "only text content parts are supported", param="messages")
-                content = "".join(str(p.get("text", "")) for p in content)
-            role = m.get("role") if isinstance(m, dict) else None
-            if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
-                raise ApiError(
-                    400, "each message needs a role (system, user or assistant) and text content", param="messages"
-                )
-            turns.append(("system" if role == "developer" else role, content))
-        if turns[-1][0] != "user":
-            raise ApiError(400, "the last message must be the user's", param="messages")
-        self.need_tokenizer("messages")
-        return chat_prompt(self.lm.tokenizer, template, turns)
+    def encode(self, body: dict, chat: bool, template: str) -> list[int]:
+        """The request's prompt ids (run in a worker thread: a long prompt's tokenisation must
+        not stall the event loop and every other client with it)."""
+        if chat:
+            turns = protocol.messages(body)
+            self.need_tokenizer("messages")
+            return encode_conversation(self.lm.tokenizer, template, turns)
+        prompt = protocol.prompt(body, self.engine.model.args.vocab_size)
+        if isinstance(prompt, list):
+            return prompt
+        self.need_tokenizer("prompt")
+        return self.lm.encode_prompt(prompt, template)
 
     # ---- the routes ------------------------------------------------------------------------
     async def models(self, http: HttpRequest):
-        names = [self.name] + await run_in_threadpool(self.pool.names)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [{"id": n, "object": "model", "created": self.created, "owned_by": "minipara"} for n in names],
-            }
+        card = {"object": "model", "created": self.created, "owned_by": "minipara"}
+        base = {"id": self.name, **card, "root": self.name, "parent": None, "max_model_len": self.context}
+        adapters = [
+            {"id": n, **card, "root": n, "parent": self.name, "max_model_len": self.context}
+            for n in await run_in_threadpool(self.pool.names)
+        ]
+        return JSONResponse({"object": "list", "data": [base, *adapters]})
+
+    async def health(self, http: HttpRequest):
+        """200 while the engine runs (vLLM's /health: for load balancers and orchestrators)."""
+        thread = self.engine.thread
+        if self.engine.stopping or thread is None or not thread.is_alive():
+            return ApiError(503, "the engine is not running", kind="server_error").response()
+        return Response(status_code=200)
+
+    async def prometheus(self, http: HttpRequest):
+        return Response(
+            self.metrics.render(self.engine.stats(), self.pool), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
     async def completions(self, http: HttpRequest):
@@ -249,34 +184,72 @@ class Server:
     async def stats(self, http: HttpRequest):
         """The engine's counters; ?since=N leaves out the first N prefill stalls."""
         since = http.query_params.get("since", "0")
-        return JSONResponse(self.engine.stats(int(since) if since.isdigit() else 0))
+        return JSONResponse(self.engine.stats(int(since) if since.isdigit() and len(since) < 10 else 0))
 
-    async def serve(self, http: HttpRequest, chat: bool):
+    async def load_adapter(self, http: HttpRequest):
+        """POST {"lora_name", "lora_path"?}: serve an adapter file from now on (vLLM's
+        /v1/load_lora_adapter), loaded now so a bad file is refused here. Off unless
+        --allow-adapter-updates: it reads files of the server's choosing."""
         try:
             body = await self.body(http)
-            adapter = await self.adapter(body)
-            template = self.template_for(adapter)
-            if chat:
-                ids = self.chat_ids(body.get("messages"), template)
-            else:
-                if "prompt" not in body:
-                    raise ApiError(400, "'prompt' is required", param="prompt")
-                ids = self.prompt_ids(body["prompt"], template)
-            cfg, stop = self.sampling(body, adapter, len(ids), None if chat else 16, "messages" if chat else "prompt")
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise ApiError(400, "stream must be true or false", param="stream")
-            options = body.get("stream_options") or {}
-            usage_chunk = isinstance(options, dict) and bool(options.get("include_usage"))
-            loop, events = asyncio.get_running_loop(), asyncio.Queue()
-
-            def emit(kind, value):  # called from the engine's thread
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                    loop.call_soon_threadsafe(events.put_nowait, (kind, value))
-
-            req = Request(ids, cfg, adapter, stop, emit)
+            name = protocol.text(body.get("lora_name"), "lora_name")
+            path = body.get("lora_path")
+            path = None if path is None else protocol.text(path, "lora_path")
             try:
-                self.engine.submit(req)
+                await run_in_threadpool(self.pool.add, name, path)
+            except UserError as e:
+                raise ApiError(400, str(e), param="lora_path" if path else "lora_name") from None
+        except ApiError as e:
+            return e.response()
+        return JSONResponse({"object": "adapter", "id": name, "loaded": True})
+
+    async def unload_adapter(self, http: HttpRequest):
+        """POST {"lora_name"}: stop serving an adapter (vLLM's /v1/unload_lora_adapter)."""
+        try:
+            body = await self.body(http)
+            name = protocol.text(body.get("lora_name"), "lora_name")
+            if not await run_in_threadpool(self.pool.remove, name):
+                raise ApiError(404, f"no adapter {name!r} is served", param="lora_name", code="model_not_found")
+        except ApiError as e:
+            return e.response()
+        return JSONResponse({"object": "adapter", "id": name, "loaded": False})
+
+    async def serve(self, http: HttpRequest, chat: bool):
+        t0 = time.perf_counter()
+        try:
+            body = await self.body(http)
+            name = protocol.model_name(body)
+            adapter = await self.adapter(name)
+            template = self.template_for(adapter, name)
+            ids = await run_in_threadpool(self.encode, body, chat, template)
+            n_pre = adapter.n_prefix if adapter is not None else 0
+            room = min(context_room(self.context, len(ids), n_pre), self.engine.slots - n_pre - len(ids))
+            cfg, stop, n, logprobs = protocol.sampling(
+                body,
+                len(ids),
+                room,
+                self.context,
+                None if chat else 16,
+                "messages" if chat else "prompt",
+                self.eos_ids(template),
+                self.engine.max_batch,
+            )
+            stream, usage_chunk = protocol.stream_options(body)
+            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+            timing = self.metrics.request(name if adapter is not None else self.name, len(ids), t0, n)
+
+            def emitter(i):
+                def emit(kind, value):  # called from the engine's thread
+                    timing.event(kind, i)
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                        loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
+
+                return emit
+
+            reqs = [Request(ids, cfg, adapter, stop, emitter(i), logprobs) for i in range(n)]
+            timing.reqs = reqs
+            try:
+                self.engine.submit(*reqs)
             except Overloaded as e:
                 raise ApiError(
                     429,
@@ -286,61 +259,76 @@ class Server:
                 ) from None
             except RuntimeError as e:
                 raise ApiError(503, str(e), kind="server_error", code="shutting_down") from None
+        except UserError as e:  # the tokenizer's refusals (no room for a marker, ...)
+            return ApiError(400, str(e)).response()
         except ApiError as e:
             return e.response()
-        reply = Reply(self.name if adapter is None else body["model"], chat, len(ids))
+        reply = Reply(name, chat, len(ids), self.engine.decode_text)
         if stream:
-            return StreamingResponse(self.stream(http, req, events, reply, usage_chunk), media_type="text/event-stream")
-        text, reason = [], None
+            return StreamingResponse(
+                self.stream(http, reqs, events, reply, usage_chunk), media_type="text/event-stream"
+            )
+        text, reasons = [[] for _ in reqs], [None] * n
         try:
-            while reason is None:
+            while None in reasons:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return JSONResponse({}, status_code=499)
                     continue
                 if kind == "text":
-                    text.append(value)
+                    text[i].append(value)
                 elif kind == "done":
-                    reason = value
+                    reasons[i] = value
+                elif self.engine.stopping:
+                    return ApiError(503, value, kind="server_error", code="shutting_down").response()
                 else:
                     return ApiError(500, value, kind="server_error").response()
         finally:
-            req.cancel()  # a no-op once finished; frees the row if the client went away
-        return JSONResponse(reply.whole("".join(text), reason, len(req.tokens)))
+            for req in reqs:
+                req.cancel()  # a no-op once finished; frees the row if the client went away
+        return JSONResponse(reply.whole(["".join(t) for t in text], reasons, reqs))
 
-    async def stream(self, http, req, events, reply, usage_chunk):
+    async def stream(self, http, reqs, events, reply, usage_chunk):
         try:
             if reply.chat:
-                yield sse(reply.chunk({"role": "assistant", "content": ""}, None))
+                for i in range(len(reqs)):
+                    yield sse(reply.chunk({"role": "assistant", "content": ""}, None, i))
+            done, told = 0, [0] * len(reqs)  # choices finished; tokens whose logprobs were sent
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
                     continue
-                if kind == "text":
-                    yield sse(reply.chunk(value, None))
-                elif kind == "done":
-                    yield sse(reply.chunk("" if not reply.chat else {}, value))
-                    if usage_chunk:
-                        yield sse(reply.usage_chunk(len(req.tokens)))
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
+                if kind == "error":
                     yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
                     return
+                req, upto = reqs[i], len(reqs[i].logprobs_out)
+                lp = reply.logprobs(req, told[i], upto)
+                told[i] = upto
+                if kind == "text":
+                    yield sse(reply.chunk(value, None, i, lp))
+                else:
+                    yield sse(reply.chunk("" if not reply.chat else {}, value, i, lp))
+                    done += 1
+                    if done == len(reqs):
+                        if usage_chunk:
+                            yield sse(reply.usage_chunk(sum(len(r.tokens) for r in reqs)))
+                        yield "data: [DONE]\n\n"
+                        return
         finally:
-            req.cancel()
+            for req in reqs:
+                req.cancel()
 
 
 class Reply:
     """OpenAI's response shapes for one request: whole, or as stream chunks."""
 
-    def __init__(self, model: str, chat: bool, n_prompt: int):
-        self.model, self.chat, self.n_prompt = model, chat, n_prompt
+    def __init__(self, model: str, chat: bool, n_prompt: int, decode_text):
+        self.model, self.chat, self.n_prompt, self.decode_text = model, chat, n_prompt, decode_text
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -350,27 +338,61 @@ class Reply:
     def usage(self, n: int) -> dict:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": n, "total_tokens": self.n_prompt + n}
 
-    def whole(self, text: str, reason: str, n: int) -> dict:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(n)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(n)}
+    def logprobs(self, req, start: int = 0, end: int | None = None) -> dict | None:
+        """OpenAI's logprobs object for the request's tokens [start, end), None if not asked."""
+        if req.logprobs is None:
+            return None
+        end = len(req.logprobs_out) if end is None else end
 
-    def chunk(self, piece, reason) -> dict:
+        # A token's text is what it adds to the text before it (a lone token decodes without
+        # the space a SentencePiece word starts with), so the tokens join into the text.
+        def piece(j, t):
+            before = req.tokens[:j]
+            return self.decode_text([*before, t])[len(self.decode_text(before)) :]
+
+        rows = [
+            (piece(j, req.tokens[j]), lp, [(piece(j, t), v) for t, v in top])
+            for j, (lp, top) in enumerate(req.logprobs_out[start:end], start)
+        ]
+        if self.chat:
+            entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}  # noqa: E731
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(t, v) for t, v in top]} for s, lp, top in rows]}
+        offsets = [sum(len(s) for s, _, _ in rows[:j]) for j in range(len(rows))]
+        return {
+            "tokens": [s for s, _, _ in rows],
+            "token_logprobs": [lp for _, lp, _ in rows],
+            "top_logprobs": [dict(reversed(top)) for _, _, top in rows],  # a shared key keeps the likeliest
+            "text_offset": offsets,
+        }
+
+    def whole(self, texts: list, reasons: list, reqs: list) -> dict:
+        n = sum(len(r.tokens) for r in reqs)
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self.logprobs(req),
+                    "finish_reason": reason,
+                }
+                for i, (text, reason, req) in enumerate(zip(texts, reasons, reqs))
+            ]
+            return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(n)}
+        choices = [
+            {"index": i, "text": text, "logprobs": self.logprobs(req), "finish_reason": reason}
+            for i, (text, reason, req) in enumerate(zip(texts, reasons, reqs))
+        ]
+        return {**self._head("text_completion"), "choices": choices, "usage": self.usage(n)}
+
+    def chunk(self, piece, reason, index: int = 0, logprobs=None) -> dict:
         """piece: new text (completions), or the chat delta (a dict, or text for its content)."""
         if self.chat:
             delta = piece if isinstance(piece, dict) else {"content": piece}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
         return {
             **self._head("text_completion"),
-            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "text": piece, "logprobs": logprobs, "finish_reason": reason}],
         }
 
     def usage_chunk(self, n: int) -> dict:
@@ -385,33 +407,26 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def chat_prompt(tok, template: str, turns: list[tuple[str, str]]) -> list[int]:
-    """Token ids of a conversation in the model family's chat format (tokenizer.py's templates,
-    extended to several turns); one user message gives exactly encode_example's prompt."""
-    from minipara.io.tokenizer import LLAMA2_SYSTEM, encode_chat, encode_example
+class RequestId:
+    """ASGI middleware: every response carries X-Request-Id, the client's (when it is a short
+    printable token) or a new one, so a client's log and the server's name the same request."""
 
-    if template in ("chatml", "llama3"):  # tokenizer.json chat models: their own template, all roles
-        return encode_chat(tok, template, [{"role": r, "content": c} for r, c in turns])
-    system = "\n\n".join(c for r, c in turns if r == "system")
-    turns = [(r, c) for r, c in turns if r != "system"]
-    if template == "none":  # a base model: the conversation as plain text
-        return encode_example(tok, "none", "\n".join(([system] if system else []) + [c for _, c in turns]))[0]
-    if template == "gemma":  # Gemma has no system role: it goes before the first user turn
-        text = ""
-        for i, (role, c) in enumerate(turns):
-            if i == 0 and system:
-                c = f"{system}\n\n{c}"
-            text += f"<start_of_turn>{'user' if role == 'user' else 'model'}\n{c}<end_of_turn>\n"
-        return [tok.bos_id] + tok.encode(text + "<start_of_turn>model\n")
-    if template == "llama2":  # [INST] user [/INST] answer </s><s>[INST] ...
-        ids, sys_block = [], f"<<SYS>>\n{system or LLAMA2_SYSTEM}\n<</SYS>>\n\n"
-        for i, (role, c) in enumerate(turns):
-            if role == "user":
-                ids += [tok.bos_id] + tok.encode(f"[INST] {sys_block if i == 0 else ''}{c} [/INST]")
-            else:
-                ids += tok.encode(f" {c} ") + [tok.eos_id]
-        return ids
-    raise ApiError(400, f"no chat format for template {template!r}")
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        rid = given if 0 < len(given) <= 128 and given.isascii() and given.decode().isprintable() else None
+        rid = rid or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def build_app(server: Server) -> Starlette:
@@ -428,24 +443,112 @@ def build_app(server: Server) -> Starlette:
         return ApiError(exc.status_code, f"{http.method} {http.url.path}: {exc.detail}").response()
 
     async def server_error(http, exc):  # a bug: the traceback goes to the log, the client gets a body
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
+        return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()
 
+    routes = [
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/v1/completions", server.completions, methods=["POST"]),
+        Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/metrics", server.prometheus, methods=["GET"]),
+        Route("/stats", server.stats, methods=["GET"]),
+    ]
+    if server.adapter_updates:
+        routes += [
+            Route("/v1/load_lora_adapter", server.load_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", server.unload_adapter, methods=["POST"]),
+        ]
     return Starlette(
-        routes=[
-            Route("/v1/models", server.models, methods=["GET"]),
-            Route("/v1/completions", server.completions, methods=["POST"]),
-            Route("/v1/chat/completions", server.chat_completions, methods=["POST"]),
-            Route("/stats", server.stats, methods=["GET"]),
-        ],
+        routes=routes,
+        middleware=[Middleware(RequestId)],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
 
 
-def parse(argv=None):
-    from minipara import cli
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's head (request line and
+    headers): uvicorn times out idle keep-alive connections only after a first response, and
+    any byte restarts that timer, so a client trickling a header a byte at a time, or never
+    sending one, would hold its connection for ever. Past the deadline the connection is closed."""
 
-    p = argparse.ArgumentParser(
+    head_timeout = 10.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self):
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_late)
+
+    def _head_late(self):
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self):
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:
+            self._head_timer.cancel()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._head_timer.cancel()
+            self._arm()  # the next request on this connection has the same deadline
+
+    def connection_lost(self, exc):
+        self._head_timer.cancel()
+        super().connection_lost(exc)
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, whose shutdown answers what is still running when --shutdown-timeout
+    ends: the engine stops and each unfinished request gets an error body (503, or an error
+    event in its stream) before uvicorn, a moment later, closes the connections."""
+
+    def __init__(self, config, server: Server, grace: float):
+        super().__init__(config)
+        self.minipara, self.grace = server, grace
+
+    async def shutdown(self, sockets=None):
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.grace, lambda: loop.run_in_executor(None, self.minipara.engine.stop))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+
+def uvicorn_server(server: Server, a, **config) -> GracefulServer:
+    """The uvicorn server for parsed flags (config: uvicorn.Config's, e.g. host and port)."""
+    HeadTimeoutProtocol.head_timeout = a.header_timeout
+    cfg = uvicorn.Config(
+        build_app(server),
+        log_level="warning",
+        http=HeadTimeoutProtocol,
+        timeout_keep_alive=max(1, int(a.header_timeout)),
+        # uvicorn's own deadline comes after ours: by then every request has had its answer
+        timeout_graceful_shutdown=a.shutdown_timeout + 5,
+        **config,
+    )
+    return GracefulServer(cfg, server, a.shutdown_timeout)
+
+
+def buckets(text: str) -> list[int]:
+    """--buckets: a comma-separated list of batch sizes, each at least 1 (argparse type)."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"needs batch sizes of at least 1, got {text!r}")
+    return sizes
+
+
+def parse(argv=None):
+    from minipara.io.tokenizer import TEMPLATES
+
+    p = cli.Parser(
         prog="python -m minipara.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_model_args(p)
@@ -456,9 +559,9 @@ def parse(argv=None):
     )
     p.add_argument("--adapters", help="folder of adapters (NAME.safetensors files, PEFT directories)")
     p.add_argument("--name", default="base", help="the base model's name in requests (default: base)")
-    p.add_argument("--template", default="auto", help="llama2 | gemma | none | auto (as generate.py)")
+    p.add_argument("--template", default="auto", help=f"{' | '.join(TEMPLATES)} | auto (as generate.py)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0 to 65535 (0: any free port)")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded together (default 8)")
     p.add_argument(
         "--context",
@@ -473,17 +576,55 @@ def parse(argv=None):
         default=512,
         help="prompt tokens prefilled between two decode steps (at least one request)",
     )
-    p.add_argument("--adapter-memory", type=float, default=1024, help="MiB of adapters kept loaded")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
+    p.add_argument("--adapter-memory", type=cli.finite, default=1024, help="MiB of adapters kept loaded")
     p.add_argument(
-        "--shutdown-timeout", type=float, default=30, help="seconds in-flight requests get to finish after SIGTERM"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step for every batch bucket at start-up (default: on CUDA only)",
     )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--buckets",
+        type=buckets,
+        default="1,2,4,8,16,24,32,48,64,96,128",
+        help="batch sizes the step runs at (the rows in use are padded up to the next; --max-batch is added)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=cli.finite,
+        default=30,
+        help="seconds in-flight requests get to finish after SIGTERM; then they get an error",
+    )
+    p.add_argument(
+        "--header-timeout", type=cli.finite, default=10, help="seconds a client has to send a request's headers"
+    )
+    p.add_argument("--body-timeout", type=cli.finite, default=30, help="seconds a client has to send a request's body")
+    p.add_argument("--max-body-mb", type=cli.finite, default=16, help="largest request body, in MiB (default 16)")
+    p.add_argument(
+        "--allow-adapter-updates",
+        action="store_true",
+        help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (they read server files)",
+    )
+    a = p.parse_args(argv)
+    for flag, lo in (
+        ("max_batch", 1),
+        ("max_waiting", 0),
+        ("prefill_budget", 1),
+        ("adapter_memory", 0),
+        ("shutdown_timeout", 0),
+    ):
+        if getattr(a, flag) < lo:
+            p.error(f"--{flag.replace('_', '-')} must be at least {lo}, got {getattr(a, flag)}")
+    for flag in ("header_timeout", "body_timeout", "max_body_mb"):
+        if getattr(a, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be above 0, got {getattr(a, flag)}")
+    if not 0 <= a.port <= 65535:
+        p.error(f"--port must be between 0 and 65535, got {a.port}")
+    return a
 
 
 def make_server(a) -> Server:
     """The model (through the public API), adapters and engine for parsed arguments."""
-    from minipara import cli
     from minipara.io.checkpoints import parse_device, parse_dtype
     from minipara.serve.pool import AdapterPool
 
@@ -504,17 +645,19 @@ def make_server(a) -> Server:
         lm = cli.load_lm(a)
         lm.template(a.template)  # an unknown name fails now, not at the first request
         model, decoder, text = lm.model, lm.decoder, lm.tokenizer.decode
-    context = a.context or min(model.args.max_seq_len, 2048)
-    if a.max_batch < 1 or context < 2:
-        raise UserError("--max-batch must be at least 1 and --context at least 2")
+    limit = model.args.max_seq_len
+    context = a.context or min(limit, 2048)
+    if not 2 <= context <= limit:
+        raise UserError(f"--context must be between 2 and the model's {limit} positions, got {context}")
     pool = AdapterPool(
         a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20), model.weights_id
     )
     pool.preload()
-    if a.compile:
+    compiled = a.compile if a.compile is not None else model.tok_embeddings.weight.is_cuda
+    if compiled and model.tok_embeddings.weight.is_cuda:
         from minipara.decode.compiled import compile_decoder
 
-        compile_decoder(decoder)
+        compile_decoder(decoder)  # the prefill's CUDA graphs (the engine compiles its own step)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).
     slots = -(-(context + context // 2 + 64) // 128) * 128
@@ -526,17 +669,27 @@ def make_server(a) -> Server:
         max_waiting=a.max_waiting,
         prefill_budget=a.prefill_budget,
         decoder=decoder,
+        buckets=a.buckets,
+        compile="inductor" if compiled else None,
     )
-    return Server(engine, lm, pool, a.template, a.name, context)
+    took = engine.warmup(list(pool.loaded.values()))
+    print(f"minipara: warmed up in {took:.1f} s ({'compiled' if compiled else 'eager'})", file=sys.stderr, flush=True)
+    return Server(
+        engine,
+        lm,
+        pool,
+        a.template,
+        a.name,
+        context,
+        max_body=int(a.max_body_mb * 2**20),
+        body_timeout=a.body_timeout,
+        adapter_updates=a.allow_adapter_updates,
+    )
 
 
 def main(argv=None):
-    import uvicorn
-
     a = parse(argv)
     server = make_server(a)
     print(f"minipara: serving {a.name} with adapters {server.pool.names()} on http://{a.host}:{a.port}/v1", flush=True)
-    uvicorn.run(
-        build_app(server), host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=a.shutdown_timeout
-    )
+    uvicorn_server(server, a, host=a.host, port=a.port).run()
     return 0

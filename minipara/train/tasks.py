@@ -1,6 +1,6 @@
 """Task registry: each task's files, prompt template, splits and metric.
 
-Prompts are the bare templates of SPEC.md "Prompt templates" (paper 002, Appendix C);
+Prompts are the bare templates of docs/methods.md, Prompt templates (paper 002, Appendix C);
 chat wrapping is done later, per model family. COPA, RTE, SST-2 and GSM8K ship with
 minipara (minipara/data/<task>/, gzip-compressed where large, each with its licence);
 every other task reads the files listed in `FILES` from `--data-dir`. A file may be given
@@ -23,8 +23,8 @@ from minipara.train import metrics
 TASKS = ("copa", "boolq", "rte", "sst2", "qnli", "squad", "record", "e2e", "gsm8k", "wikisql", "alpaca", "custom")
 SHIPPED = Path(__file__).resolve().parents[1] / "data"
 SHIPPED_TASKS = ("copa", "rte", "sst2", "gsm8k")  # their files are in SHIPPED/<task>/
-DEV_SIZE = 1000  # large tasks: training examples held out as dev (SPEC.md "Training defaults")
-DEV_SIZES = {"gsm8k": 500}  # SPEC.md decisions after the first review: GSM8K holds out 500 problems
+DEV_SIZE = 1000  # large tasks: training examples held out as dev (docs/methods.md, Splits)
+DEV_SIZES = {"gsm8k": 500}  # docs/methods.md, Splits: GSM8K holds out 500 problems
 SMALL = ("copa", "rte", "boolq")  # their original validation split is halved into dev and test
 
 # Files each task reads, relative to --data-dir (or directly inside it when it is the task's
@@ -313,7 +313,7 @@ def _labels(preds, examples):
 
 
 def _span(preds, examples):
-    # The papers report the mean of F1 and exact match for SQuAD and ReCoRD (SPEC.md).
+    # The papers report the mean of F1 and exact match for SQuAD and ReCoRD (docs/methods.md, Metrics).
     f1, em = metrics.f1(preds, _answers(examples)), metrics.exact_match(preds, _answers(examples))
     return {"f1_em": (f1 + em) / 2, "f1": f1, "exact_match": em}
 
@@ -425,7 +425,7 @@ def load_task(
     base = _task_dir(name, data_dir)
     files = {key: _need(base / Path(rel).name) for key, rel in FILES[name].items()}
     examples = read_train(files["train"])
-    if "test" in files:  # official train / dev / test files (SPEC.md: E2E, WikiSQL)
+    if "test" in files:  # official train / dev / test files (docs/methods.md, Splits: E2E, WikiSQL)
         splits = {"train": examples, "dev": read_val(files["dev"]), "test": read_val(files["test"])}
     elif name in SMALL:
         val = read_val(files["val"])

@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
 from minipara.io.files import atomic_write
 from minipara.train.distributed import Ranks
@@ -195,7 +195,7 @@ def check_pairs(pairs: list[Pair], split: str, max_len: int, n_prefix: int = 0):
     for i, (p, r) in enumerate(pairs):
         if not p or not r:
             raise UserError(f"{split} example {i + 1} has an empty {'prompt' if not p else 'response'}")
-        if n_prefix + len(p) + len(r) > max_len:
+        if len(r) > context_room(max_len, len(p), n_prefix):
             raise UserError(
                 f"{split} example {i + 1}: prompt ({len(p)} tokens) plus response ({len(r)} tokens)"
                 f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's "
@@ -205,7 +205,7 @@ def check_pairs(pairs: list[Pair], split: str, max_len: int, n_prefix: int = 0):
 
 def check_eval(ev: "EvalSet", split: str, max_len: int, n_prefix: int = 0):
     for i, p in enumerate(ev.prompts):
-        if n_prefix + len(p) + ev.max_new_tokens > max_len:
+        if ev.max_new_tokens > context_room(max_len, len(p), n_prefix):
             raise UserError(
                 f"{split} example {i + 1}: prompt ({len(p)} tokens) plus {ev.max_new_tokens} new tokens"
                 f"{f' plus {n_prefix} prefix slots' if n_prefix else ''} exceed the model's context "
