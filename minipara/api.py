@@ -19,7 +19,7 @@ import torch
 
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
-from minipara.methods.base import Adapter
+from minipara.methods.base import Adapter, check_values
 
 GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
 
@@ -92,9 +92,8 @@ class LanguageModel:
         prompt template it was trained with, so generation picks the same one)."""
         from minipara.io.adapters import save_adapter
 
-        save_adapter(
-            path, adapter, self.args, template if template is not None else adapter.template, self.model.weights_id
-        )
+        template = template if template is not None else adapter.template
+        save_adapter(path, adapter, self.args, template, self.model.weights_id, reads=(self.path,))
 
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
@@ -194,6 +193,7 @@ class LanguageModel:
         adapters = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
         if len(adapters) != len(texts):
             raise UserError(f"{len(adapters)} adapters for {len(texts)} prompts: give one per prompt (None for none)")
+        _check_adapters(adapters, single=not isinstance(adapter, (list, tuple)))
         name = self.template(template, adapters)
         if cfg.eos_ids is None:
             cfg.eos_ids = self.stop_ids(name)
@@ -284,7 +284,12 @@ class LanguageModel:
         """Train `adapter` in place on `task` (see `trainer` for the options) and leave the best
         adapter (by dev loss, or TrainConfig.select) in it; with `out`, that adapter is also written there each time it
         improves. Returns the training Result (steps, best dev metrics, history)."""
-        if out is not None:
+        if out is not None:  # refused before training, not at the first evaluation
+            from minipara.io.files import check_output
+            from minipara.train.tasks import Task, load_task
+
+            task = task if isinstance(task, Task) else load_task(task)
+            check_output(out, "out", (self.path, *task.files), ("out",))
             options["on_best"] = lambda ad: self.save_adapter(out, ad)
         tr = self.trainer(adapter, task, config, template, **options)
         result = tr.run()
@@ -306,6 +311,7 @@ class LanguageModel:
         from minipara.train.tasks import Task, load_task
         from minipara.train.trainer import evaluate, prepare_task
 
+        _check_adapters([adapter])
         if not isinstance(task, Task):
             task = load_task(task)
         if split not in ("dev", "test"):
@@ -330,6 +336,14 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
     tok.check_fits(model.args.vocab_size)
     return LanguageModel(model, tok, path)
+
+
+def _check_adapters(adapters: list, single: bool = True):
+    """Refuse adapters holding NaN, inf or absurd values (methods.base.check_values), each once:
+    edited or trained in Python they never passed a file's checks, and would answer garbage."""
+    for i, a in enumerate(adapters):
+        if isinstance(a, Adapter) and all(a is not b for b in adapters[:i]):
+            check_values(a, "the adapter" if single else f"the adapter of prompt {i + 1}")
 
 
 def _batch_adapter(adapters: list):

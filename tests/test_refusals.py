@@ -414,9 +414,10 @@ def test_bad_adapter_metadata(tmp_path, method, edit, words):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_non_finite_adapter_tensor(tmp_path, value):
+def test_non_finite_adapter_tensor(tmp_path, value, monkeypatch):
     from conftest import tiny_args
 
+    import minipara.io.adapters
     from minipara.errors import UserError
     from minipara.io.adapters import load_adapter, save_adapter
     from minipara.methods import build_adapter
@@ -425,7 +426,9 @@ def test_non_finite_adapter_tensor(tmp_path, value):
     ad = build_adapter("lora", args)
     with torch.no_grad():
         ad.b["v"][1, 0, 3] = value
+    monkeypatch.setattr(minipara.io.adapters, "check_values", lambda *a: None)  # save refuses it now: write it anyway
     save_adapter(tmp_path / "a.safetensors", ad, args)
+    monkeypatch.undo()
     with pytest.raises(UserError, match="NaN or infinite"):
         load_adapter(tmp_path / "a.safetensors", args)
 

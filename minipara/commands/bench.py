@@ -122,9 +122,13 @@ def check_options(a) -> tuple[list[str], list[int]]:
         raise UserError("--mix spreads --tenants over methods: give --tenants too")
     if a.tenants and not [v for v in variants if v not in ("base", "lora-merged")]:
         raise UserError("--tenants needs at least one adapter method in --methods (base and lora-merged have none)")
+    from minipara.io.files import check_output
+    from minipara.io.weights import model_dir
+
     for flag in ("json", "markdown", "profile", "plot"):
         path = getattr(a, flag)
-        if path is not None:
+        if path is not None:  # before measuring: a bad path would lose the whole benchmark
+            check_output(path, f"--{flag}", (model_dir(a.model),))
             folder = Path(path).absolute().parent
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise UserError(f"--{flag} {path}: {folder} is not a writable folder")

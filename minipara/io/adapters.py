@@ -14,8 +14,8 @@ The file holds the adapter's state_dict tensors and a string metadata header:
 The header's JSON is written with sorted keys, so identical adapters are identical files.
 Loading checks each of these and refuses a file that does not fit with a one-line
 UserError saying what is wrong; other weights of the same architecture only warn.
-Tensors must be floating point and finite. A directory holding `adapter_config.json` is a PEFT
-adapter and goes through minipara.io.peft_import.
+Tensors must be floating point, finite and of sane magnitude (methods.base.check_values). A
+directory holding `adapter_config.json` is a PEFT adapter and goes through minipara.io.peft_import.
 """
 
 import dataclasses
@@ -31,11 +31,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from minipara.errors import UserError
-from minipara.io.checkpoints import all_finite
-from minipara.io.files import atomic_write
+from minipara.io.files import atomic_write, check_output
 from minipara.io.identity import base_record, canonical_args, compare_base
 from minipara.methods import METHODS, construct, method_class
-from minipara.methods.base import config_dict
+from minipara.methods.base import check_values, config_dict
 from minipara.model.config import ModelArgs
 
 FORMAT = "minipara-adapter"
@@ -48,13 +47,18 @@ class BaseModelWarning(UserWarning):
     on its chat variant): allowed, but the user should know."""
 
 
-def save_adapter(path, adapter, model_args: ModelArgs, template: str | None = None, weights_id: str | None = None):
+def save_adapter(
+    path, adapter, model_args: ModelArgs, template: str | None = None, weights_id: str | None = None, reads=()
+):
     """Write `adapter` to `path` atomically (readers see the old file or the complete new one).
     `template`: the prompt template it was trained with, so generation can use the same;
-    `weights_id`: the base model's weights fingerprint (Transformer.weights_id)."""
+    `weights_id`: the base model's weights fingerprint (Transformer.weights_id); `reads`: files
+    and directories in use (the model's), never written over (files.check_output)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a directory: give a file name such as {path / 'adapter.safetensors'}")
+    check_output(path, "the adapter file", reads)
+    check_values(adapter, f"the adapter to write to {path}")  # a file that every load would refuse
     # Clones: safetensors refuses tensors that share memory, and wants them contiguous on the CPU.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter.state_dict().items()}
     meta = {
@@ -217,13 +221,9 @@ def load_adapter(path, model_args: ModelArgs, weights_id: str | None = None):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise UserError(f"{path} is damaged or truncated ({e})") from None
-    bad = next((k for k in sorted(tensors) if not all_finite(tensors[k])), None)
-    if bad is not None:
-        raise UserError(
-            f"{path}: tensor {bad} holds NaN or infinite values; the adapter is damaged (or its training diverged)"
-        )
     with torch.no_grad():
         adapter.load_state_dict(tensors, strict=True)
+    check_values(adapter, str(path))
     adapter.template = meta.get("template")  # the prompt template it was trained with, if recorded
     return adapter
 

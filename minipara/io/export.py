@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from minipara.errors import UserError
 from minipara.io.checkpoints import hf_state_dict
 from minipara.methods import PROMPT_AWARE
+from minipara.methods.base import check_values
 from minipara.model.config import read_json_object
 from minipara.model.projections import HF_MODULES
 
@@ -51,6 +52,7 @@ def export_peft(adapter, out_dir, base_model: str | None = None) -> Path:
     """Write a LoRA or (IA)^3 `adapter` as a PEFT adapter directory `out_dir` (which must not
     exist yet, or be empty); `base_model` is recorded as base_model_name_or_path."""
     _refuse(adapter, "to PEFT", ("lora", "ia3"))
+    check_values(adapter, "the adapter to export")
     common = {
         "base_model_name_or_path": base_model,
         "task_type": "CAUSAL_LM",
@@ -102,6 +104,7 @@ def export_merged(model, adapter, out_dir, source_dir) -> Path:
     tokenizer and other files of `source_dir` copied."""
     if adapter is not None:
         _refuse(adapter, "as a merged model", ("lora", "ia3", "bitfit"))
+        check_values(adapter, "the adapter to merge")
         model = adapter.merge(model)
     a = model.args
     if a.mlp_bias and a.model_type != "llama":

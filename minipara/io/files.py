@@ -8,10 +8,14 @@ outputs that never land on an input.
   only a lock file the next run reuses and removes.
 - `check_paths(outputs, inputs)`: refuses outputs that are the same file as an input or as
   each other (`--out t.jsonl` over the training data, `--out run.ckpt` over its checkpoint).
+- `check_output(path, what, reads)`: the rule every writer (CLI and Python) applies to a file
+  it is about to write: not a directory, not a file the run reads (`reads`: files, or model
+  directories), not a file of minipara itself.
 """
 
 import fcntl
 import os
+import re
 import socket
 import tempfile
 import time
@@ -66,6 +70,35 @@ def check_paths(outputs: dict[str, Path], inputs: dict[str, Path]):
                     f"{name} and {other} would both be {out}; choose an out whose name ends in .safetensors",
                     _options(name, other),
                 )
+
+
+PACKAGE = Path(__file__).resolve().parents[1]  # minipara's own files
+# What loading a model directory reads: weights, config, tokenizer, template and the conversion's
+# marker. Other files there (a benchmark's JSON written beside its model) may be replaced.
+MODEL_FILES = re.compile(
+    r"(model|config|tokenizer|special_tokens|added_tokens|generation_config|chat_template).*|\.complete"
+)
+
+
+def check_output(path, what: str, reads=(), options: tuple[str, ...] = ()):
+    """Refuse, before any work, writing `what` to `path` when it is a directory, a file the run
+    reads (in `reads`, or a model directory of `reads`'s MODEL_FILES: config, weights,
+    tokenizer), or one of minipara's own files. `options`: the parameter names the message
+    mentions (UserError.options)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory: give a file name inside it", options)
+    if Path(os.path.realpath(path)).is_relative_to(PACKAGE):
+        raise UserError(f"{what} {path} is inside the minipara package: write it elsewhere", options)
+    for r in reads:
+        if r is None:
+            continue
+        r = Path(r)
+        files = [f for f in r.iterdir() if f.is_file() and MODEL_FILES.fullmatch(f.name)] if r.is_dir() else [r]
+        hit = next((f for f in files if _same(path, f)), None)
+        if hit is not None:
+            where = f"a file of {r}" if r.is_dir() else "a file this run reads"
+            raise UserError(f"{what} {path} is {where}: it would be overwritten; write it elsewhere", options)
 
 
 def _options(*names: str) -> tuple[str, ...]:

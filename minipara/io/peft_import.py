@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minipara.errors import UserError
+from minipara.methods.base import check_values
 from minipara.methods.ia3 import IA3, IA3Config
 from minipara.methods.lora import Lora, LoraConfig
 from minipara.model.config import ModelArgs, read_json_object
@@ -72,9 +73,9 @@ def load_peft_adapter(path, args: ModelArgs):
             raise UserError(f"{path}: cannot import this {kind} adapter exactly: {why}")
     parts = _parts(path, tensors, args)
     targets = _matching(path, cfg.get("target_modules"), "target_modules")
-    if kind == "LORA":
-        return _lora(path, cfg, tensors, parts, targets, args)
-    return _ia3(path, cfg, tensors, parts, targets, args)
+    adapter = (_lora if kind == "LORA" else _ia3)(path, cfg, tensors, parts, targets, args)
+    check_values(adapter, str(path))
+    return adapter
 
 
 def _is_set(value) -> bool:

@@ -103,6 +103,15 @@ def is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", MARKER))
 
 
+def model_dir(model) -> Path | None:
+    """The directory a --model option (or load's path) reads, converted yet or not: the path
+    itself, or a shipped model's under WEIGHTS_DIR (None: neither); for output checks."""
+    if model is not None and Path(model).is_dir():
+        return Path(model)
+    name = DEFAULT_MODEL if model is None else str(model)
+    return WEIGHTS_DIR / name if name in MODELS else None
+
+
 def ensure_default_model(quiet: bool = False) -> Path:
     """The converted default model's directory; converts it first if it is not there yet."""
     return ensure_model(DEFAULT_MODEL, quiet)

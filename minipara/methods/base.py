@@ -96,6 +96,37 @@ class Adapter(nn.Module):
         raise UserError(f"{self.method} cannot be merged into the base weights: {self.merge_refusal}; use it unmerged")
 
 
+# No trained adapter holds a value, nor sets a float option, near this magnitude. A diverged run
+# (--lr 1e30) writes values that are finite yet overflow to inf once used, as does a LoRA alpha
+# of 1e308: refusing them where they enter keeps NaN out of every output.
+ABSURD = 1e6
+
+
+def check_values(adapter, name: str = "the adapter"):
+    """Refuse (UserError naming `name`) an adapter whose tensors hold NaN, infinity or values
+    beyond ABSURD, or whose config fails its checks (edited since it was made): in use they
+    give NaN. Every entry that uses or writes an adapter calls this; one fused max per tensor
+    and one device-to-host read."""
+    for m in adapter.modules():  # a Mixture's members too
+        if isinstance(m, Adapter) and m.config is not None:
+            try:
+                type(m.config)(**config_dict(m.config))  # the config class checks each field
+            except (TypeError, ValueError, UserError) as e:
+                raise UserError(f"{name}: bad {m.method} config: {e}") from None
+    items = [(k, t.detach()) for k, t in adapter.state_dict().items() if t.is_floating_point() and t.numel()]
+    if not items:
+        return
+    peaks = torch.stack(torch._foreach_norm([t for _, t in items], math.inf)).float().cpu()
+    bad = (~(peaks <= ABSURD)).nonzero()  # NaN compares false
+    if len(bad):
+        k, peak = items[int(bad[0])][0], float(peaks[int(bad[0])])
+        what = "NaN or infinite values" if not math.isfinite(peak) else f"values up to {peak:.3g} in magnitude"
+        raise UserError(
+            f"{name}: tensor {k} holds {what} (a trained adapter stays within {ABSURD:g}): "
+            "the adapter is damaged or its training diverged"
+        )
+
+
 class LayerPass:
     """States that do not depend on the prompt, built for all layers at once at the first layer
     of a pass over them (a forward, a prefill) and handed out layer by layer, in the ops that
@@ -180,9 +211,9 @@ class MethodConfig:
                 ok, want = isinstance(v, bool), "true or false"
             elif isinstance(default, int):
                 ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "at least 1 (an integer)"
-            elif isinstance(default, float):
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                want = "a finite number"
+            elif isinstance(default, float):  # (1e308 is finite, but overflows to inf in use)
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= ABSURD
+                want = f"a finite number within {ABSURD:g} in magnitude"
             elif isinstance(default, tuple):
                 ok = isinstance(v, str) or isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
                 want = "a list of names"

@@ -51,12 +51,24 @@ class KVCache(nn.Module):
         """Empty the cache for a new batch of requests, keeping the buffers (and their addresses)."""
         if n_prefix > self.max_len:
             raise ValueError(f"{n_prefix} prefix slots exceed the cache length {self.max_len}")
+        self.clear(end=self.length)  # the slots the last request wrote; the rest are still zero
         self.ok.zero_()
         self.slot.fill_(n_prefix)
         self.n_prefix = self.length = n_prefix
         self.states = [None] * self.n_layers
         self._spare.update(self.packed)
         self.packed = {}
+
+    @torch.no_grad()
+    def clear(self, row: int | None = None, end: int | None = None):
+        """Zero the keys and values of `row` (default: every row) in slots [0, end) (default:
+        all), before a new request uses them. Masking does not protect a request from what an
+        earlier one left: a masked slot still enters attention as 0 * V, and 0 * NaN is NaN,
+        so the NaN or inf of one adapter that overflowed would reach every later request.
+        A memset per request, where checking or masking would cost every decode step."""
+        for i in range(self.n_layers):
+            for buf in self.kv(i):
+                (buf if row is None else buf[row])[..., :end, :].zero_()
 
     @torch.no_grad()
     def pack_states(self, states: list):
@@ -146,6 +158,7 @@ class KVCache(nn.Module):
             self.length = need
         s = self.length - need
         self.ok[r] = False
+        self.clear(r, self.length)  # what the row's last request left (slots from the shared slot on are zero)
         for i in range(self.n_layers):
             for dst, sb in zip(self.kv(i), src.kv(i)):
                 dst[r, :, s : s + need] = sb[src_row, :, :need]
@@ -173,6 +186,9 @@ class KVCache(nn.Module):
         self.ok.copy_(self.ok.gather(1, order))
         self.length = int(self.ok.sum(1).max())
         self.slot.fill_(self.length)
+        for i in range(self.n_layers):
+            for buf in self.kv(i):
+                buf[:, :, self.length :].zero_()  # no row's entries are left there: zero, for `place`
 
     def rows(self, k: int) -> "KVCache":
         """The first k rows as a cache of their own: views, so a step on it writes into this

@@ -92,6 +92,23 @@ class Ranks:
         dist.all_gather_object(out, items)
         return [x for part in out for x in part]
 
+    def agree(self, settings: dict):
+        """Stop every rank at once, naming the first difference, unless all were started with the
+        same settings (one small all-gather): otherwise ranks would train with different lr or
+        seeds silently, and a different max_steps or method would hang or break a collective."""
+        if self.world == 1:
+            return
+        every = [None] * self.world
+        dist.all_gather_object(every, settings)
+        for r, theirs in enumerate(every[1:], 1):
+            diff = next((k for k in every[0] if every[0][k] != theirs.get(k)), None)
+            if diff is not None:
+                raise UserError(
+                    f"the ranks were started with different settings: {diff} is {every[0][diff]!r} on rank 0 "
+                    f"and {theirs.get(diff)!r} on rank {r}; start every rank with the same command",
+                    (diff,),
+                )
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from minipara.errors import UserError
@@ -241,6 +241,11 @@ class _Run:
         from minipara.train.tasks import load_task
         from minipara.train.trainer import TrainConfig
 
+        # Every rank was started with the same settings (torchrun runs one command per rank, but
+        # nothing stops a launcher from passing each its own), or all stop now.
+        settings = {k: v for k, v in vars(self).items() if k not in ("progress", "command", "options", "device")}
+        settings["task"] = settings.pop("task_name")
+        ranks.agree({**settings, "config": self.config and asdict(self.config), **self.options})
         # Everything that can be refused without the model is checked first.
         train_names = {f.name for f in fields(TrainConfig)}
         training = {k: v for k, v in self.options.items() if k in train_names}
@@ -294,7 +299,8 @@ class _Run:
     def check_outputs(self, files: dict, task):
         """Refuse, before any work: an output that is an input or another output, one that cannot be
         written, and overwriting a finished or interrupted run without force."""
-        from minipara.io.files import OutputLock, check_paths, check_writable
+        from minipara.io.files import OutputLock, check_output, check_paths, check_writable
+        from minipara.io.weights import model_dir
 
         if self.resume and self.force:
             raise UserError("resume continues a run and force starts over: give one of them", ("resume", "force"))
@@ -311,11 +317,14 @@ class _Run:
             if self.task_name == "custom"
             else {f"task file {f.name}": f for f in task.files}
         )
-        if self.model is not None and Path(self.model).is_dir():
-            inputs.update({f"model's {f.name}": f for f in Path(self.model).iterdir() if f.is_file()})
+        model = model_dir(self.model)  # the default model's too
+        if model is not None and model.is_dir():
+            inputs.update({f"model's {f.name}": f for f in model.iterdir() if f.is_file()})
         named = {("out" if k == "out" else f"the {k} file"): f for k, f in mine.items()}
         named["the lock file"] = OutputLock(files["out"]).path
         check_paths(named, inputs)
+        for name, f in named.items():
+            check_output(f, name, (), ("out",))  # no side file a directory, none in the package
         for k, f in mine.items():
             check_writable(f, f"the {k} file")
         existing = [str(f) for k, f in mine.items() if k in ("out", "ckpt", "report") and f.exists()]

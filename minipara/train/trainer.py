@@ -47,6 +47,10 @@ CKPT_VERSION = 3  # 2: progress as TrainState, dev-loss selection, the arch sche
 Pair = tuple[list[int], list[int]]
 
 
+class Diverged(UserError):
+    """The loss or the adapter became NaN, inf or absurd: the run stopped (lower the lr)."""
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -443,15 +447,41 @@ class Trainer:
 
     def _train_step(self):
         if self.arch:  # first-order DARTS: the rational parameters step on dev data at the current weights
-            self._update(self._next_dev(), self.arch, self.arch_opt)
+            arch_loss = self._update(self._next_dev(), self.arch, self.arch_opt)
+            self._check_diverged(arch_loss, "dev loss of the bi-level step", self.state.step + 1)
             self.arch_sched.step()
         loss = self._update(self._next_train(), self.weights, self.opt)
+        self._check_diverged(loss, "train loss", self.state.step + 1)
         self.sched.step()
         s = self.state
         s.step += 1
         s.loss_total += loss
         s.loss_count += 1
         return loss
+
+    def _check_diverged(self, loss: float, what: str, step: int):
+        """Stop the run at the first step whose loss, or whose adapter, is NaN, inf or absurd
+        (check_values): training on would write NaN adapters and reports. Every rank sees the
+        same summed loss and the same adapter, so all stop together. The files stay as the last
+        evaluation left them; the adapter in memory becomes the best one, if any."""
+        from minipara.methods.base import check_values
+
+        try:
+            if not math.isfinite(loss):
+                raise UserError(f"the {what} is {loss}")
+            check_values(self.adapter, "the adapter")
+        except UserError as e:
+            s = self.state
+            self.adapter.requires_grad_(True)  # undo _update's freezing of one group
+            self.load_best()
+            kept = "no adapter was saved" if s.best is None else f"the best adapter (step {s.best_step}) is kept"
+            if self.ckpt_path is not None and self.ckpt_path.exists():
+                kept += ", and the last checkpoint"
+            self._log({"event": "diverged", "step": step, "reason": str(e)})
+            raise Diverged(
+                f"training diverged at step {step}: {e}; {kept}. Lower lr (this run's peak is {self.cfg.lr:g})",
+                ("lr",),
+            ) from None
 
     def _evaluate_dev(self) -> bool:
         """Score the dev set, track the best adapter and patience. False if interrupted."""
@@ -472,6 +502,7 @@ class Trainer:
         metrics = self.dev_eval.score(gens)
         primary = next(iter(metrics.values()))
         dev_loss = mean_loss(model, ad, self.dev, self.cfg.micro_batch, self.ranks)
+        self._check_diverged(dev_loss, "dev loss", s.step)
         score = [-dev_loss] if self.cfg.select == "loss" else [float(primary), -dev_loss]
         if s.best is None or score > s.best:
             s.best, s.best_dev, s.best_dev_loss, s.best_step, s.bad_evals = score, metrics, dev_loss, s.step, 0
