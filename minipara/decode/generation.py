@@ -173,24 +173,38 @@ def generate(
     return _beam_search(decoder, cache, logits, cfg, eos)
 
 
-M32 = 0xFFFFFFFF
+M31 = 0x7FFFFFFF  # hashes keep 31 bits: every literal below fits int32, as Triton types them
 
 
-def mix32(x):
-    """A 32-bit integer hash (Wellons' lowbias32, with multipliers below 2**31 so that no
-    product overflows int64): on Python ints and on int64 tensors alike."""
-    x = x & M32
+def mix31(x):
+    """A 31-bit integer hash (Wellons' lowbias32 shape, masked to 31 bits): on Python ints and
+    int64 tensors alike. No literal reaches 2**31 and no product 2**63: on CUDA, inductor's
+    Triton code types integer literals as int32 ("Scalar 2654435761 is out of range for type
+    int32", seen on an H100 with 32-bit constants)."""
+    x = x & M31
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & M32
+    x = (x * 0x7FEB352D) & M31
     x = x ^ (x >> 15)
-    x = (x * 0x1B873593) & M32
+    x = (x * 0x1B873593) & M31
     return x ^ (x >> 16)
 
 
 def stream_key(seed: int, stream: int) -> int:
     """The random stream of row `stream` (a batch row, or one of a request's n choices) of a
     request seeded `seed`: what `sample` draws from, with the step."""
-    return mix32(mix32(mix32(seed & M32) ^ ((seed >> 32) & M32)) + stream)
+    return mix31(mix31(mix31(seed & M31) ^ ((seed >> 31) & M31) ^ (seed >> 62)) + stream)
+
+
+_TOKEN_BITS: dict = {}
+
+
+def token_bits(V: int, device) -> torch.Tensor:
+    """Each token id's 31-bit hash (V,), computed once per vocabulary and device: a tensor the
+    sampler reads, not an arange inside its graph, whose index Triton may hold in int32."""
+    k = (V, str(device))
+    if k not in _TOKEN_BITS:
+        _TOKEN_BITS[k] = mix31(torch.arange(V, dtype=torch.long) * 0x1E3779B1 + 0x2545F491).to(device)
+    return _TOKEN_BITS[k]
 
 
 def sample(logits, temperature, top_k, top_p, key, step):
@@ -222,9 +236,9 @@ def sample(logits, temperature, top_k, top_p, key, step):
     n_keep = torch.minimum(n_keep, k)
     floor = ranked.gather(1, (n_keep - 1)[:, None])
     scaled = scaled.masked_fill(scaled < floor, float("-inf"))
-    ids = torch.arange(V, device=logits.device, dtype=torch.long)
-    h = mix32(mix32(key[:, None] ^ mix32(step[:, None] + 0x9E3779B9)) + ids * 0x9E3779B1)
-    u = ((h >> 8).float() + 0.5) * 2.0**-24  # in (0, 1)
+    row = mix31(key ^ mix31(step + 0x1E3779B9))  # (B,): this row's draw at this step
+    h = mix31(row[:, None] ^ token_bits(V, logits.device)[None, :])
+    u = ((h >> 7).float() + 0.5) * 2.0**-24  # in (0, 1)
     drawn = (scaled - (-u.log()).log()).argmax(-1)
     return torch.where(temperature >= tiny, drawn, greedy)
 
