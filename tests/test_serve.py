@@ -473,7 +473,7 @@ def test_tiny_temperature_is_greedy(server):
 def test_sampler_tiny_temperature():
     """generation.sample (which replaced _pick): a temperature that is 0 as a float32, or below
     float32's smallest normal number, samples as greedy, top-k and top-p or not."""
-    from minipara.decode.generation import GenerationConfig, sample, sampling_rows
+    from minipara.decode.generation import GenerationConfig, sample, sampling_rows, token_bits
 
     logits = torch.randn(3, 50)
     for t in (1e-300, 1e-45, torch.finfo(torch.float32).tiny / 2):
@@ -484,7 +484,15 @@ def test_sampler_tiny_temperature():
             temperature, top_k, top_p, key = sampling_rows(cfg, 3, "cpu")
             temperature = torch.full((3,), t, dtype=torch.float64)  # as given, not yet a float32
             for step in range(4):
-                got = sample(logits, temperature, top_k, top_p, key, torch.full((3,), step))
+                got = sample(
+                    logits,
+                    temperature,
+                    top_k,
+                    top_p,
+                    key,
+                    torch.full((3,), step),
+                    token_bits(logits.shape[-1], logits.device),
+                )
                 assert torch.equal(got, logits.argmax(-1)), (t, cfg)
 
 

@@ -207,9 +207,10 @@ def token_bits(V: int, device) -> torch.Tensor:
     return _TOKEN_BITS[k]
 
 
-def sample(logits, temperature, top_k, top_p, key, step):
+def sample(logits, temperature, top_k, top_p, key, step, bits):
     """One token per row of logits (B, V), with per-row settings as (B,) tensors: temperature
-    (0: greedy), top_k (0: off), top_p, and the row's stream `key` (stream_key) and `step`.
+    (0: greedy), top_k (0: off), top_p, and the row's stream `key` (stream_key) and `step`;
+    `bits` is token_bits(V, device), passed in so that a compiled caller holds it as an input.
 
     Sampling is an argmax of logits plus Gumbel noise hashed from (key, step, token id), not
     a stateful generator: a row's draws depend on its own seed and step only, so a request
@@ -237,7 +238,7 @@ def sample(logits, temperature, top_k, top_p, key, step):
     floor = ranked.gather(1, (n_keep - 1)[:, None])
     scaled = scaled.masked_fill(scaled < floor, float("-inf"))
     row = mix31(key ^ mix31(step + 0x1E3779B9))  # (B,): this row's draw at this step
-    h = mix31(row[:, None] ^ token_bits(V, logits.device)[None, :])
+    h = mix31(row[:, None] ^ bits[None, :])
     u = ((h >> 7).float() + 0.5) * 2.0**-24  # in (0, 1)
     drawn = (scaled - (-u.log()).log()).argmax(-1)
     return torch.where(temperature >= tiny, drawn, greedy)
@@ -266,11 +267,16 @@ def sampling_rows(cfg: GenerationConfig, B: int, device):
 def _sample(decoder, cache, logits, cfg, eos, on_token):
     B = logits.shape[0]
     rows = sampling_rows(cfg, B, logits.device)
+    bits = token_bits(logits.shape[-1], logits.device)
     eos_t = torch.tensor(eos, device=logits.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     out = []
     for t in range(cfg.max_new_tokens):
-        nxt = sample(logits, *rows, torch.full((B,), t, device=logits.device)) if cfg.temperature else logits.argmax(-1)
+        nxt = (
+            sample(logits, *rows, torch.full((B,), t, device=logits.device), bits)
+            if cfg.temperature
+            else logits.argmax(-1)
+        )
         out.append(nxt)
         if on_token is not None:
             for row in (~done).nonzero().flatten().tolist():

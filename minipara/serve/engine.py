@@ -42,7 +42,15 @@ import traceback
 
 import torch
 
-from minipara.decode.generation import Decoder, GenerationConfig, left_pad, sample, stream_key, token_logprobs
+from minipara.decode.generation import (
+    Decoder,
+    GenerationConfig,
+    left_pad,
+    sample,
+    stream_key,
+    token_bits,
+    token_logprobs,
+)
 from minipara.methods.mixture import Mixture
 from minipara.model.cache import SlotStates
 from minipara.model.layer_state import LayerState
@@ -118,6 +126,9 @@ class Engine:
             "top_ids": torch.zeros(B, K, dtype=torch.long, device=dev),
         }
         self._io_views = {k: {n: t[:k] for n, t in self.io.items()} for k in self.buckets}
+        self.bits = token_bits(model.args.vocab_size, dev)  # the sampler's per-token hashes
+        for views in self._io_views.values():
+            views["bits"] = self.bits
         self.structures = {()}  # the kinds of adapter states the step was warmed up for
         self.compiled = compile is not None
         self.cuda = self.device.type == "cuda"
@@ -341,7 +352,7 @@ class Engine:
         sel = torch.tensor(rows, device=self.device)
         io = {n: t.index_select(0, sel) for n, t in self.io.items()}
         lg = logits.index_select(0, torch.tensor(src, device=self.device))
-        first = sample(lg, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"])
+        first = sample(lg, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"], self.bits)
         lps = [t.tolist() for t in token_logprobs(lg, first, self.io["top_ids"].shape[1])]
         for i, (j, r) in enumerate(zip(src, rows)):
             req = self.rows[r]
@@ -403,7 +414,7 @@ class Engine:
         every output written in place, so that one traced graph serves any requests."""
         states = [LayerState.from_tensors(dict(zip(keys, layer))) for layer in bufs] if keys else None
         logits = self.model.step(io["tokens"][:, None], cache, states=states)[:, -1]
-        tok = sample(logits, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"])
+        tok = sample(logits, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"], io["bits"])
         lp, top_v, top_i = token_logprobs(logits, tok, io["top_ids"].shape[1])
         io["tokens"].copy_(tok)
         io["step"].add_(1)
