@@ -36,9 +36,9 @@ json.dump(report, open(stem + ".report.json", "w"))
 
 @pytest.fixture
 def fake_train(tmp_path, monkeypatch):
-    script = tmp_path / "train.py"
+    script = tmp_path / "stand_in_train.py"
     script.write_text(FAKE_TRAIN)
-    monkeypatch.setattr(results, "TRAIN_SCRIPT", script)
+    monkeypatch.setattr(results, "TRAIN_COMMAND", [sys.executable, str(script)])
     return script
 
 
@@ -74,7 +74,7 @@ def test_runs_every_combination_once_and_tabulates(tmp_path, fake_train, capsys)
     lora = next(line for line in table.splitlines() if line.startswith("| lora "))
     assert "| 0.810 (0.800-0.820) |" in lora and "| 0.003 |" in lora
     assert table.index("| none ") < table.index("| para ") < table.index("| lora ")
-    assert "`train.py --task sst2 --max-steps 40`" in table  # the shared caps are stated
+    assert "`minipara train --task sst2 --max-steps 40`" in table  # the shared caps are stated
     rows = json.loads((base / "sst2.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "para", "lora"]
     assert rows[1]["test"] == [0.9, 0.91, 0.92] and rows[1]["dev_loss_best"] == pytest.approx([0.3, 0.29, 0.28])
@@ -201,7 +201,7 @@ def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
     base = tmp_path / "out"
     driver = (
         f"import sys; from pathlib import Path; from minipara import cli; from minipara.train import results; "
-        f"results.TRAIN_SCRIPT = Path({str(script)!r}); "
+        f"results.TRAIN_COMMAND = [sys.executable, {str(script)!r}]; "
         f"cli.run(lambda: results.main(['--task', 'sst2', '--methods', 'para,lora', '--seeds', '0,1', "
         f"'--parallel', '2', '--dir', {str(base)!r}]))"
     )

@@ -1,10 +1,10 @@
-"""Results tables: train every (method, seed) of a task with train.py, then tabulate.
+"""Results tables: train every (method, seed) of a task with `minipara train`, then tabulate.
 
     python -m minipara.train.results --task sst2 --methods none,para,lora --seeds 0,1,2 \\
         --lr-for ia3=3e-3,ptuning_v2=1e-2 --parallel 16 --dir results -- --max-steps 300 --max-eval 500
     python -m minipara.train.results --task sst2 --dir results --table-only --readme README.md
 
-Each run is `train.py --method M --task T --seed S --out <dir>/<task>/<M>-seed<S>.safetensors`
+Each run is `python -m minipara train --method M --task T --seed S --out <dir>/<task>/<M>-seed<S>.safetensors`
 plus the arguments after `--` (the caps every method shares) and the method's lr override.
 A run whose report exists is skipped, so the command can be stopped and started again, or
 launched in the background and collected later; an interrupted run resumes from its
@@ -33,7 +33,9 @@ from pathlib import Path
 from minipara.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = ROOT / "train.py"
+# How a run is started: the library's own command, so that it works wherever minipara is
+# installed, not only in a source checkout (tests put a stand-in here).
+TRAIN_COMMAND = [sys.executable, "-m", "minipara", "train"]
 METHODS = ("none", "para", "pedro", "parade", "iapt", "lora", "ia3", "bitfit", "ptuning_v2")
 
 
@@ -57,6 +59,8 @@ def git_commit() -> str:
     """The checkout's commit (+dirty), or $MINIPARA_COMMIT where the copy has no git history."""
     if os.environ.get("MINIPARA_COMMIT"):
         return os.environ["MINIPARA_COMMIT"]
+    if not (ROOT / ".git").exists():  # an installed minipara: not the history of whatever folder holds it
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
         dirty = subprocess.run(
@@ -81,8 +85,7 @@ def machine() -> str:
 def command_for(task: str, method: str, seed: int, folder: Path, lrs: dict, extra: list[str], resume: bool):
     stem = run_stem(folder, method, seed)
     cmd = [
-        sys.executable,
-        str(TRAIN_SCRIPT),
+        *TRAIN_COMMAND,
         "--method",
         method,
         "--task",
@@ -139,7 +142,7 @@ def run_all(
 
     # The runs get signals from this command only (each is started in its own session): a
     # terminal's Ctrl-C or a scheduler's group-wide SIGTERM reaches them once, forwarded,
-    # since train.py takes a second signal as "abort without saving".
+    # since a training run takes a second signal as "abort without saving".
     def on_signal(signum, frame):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
@@ -167,9 +170,7 @@ def run_all(
                 running.append(
                     (
                         f"{task} {method} seed {seed}",
-                        subprocess.Popen(
-                            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True
-                        ),
+                        subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True),
                         out,
                     )
                 )
@@ -307,11 +308,18 @@ def markdown(task: str, rows: list[dict], runs: list[dict]) -> str:
         f"\n{task}: the checkpoint with the lowest dev loss, its test score, dev score and dev loss; "
         "median over seeds (min-max); the bare model is scored as it is. "
         f"Machine: {', '.join(machines)}; runs started {started[0][:10] if started else '?'}. "
-        f"Every run: `train.py --task {task} {shared}` (per-method lr as listed; time: training and "
+        f"Every run: `{launcher(caps)} --task {task} {shared}` (per-method lr as listed; time: training and "
         "test evaluation, with other runs sharing the machine). Written by "
         f"`python -m minipara.train.results --task {task} --table-only`.\n"
     )
     return "\n".join(lines) + "\n" + note
+
+
+def launcher(commands: list[str]) -> str:
+    """How the runs were started, as the table's note names it: `train.py` (the script the
+    results command ran before it ran the library's command) or `minipara train`."""
+    old = any(Path(w).name == "train.py" for c in commands for w in shlex.split(c)[:2])
+    return "train.py" if old else "minipara train"
 
 
 def common_arguments(commands: list[str]) -> str:
@@ -320,7 +328,9 @@ def common_arguments(commands: list[str]) -> str:
     skip_value = {"--method", "--task", "--seed", "--out", "--lr"}
     per_run = []
     for c in commands:
-        args, kept = shlex.split(c)[2:], []  # drop the interpreter and train.py
+        words = shlex.split(c)
+        # drop what starts the run: `python train.py` (older reports) or `python -m minipara train`
+        args, kept = words[next((j for j, w in enumerate(words) if w.startswith("--")), len(words)) :], []
         i = 0
         while i < len(args):
             if args[i] in skip_value:
@@ -433,8 +443,6 @@ def main(argv=None) -> int:
             seeds = [int(s) for s in a.seeds.split(",") if s]
         except ValueError:
             raise UserError(f"--seeds needs integers such as 0,1,2, got {a.seeds!r}") from None
-        if not TRAIN_SCRIPT.is_file():
-            raise UserError(f"{TRAIN_SCRIPT} is missing: run from a source checkout of minipara")
         if a.parallel < 1:
             raise UserError("--parallel must be at least 1")
         failed = run_all(tasks, methods, seeds, base.resolve(), parse_lrs(a.lr_for), extra, a.parallel, a.threads)
