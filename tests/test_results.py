@@ -9,22 +9,33 @@ from minipara.train import results
 
 # A stand-in for train.py: writes the report (and a log) train.py would write, from its arguments.
 FAKE_TRAIN = r"""
-import json, sys, time
+import json, math, os, sys, time
 a = sys.argv[1:]
 arg = lambda k, d=None: a[len(a) - 1 - a[::-1].index(k) + 1] if k in a else d
 method, seed, out = arg("--method"), int(arg("--seed")), arg("--out")
+lr = float(arg("--lr", "1e-4"))
 stem = out[:-len(".safetensors")]
 with open(stem + ".calls", "a") as f:
     f.write(" ".join(a) + "\n")
 if method == "bitfit":
     sys.exit(3)
-acc = {"none": 0.5, "para": 0.9, "lora": 0.8, "pedro": 0.85}[method] + seed / 100
+# tuning.json beside this script (the lr-grid tests): {"best": {method: lr}, "nan": [[method, lr, seed]]}:
+# the dev loss grows with the distance from the method's best rate, and the test score is best
+# at 1e-4, so a grid that looked at test scores would choose 1e-4.
+tuning_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning.json")
+tuning = json.load(open(tuning_path)) if os.path.exists(tuning_path) else {"best": {}, "nan": []}
+off = abs(math.log10(lr / tuning["best"][method])) if method in tuning["best"] else 0.0
+acc = {"none": 0.5, "para": 0.9, "lora": 0.8, "pedro": 0.85, "ia3": 0.7}[method] + seed / 100
+acc += 0.05 if tuning["best"] and lr == 1e-4 else 0.0
+loss = 0.3 - seed / 100 + off
+if [method, lr, seed] in tuning["nan"]:
+    loss = float("nan")
 if method == "none":
     report = {"method": "none", "task": "sst2", "dev": {"accuracy": 0.5}, "test": {"accuracy": acc}, "wall_time_s": 2.0}
 else:
     report = {"method": method, "task": "sst2", "seed": seed, "test_metric": {"accuracy": acc},
-              "test": {"accuracy": acc}, "dev_metric_best": {"accuracy": acc - 0.05}, "dev_loss_best": 0.3 - seed / 100,
-              "trainable_params": 1000, "lr": float(arg("--lr", "1e-4")), "steps": 40, "best_step": 20,
+              "test": {"accuracy": acc}, "dev_metric_best": {"accuracy": acc - 0.05}, "dev_loss_best": loss,
+              "trainable_params": 1000, "lr": lr, "steps": 40, "best_step": 20,
               "wall_time_s": 10.0 + seed}
     with open(stem + ".log.jsonl", "w") as f:
         f.write(json.dumps({"event": "start"}) + "\n")
@@ -221,3 +232,97 @@ def test_sigterm_stops_the_runs_with_their_checkpoints(tmp_path):
     for p in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(int(p.read_text()), 0)
+
+
+# ---- the learning-rate grid (issue 29) ----------------------------------------------------------
+def tune(script, best: dict, nan=()):
+    (script.parent / "tuning.json").write_text(json.dumps({"best": best, "nan": [list(x) for x in nan]}))
+
+
+def calls(path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def lr_of(call: list[str]) -> float:
+    return float(call[len(call) - 1 - call[::-1].index("--lr") + 1])
+
+
+def test_lr_grid_chooses_each_methods_rate_by_dev_loss_then_runs_the_seeds_at_it(tmp_path, fake_train, capsys):
+    """Every rate of each method's grid ({1e-4, 3e-4, 1e-3}, plus (IA)^3's paper rate 3e-3) runs
+    on seed 0; the lowest dev loss picks the rate (the test score, best at 1e-4 here, plays no
+    part); seed 0's grid run at that rate is the table's seed 0, seeds 1 and 2 run at it; the
+    grid's dev losses and the choice are written beside the table, and again from --table-only."""
+    tune(fake_train, {"para": 1e-3, "lora": 3e-4, "ia3": 3e-3})
+    base = tmp_path / "out"
+    argv = ["--task", "sst2", "--methods", "none,para,lora,ia3", "--seeds", "0,1,2", "--lr-grid", "--dir", str(base)]
+    assert results.main(argv + ["--", "--max-steps", "40"]) == 0, capsys.readouterr().err
+    grid = base / "sst2" / "lr-grid"
+    for method, rates in (
+        ("para", [1e-4, 3e-4, 1e-3]),
+        ("lora", [1e-4, 3e-4, 1e-3]),
+        ("ia3", [1e-4, 3e-4, 1e-3, 3e-3]),
+    ):
+        runs = sorted(grid.glob(f"{method}-lr*-seed*.calls"))
+        assert sorted(lr_of(calls(c)[0]) for c in runs) == rates and all(c.name.endswith("seed0.calls") for c in runs)
+    record = json.loads((base / "sst2.json").read_text())
+    chosen = {m: g["chosen"] for m, g in record["lr_grid"].items()}
+    assert chosen == {"para": 1e-3, "lora": 3e-4, "ia3": 3e-3}
+    assert record["lr_grid"]["para"]["dev_loss"] == {
+        "0.0001": [1.3],
+        "0.0003": [pytest.approx(0.3 + 0.5229, abs=1e-4)],
+        "0.001": [0.3],
+    }
+    for method, lr in chosen.items():
+        assert not (base / f"sst2/{method}-seed0.calls").exists()  # seed 0 is the grid's run, not run again
+        assert json.loads((base / f"sst2/{method}-seed0.run.json").read_text())["reused_from"].startswith("lr-grid/")
+        for seed in (1, 2):
+            assert [lr_of(c) for c in calls(base / f"sst2/{method}-seed{seed}.calls")] == [lr]
+    rows = {r["method"]: r for r in record["rows"]}
+    assert rows["para"]["lr"] == 1e-3 and rows["para"]["seeds"] == [0, 1, 2] and rows["none"]["seeds"] == [None]
+    table = (base / "sst2.md").read_text()
+    assert "| para | lr 0.0001 | lr 0.0003 | lr 0.001 | lr 0.003 | chosen |" not in table  # one header for all
+    assert "| method | lr 0.0001 | lr 0.0003 | lr 0.001 | lr 0.003 | chosen |" in table
+    assert "| para | 1.300 | 0.823 | **0.300** |  | 0.001 |" in table
+    assert "| ia3 | 1.777 | 1.300 | 0.777 | **0.300** | 0.003 |" in table
+    assert "Test scores play no part" in table
+    # Everything has its report now: the same command runs nothing, and --table-only writes the same.
+    n = len(list(base.rglob("*.calls")))
+    assert results.main(argv) == 0 and sum(len(calls(c)) for c in base.rglob("*.calls")) == n
+    (base / "sst2.md").unlink()
+    assert results.main(["--task", "sst2", "--dir", str(base), "--table-only"]) == 0
+    assert (base / "sst2.md").read_text() == table
+
+
+def test_lr_grid_on_several_seeds_never_chooses_a_rate_that_diverged(tmp_path, fake_train, capsys):
+    """With --grid-seeds 0,1 each rate's dev loss is the mean over both; a rate where one seed's
+    dev loss is NaN is not chosen, is marked failed in the grid's table, the run is named as
+    left out, and no NaN reaches the table or its JSON."""
+    tune(fake_train, {"para": 1e-3}, nan=[("para", 1e-3, 1)])
+    base = tmp_path / "out"
+    argv = ["--task", "sst2", "--methods", "para", "--seeds", "0,1,2", "--lr-grid", "1e-4,3e-4,1e-3"]
+    assert results.main(argv + ["--grid-seeds", "0,1", "--dir", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert "lr-grid/para-lr0.001-seed1 (dev_loss_best is nan, not a finite number (the run diverged?)" in err
+    record = json.loads((base / "sst2.json").read_text())
+    assert record["lr_grid"]["para"]["chosen"] == 3e-4 and record["lr_grid"]["para"]["seeds"] == [0, 1]
+    table = (base / "sst2.md").read_text()
+    assert "| para | 1.295 | **0.818** | failed | 0.0003 |" in table
+    assert "nan" not in table.lower() and "NaN" not in (base / "sst2.json").read_text()
+    assert [lr_of(c) for c in calls(base / "sst2/para-seed2.calls")] == [3e-4]
+    assert not (base / "sst2/para-seed1.calls").exists()  # seeds 0 and 1: the grid's runs at 3e-4
+
+
+def test_lr_grid_adds_lr_for_and_refuses_a_table_run_at_another_rate(tmp_path, fake_train, capsys):
+    tune(fake_train, {"lora": 3e-2})
+    base = tmp_path / "out"
+    (base / "sst2").mkdir(parents=True)
+    argv = ["--task", "sst2", "--methods", "lora", "--seeds", "0,1", "--lr-grid", "--lr-for", "lora=3e-2"]
+    assert results.main(argv + ["--dir", str(base)]) == 0
+    assert json.loads((base / "sst2.json").read_text())["lr_grid"]["lora"]["chosen"] == 3e-2
+    # A table run made earlier at another rate is not mixed into the table: named, not rerun.
+    for f in (base / "sst2").glob("lora-seed1.*"):
+        f.unlink()
+    report = json.loads((base / "sst2/lr-grid/lora-lr0.0001-seed0.report.json").read_text())
+    (base / "sst2/lora-seed1.report.json").write_text(json.dumps({**report, "seed": 1}))
+    assert results.main(argv + ["--dir", str(base)]) == 1
+    assert "sst2 lora seed 1: its report is of lr 0.0001, the grid chose 0.03" in capsys.readouterr().err
