@@ -326,3 +326,167 @@ def test_lr_grid_adds_lr_for_and_refuses_a_table_run_at_another_rate(tmp_path, f
     (base / "sst2/lora-seed1.report.json").write_text(json.dumps({**report, "seed": 1}))
     assert results.main(argv + ["--dir", str(base)]) == 1
     assert "sst2 lora seed 1: its report is of lr 0.0001, the grid chose 0.03" in capsys.readouterr().err
+
+
+# ---- refusals and damaged runs (issue 26) ---------------------------------------------------------
+def refused(argv, capsys, *words, watch):
+    """One `error:` line with words, status 2, before any run starts: no file under watch changes."""
+    from minipara import cli
+
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in watch.rglob("*"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.run(lambda: results.main([str(x) for x in argv]))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], lines[0]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in watch.rglob("*")) == before
+
+
+def _file(tmp):
+    (tmp / "afile").write_text("x")
+    return tmp / "afile"
+
+
+def _readme_without_block(tmp):
+    (tmp / "README.md").write_text("# no results blocks here\n")
+    return tmp / "README.md"
+
+
+def _task_folder_is_a_file(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "sst2").write_text("x")
+    return tmp / "out"
+
+
+RUN = ["--task", "sst2", "--methods", "para", "--seeds", "0"]
+FLAG_CASES = {
+    "dir is a file": (lambda t: RUN + ["--dir", _file(t)], ["afile is a file, not a folder"]),
+    "dir is a file, table only": (
+        lambda t: ["--task", "sst2", "--table-only", "--dir", _file(t)],
+        ["is a file, not a folder"],
+    ),
+    "task folder is a file": (lambda t: RUN + ["--dir", _task_folder_is_a_file(t)], ["the sst2 runs need that name"]),
+    "readme missing": (lambda t: RUN + ["--dir", t / "out", "--readme", t / "nope.md"], ["nope.md does not exist"]),
+    "readme without the block": (
+        lambda t: RUN + ["--dir", t / "out", "--readme", _readme_without_block(t)],
+        ["has no block <!-- results:sst2 -->"],
+    ),
+    "no task": (lambda t: ["--task", ",", "--dir", t / "out"], ["--task needs at least one task name"]),
+    "task is a path": (lambda t: ["--task", "../up", "--dir", t / "out"], ["'../up' is not a task name"]),
+    "no method": (lambda t: ["--task", "sst2", "--methods", ",", "--dir", t / "out"], ["--methods needs at least"]),
+    "unknown method": (lambda t: ["--task", "sst2", "--methods", "para,nope", "--dir", t / "out"], ["'nope'"]),
+    "no seed": (lambda t: ["--task", "sst2", "--seeds", ",", "--dir", t / "out"], ["--seeds needs at least one"]),
+    "seed twice": (lambda t: ["--task", "sst2", "--seeds", "0,0", "--dir", t / "out"], ["distinct seeds"]),
+    "lr for an unknown method": (lambda t: RUN + ["--lr-for", "nope=1e-3", "--dir", t / "out"], ["'nope'"]),
+    "lr not a number": (lambda t: RUN + ["--lr-for", "para=nan", "--dir", t / "out"], ["a positive number"]),
+    "grid rate zero": (lambda t: RUN + ["--lr-grid", "0,1e-3", "--dir", t / "out"], ["positive learning rates"]),
+    "grid rate text": (lambda t: RUN + ["--lr-grid", "fast", "--dir", t / "out"], ["'fast'"]),
+    "grid seeds alone": (lambda t: RUN + ["--grid-seeds", "0", "--dir", t / "out"], ["goes with --lr-grid"]),
+    "threads zero": (lambda t: RUN + ["--threads", "0", "--dir", t / "out"], ["--threads must be at least 1"]),
+    "parallel zero": (lambda t: RUN + ["--parallel", "0", "--dir", t / "out"], ["--parallel must be at least 1"]),
+}
+
+
+@pytest.mark.parametrize("case", FLAG_CASES)
+def test_flags_are_checked_before_any_run_starts(tmp_path, fake_train, capsys, case):
+    argv, words = FLAG_CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    refused(argv(work), capsys, *words, watch=work)
+    assert not list(work.rglob("*.calls"))
+
+
+def _json_edit(change):
+    def edit(path):
+        report = json.loads(path.read_text())
+        change(report)
+        path.write_text(json.dumps(report))  # (json writes NaN and Infinity as Python reads them)
+
+    return edit
+
+
+def _half(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+DAMAGE = {
+    "report half-written": ("report.json", _half, "not valid JSON (half-written?)"),
+    "report not UTF-8": ("report.json", lambda p: p.write_bytes(b'{"method": "\xff\xfe"}'), "not UTF-8"),
+    "report is a list": ("report.json", lambda p: p.write_text("[1, 2]"), "a JSON list, not an object"),
+    "report empty": ("report.json", lambda p: p.write_text(""), "not valid JSON"),
+    "report without method": ("report.json", _json_edit(lambda r: r.pop("method")), "names no method"),
+    "report without test score": ("report.json", _json_edit(lambda r: r.pop("test_metric")), "has no test_metric"),
+    "test score NaN": (
+        "report.json",
+        _json_edit(lambda r: r.update(test_metric={"accuracy": float("nan")})),
+        "test_metric['accuracy'] is nan",
+    ),
+    "dev loss NaN": (
+        "report.json",
+        _json_edit(lambda r: r.update(dev_loss_best=float("nan"))),
+        "dev_loss_best is nan, not a finite number (the run diverged?)",
+    ),
+    "time infinite": ("report.json", _json_edit(lambda r: r.update(wall_time_s=float("inf"))), "wall_time_s is inf"),
+    "steps a string": ("report.json", _json_edit(lambda r: r.update(steps="40")), "steps is '40', not a count"),
+    "another metric": (
+        "report.json",
+        _json_edit(lambda r: r.update(test_metric={"f1": 0.5})),
+        "it reports 'f1' first, its method's other seeds 'accuracy'",
+    ),
+    "log half-written": ("log.jsonl", _half, "of its log is not valid JSON (half-written?)"),
+    "log not UTF-8": ("log.jsonl", lambda p: p.write_bytes(b"\xff\n"), "its log is not UTF-8 text"),
+    "log eval NaN": (
+        "log.jsonl",
+        lambda p: p.write_text('{"event": "eval", "step": 20, "dev_loss": NaN}\n'),
+        "line 1 of its log has no step and finite dev_loss",
+    ),
+    "log line a list": ("log.jsonl", lambda p: p.write_text("[]\n"), "line 1 of its log is not a JSON object"),
+    "launch record half-written": ("run.json", _half, "its launch record (.run.json) is not valid JSON"),
+    "launch record a list": (
+        "run.json",
+        lambda p: p.write_text("[]"),
+        "launch record (.run.json) is not a JSON object",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_run_is_left_out_and_named_and_the_table_goes_on(tmp_path, fake_train, capsys, case):
+    """What an interrupted or broken run leaves (a report, log or launch record cut short, not
+    text, of the wrong shape, incomplete, or with a NaN) makes that run a failed one: left out of
+    the table, named on stderr, in the JSON and under the table; the other runs are tabulated,
+    and no NaN reaches the table or the JSON."""
+    suffix, damage, words = DAMAGE[case]
+    base = tmp_path / "out"
+    assert results.main(["--task", "sst2", "--methods", "none,para,lora", "--seeds", "0,1", "--dir", str(base)]) == 0
+    damage(base / f"sst2/para-seed1.{suffix}")
+    capsys.readouterr()
+    assert results.main(["--task", "sst2", "--dir", str(base), "--table-only"]) == 1
+    err = capsys.readouterr().err
+    assert "sst2 para-seed1 (" in err and words in err, err
+    record = json.loads((base / "sst2.json").read_text())  # strict JSON: NaN would not parse here
+    assert [x["run"] for x in record["left_out"]] == ["para-seed1"] and words in record["left_out"][0]["why"]
+    rows = {r["method"]: r for r in record["rows"]}
+    assert rows["para"]["seeds"] == [0] and rows["lora"]["seeds"] == [0, 1] and rows["none"]["seeds"] == [None]
+    table = (base / "sst2.md").read_text()
+    assert "| para | 0.900 |" in table and "Left out of the sst2 table, as failed runs: para-seed1 (" in table
+    cells = " ".join(line for line in table.splitlines() if line.startswith("|")).lower()
+    assert "nan" not in cells and "inf" not in cells  # (the note under the table names the NaN)
+
+
+def test_a_damaged_run_does_not_stop_the_others(tmp_path, fake_train, capsys):
+    """Running again with a damaged report among the finished ones: the missing runs still run,
+    the damaged one is named (not run over), and the exit status says something failed."""
+    base = tmp_path / "out"
+    assert results.main(["--task", "sst2", "--methods", "para", "--seeds", "0,1", "--dir", str(base)]) == 0
+    (base / "sst2/para-seed1.report.json").write_text('{"method": "para", "se')
+    capsys.readouterr()
+    assert results.main(["--task", "sst2", "--methods", "para", "--seeds", "0,1,2", "--dir", str(base)]) == 1
+    err = capsys.readouterr().err
+    assert "sst2 para seed 2: ok" in err and "para-seed1 (its report is not valid JSON (half-written?)" in err
+    assert "delete its .report.json to run it again" in err
+    assert len(calls(base / "sst2/para-seed1.calls")) == 1
+    assert json.loads((base / "sst2.json").read_text())["rows"][0]["seeds"] == [0, 2]
