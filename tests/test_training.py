@@ -715,3 +715,18 @@ def test_python_run_writes_what_train_py_writes(tiny_dir, tmp_path, capsys):
             out=py_out,
             max_steps=4,
         )
+
+
+def test_run_is_a_thin_wrapper_over_run_options(monkeypatch):
+    """minipara.run(method, task, **keywords) makes one RunOptions (its own fields by name, every
+    other keyword a training or method option) and hands it to run_options; the command it
+    records is that call, with the options left at their defaults left out."""
+    import minipara
+    from minipara.train import runs
+
+    got = []
+    monkeypatch.setattr(runs, "run_options", lambda opts: got.append(opts) or "report")
+    assert minipara.run("para", "copa", out="a.safetensors", device="cpu", progress=False, lr=1e-3, r=2) == "report"
+    (opts,) = got
+    assert opts == runs.RunOptions("para", "copa", out="a.safetensors", progress=False, options={"lr": 1e-3, "r": 2})
+    assert opts.call() == "minipara.run('para', 'copa', out='a.safetensors', progress=False, lr=0.001, r=2)"
