@@ -240,7 +240,8 @@ def peft_adapter(hf, path, kind: str, **options):
 
     torch.manual_seed(1)
     if kind == "lora":
-        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEARS, init_lora_weights=False, **options)
+        options = {"r": 4, "lora_alpha": 8, **options}
+        cfg = peft.LoraConfig(target_modules=ALL_LINEARS, init_lora_weights=False, **options)
     else:
         cfg = peft.IA3Config(
             target_modules=["k_proj", "v_proj", "down_proj"],
@@ -262,7 +263,19 @@ def logits_agree(pm, model, ad):
     return (ref - got).abs().max().item()
 
 
-@pytest.mark.parametrize("kind, options", [("lora", {}), ("lora", {"use_rslora": True}), ("ia3", {})])
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("lora", {}),
+        ("lora", {"use_rslora": True}),
+        # alpha 8 is PEFT's default (and minipara's): only other alphas show an importer that
+        # drops lora_alpha, with alpha/r and with rsLoRA's alpha/sqrt(r).
+        ("lora", {"lora_alpha": 16}),
+        ("lora", {"lora_alpha": 16, "use_rslora": True}),
+        ("lora", {"r": 2, "lora_alpha": 3.5}),
+        ("ia3", {}),
+    ],
+)
 def test_peft_round_trip(peft_pair, tmp_path, kind, options):
     from minipara.io.peft_import import load_peft_adapter
 
@@ -271,8 +284,10 @@ def test_peft_round_trip(peft_pair, tmp_path, kind, options):
     ad = load_peft_adapter(tmp_path, model.args)
     assert ad.method == kind
     if kind == "lora":
-        assert ad.config.r == 4 and ad.config.targets == ("q", "k", "v", "o", "gate", "up", "down")
-        assert ad.config.scale == (8 / 2 if options else 8 / 4)
+        r, alpha = options.get("r", 4), options.get("lora_alpha", 8)
+        assert ad.config.r == r and ad.config.targets == ("q", "k", "v", "o", "gate", "up", "down")
+        assert ad.config.scale == alpha / (r**0.5 if options.get("use_rslora") else r)
+        assert pm.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == ad.config.scale
     else:
         assert ad.config.targets == ("k", "v", "up")  # down_proj's input scaling is the up output's
     assert logits_agree(pm, model, ad) < 1e-4

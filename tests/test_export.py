@@ -59,10 +59,18 @@ def theirs(hf) -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
-def test_peft_export_loads_in_peft_with_equal_greedy_tokens(base, method, tmp_path):
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("lora", {}),
+        ("lora", {"alpha": 16.0}),  # not PEFT's default alpha: an export that dropped it would differ
+        ("lora", {"alpha": 3.0, "rslora": True}),
+        ("ia3", {"targets": "q,v,o,up,down"}),
+    ],
+)
+def test_peft_export_loads_in_peft_with_equal_greedy_tokens(base, method, options, tmp_path):
     hf, model, path = base
-    ad = trained_looking(model, method, **({"targets": "q,v,o,up,down"} if method == "ia3" else {}))
+    ad = trained_looking(model, method, **options)
     want = ours(model, ad)
     assert want != ours(model, None)  # the adapter changes the output, so agreement means something
     out = export_peft(ad, tmp_path / "peft", base_model=str(path))

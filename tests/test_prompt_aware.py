@@ -16,6 +16,7 @@ from minipara.methods import build_adapter
 from minipara.methods.parade import squash
 from minipara.methods.rational import rational
 from minipara.model.config import ModelArgs
+from minipara.model.projections import out_sizes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,6 +138,84 @@ def test_l_q_acts_on_models_with_a_query_key_norm(method, options):
         moved[family] = (out - base)[valid].abs().max().item()
     assert moved["llama"] > 0.05, moved
     assert moved["gemma"] > 0.2 * moved["llama"], moved
+
+
+# What each targets option scales, in the order its vectors lie in v (and b_up, in files):
+# written out here, not read from the code under test.
+VECTOR_LAYOUT = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv": ("q", "v")}
+
+
+def scaled_by_hand(model, targets: list, tokens, valid):
+    """The bare model's logits with each layer's projection outputs scaled as SPEC.md says,
+    by forward hooks on the base modules alone: targets[i][proj] (width,) multiplies q, k and
+    v (the q|k|v output; on a model with a per-head query/key norm, q and k are scaled at that
+    norm's output instead, before RoPE), gate and up (the gate|up output)."""
+    a, hooks = model.args, []
+
+    def fused(vecs: dict, names: tuple, widths: tuple):
+        """Scale the parts `names` (of widths) of a fused linear's output."""
+
+        def hook(module, inputs, out):
+            parts = out.split(widths, dim=-1)
+            return torch.cat([p * vecs[n].to(p.dtype) if n in vecs else p for n, p in zip(names, parts)], -1)
+
+        return hook
+
+    def heads(v):
+        """Scale a per-head norm's output (B, T, heads, head_dim) by v (heads * head_dim,)."""
+        return lambda module, inputs, out: out * v.to(out.dtype).view(out.shape[-2], out.shape[-1])
+
+    for i, blk in enumerate(model.layers):
+        vecs, att = targets[i], blk.attention
+        at_proj = {k: v for k, v in vecs.items() if k == "v" or not a.qk_norm}
+        hooks.append(att.wqkv.register_forward_hook(fused(at_proj, ("q", "k", "v"), (a.q_dim, a.kv_dim, a.kv_dim))))
+        if a.qk_norm:
+            hooks += [
+                norm.register_forward_hook(heads(vecs[p]))
+                for p, norm in (("q", att.q_norm), ("k", att.k_norm))
+                if p in vecs
+            ]
+        hooks.append(blk.ffn.w_gate_up.register_forward_hook(fused(vecs, ("gate", "up"), (a.ffn_dim, a.ffn_dim))))
+    try:
+        with torch.no_grad():
+            return model(tokens, valid=valid)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("which", ["q only", "every target"])
+@pytest.mark.parametrize(
+    "method, options",
+    [("para", {}), ("para", {"targets": "qkvgu"}), ("para", {"targets": "qv"}), ("pedro", {}), ("parade", {})],
+)
+def test_each_vector_scales_its_own_projection(family, method, options, which):
+    """Non-uniform vectors (every element its own, RoPE pairs included) checked against the
+    base model with the named projections scaled by hand: l_q scales the query part only
+    (scaling the keys instead gives other scores once l_q is not uniform: RoPE rotates pairs
+    of dimensions that l_q scales differently, and GQA shares a key among query heads), l_k
+    the keys, l_v the values, l_g and l_u the gate and up halves. On Gemma 3, q and k are
+    scaled after their per-head norm. W_up = 0 makes the vectors b_up exactly."""
+    model = shared_tiny_model(family)
+    ad = build_adapter(method, model.args, **options).to(DEVICE)
+    sizes, layout = out_sizes(model.args), VECTOR_LAYOUT[options.get("targets", "qvu")]
+    g = torch.Generator().manual_seed(5)
+    targets = []
+    with torch.no_grad():
+        for i in range(model.args.n_layers):
+            vecs = {
+                t: (torch.rand(sizes[t], generator=g) + 0.5 if which == "every target" or t == "q" else None)
+                for t in layout
+            }
+            ad.gen.b_up[i] = torch.cat([torch.ones(sizes[t]) if v is None else v for t, v in vecs.items()]).to(DEVICE)
+            targets.append({t: v.to(DEVICE) for t, v in vecs.items() if v is not None})
+    tokens, valid, prompt = prompt_batch(0, [7, 4, 9], 3)
+    with torch.no_grad():
+        got = model(tokens, valid=valid, pool_mask=prompt, adapter=ad)
+    want = scaled_by_hand(model, targets, tokens, valid)
+    base = model(tokens, valid=valid)
+    assert (want - base)[valid].abs().max() > 0.05  # the scaling matters
+    assert (got - want)[valid].abs().max() < tol(1e-4)
 
 
 # ---- decode equivalence -----------------------------------------------------------------------

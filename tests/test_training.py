@@ -254,6 +254,46 @@ def test_long_prompts_lose_their_start_and_are_counted():
         Trainer(model, ad, [([1, 3], [5] * 9 + [2])], dev, ev, TrainConfig(max_len=10))
 
 
+# ---- the loss --------------------------------------------------------------------------------------
+def loss_by_hand(model, ad, pairs) -> tuple[float, int]:
+    """Summed cross-entropy of each response token given its prompt and the response tokens
+    before it, each pair run alone (no padding), the adapter reading the prompt alone; and the
+    number of response tokens. Prompt tokens are context, never targets."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for prompt, response in pairs:
+            seq = torch.tensor([prompt + response], device=DEVICE)
+            pool = torch.zeros_like(seq, dtype=torch.bool)
+            pool[0, : len(prompt)] = True
+            logp = model(seq, adapter=ad, pool_mask=pool).float().log_softmax(-1)[0]
+            for j, token in enumerate(response):  # position len(prompt) - 1 + j predicts response[j]
+                total -= logp[len(prompt) - 1 + j, token].item()
+            n += len(response)
+    return total, n
+
+
+@pytest.mark.parametrize("method", ["para", "iapt", "lora"])
+def test_the_loss_is_cross_entropy_over_response_tokens_only(method):
+    """loss_sum, the dev loss (mean_loss) and a training step's reported loss equal the
+    cross-entropy computed by hand over the response tokens alone: prompt tokens and padding
+    (prompts and responses of different lengths in one batch) are no targets."""
+    from minipara.train.trainer import mean_loss
+
+    model = tiny_model("llama")
+    ad = adapter_for(method, model)
+    with torch.no_grad():
+        for p in ad.parameters():  # "trained-looking"
+            p.add_(torch.randn_like(p) * 0.1)
+    pairs = [([1, 30, 31, 32, 12], [5, 2]), ([1, 40, 41], [7, 8, 9, 2]), ([1, 50, 51, 52, 53, 54, 55, 13], [6, 2])]
+    total, n = loss_by_hand(model, ad, pairs)
+    with torch.no_grad():
+        assert abs(loss_sum(model, ad, pairs).item() - total) < 1e-4 * total
+    assert abs(mean_loss(model, ad, pairs, batch=2) - total / n) < 1e-5 * total / n  # batches of 2 and 1
+    cfg = TrainConfig(lr=1e-2, max_steps=1, batch_size=3, micro_batch=1, eval_every=1, seed=0)
+    tr = Trainer(model, ad, pairs, pairs, evset(pairs), cfg)
+    assert abs(tr._update(pairs, tr.weights, tr.opt) - total / n) < 1e-5 * total / n  # at the weights before it
+
+
 # ---- the batch path ----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", METHODS)
 def test_response_never_reaches_a_pooler(method):
@@ -675,3 +715,18 @@ def test_python_run_writes_what_train_py_writes(tiny_dir, tmp_path, capsys):
             out=py_out,
             max_steps=4,
         )
+
+
+def test_run_is_a_thin_wrapper_over_run_options(monkeypatch):
+    """minipara.run(method, task, **keywords) makes one RunOptions (its own fields by name, every
+    other keyword a training or method option) and hands it to run_options; the command it
+    records is that call, with the options left at their defaults left out."""
+    import minipara
+    from minipara.train import runs
+
+    got = []
+    monkeypatch.setattr(runs, "run_options", lambda opts: got.append(opts) or "report")
+    assert minipara.run("para", "copa", out="a.safetensors", device="cpu", progress=False, lr=1e-3, r=2) == "report"
+    (opts,) = got
+    assert opts == runs.RunOptions("para", "copa", out="a.safetensors", progress=False, options={"lr": 1e-3, "r": 2})
+    assert opts.call() == "minipara.run('para', 'copa', out='a.safetensors', progress=False, lr=0.001, r=2)"

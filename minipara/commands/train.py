@@ -207,31 +207,18 @@ def command_argv() -> list[str]:
 
 def main(argv=None):
     a = parser(method_fields()).parse_args(argv)
-    from minipara.train.runs import RunInterrupted, run
+    from minipara.train.runs import RunInterrupted, RunOptions, run_options
 
     typed = command_argv()
+    flags = "method task out model dtype device template data_dir train dev test max_eval max_test max_new_tokens"
+    given = {k: getattr(a, k) for k in (flags + " resume force shard_base").split()}
     try:
-        report = run(
-            a.method,
-            a.task,
-            out=a.out,
-            model=a.model,
-            dtype=a.dtype,
-            device=a.device,
-            template=a.template,
-            data_dir=a.data_dir,
-            train=a.train,
-            dev=a.dev,
-            test=a.test,
-            max_eval=a.max_eval,
-            max_test=a.max_test,
-            max_new_tokens=a.max_new_tokens,
-            resume=a.resume,
-            force=a.force,
-            shard_base=a.shard_base,
-            command=shlex.join(typed),
-            **{k: getattr(a, k) for k in TRAINING},
-            **method_options(a),
+        report = run_options(
+            RunOptions(
+                **given,
+                command=shlex.join(typed),
+                options={**{k: getattr(a, k) for k in TRAINING}, **method_options(a)},
+            )
         )
     except RunInterrupted as e:
         if e.rank == 0:

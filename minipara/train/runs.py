@@ -15,14 +15,13 @@ step with a checkpoint (`RunInterrupted`); `resume=True` continues it.
 `LanguageModel.train` is the simple in-memory path (no files unless asked, no resume).
 """
 
-import inspect
 import json
 import resource
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from minipara.errors import UserError
@@ -72,34 +71,9 @@ def output_files(out, method: str, task: str, seed: int) -> dict:
     }
 
 
-def run(
-    method: str,
-    task: str,
-    *,
-    out=None,
-    model=None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    template: str = "auto",
-    data_dir=None,
-    train=None,
-    dev=None,
-    test=None,
-    max_eval: int | None = None,
-    max_test: int | None = None,
-    max_new_tokens: int | None = None,
-    resume: bool = False,
-    force: bool = False,
-    shard_base: bool = False,
-    config=None,
-    progress: bool = True,
-    command: str | None = None,
-    **options,
-) -> dict | None:
-    """Train a `method` adapter on `task` with the papers' recipe, evaluate it on test, and
-    return the report (also written to <out stem>.report.json); see the module's docstring
-    for the files. Under torchrun, data-parallel over the ranks: rank 0 writes the files and
-    returns the report, the other ranks return None.
+@dataclass
+class RunOptions:
+    """Everything that defines one training run (`run`'s arguments, as one object).
 
     method: para | pedro | parade | iapt | lora | ia3 | bitfit | ptuning_v2, or none (no
         training: score the bare model on dev and test, as a reference).
@@ -114,57 +88,84 @@ def run(
         train/dev response).
     resume: continue from <out stem>.ckpt; force: overwrite an existing run's files.
     shard_base: under torchrun, shard the frozen base over the ranks (FSDP2).
-    config / options: a TrainConfig and/or its fields as keywords (lr, max_steps, seed, ...),
-        and the method's config fields (r, pooler, targets, ...; see ALIASES).
+    config / options: a TrainConfig and/or its fields by name (lr, max_steps, seed, ...), and
+        the method's config fields (r, pooler, targets, input_norm, ...; see ALIASES).
     progress: print the run's summary and a progress bar on stderr.
-    command: how the run was started, recorded in the log and report (default: this call).
+    command: how the run was started, recorded in the log and report (default: the
+        `minipara.run(...)` call that gives these options).
+    """
+
+    method: str
+    task: str
+    out: str | Path | None = None
+    model: str | Path | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    template: str = "auto"
+    data_dir: str | Path | None = None
+    train: str | Path | None = None
+    dev: str | Path | None = None
+    test: str | Path | None = None
+    max_eval: int | None = None
+    max_test: int | None = None
+    max_new_tokens: int | None = None
+    resume: bool = False
+    force: bool = False
+    shard_base: bool = False
+    config: object = None  # a TrainConfig
+    progress: bool = True
+    command: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def call(self) -> str:
+        """The `minipara.run(...)` call that gives these options (the options left at their
+        defaults left out)."""
+        given = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("method", "task", "command", "options") and getattr(self, f.name) != f.default
+        }
+        args = [repr(self.method), repr(self.task)] + [f"{k}={v!r}" for k, v in {**given, **self.options}.items()]
+        return "minipara.run(" + ", ".join(args) + ")"
+
+
+def run(method: str, task: str, **options) -> dict | None:
+    """Train a `method` adapter on `task` with the papers' recipe, evaluate it on test, and
+    return the report (also written to <out stem>.report.json); see the module's docstring
+    for the files. Under torchrun, data-parallel over the ranks: rank 0 writes the files and
+    returns the report, the other ranks return None.
+
+    The keywords are RunOptions' fields (out, model, device, template, resume, ...; see there),
+    and any other is a training option (a TrainConfig field: lr, max_steps, seed, ...) or one
+    of the method's config fields (r, pooler, input_norm, ...). `run_options(RunOptions(...))`
+    does the same from one object.
     Raises UserError for anything a user can fix, RunInterrupted when a signal stopped it.
     """
+    own = {f.name for f in fields(RunOptions)} - {"method", "task", "options"}
+    return run_options(
+        RunOptions(
+            method,
+            task,
+            **{k: v for k, v in options.items() if k in own},
+            options={k: v for k, v in options.items() if k not in own},
+        )
+    )
+
+
+def run_options(opts: "RunOptions") -> dict | None:
+    """`run` from a RunOptions."""
     from minipara.train import distributed
 
-    if command is None:
-        given = {k: v for k, v in locals().items() if k in _DEFAULTS and v != _DEFAULTS[k]}
-        command = (
-            "minipara.run("
-            + ", ".join([repr(method), repr(task)] + [f"{k}={v!r}" for k, v in {**given, **options}.items()])
-            + ")"
-        )
-    r = _Run(
-        method,
-        task,
-        out,
-        model,
-        dtype,
-        template,
-        data_dir,
-        train,
-        dev,
-        test,
-        max_eval,
-        max_test,
-        max_new_tokens,
-        resume,
-        force,
-        shard_base,
-        config,
-        progress,
-        command,
-        options,
-    )
-    ranks, r.device = distributed.init(device, shard_base)  # one process unless torchrun started this
+    if opts.command is None:
+        opts = replace(opts, command=opts.call())
+    r = _Run(opts)
+    ranks, r.device = distributed.init(opts.device, opts.shard_base)  # one process unless torchrun started this
     try:
         report = r.run_on(ranks)
         ranks.barrier()  # every rank done with the group before any tears it down
         return report
     finally:
         distributed.finish()
-
-
-_DEFAULTS = {
-    k: p.default
-    for k, p in inspect.signature(run).parameters.items()
-    if p.default is not inspect.Parameter.empty and k != "command"
-}
 
 
 class Log:
@@ -202,34 +203,13 @@ def write_report(path: Path, report: dict):
 class _Run:
     """One run's options and the steps of `run`."""
 
-    def __init__(
-        self,
-        method,
-        task,
-        out,
-        model,
-        dtype,
-        template,
-        data_dir,
-        train,
-        dev,
-        test,
-        max_eval,
-        max_test,
-        max_new_tokens,
-        resume,
-        force,
-        shard_base,
-        config,
-        progress,
-        command,
-        options,
-    ):
-        self.method, self.task_name, self.out, self.model, self.dtype = method, task, out, model, dtype
-        self.template, self.data_dir, self.train, self.dev, self.test = template, data_dir, train, dev, test
-        self.max_eval, self.max_test, self.max_new_tokens = max_eval, max_test, max_new_tokens
-        self.resume, self.force, self.shard_base, self.progress = resume, force, shard_base, progress
-        self.config, self.command, self.options, self.device = config, command, options, None
+    def __init__(self, opts: RunOptions):
+        o = opts
+        self.method, self.task_name, self.out, self.model, self.dtype = o.method, o.task, o.out, o.model, o.dtype
+        self.template, self.data_dir, self.train, self.dev, self.test = o.template, o.data_dir, o.train, o.dev, o.test
+        self.max_eval, self.max_test, self.max_new_tokens = o.max_eval, o.max_test, o.max_new_tokens
+        self.resume, self.force, self.shard_base, self.progress = o.resume, o.force, o.shard_base, o.progress
+        self.config, self.command, self.options, self.device = o.config, o.command, dict(o.options), None
 
     def say(self, ranks, text: str):
         if self.progress and ranks.main:
