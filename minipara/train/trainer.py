@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from minipara.checks import check_seed, default, kind, valid
+from minipara.checks import check_fields, check_seed, default, kind, valid
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
 from minipara.io.files import atomic_write
@@ -67,6 +67,11 @@ class TrainConfig:
     eval_beams: int = 3
     eval_batch: int = 16  # prompts decoded together
 
+    def __post_init__(self):
+        # Each option of its kind: an lr of "1e-4" fails here, not deep in AdamW; an infinite
+        # one trains to NaN and would still save a "best" adapter.
+        check_fields(self)
+
     def resolved(self, n_train: int) -> "TrainConfig":
         """A copy with the data-dependent defaults filled in, checked."""
         c = TrainConfig(**asdict(self))
@@ -86,10 +91,6 @@ class TrainConfig:
             raise UserError(f"max_steps must be at least 1 (got {c.max_steps})", ("max_steps",))
         if c.patience < 1 or (c.eval_every is not None and c.eval_every < 1):
             raise UserError("patience and eval_every must be at least 1", ("patience", "eval_every"))
-        floats = ("lr", "arch_lr", "warmup", "weight_decay", "max_grad_norm")
-        bad = [n for n in floats if not math.isfinite(getattr(c, n))]
-        if bad:  # an infinite lr trains to NaN and would still save a "best" adapter
-            raise UserError(f"{bad[0]} must be a finite number (got {getattr(c, bad[0])})", (bad[0],))
         check_seed(c.seed)
         if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1:
             raise UserError("need lr > 0, arch_lr >= 0 and 0 <= warmup < 1", ("lr", "arch_lr", "warmup"))
