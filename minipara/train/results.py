@@ -31,10 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from minipara.errors import UserError
+from minipara.methods import METHODS as ADAPTER_METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = ROOT / "train.py"
-METHODS = ("none", "para", "pedro", "parade", "iapt", "lora", "ia3", "bitfit", "ptuning_v2")
+METHODS = ("none", *ADAPTER_METHODS)  # none: the bare model, scored as a reference
 
 
 def parse_lrs(text: str | None) -> dict[str, float]:
