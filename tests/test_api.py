@@ -196,3 +196,30 @@ def test_run_arguments_are_checked(model_dir, tmp_path, options, name, words):
         minipara.run("lora", "copa", model=model_dir, out=tmp_path / "a.safetensors", progress=False, **options)
     assert name in e.value.options and words in str(e.value), str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "family, changes",
+    [
+        ("llama", {}),
+        ("gemma", {}),
+        ("llama", dict(attention_bias=True, mlp_bias=True, tie_embeddings=True)),
+        ("gemma", dict(tie_embeddings=True, n_kv_heads=2)),
+    ],
+)
+def test_base_size_by_arithmetic(family, changes, monkeypatch):
+    """methods.construct's limit is the base's size, counted from ModelArgs: no model is built
+    (not even on the meta device) at each adapter build or load."""
+    from dataclasses import replace
+
+    import torch
+    from conftest import tiny_args
+
+    from minipara.methods import build_adapter
+    from minipara.model import transformer
+
+    args = replace(tiny_args(family), **changes)
+    with torch.device("meta"):
+        assert transformer.n_params(args) == sum(p.numel() for p in transformer.Transformer(args).parameters())
+    monkeypatch.setattr(transformer.Transformer, "__init__", lambda *a: pytest.fail("built a whole model"))
+    build_adapter("lora", args)
