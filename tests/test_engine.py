@@ -99,3 +99,96 @@ def test_stop_strings_and_cancel():
         assert tokens == want and engine.active() == 0 and len(long.tokens) < 40
     finally:
         engine.stop()
+
+
+def drive(engine, arrivals: dict):
+    """Run the engine in this thread: before iteration t, submit arrivals[t] (lists of
+    request groups); until everything submitted has finished."""
+    t = 0
+    while t <= max(arrivals) or engine.iteration():
+        for group in arrivals.get(t, []):
+            engine.submit(*group)
+        t += 1
+
+
+@exact_only
+def test_static_steps_never_recompile_and_match_alone():
+    """After warm-up, a long random mix of requests (every method and none, prompt lengths,
+    token limits, greedy and sampled with top-k/top-p, n > 1, cancellations) joining and
+    leaving compiles nothing more, and every answer equals generate()'s for it alone."""
+    model = tiny_model("llama")
+    options = {"ptuning_v2": dict(prefix_len=6)}
+    adapters = [None] + [
+        perturbed(build_adapter(m, model.args, **options.get(m, {})), seed=i).to(DEVICE) for i, m in enumerate(METHODS)
+    ]
+    graphs = []
+
+    def counting(gm, example_inputs):  # a torch.compile backend that runs the traced graph as is
+        graphs.append(gm)
+        return gm.forward
+
+    engine = Engine(model, text_of, max_batch=4, slots=40, buckets=(2,), compile=counting)
+    engine.warmup([a for a in adapters if a is not None])
+    warm = len(graphs)
+    assert warm == 2 * len(engine.structures) >= 4  # buckets 2 and 4, each kind of states
+    rng = random.Random(1)
+    arrivals, reqs, alone = {}, [], []
+    for i in range(30):
+        ad = rng.choice(adapters)
+        prompt = [model.args.bos_id] + [rng.randrange(3, 97) for _ in range(rng.randrange(1, 10))]
+        sampled = rng.random() < 0.4
+        cfg = GenerationConfig(
+            max_new_tokens=rng.randrange(1, 12),
+            eos_ids=(7,),
+            temperature=rng.choice([0.7, 1.3]) if sampled else 0.0,
+            top_k=rng.choice([0, 5]),
+            top_p=rng.choice([1.0, 0.8]),
+            seed=i,
+        )
+        n = rng.choice([1, 1, 1, 2]) if sampled else 1
+        group = [Request(prompt, cfg, ad) for _ in range(n)]
+        arrivals.setdefault(rng.randrange(60), []).append(group)
+        reqs += group
+        # Choice c of a request draws from stream c of its seed, as row c of a batch does.
+        alone += generate(model, [prompt] * n, cfg, adapter=ad)
+    drive(engine, arrivals)
+    assert len(graphs) == warm, "a step was compiled after warm-up"
+    for i, (req, want) in enumerate(zip(reqs, alone)):
+        assert req.tokens == want, f"request {i} ({req.adapter and req.adapter.method}, {req.cfg})"
+    assert engine.compactions >= 1 and engine.prefills < len(reqs)  # some prefills were batched
+
+
+class Poisoned(Engine):
+    """Before every step, the free rows get garbage: NaN adapter states and sampling settings,
+    huge cache entries and an out-of-range position."""
+
+    def _step(self):
+        for r, req in enumerate(self.rows):
+            if req is None:
+                for i in range(self.model.args.n_layers):
+                    for buf in self.cache.kv(i):
+                        buf[r] = 1e4
+                for buf in self.states.bufs.values():
+                    buf[:, r] = float("nan")
+                for name in ("temperature", "top_p"):
+                    self.io[name][r] = float("nan")
+                self.io["tokens"][r], self.io["top_k"][r], self.cache.next_pos[r] = 96, -3, 10**6
+        super()._step()
+
+
+@exact_only
+def test_padding_rows_never_leak_into_real_rows():
+    """Rows padded up to a bucket compute on garbage; the real rows' tokens do not change."""
+    model = tiny_model("gemma")
+    ads = [perturbed(build_adapter(m, model.args), seed=i).to(DEVICE) for i, m in enumerate(["para", "lora"])]
+    engine = Poisoned(model, text_of, max_batch=4, slots=48, buckets=(4,))
+    reqs, want, arrivals = [], [], {}
+    for i in range(8):
+        cfg = GenerationConfig(max_new_tokens=3 + 2 * i, eos_ids=(), temperature=0.8 * (i % 2), top_p=0.9, seed=i)
+        prompt = [model.args.bos_id] + list(range(5, 9 + i))
+        reqs.append(Request(prompt, cfg, ads[i % 2] if i % 3 else None))
+        want.append(generate(model, [prompt], cfg, adapter=reqs[-1].adapter)[0])
+        arrivals.setdefault(3 * i, []).append([reqs[-1]])
+    drive(engine, arrivals)
+    for i, (req, w) in enumerate(zip(reqs, want)):
+        assert req.tokens == w, f"request {i}"

@@ -9,7 +9,7 @@ from torch._inductor.utils import run_and_get_code
 
 from minipara.decode.compiled import BEAM_WINDOW, PrefillGraphs, compile_decoder
 from minipara.decode.generation import Decoder, GenerationConfig, generate, left_pad
-from minipara.methods import METHODS, build_adapter
+from minipara.methods import METHODS, PROMPT_AWARE, build_adapter
 from minipara.methods.mixture import Mixture
 from minipara.model.config import ModelArgs
 from minipara.model.transformer import Transformer
@@ -34,10 +34,14 @@ PROMPTS = [[2, 5, 9, 13, 40, 7, 7, 21], [2, 7, 8]]
 
 
 def adapter_for(model, method):
-    return None if method is None else trained_looking(build_adapter(method, model.args).to(DEVICE))
+    """None, a method's adapter, or "method/none": a prompt-aware one with input_norm none."""
+    if method is None:
+        return None
+    name, _, norm = method.partition("/")
+    return trained_looking(build_adapter(name, model.args, input_norm=norm or None).to(DEVICE))
 
 
-@pytest.mark.parametrize("method", [None, "para"])
+@pytest.mark.parametrize("method", [None, "para", "para/none"])
 def test_compiled_decode_logits_equal_eager(setup, method):
     model, fast = setup
     ad = adapter_for(model, method)
@@ -54,7 +58,7 @@ def test_compiled_decode_logits_equal_eager(setup, method):
 
 
 @exact_only
-@pytest.mark.parametrize("method", [None, "para"])
+@pytest.mark.parametrize("method", [None, "para", "para/none"])
 @pytest.mark.parametrize("beams", [1, 3])
 def test_compiled_generation_equals_eager(setup, method, beams):
     model, fast = setup
@@ -83,9 +87,11 @@ def test_every_method_and_mixtures_across_repeated_requests(setup, beams):
     later ones replay it, so this also checks that a replay restores the cache's host-side
     state (length, adapter states) and that records do not disturb one another."""
     model, fast = setup
-    ads = {m: adapter_for(model, m) for m in METHODS}
+    ads = {m: adapter_for(model, m) for m in list(METHODS) + [f"{m}/none" for m in PROMPT_AWARE]}
     ads["iapt+lora mixed"] = Mixture([ads["iapt"], ads["lora"]], [0, 1])
     ads["para+bare mixed"] = Mixture([ads["para"]], [None, 0])
+    ads["para rms+none mixed"] = Mixture([ads["para/none"], ads["para"]], [0, 1])
+    ads["iapt none+pedro mixed"] = Mixture([ads["iapt/none"], ads["pedro"]], [0, 1])
     cfg = GenerationConfig(max_new_tokens=6, beams=beams, eos_ids=())
     expected = {name: generate(model, PROMPTS, cfg, adapter=ad) for name, ad in ads.items()}
     for _ in range(3):
@@ -174,7 +180,8 @@ def test_prompt_independent_states_compile_into_the_prefills_one_graph(method):
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
 
 
-def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_tenants():
+@pytest.mark.parametrize("norm", ["rms", "none"])
+def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_tenants(norm):
     """A mixture's generators run eagerly inside the compiled prefill (traced, their graph grew
     with the tenants: minutes to compile for 16 on a 7B): its logits and adapter states equal
     eager's, and six tenants compile to as many kernels as two."""
@@ -184,7 +191,7 @@ def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_ten
         args = tiny_args("llama")
         model = Transformer(args).to(DEVICE).eval()
         ads = [
-            trained_looking(build_adapter(m, args).to(DEVICE), seed=i)
+            trained_looking(build_adapter(m, args, input_norm=norm if m == "para" else None).to(DEVICE), seed=i)
             for i, m in enumerate(["lora", "para"] * (n_tenants // 2))
         ]
         mix = Mixture(ads, [i % n_tenants for i in range(n_tenants)] + [None])

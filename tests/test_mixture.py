@@ -15,7 +15,7 @@ from torch import nn
 
 from minipara.decode.generation import GenerationConfig, generate
 from minipara.errors import UserError
-from minipara.methods import METHODS, build_adapter
+from minipara.methods import METHODS, PROMPT_AWARE, build_adapter
 from minipara.methods.base import Adapter
 from minipara.methods.mixture import Mixture
 from minipara.methods.poolers import pool
@@ -90,9 +90,15 @@ class RowLora(Adapter):
 
 
 def roster(family: str, seed: int = 0) -> list[Adapter]:
-    """Every available method plus the two test adapters, all with trained-looking weights."""
+    """Every available method (the prompt-aware ones with each input_norm) plus the three test
+    adapters, all with trained-looking weights."""
     args = tiny_args(family)
     ads = [trained(build_adapter(m, args), seed + k) for k, m in enumerate(METHODS_HERE)]
+    ads += [
+        trained(build_adapter(m, args, input_norm="none"), seed + 100 + k)
+        for k, m in enumerate(METHODS_HERE)
+        if m in PROMPT_AWARE
+    ]
     return ads + [
         SoftPrefix(args, 2, seed).to(DEVICE),
         SharedPrefix(args, 3, seed).to(DEVICE),
@@ -112,6 +118,7 @@ def test_roster_mixes_methods_with_and_without_prefix():
     ads = roster("llama")
     assert sum(a.n_prefix > 0 for a in ads) >= 2 and sum(a.n_prefix == 0 for a in ads) >= 2
     assert {"para"} <= {a.method for a in ads}
+    assert {a.config.input_norm for a in ads if a.method in PROMPT_AWARE} == {"rms", "none"}
 
 
 @exact_only
@@ -303,7 +310,8 @@ def test_lora_tenants_stack_in_as_many_ops_for_sixteen_as_for_two():
 def test_same_kind_tenants_run_as_one_generator_call(family):
     """Prompt-aware tenants of one config (PARA, PEDRO, PARADE, IAPT) run their generators as
     one call, each row with its own tenant's parameters; each row still gets what it gets
-    alone, prefill and decode."""
+    alone, prefill and decode. Tenants that differ only in input_norm are separate calls, each
+    reading h its own way."""
     model = tiny_model(family, seed=4)
     args = model.args
     kinds = [
@@ -315,6 +323,10 @@ def test_same_kind_tenants_run_as_one_generator_call(family):
         ("iapt", {}),
         ("iapt", {"pooler": "mean", "activation": "gelu"}),
         ("parade", {"pooler": "max"}),
+        ("para", {"input_norm": "none"}),
+        ("pedro", {"input_norm": "none"}),
+        ("parade", {"input_norm": "none"}),
+        ("iapt", {"input_norm": "none"}),
     ]
     ads = [
         trained(build_adapter(m, args, **kw), 10 * k + j)

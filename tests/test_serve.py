@@ -207,7 +207,8 @@ def post(url, data: bytes):
         (dict(temperature=3), 400, "temperature"),
         (dict(top_p=0), 400, "top_p"),
         (dict(max_tokens=0), 400, "max_tokens"),
-        (dict(n=2), 400, "n"),
+        (dict(n=5), 400, "n"),  # more choices than rows (--max-batch 4)
+        (dict(logprobs=21), 400, "logprobs"),
         (dict(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ],
 )
@@ -377,6 +378,48 @@ def test_pool_warns_for_adapters_made_on_other_weights(tmp_path):
         pool.get("other")
 
 
+def test_logprobs_n_and_seed(server, files):
+    """n choices share one prefill, each from its own random stream of the seed (choice 0 is
+    what generate.py gives for that seed); logprobs report the model's distribution."""
+    c = server.client
+    kw = dict(model="para", prompt="the cat", max_tokens=6, temperature=1.0, seed=11)
+    first = [ch.text for ch in c.completions.create(n=3, **kw).choices]
+    again = c.completions.create(n=3, **kw)
+    assert [ch.text for ch in again.choices] == first and [ch.index for ch in again.choices] == [0, 1, 2]
+    assert len(set(first)) > 1 and again.usage.completion_tokens == 18
+    lm = _LMS.get(files[0]) or _LMS.setdefault(files[0], minipara.load(files[0]))
+    ad = lm.load_adapter(files[1] / "para.safetensors")
+    assert first[0] == lm.generate("the cat", adapter=ad, max_new_tokens=6, temperature=1.0, seed=11).text
+    # Greedy: each token is the most likely one, and its logprob the largest of the top ones.
+    got = c.completions.create(model="lora", prompt="the cat is", max_tokens=5, temperature=0, logprobs=3)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == got.usage.completion_tokens == 5
+    for tok, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        # (up to 3: tokens that decode to the same text share a key, as in OpenAI's format)
+        assert 1 <= len(top) <= 3 and v <= 0 and abs(v - max(top.values())) < 1e-5 and tok in top
+    assert "".join(lp.tokens) == got.choices[0].text
+    # Chat, streamed, two choices: every token's logprobs arrive with its choice's chunks.
+    stream = c.chat.completions.create(
+        model="lora",
+        messages=[{"role": "user", "content": "red dog"}],
+        max_tokens=4,
+        temperature=0.8,
+        seed=2,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+    )
+    texts, entries = ["", ""], [[], []]
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            entries[ch.index] += ch.logprobs.content if ch.logprobs and ch.logprobs.content else []
+    for text, es in zip(texts, entries):
+        assert len(es) == 4 and "".join(e.token for e in es) == text
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in es)
+
+
 # ---- issue 26: no client mistake is a 500; issue 25: health, metrics, request ids, adapters --------
 DEEP = b'{"model": "base", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
 
@@ -396,6 +439,19 @@ DEEP = b'{"model": "base", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         (b'{"model": "base", "prompt": "a", "seed": 1180591620717411303424}', 400, "seed"),  # 2**70
         (b'{"model": "base", "prompt": "a", "n": 0}', 400, "n"),
         (b'{"model": "base", "prompt": "a", "best_of": 0}', 400, "best_of"),
+        # the serving side's fields, through protocol.py too
+        (b'{"model": "base", "prompt": "a", "seed": 9223372036854775808}', 400, "seed"),  # 2**63
+        (b'{"model": "base", "prompt": "a", "n": 1e400}', 400, "n"),  # infinity
+        (b'{"model": "base", "prompt": "a", "n": 5}', 400, "n"),  # over --max-batch 4
+        (b'{"model": "base", "prompt": "a", "logprobs": -1}', 400, "logprobs"),
+        (b'{"model": "base", "prompt": "a", "logprobs": true}', 400, "logprobs"),  # a count here
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a"}], "logprobs": 3}', 400, "logprobs"),
+        (b'{"model": "base", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}', 400, "top_logprobs"),
+        (
+            b'{"model": "base", "messages": [{"role": "user", "content": "a"}], "logprobs": true, "top_logprobs": 21}',
+            400,
+            "top_logprobs",
+        ),
         (b'{"model": "base", "prompt": "a", "ignore_eos": "yes"}', 400, "ignore_eos"),
         (b'{"model": "base", "prompt": "a", "stream_options": "yes"}', 400, "stream_options"),
     ],
@@ -415,12 +471,21 @@ def test_tiny_temperature_is_greedy(server):
 
 
 def test_sampler_tiny_temperature():
-    from minipara.decode.generation import GenerationConfig, _pick
+    """generation.sample (which replaced _pick): a temperature that is 0 as a float32, or below
+    float32's smallest normal number, samples as greedy, top-k and top-p or not."""
+    from minipara.decode.generation import GenerationConfig, sample, sampling_rows
 
     logits = torch.randn(3, 50)
-    gen = torch.Generator().manual_seed(0)
-    for cfg in (GenerationConfig(temperature=1e-300), GenerationConfig(temperature=1e-300, top_p=0.5, top_k=3)):
-        assert torch.equal(_pick(logits, cfg, gen), logits.argmax(-1))
+    for t in (1e-300, 1e-45, torch.finfo(torch.float32).tiny / 2):
+        for cfg in (
+            GenerationConfig(temperature=t, seed=0),
+            GenerationConfig(temperature=t, top_p=0.5, top_k=3, seed=0),
+        ):
+            temperature, top_k, top_p, key = sampling_rows(cfg, 3, "cpu")
+            temperature = torch.full((3,), t, dtype=torch.float64)  # as given, not yet a float32
+            for step in range(4):
+                got = sample(logits, temperature, top_k, top_p, key, torch.full((3,), step))
+                assert torch.equal(got, logits.argmax(-1)), (t, cfg)
 
 
 @pytest.mark.parametrize(

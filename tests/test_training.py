@@ -57,9 +57,9 @@ def evset(pairs, eos: int = 2) -> EvalSet:
     return EvalSet([p for p, _ in pairs], score, max_new_tokens=2, stop_ids=(eos,))
 
 
-def adapter_for(method, model, seed=0):
+def adapter_for(method, model, seed=0, **options):
     torch.manual_seed(seed)
-    return build_adapter(method, model.args).to(DEVICE)
+    return build_adapter(method, model.args, **options).to(DEVICE)
 
 
 def arch_ids(ad) -> set:
@@ -90,10 +90,10 @@ def test_learns_a_prompt_dependent_task(method):
 
 
 # ---- resume ----------------------------------------------------------------------------------
-def short_run(method, family, ckpt, stop_at=None, resume=False, seed=0, **over):
+def short_run(method, family, ckpt, stop_at=None, resume=False, seed=0, options=None, **over):
     model = tiny_model(family)
     bos, eos = model.args.bos_id, model.args.eos_ids[0]
-    ad = adapter_for(method, model, seed=seed)
+    ad = adapter_for(method, model, seed=seed, **(options or {}))
     dev = make(24, 2, bos, eos)
     cfg = TrainConfig(
         **{
@@ -148,6 +148,21 @@ def test_resume_refuses_another_method_model_or_option(tmp_path):
             short_run(method, family, ck, resume=True, max_steps=2, eval_every=2, **over)
     with pytest.raises(UserError, match="no checkpoint"):
         short_run("para", "llama", tmp_path / "none.ckpt", resume=True)
+
+
+def test_a_checkpoint_from_before_input_norm_resumes_as_input_norm_none(tmp_path):
+    """A checkpoint whose run predates input_norm (no field in its adapter config) ran its
+    generators on h itself: resuming it with the default (rms) is refused, naming the value
+    to give; with input_norm none it resumes."""
+    ck = tmp_path / "a.ckpt"
+    short_run("para", "llama", ck, max_steps=2, eval_every=2, options={"input_norm": "none"}, stop_at=1)
+    saved = torch.load(ck, weights_only=True)
+    del saved["identity"]["adapter_config"]["input_norm"]
+    torch.save(saved, ck)
+    with pytest.raises(UserError, match="made with method option input_norm='none', this command gives 'rms'"):
+        short_run("para", "llama", ck, resume=True, max_steps=2, eval_every=2)
+    _, res = short_run("para", "llama", ck, resume=True, max_steps=2, eval_every=2, options={"input_norm": "none"})
+    assert res.status == "finished"
 
 
 def test_early_stopping_by_metric_keeps_the_best(tmp_path):
@@ -425,6 +440,11 @@ def test_cli_refusals(tmp_path, capsys):
         (["--method", "para", "--task", "copa", "--micro-batch", "5"], "not divisible by --micro-batch 5"),
         (["--method", "lora", "--task", "copa", "--pooler", "mean"], "method lora has no option --pooler"),
         (["--method", "para", "--task", "copa", "--r", "x"], "--r needs an integer"),
+        (
+            ["--method", "para", "--task", "copa", "--input-norm", "layer"],
+            "unknown PARA --input-norm 'layer'; use one of rms, none",
+        ),
+        (["--method", "lora", "--task", "copa", "--input-norm", "none"], "method lora has no option --input-norm"),
         (["--method", "para", "--task", "copa", "--out", str(out)], f"{out} exists; pass --force"),
         (["--method", "para", "--task", "copa", "--out", str(out), "--resume", "--force"], "give one of them"),
     ]
@@ -554,6 +574,21 @@ def test_cli_sigint_then_resume_equals_an_uninterrupted_run(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(ref), load_file(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["para", "iapt"])
+@pytest.mark.parametrize(
+    "flag, stored", [([], "rms"), (["--input-norm", "none"], "none"), (["--input-norm", "rms"], "rms")]
+)
+def test_cli_input_norm_flag_reaches_the_adapter_file(tiny_dir, tmp_path, capsys, method, flag, stored):
+    from minipara.io.adapters import adapter_info
+
+    out = tmp_path / "a.safetensors"
+    argv = [str(x) for x in train_cmd(tiny_dir, out, "--max-steps", "1", "--eval-every", "1", *flag)[2:]]
+    argv[argv.index("para")] = method
+    code, err = run_cli(argv, capsys)
+    assert code == 0, err
+    assert adapter_info(out)["config"]["input_norm"] == stored
 
 
 def test_cli_method_none_scores_the_bare_model(tiny_dir, tmp_path):

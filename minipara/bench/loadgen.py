@@ -183,7 +183,8 @@ def parse(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=274)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--prefill-budget", type=int, default=512)
-    p.add_argument("--compile", action="store_true", help="start the server with --compile")
+    p.add_argument("--compile", action="store_true", help="start the server with --compile (its default on CUDA)")
+    p.add_argument("--buckets", help="the server's --buckets (batch sizes its step is compiled for)")
     p.add_argument("--out", help="also write one JSON line per run to this file")
     return p.parse_args(argv)
 
@@ -241,6 +242,7 @@ def main(argv=None):
             "--prefill-budget",
             str(a.prefill_budget),
             *(["--compile"] if a.compile else []),
+            *(["--buckets", a.buckets] if a.buckets else []),
         ]
         server = subprocess.Popen(cmd)
         try:

@@ -20,7 +20,9 @@ for the 7B's 274-token prefill on an H100), recorded once and then replayed as o
 launch; a mixture of tenants' generators run eagerly inside it (mixture.py).
 """
 
+import os
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -41,6 +43,7 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     LoRA's steps; plain inductor on CPU), and on CUDA `decoder.run_prefill` with compiled,
     recorded graphs (`graph_prefill`). Numerics match the eager path to float rounding: the
     compiler may fuse and reorder the arithmetic."""
+    persistent_caches()
     model = decoder.model
     n_layers = model.args.n_layers
     cuda = model.tok_embeddings.weight.is_cuda
@@ -123,6 +126,36 @@ def compile_decoder(decoder, mode: str | None = None, graph_prefill: bool | None
     if graph_prefill:
         decoder.run_prefill = PrefillGraphs(decoder.run_prefill, torch.compile(decoder.run_prefill))
     return decoder
+
+
+def persistent_caches() -> Path:
+    """Keep the compiler's caches (inductor's FX graphs and AOT autograd artifacts, Triton's
+    kernels, autotuning results) in the per-user cache folder, ~/.cache/minipara/compile
+    ($MINIPARA_COMPILE_CACHE, or $XDG_CACHE_HOME's), instead of a temporary folder: a second
+    start with the same model and settings then traces but compiles nothing. Variables
+    already set (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) win."""
+    root = os.environ.get("MINIPARA_COMPILE_CACHE")
+    root = (
+        Path(root)
+        if root
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minipara" / "compile"
+    )
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return root
+
+
+def compile_kwargs(cuda: bool, tune: bool) -> dict:
+    """torch.compile's options for a decode step: on CUDA, CUDA graphs, and with `tune` the
+    coordinate-descent tuning of the generated kernels (see compile_decoder); plain inductor
+    on CPU."""
+    if not cuda:
+        return {}
+    if tune:
+        return {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    return {"mode": "reduce-overhead"}
 
 
 def mark_static(tensors):

@@ -170,37 +170,90 @@ def generate(
     return _beam_search(decoder, cache, logits, cfg, eos)
 
 
-def _pick(logits, cfg: GenerationConfig, gen):
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
-    # to -inf (greedy, its limit) rather than everything to +-inf and NaN. A temperature below
-    # float32's smallest number would be 0 once a float32 (0/0 is NaN): the smallest is as greedy.
+M32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """A 32-bit integer hash (Wellons' lowbias32, with multipliers below 2**31 so that no
+    product overflows int64): on Python ints and on int64 tensors alike."""
+    x = x & M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x1B873593) & M32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, stream: int) -> int:
+    """The random stream of row `stream` (a batch row, or one of a request's n choices) of a
+    request seeded `seed`: what `sample` draws from, with the step."""
+    return mix32(mix32(mix32(seed & M32) ^ ((seed >> 32) & M32)) + stream)
+
+
+def sample(logits, temperature, top_k, top_p, key, step):
+    """One token per row of logits (B, V), with per-row settings as (B,) tensors: temperature
+    (0: greedy), top_k (0: off), top_p, and the row's stream `key` (stream_key) and `step`.
+
+    Sampling is an argmax of logits plus Gumbel noise hashed from (key, step, token id), not
+    a stateful generator: a row's draws depend on its own seed and step only, so a request
+    samples the same tokens alone, in any batch, and inside a captured graph.
+    Every op is a tensor op, whatever the settings (so one graph serves all of them)."""
     logits = logits.float()
-    t = max(cfg.temperature, torch.finfo(torch.float32).tiny)
-    logits = (logits - logits.amax(-1, keepdim=True)) / t
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1:
-        sorted_l, order = logits.sort(-1, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) > cfg.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0]
+    V = logits.shape[-1]
+    greedy = logits.argmax(-1)
+    # Shifted so the largest logit is 0 before dividing: a tiny temperature then sends the
+    # others to -inf (greedy, its limit) rather than everything to +-inf and NaN. A temperature
+    # below float32's smallest normal number (or one that rounds to 0 as a float32) is greedy,
+    # and the division never sees a 0 (0/0 is NaN).
+    tiny = torch.finfo(torch.float32).tiny
+    temperature = temperature.float()
+    t = temperature.clamp(min=tiny)[:, None]
+    scaled = (logits - logits.amax(-1, keepdim=True)) / t
+    ranked, _ = scaled.sort(-1, descending=True)
+    # The kept set is a prefix of the ranking: top-k's k, then top-p's smallest prefix that
+    # reaches p; everything below the last kept value is dropped.
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    ranked = ranked.masked_fill(torch.arange(V, device=logits.device) >= k[:, None], float("-inf"))
+    probs = ranked.softmax(-1)
+    n_keep = ((probs.cumsum(-1) - probs) <= top_p.float()[:, None]).sum(-1).clamp(1, V)
+    n_keep = torch.minimum(n_keep, k)
+    floor = ranked.gather(1, (n_keep - 1)[:, None])
+    scaled = scaled.masked_fill(scaled < floor, float("-inf"))
+    ids = torch.arange(V, device=logits.device, dtype=torch.long)
+    h = mix32(mix32(key[:, None] ^ mix32(step[:, None] + 0x9E3779B9)) + ids * 0x9E3779B1)
+    u = ((h >> 8).float() + 0.5) * 2.0**-24  # in (0, 1)
+    drawn = (scaled - (-u.log()).log()).argmax(-1)
+    return torch.where(temperature >= tiny, drawn, greedy)
+
+
+def token_logprobs(logits, tokens, k: int):
+    """The model's log-probabilities (temperature 1, unfiltered, as OpenAI's API reports them)
+    of `tokens` (B,), and the k most likely tokens' (values, ids), each (B, k)."""
+    lp = logits.float().log_softmax(-1)
+    top = lp.topk(min(k, lp.shape[-1]))
+    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
+
+
+def sampling_rows(cfg: GenerationConfig, B: int, device):
+    """(temperature, top_k, top_p, key) for B rows of one request config: row b draws from
+    stream b of the seed (a random seed if none)."""
+    seed = cfg.seed if cfg.seed is not None else torch.seed()
+    return (
+        torch.full((B,), cfg.temperature, device=device),
+        torch.full((B,), cfg.top_k, dtype=torch.long, device=device),
+        torch.full((B,), cfg.top_p, device=device),
+        torch.tensor([stream_key(seed, b) for b in range(B)], device=device),
+    )
 
 
 def _sample(decoder, cache, logits, cfg, eos, on_token):
     B = logits.shape[0]
-    gen = None
-    if cfg.temperature > 0:
-        gen = torch.Generator(device=logits.device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    rows = sampling_rows(cfg, B, logits.device)
     eos_t = torch.tensor(eos, device=logits.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     out = []
     for t in range(cfg.max_new_tokens):
-        nxt = _pick(logits, cfg, gen)
+        nxt = sample(logits, *rows, torch.full((B,), t, device=logits.device)) if cfg.temperature else logits.argmax(-1)
         out.append(nxt)
         if on_token is not None:
             for row in (~done).nonzero().flatten().tolist():

@@ -157,8 +157,9 @@ def _checked(path) -> tuple[Path, dict, dict, dict, dict]:
 
 
 def _config(cls, config: dict, path):
-    """The method's config dataclass from the stored fields (JSON lists back to tuples); the
-    config class checks each field's type and range."""
+    """The method's config dataclass from the stored fields (JSON lists back to tuples); fields
+    newer than the file get the value that keeps its behaviour (MethodConfig.before_field), not
+    the default. The config class checks each field's type and range."""
     names = {f.name for f in dataclasses.fields(cls.config_cls)}
     unknown = sorted(set(config) - names)
     if unknown:
@@ -166,7 +167,7 @@ def _config(cls, config: dict, path):
             f"{path}: config field(s) {', '.join(unknown)} of method {cls.method} are unknown "
             "to this version of minipara (written by a newer one?)"
         )
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in cls.config_cls.stored(config).items()}
     try:
         return cls.config_cls(**config)
     except (TypeError, ValueError, UserError) as e:

@@ -6,6 +6,7 @@ model-adapter contract, beside the model); it names a layer's linears as project
 
 import threading
 from dataclasses import fields
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -128,6 +129,26 @@ def row_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w if w.dim() == 2 else (x[:, None] @ w)[:, 0]
 
 
+INPUT_NORMS = ("rms", "none")
+
+
+def check_input_norm(kind: str, method: str):
+    if kind not in INPUT_NORMS:
+        raise UserError(f"unknown {method} input_norm {kind!r}; use one of {', '.join(INPUT_NORMS)}", ("input_norm",))
+
+
+def generator_input(h: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    """What a prompt-aware generator reads of the hidden states h (..., d): with kind "rms",
+    h / sqrt(mean(h^2) + eps) over the feature axis, per position, in float32 (docs/methods.md,
+    "Generator inputs": what a pre-norm block's sub-layers read,
+    without their learned scale); with "none", h itself (its dtype kept: the poolers cast
+    what they pick)."""
+    if kind == "none":
+        return h
+    h = h.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def config_dict(config) -> dict:
     return {f.name: getattr(config, f.name) for f in fields(config)}
 
@@ -137,7 +158,18 @@ class MethodConfig:
     config is made, whoever makes it (an adapter file, a PEFT config, a command-line flag, a
     Python call), by the one rule of minipara.checks: the type is the default's; counts
     (ints) are at least 1, numbers finite, flags true or false, names strings, projection lists
-    strings or lists of strings."""
+    strings or lists of strings.
+
+    `before_field`: {field: value} for fields added after adapter files of the method were
+    already written: a stored config without the field gets this value, not the default, so
+    an old file keeps the behaviour (and tokens) it had."""
+
+    before_field: ClassVar[dict] = {}
+
+    @classmethod
+    def stored(cls, config: dict) -> dict:
+        """A config as stored by an older minipara, with the fields it could not know filled in."""
+        return {**cls.before_field, **config}
 
     def __post_init__(self):
         method = getattr(self, "method_name", type(self).__name__.removesuffix("Config").lower())

@@ -1,9 +1,12 @@
 """IAPT (paper 003): a prompt generator per layer writes l_sp soft tokens for that layer.
 
-    u = h @ W_down_g                       (B, T, m)     h: hidden states entering layer i
+    u = norm(h) @ W_down_g                 (B, T, m)     h: hidden states entering layer i
     A = softmax_T(u @ W_sa_i)              (B, T, l_sp)  over prompt positions only
     p = A^T u                              (B, l_sp, m)
     s = R_g(p) @ W_up_g                    (B, l_sp, d)  the soft tokens (hidden states)
+
+norm(h) is h / sqrt(mean(h^2) + eps) per position, in float32 (input_norm "rms", the
+default; docs/methods.md, "Generator inputs"), or h itself ("none").
 
 Layer i's soft tokens go through its input norm, K/V projections, key norm and RoPE at
 positions 0..l_sp-1 (`model.prefix_kv`) and become l_sp key/value entries placed before the
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from minipara.errors import UserError
-from minipara.methods.base import Adapter, LayerState, MethodConfig
+from minipara.methods.base import Adapter, LayerState, MethodConfig, check_input_norm, generator_input
 from minipara.methods.rational import Rational, check_activation, fixed_activation, rational_per_row
 
 POOLERS = ("attention", "mean")
@@ -46,6 +49,13 @@ class IaptConfig(MethodConfig):
     m: int = 256  # bottleneck width
     pooler: str = "attention"  # attention | mean (IAPT-1)
     activation: str = "rational"  # rational | gelu (IAPT-4) | relu (IAPT-5) | relu-gelu (6) | gelu-relu (7)
+    input_norm: str = "rms"  # rms: the generator reads h / rms(h) per position | none: h itself
+
+    before_field = {"input_norm": "none"}  # files written before input_norm read h itself
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_input_norm(self.input_norm, type(self).__name__.removesuffix("Config").upper())
 
 
 class Iapt(Adapter):
@@ -76,7 +86,7 @@ class Iapt(Adapter):
         either."""
         g = i // self.config.share_every
         param = self.own(rows)
-        u = h.float() @ param(lambda a: a.w_down[g])
+        u = generator_input(h, self.config.input_norm, self.args.norm_eps).float() @ param(lambda a: a.w_down[g])
         if self.config.pooler == "attention":
             # Non-prompt positions get the lowest logit: exactly 0 weight, and no NaN for a
             # row without prompt positions (as -inf would give).

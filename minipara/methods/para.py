@@ -4,8 +4,11 @@
     v      = g(pooled @ W_down) @ W_up + b_up
     Q' = l_q * Q,  V' = l_v * V,  U' = l_u * U   (l_* = split(v))
 
-W_up starts at zero and b_up at one, so an untrained adapter is the identity. The
-vectors are made once per request at prefill and reused at every decode step.
+h is read normalised by default (input_norm "rms": h / sqrt(mean(h^2) + eps) per position,
+in float32, before pooling; docs/methods.md, "Generator inputs"); "none"
+reads h itself, as the papers write it. W_up starts at zero and b_up at one, so an
+untrained adapter is the identity. The vectors are made once per request at prefill and
+reused at every decode step.
 Vector sizes come from the projection shapes (GQA's smaller V, Gemma's head_dim).
 On models that normalise each query/key head (Gemma 3), l_q and l_k scale the normed
 heads, before RoPE: applied to the projection output, the norm would cancel any per-head
@@ -19,7 +22,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipara.errors import UserError
-from minipara.methods.base import Adapter, LayerState, MethodConfig, out_sizes, row_matmul
+from minipara.methods.base import (
+    Adapter,
+    LayerState,
+    MethodConfig,
+    check_input_norm,
+    generator_input,
+    out_sizes,
+    row_matmul,
+)
 from minipara.methods.poolers import POOLERS, pool
 
 TARGETS = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up"), "qv": ("q", "v")}
@@ -31,6 +42,13 @@ class ParaConfig(MethodConfig):
     pooler: str = "last"  # last | mean | max
     targets: str = "qvu"  # qvu | qkvgu | qv
     up_bias: bool = True  # b_up (the papers' 8.9M count on LLaMA-2-7B leaves it out)
+    input_norm: str = "rms"  # rms: the generator reads h / rms(h) per position | none: h itself
+
+    before_field = {"input_norm": "none"}  # files written before input_norm read h itself
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_input_norm(self.input_norm, type(self).__name__.removesuffix("Config").upper())
 
 
 class VectorGenerator(nn.Module):
@@ -62,9 +80,18 @@ class Para(Adapter):
     def activation(self, i: int, z: torch.Tensor, rows=None) -> torch.Tensor:
         return F.gelu(z)
 
+    def normed(self, h: torch.Tensor) -> torch.Tensor:
+        """The hidden states as the generator reads them (config.input_norm)."""
+        return generator_input(h, self.config.input_norm, self.args.norm_eps)
+
     def pooled(self, i: int, h: torch.Tensor, pool_mask: torch.Tensor, rows=None) -> torch.Tensor:
-        """(B, r): the prompt pooled and projected down."""
-        return row_matmul(pool(h, pool_mask, self.config.pooler), self.own(rows)(lambda a: a.gen.w_down[i]))
+        """(B, r): the prompt pooled and projected down. The last-token pooler picks first and
+        normalises the one position it picked (the same numbers, without a float32 copy of h)."""
+        if self.config.pooler == "last":
+            pooled = self.normed(pool(h, pool_mask, "last"))
+        else:
+            pooled = pool(self.normed(h), pool_mask, self.config.pooler)
+        return row_matmul(pooled, self.own(rows)(lambda a: a.gen.w_down[i]))
 
     def vectors(self, i: int, z: torch.Tensor, rows=None) -> torch.Tensor:
         """(B, width): l_q | l_v | l_u. Without b_up they are 1 + z W_up, so an untrained

@@ -1,7 +1,7 @@
 """PARADE (paper 002): PARA whose vector generators pool the prompt with an attentional
 capsule pooler (docs/methods.md, PARADE, fixes the paper's inconsistent dimensions):
 
-    h'      = h @ W_down                            (B, T, r)
+    h'      = norm(h) @ W_down                      (B, T, r)   norm: PARA's input_norm
     m[j->k] = h'_j @ W_cap[k]                        W_cap[k]: r x r/K, K = 4 capsules
     b[j,k]  = v_k . h'_j                             v_k in R^r
     n[:,k]  = softmax_j b[:,k]   (prompt positions only)
@@ -87,7 +87,7 @@ class Parade(Para):
             return super().pooled(i, h, pool_mask, rows)
         param = self.own(rows)
         return self.caps(
-            h.float() @ param(lambda a: a.gen.w_down[i]),
+            self.normed(h).float() @ param(lambda a: a.gen.w_down[i]),
             pool_mask,
             param(lambda a: a.caps.w_cap[i]),
             param(lambda a: a.caps.v[i]),

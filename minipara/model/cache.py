@@ -35,6 +35,7 @@ class KVCache(nn.Module):
         self.states = [None] * args.n_layers  # each layer's adapter state (layer_state.py: LayerState)
         self.packed = {}  # (kind, linear) -> the states' tensors of all layers, stacked (see pack_states)
         self._spare = {}  # packed buffers of earlier requests, kept to be refilled (fixed addresses)
+        self._row_views = {}  # k -> the first k rows (see rows)
 
     def advance(self, n: int):
         """Take the next n slots: moves the host-side `length` (the graph-safe forward moves
@@ -129,6 +130,142 @@ class KVCache(nn.Module):
             dst.copy_(s if name == "slot" else s.index_select(0, rows))
         self.n_prefix, self.length = src.n_prefix, src.length
         self.pack_states([s.select(rows) if s is not None else None for s in src.states])
+
+    # ---- many requests in one cache (serve/engine.py) -----------------------------------
+    # Every row writes at the shared slot, and attention reads each slot's position and
+    # validity (pos, ok), never slot order: so a request's entries may sit in any slots of
+    # its row, and a newcomer is placed just below the shared slot.
+
+    @torch.no_grad()
+    def place(self, r: int, src: "KVCache", src_row: int):
+        """Row r takes `src`'s row src_row (a prefill of its own: slots [0, src.length)),
+        in the slots just below the shared slot, moved on if the row needs more."""
+        need = src.length
+        if self.length < need:  # the slots skipped stay invalid in every row
+            self.slot.fill_(need)
+            self.length = need
+        s = self.length - need
+        self.ok[r] = False
+        for i in range(self.n_layers):
+            for dst, sb in zip(self.kv(i), src.kv(i)):
+                dst[r, :, s : s + need] = sb[src_row, :, :need]
+        self.pos[r, s : s + need] = src.pos[src_row, :need]
+        self.ok[r, s : s + need] = src.ok[src_row, :need]
+        self.next_pos[r] = src.next_pos[src_row]
+
+    def free(self, r: int):
+        """Row r holds nothing any more (it still writes throw-away entries at each step)."""
+        self.ok[r] = False
+
+    @torch.no_grad()
+    def compact(self, keep):
+        """Move each row's valid entries to the front of its slots, and the shared slot back
+        to the longest row: room for more steps without touching any row's meaning. Rows
+        not in `keep` are emptied (free rows wrote throw-away entries at every step)."""
+        idle = torch.ones(self.batch, dtype=torch.bool)
+        idle[list(keep)] = False
+        self.ok[idle.to(self.ok.device)] = False
+        order = (~self.ok).to(torch.int8).argsort(dim=1, stable=True)  # valid slots first
+        for i in range(self.n_layers):
+            for buf in self.kv(i):
+                buf.copy_(buf.gather(2, order[:, None, :, None].expand_as(buf)))
+        self.pos.copy_(self.pos.gather(1, order))
+        self.ok.copy_(self.ok.gather(1, order))
+        self.length = int(self.ok.sum(1).max())
+        self.slot.fill_(self.length)
+
+    def rows(self, k: int) -> "KVCache":
+        """The first k rows as a cache of their own: views, so a step on it writes into this
+        cache (the shared slot too). Made once per k: a captured step finds fixed addresses."""
+        if k == self.batch:
+            return self
+        views = self._row_views
+        if k not in views:
+            v = KVCache.__new__(KVCache)
+            nn.Module.__init__(v)
+            for name, buf in self.named_buffers():
+                v.register_buffer(name, buf if name == "slot" else buf[:k], persistent=False)
+            v.n_layers, v.batch, v.max_len, v.n_prefix = self.n_layers, k, self.max_len, self.n_prefix
+            v.length, v.states, v.packed, v._spare, v._row_views = self.length, [None] * self.n_layers, {}, {}, {}
+            views[k] = v
+        return views[k]
+
+
+class SlotStates:
+    """The decode-time adapter states of every row of a batch, one buffer per (kind, linear)
+    stacked over layers: (layers, rows, a, b), filled per row (`fill`) and reset to the
+    identity (`reset`: scale 1, bias 0, zero low-rank pairs), so that rows of different
+    tenants and methods, or none, decode in one batched step.
+
+    Buffers are only ever made or grown (a new kind, a larger LoRA rank), never dropped: once
+    every adapter served has been seen, their addresses and shapes stay, and a captured step
+    replays whatever mix of requests comes. `views(k, keys)` gives the first k rows of
+    some of the kinds, per layer, made once (fixed addresses)."""
+
+    FILL = {"scale": 1.0, "bias": 0.0, "lora_a": 0.0, "lora_b": 0.0}
+
+    def __init__(self, n_layers: int, rows: int):
+        self.n_layers, self.n_rows = n_layers, rows
+        self.bufs: dict = {}  # (kind, linear) -> (layers, rows, a, b)
+        self.keys_of: list = [frozenset()] * rows  # the kinds each row uses
+        self._views: dict = {}
+        self.version = 0  # bumped when buffers are made or grown
+
+    @staticmethod
+    def shapes(states: list) -> dict:
+        """{(kind, linear): (a, b)} of one request's per-layer states (what `fill` would need)."""
+        out = {}
+        for s in states:
+            for key, t in (s.tensors() if s is not None else {}).items():
+                out[key] = tuple(max(x, y) for x, y in zip(t.shape[-2:], out.get(key, (0, 0))))
+        return out
+
+    @torch.no_grad()
+    def ensure(self, shapes: dict, dtype, device):
+        """Make or grow buffers to hold states of these shapes (other rows kept)."""
+        for key, shape in sorted(shapes.items()):
+            buf = self.bufs.get(key)
+            if buf is not None and all(a >= b for a, b in zip(buf.shape[-2:], shape)):
+                continue
+            big = tuple(max(a, b) for a, b in zip(shape, buf.shape[-2:])) if buf is not None else tuple(shape)
+            new = torch.full((self.n_layers, self.n_rows, *big), self.FILL[key[0]], dtype=dtype, device=device)
+            if buf is not None:
+                new[..., : buf.shape[-2], : buf.shape[-1]] = buf
+            self.bufs[key] = new
+            self._views.clear()
+            self.version += 1
+
+    @torch.no_grad()
+    def fill(self, r: int, states: list, src_row: int = 0):
+        """Row r takes row src_row of per-layer states (a prefill's; rows of 1 are shared)."""
+        per_layer = [s.tensors() if s is not None else {} for s in states]
+        ref = next((t for p in per_layer for t in p.values()), None)
+        if ref is not None:
+            self.ensure(self.shapes(states), ref.dtype, ref.device)
+        self.reset(r)
+        for i, p in enumerate(per_layer):
+            for key, t in p.items():
+                t = t.reshape(-1, *t.shape[-2:])
+                t = t[src_row if t.shape[0] > 1 else 0]
+                self.bufs[key][i, r, : t.shape[0], : t.shape[1]] = t
+        self.keys_of[r] = frozenset(k for p in per_layer for k in p)
+
+    @torch.no_grad()
+    def reset(self, r: int):
+        for key in self.keys_of[r]:
+            self.bufs[key][:, r] = self.FILL[key[0]]
+        self.keys_of[r] = frozenset()
+
+    def used(self, rows) -> frozenset:
+        """The kinds that the given rows use."""
+        return frozenset().union(*(self.keys_of[r] for r in rows))
+
+    def views(self, k: int, keys: tuple) -> list:
+        """Per layer, the first k rows of each kind in `keys`: [[t for key in keys] for layer]."""
+        v = self._views.get((k, keys))
+        if v is None:
+            v = self._views[(k, keys)] = [[self.bufs[key][i, :k] for key in keys] for i in range(self.n_layers)]
+        return v
 
 
 def reorder_packed(bufs, rows: torch.Tensor, batch: int):

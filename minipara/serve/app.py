@@ -20,6 +20,9 @@ large, 429 when --max-waiting requests already wait, 503 while shutting down. On
 the server stops accepting connections, lets in-flight requests finish for up to
 --shutdown-timeout seconds, then answers the rest with an error.
 
+Sampling: `n` choices (up to --max-batch, sharing one prefill), `logprobs` (completions: 0 to
+20 top tokens; chat: `logprobs` true and `top_logprobs` 0 to 20) and `seed` (each choice
+draws from its own random stream of it, so a seeded request repeats, alone or in any batch).
 Extensions beyond OpenAI's parameters: `top_k` and `ignore_eos` (as in vLLM).
 """
 
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 
@@ -220,7 +224,7 @@ class Server:
             ids = await run_in_threadpool(self.encode, body, chat, template)
             n_pre = adapter.n_prefix if adapter is not None else 0
             room = min(context_room(self.context, len(ids), n_pre), self.engine.slots - n_pre - len(ids))
-            cfg, stop = protocol.sampling(
+            cfg, stop, n, logprobs = protocol.sampling(
                 body,
                 len(ids),
                 room,
@@ -228,20 +232,24 @@ class Server:
                 None if chat else 16,
                 "messages" if chat else "prompt",
                 self.eos_ids(template),
+                self.engine.max_batch,
             )
             stream, usage_chunk = protocol.stream_options(body)
             loop, events = asyncio.get_running_loop(), asyncio.Queue()
-            timing = self.metrics.request(name if adapter is not None else self.name, len(ids), t0)
+            timing = self.metrics.request(name if adapter is not None else self.name, len(ids), t0, n)
 
-            def emit(kind, value):  # called from the engine's thread
-                timing.event(kind)
-                with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                    loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            def emitter(i):
+                def emit(kind, value):  # called from the engine's thread
+                    timing.event(kind, i)
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                        loop.call_soon_threadsafe(events.put_nowait, (i, kind, value))
 
-            req = Request(ids, cfg, adapter, stop, emit)
-            timing.req = req
+                return emit
+
+            reqs = [Request(ids, cfg, adapter, stop, emitter(i), logprobs) for i in range(n)]
+            timing.reqs = reqs
             try:
-                self.engine.submit(req)
+                self.engine.submit(*reqs)
             except Overloaded as e:
                 raise ApiError(
                     429,
@@ -255,61 +263,72 @@ class Server:
             return ApiError(400, str(e)).response()
         except ApiError as e:
             return e.response()
-        reply = Reply(name, chat, len(ids))
+        reply = Reply(name, chat, len(ids), self.engine.decode_text)
         if stream:
-            return StreamingResponse(self.stream(http, req, events, reply, usage_chunk), media_type="text/event-stream")
-        text, reason = [], None
+            return StreamingResponse(
+                self.stream(http, reqs, events, reply, usage_chunk), media_type="text/event-stream"
+            )
+        text, reasons = [[] for _ in reqs], [None] * n
         try:
-            while reason is None:
+            while None in reasons:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return JSONResponse({}, status_code=499)
                     continue
                 if kind == "text":
-                    text.append(value)
+                    text[i].append(value)
                 elif kind == "done":
-                    reason = value
+                    reasons[i] = value
                 elif self.engine.stopping:
                     return ApiError(503, value, kind="server_error", code="shutting_down").response()
                 else:
                     return ApiError(500, value, kind="server_error").response()
         finally:
-            req.cancel()  # a no-op once finished; frees the row if the client went away
-        return JSONResponse(reply.whole("".join(text), reason, len(req.tokens)))
+            for req in reqs:
+                req.cancel()  # a no-op once finished; frees the row if the client went away
+        return JSONResponse(reply.whole(["".join(t) for t in text], reasons, reqs))
 
-    async def stream(self, http, req, events, reply, usage_chunk):
+    async def stream(self, http, reqs, events, reply, usage_chunk):
         try:
             if reply.chat:
-                yield sse(reply.chunk({"role": "assistant", "content": ""}, None))
+                for i in range(len(reqs)):
+                    yield sse(reply.chunk({"role": "assistant", "content": ""}, None, i))
+            done, told = 0, [0] * len(reqs)  # choices finished; tokens whose logprobs were sent
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(events.get(), 1.0)
+                    i, kind, value = await asyncio.wait_for(events.get(), 1.0)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         return
                     continue
-                if kind == "text":
-                    yield sse(reply.chunk(value, None))
-                elif kind == "done":
-                    yield sse(reply.chunk("" if not reply.chat else {}, value))
-                    if usage_chunk:
-                        yield sse(reply.usage_chunk(len(req.tokens)))
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
+                if kind == "error":
                     yield sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
                     return
+                req, upto = reqs[i], len(reqs[i].logprobs_out)
+                lp = reply.logprobs(req, told[i], upto)
+                told[i] = upto
+                if kind == "text":
+                    yield sse(reply.chunk(value, None, i, lp))
+                else:
+                    yield sse(reply.chunk("" if not reply.chat else {}, value, i, lp))
+                    done += 1
+                    if done == len(reqs):
+                        if usage_chunk:
+                            yield sse(reply.usage_chunk(sum(len(r.tokens) for r in reqs)))
+                        yield "data: [DONE]\n\n"
+                        return
         finally:
-            req.cancel()
+            for req in reqs:
+                req.cancel()
 
 
 class Reply:
     """OpenAI's response shapes for one request: whole, or as stream chunks."""
 
-    def __init__(self, model: str, chat: bool, n_prompt: int):
-        self.model, self.chat, self.n_prompt = model, chat, n_prompt
+    def __init__(self, model: str, chat: bool, n_prompt: int, decode_text):
+        self.model, self.chat, self.n_prompt, self.decode_text = model, chat, n_prompt, decode_text
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -319,27 +338,61 @@ class Reply:
     def usage(self, n: int) -> dict:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": n, "total_tokens": self.n_prompt + n}
 
-    def whole(self, text: str, reason: str, n: int) -> dict:
-        if self.chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": reason,
-            }
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(n)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(n)}
+    def logprobs(self, req, start: int = 0, end: int | None = None) -> dict | None:
+        """OpenAI's logprobs object for the request's tokens [start, end), None if not asked."""
+        if req.logprobs is None:
+            return None
+        end = len(req.logprobs_out) if end is None else end
 
-    def chunk(self, piece, reason) -> dict:
+        # A token's text is what it adds to the text before it (a lone token decodes without
+        # the space a SentencePiece word starts with), so the tokens join into the text.
+        def piece(j, t):
+            before = req.tokens[:j]
+            return self.decode_text([*before, t])[len(self.decode_text(before)) :]
+
+        rows = [
+            (piece(j, req.tokens[j]), lp, [(piece(j, t), v) for t, v in top])
+            for j, (lp, top) in enumerate(req.logprobs_out[start:end], start)
+        ]
+        if self.chat:
+            entry = lambda s, lp: {"token": s, "logprob": lp, "bytes": list(s.encode())}  # noqa: E731
+            return {"content": [{**entry(s, lp), "top_logprobs": [entry(t, v) for t, v in top]} for s, lp, top in rows]}
+        offsets = [sum(len(s) for s, _, _ in rows[:j]) for j in range(len(rows))]
+        return {
+            "tokens": [s for s, _, _ in rows],
+            "token_logprobs": [lp for _, lp, _ in rows],
+            "top_logprobs": [dict(reversed(top)) for _, _, top in rows],  # a shared key keeps the likeliest
+            "text_offset": offsets,
+        }
+
+    def whole(self, texts: list, reasons: list, reqs: list) -> dict:
+        n = sum(len(r.tokens) for r in reqs)
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": self.logprobs(req),
+                    "finish_reason": reason,
+                }
+                for i, (text, reason, req) in enumerate(zip(texts, reasons, reqs))
+            ]
+            return {**self._head("chat.completion"), "choices": choices, "usage": self.usage(n)}
+        choices = [
+            {"index": i, "text": text, "logprobs": self.logprobs(req), "finish_reason": reason}
+            for i, (text, reason, req) in enumerate(zip(texts, reasons, reqs))
+        ]
+        return {**self._head("text_completion"), "choices": choices, "usage": self.usage(n)}
+
+    def chunk(self, piece, reason, index: int = 0, logprobs=None) -> dict:
         """piece: new text (completions), or the chat delta (a dict, or text for its content)."""
         if self.chat:
             delta = piece if isinstance(piece, dict) else {"content": piece}
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             return {**self._head("chat.completion.chunk"), "choices": [choice]}
         return {
             **self._head("text_completion"),
-            "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}],
+            "choices": [{"index": index, "text": piece, "logprobs": logprobs, "finish_reason": reason}],
         }
 
     def usage_chunk(self, n: int) -> dict:
@@ -481,6 +534,17 @@ def uvicorn_server(server: Server, a, **config) -> GracefulServer:
     return GracefulServer(cfg, server, a.shutdown_timeout)
 
 
+def buckets(text: str) -> list[int]:
+    """--buckets: a comma-separated list of batch sizes, each at least 1 (argparse type)."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"needs comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"needs batch sizes of at least 1, got {text!r}")
+    return sizes
+
+
 def parse(argv=None):
     from minipara.io.tokenizer import TEMPLATES
 
@@ -513,7 +577,18 @@ def parse(argv=None):
         help="prompt tokens prefilled between two decode steps (at least one request)",
     )
     p.add_argument("--adapter-memory", type=cli.finite, default=1024, help="MiB of adapters kept loaded")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the decode step for every batch bucket at start-up (default: on CUDA only)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=buckets,
+        default="1,2,4,8,16,24,32,48,64,96,128",
+        help="batch sizes the step runs at (the rows in use are padded up to the next; --max-batch is added)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=cli.finite,
@@ -578,10 +653,11 @@ def make_server(a) -> Server:
         a.adapters, model.args, model.tok_embeddings.weight.device, int(a.adapter_memory * 2**20), model.weights_id
     )
     pool.preload()
-    if a.compile:
+    compiled = a.compile if a.compile is not None else model.tok_embeddings.weight.is_cuda
+    if compiled and model.tok_embeddings.weight.is_cuda:
         from minipara.decode.compiled import compile_decoder
 
-        compile_decoder(decoder)
+        compile_decoder(decoder)  # the prefill's CUDA graphs (the engine compiles its own step)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).
     slots = -(-(context + context // 2 + 64) // 128) * 128
@@ -593,7 +669,11 @@ def make_server(a) -> Server:
         max_waiting=a.max_waiting,
         prefill_budget=a.prefill_budget,
         decoder=decoder,
+        buckets=a.buckets,
+        compile="inductor" if compiled else None,
     )
+    took = engine.warmup(list(pool.loaded.values()))
+    print(f"minipara: warmed up in {took:.1f} s ({'compiled' if compiled else 'eager'})", file=sys.stderr, flush=True)
     return Server(
         engine,
         lm,

@@ -1,22 +1,32 @@
 """Continuous batching: one running batch that requests join and leave between decode steps.
 
-The engine owns one KV cache of `max_batch` rows and decodes all rows together, one token
-per step. A new request joins at the next step:
+The engine owns one KV cache of `max_batch` rows and decodes the rows in use together, one
+token per step. A new request joins at the next step:
 
-1. It is prefilled alone, in a small cache of its own, with its own adapter: the adapter's
-   generators run once, exactly as for a request run on its own (generation.generate).
-   Its first token is picked from that prefill's logits.
-2. Its cache entries (prefix entries and prompt) are copied into a free row of the big cache,
-   in the slots just below the shared write slot, with their positions and validity; its
-   per-layer adapter states are written into that row of the batch's packed states
-   (scale 1 / bias 0 / zero low-rank pairs in rows that do not use them, as in Mixture).
+1. Waiting requests are prefilled together, left-padded, several prompts per call (up to
+   `prefill_budget` prompt tokens), each with its own adapter (a Mixture: each adapter's
+   generators run once, on its own rows, exactly as for the request alone). Its first token
+   is picked from that prefill's logits. A request with n > 1 choices (`submit(*reqs)`) is
+   prefilled once and placed in n rows.
+2. Its cache entries are placed in a free row of the big cache (KVCache.place) and its
+   per-layer adapter states in that row of the batch's states (SlotStates.fill).
 3. From then on it decodes with everyone else and leaves when it stops (EOS, a stop
    string, its token limit, or its client going away); its row is free at once.
 
-Why this works with a cache that writes every row at one shared slot: attention masks are
-built from each slot's position and validity (cache.pos, cache.ok), never from slot order,
-so a row's entries may sit in any slots. Slots run out as the shared slot advances; when
-it reaches the end, each row's valid entries are moved to the front (`_compact`).
+Static shapes: a step runs on the first k rows, k the smallest of `buckets` holding every
+row in use (the rows above the last busy one are left out, the free ones below it are
+padding that computes throw-away tokens). Everything the step reads lives in buffers made
+once and updated in place: the cache, the adapter states (SlotStates: a kind of state that
+no busy row uses is left out of the step, so the base model does not pay for LoRA), and
+each row's token, sampling settings (temperature, top-k, top-p, random stream and step)
+and outputs (`io`). The step samples inside the graph (generation.sample), so a compiled
+step (`compile=`) is traced once per (bucket, kinds of states) at `warmup` and then replays
+whatever requests, tenants, lengths and settings come and go.
+
+Why rows may sit anywhere: attention masks are built from each slot's position and
+validity (cache.pos, cache.ok), never from slot order. Slots run out as the shared slot
+advances; when it reaches the end, each row's valid entries move to the front
+(KVCache.compact).
 
 Prefill policy: between two decode steps the engine prefills waiting requests first come
 first served, while rows are free, until `prefill_budget` prompt tokens have been prefilled
@@ -25,17 +35,20 @@ first served, while rows are free, until `prefill_budget` prompt tokens have bee
 """
 
 import collections
+import sys
 import threading
 import time
 import traceback
 
 import torch
 
-from minipara.decode.generation import Decoder, GenerationConfig, _pick
-from minipara.model.cache import KVCache
+from minipara.decode.generation import Decoder, GenerationConfig, left_pad, sample, stream_key, token_logprobs
+from minipara.methods.mixture import Mixture
+from minipara.model.cache import SlotStates
 from minipara.model.layer_state import LayerState
 
-FILL = {"scale": 1.0, "bias": 0.0, "lora_a": 0.0, "lora_b": 0.0}  # a row without the state: identity
+TOP_LOGPROBS = 20  # the most `logprobs` a request may ask for (OpenAI's limit)
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
 class Overloaded(Exception):
@@ -44,15 +57,20 @@ class Overloaded(Exception):
 
 class Request:
     """One generation request. The engine calls `emit(kind, value)` from its own thread:
-    ("text", new text), ("done", finish reason: "stop" | "length"), ("error", message)."""
+    ("text", new text), ("done", finish reason: "stop" | "length"), ("error", message).
 
-    def __init__(self, prompt: list[int], cfg: GenerationConfig, adapter=None, stop=(), emit=None):
+    logprobs: None, or k: keep each token's log-probability and the k most likely tokens'
+    (`logprobs_out`: one (logprob, [(id, logprob)] * k) per token).
+    index: which of a request's n choices this is: its random stream (generation.stream_key)."""
+
+    def __init__(self, prompt: list[int], cfg: GenerationConfig, adapter=None, stop=(), emit=None, logprobs=None):
         self.prompt, self.cfg, self.adapter, self.stop = list(prompt), cfg, adapter, tuple(stop)
         self.emit = emit or (lambda kind, value: None)
+        self.logprobs, self.index, self.seed = logprobs, 0, cfg.seed
         self.tokens: list[int] = []  # generated ids, EOS included when produced
+        self.logprobs_out: list = []
         self.sent = 0  # characters of text emitted so far
         self.cancelled = False
-        self.gen = None  # the sampling generator, made at prefill on the model's device
 
     def cancel(self):
         """Stop generating (client gone): the engine frees its row before its next step."""
@@ -69,10 +87,15 @@ class Engine:
         max_waiting: int = 64,
         prefill_budget: int = 512,
         decoder: Decoder | None = None,
+        buckets=BUCKETS,
+        compile=None,
     ):
+        """compile: None (eager), "inductor" (on CUDA with CUDA graphs, see compiled.py), or a
+        torch.compile backend (e.g. "eager" or a counting one in tests)."""
         self.model, self.decode_text = model, decode_text
         self.decoder = decoder or Decoder(model)
         self.cache = model.new_cache(max_batch, slots)
+        self.states = SlotStates(model.args.n_layers, max_batch)
         self.device = model.tok_embeddings.weight.device
         self.max_batch, self.slots, self.max_waiting, self.prefill_budget = (
             max_batch,
@@ -80,34 +103,72 @@ class Engine:
             max_waiting,
             prefill_budget,
         )
+        self.buckets = sorted({b for b in buckets if b < max_batch} | {max_batch})
         self.rows: list[Request | None] = [None] * max_batch
-        self.next_tok = torch.zeros(max_batch, dtype=torch.long, device=self.device)
-        self.packed: dict = {}  # (kind, linear) -> (layers, rows, ...) states of all rows
-        self.users: dict = {}  # (kind, linear) -> rows whose adapter uses it
-        self._views: dict = {}  # k -> a cache over the first k rows (see _first_rows)
-        self.waiting: collections.deque = collections.deque()
+        dev, B, K = self.device, max_batch, min(TOP_LOGPROBS, model.args.vocab_size)
+        self.io = {  # each row's step inputs and outputs, in place (see the module doc)
+            "tokens": torch.zeros(B, dtype=torch.long, device=dev),
+            "temperature": torch.zeros(B, device=dev),
+            "top_k": torch.zeros(B, dtype=torch.long, device=dev),
+            "top_p": torch.ones(B, device=dev),
+            "key": torch.zeros(B, dtype=torch.long, device=dev),
+            "step": torch.zeros(B, dtype=torch.long, device=dev),
+            "logprob": torch.zeros(B, device=dev),
+            "top_values": torch.zeros(B, K, device=dev),
+            "top_ids": torch.zeros(B, K, dtype=torch.long, device=dev),
+        }
+        self._io_views = {k: {n: t[:k] for n, t in self.io.items()} for k in self.buckets}
+        self.structures = {()}  # the kinds of adapter states the step was warmed up for
+        self.compiled = compile is not None
+        self.cuda = self.device.type == "cuda"
+        self._step_fns = {}
+        if self.compiled:
+            from minipara.decode.compiled import compile_kwargs, mark_static, persistent_caches
+
+            persistent_caches()
+            lim = torch._dynamo.config
+            lim.cache_size_limit = max(lim.cache_size_limit, 8 * len(self.buckets))
+            lim.accumulated_cache_size_limit = max(lim.accumulated_cache_size_limit, 64 * len(self.buckets))
+            for tune in (True, False):  # LoRA's steps untuned: see compiled.py
+                kw = compile_kwargs(self.cuda, tune) if compile == "inductor" else {"backend": compile}
+                self._step_fns[tune] = torch.compile(self._decode, fullgraph=True, dynamic=False, **kw)
+            if self.cuda:
+                mark_static([*self.cache.buffers(), *self.io.values()])
+        self.warmup_s = 0.0
+        self.waiting: collections.deque = collections.deque()  # groups: the n choices of one request
         self.cv = threading.Condition()
         self.stopping = False
         self.thread = None
         self.stalls: list[float] = []  # seconds decoding rows waited for prefills, per step with both
-        self.steps = self.compactions = 0
+        self.steps = self.compactions = self.prefills = 0
 
     # ---- the HTTP side -------------------------------------------------------------------
     def room(self, req: Request) -> int:
         """Cache slots the request needs beyond what one row holds (0: it fits)."""
-        n_pre = req.adapter.n_prefix if req.adapter is not None else 0
-        return max(0, n_pre + len(req.prompt) + req.cfg.max_new_tokens - self.slots)
+        return max(0, self._need(req) - self.slots)
 
-    def submit(self, req: Request):
-        if self.room(req):
-            raise ValueError(f"the request needs {self.room(req)} more cache slots than a row holds ({self.slots})")
+    @staticmethod
+    def _need(req: Request, n_pre: int = 0, prompt: int = 0) -> int:
+        n_pre = max(n_pre, req.adapter.n_prefix if req.adapter is not None else 0)
+        return n_pre + max(prompt, len(req.prompt)) + req.cfg.max_new_tokens
+
+    def submit(self, *reqs: Request):
+        """Queue a request; several: the n choices of one request (same prompt, settings and
+        adapter), prefilled once, each choice sampling from its own random stream."""
+        if self.room(reqs[0]):
+            raise ValueError(f"the request needs {self.room(reqs[0])} more cache slots than a row holds ({self.slots})")
+        if len(reqs) > self.max_batch:
+            raise ValueError(f"n = {len(reqs)} choices exceed the {self.max_batch} rows")
+        seed = reqs[0].cfg.seed if reqs[0].cfg.seed is not None else torch.seed()
+        for i, req in enumerate(reqs):
+            req.index, req.seed = i, seed
         with self.cv:
             if self.stopping:
                 raise RuntimeError("the server is shutting down")
             # The bound counts requests beyond the free rows, which join at the next step.
             if len(self.waiting) >= self.max_waiting + self.rows.count(None):
                 raise Overloaded(f"all {self.max_batch} rows are busy and {len(self.waiting)} requests wait")
-            self.waiting.append(req)
+            self.waiting.append(reqs)
             self.cv.notify()
 
     def start(self):
@@ -122,7 +183,7 @@ class Engine:
             self.cv.notify()
         if self.thread is not None:
             self.thread.join()
-        left = [*self.waiting, *(r for r in self.rows if r is not None)]
+        left = [*(r for g in self.waiting for r in g), *(r for r in self.rows if r is not None)]
         for req in left:
             req.emit("error", "the server shut down before the request finished")
         self.waiting.clear()
@@ -143,133 +204,218 @@ class Engine:
             "steps": self.steps,
             "active": self.active(),
             "waiting": len(self.waiting),
+            "prefills": self.prefills,
+            "warmup_s": round(self.warmup_s, 3),
             "prefill_stalls": len(self.stalls),
             "stall_p50_s": q(0.5),
             "stall_p99_s": q(0.99),
             "stall_max_s": s[-1] if s else 0.0,
         }
 
+    # ---- start-up -------------------------------------------------------------------------
+    @torch.no_grad()
+    def warmup(self, adapters=()) -> float:
+        """Learn the adapter states that `adapters` give (a two-token prefill each) and, when
+        compiled, trace (and on CUDA capture) the step for every bucket and kind of states,
+        so that serving them never waits on a compilation. Seconds taken."""
+        t0 = time.perf_counter()
+        kinds = []
+        for ad in adapters:
+            tokens = torch.full((1, 2), self.model.args.bos_id, device=self.device)
+            small, _ = self.decoder.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), ad.n_prefix + 2, ad)
+            shapes = SlotStates.shapes(small.states)
+            if shapes:
+                ref = next(s for s in small.states if s is not None).tensors()
+                t = next(iter(ref.values()))
+                self.states.ensure(shapes, t.dtype, t.device)
+                kinds.append(tuple(sorted(shapes)))
+        self.structures |= set(kinds)
+        if kinds:
+            self.structures.add(tuple(sorted(self.states.bufs)))
+        if self.compiled:
+            for k in self.buckets:
+                for keys in sorted(self.structures):
+                    for _ in range(3):  # CUDA graphs: warm-up runs, then the recording
+                        self._run_step(k, keys)
+            self.cache.ok.zero_()
+            self.cache.slot.zero_()
+            self.cache.length = 0
+            for t in self.io.values():
+                t.zero_()
+        self.warmup_s += time.perf_counter() - t0
+        return time.perf_counter() - t0
+
     # ---- the engine thread ---------------------------------------------------------------
     def _run(self):
-        while True:
-            with self.cv, torch.no_grad():
-                while not self.stopping and not self.waiting and not self.active():
-                    self.cv.wait()
-                if self.stopping:
-                    return
-                for r, req in enumerate(self.rows):
-                    if req is not None and req.cancelled:
-                        self._release(r)
-                decoding = self.active()
-                joining, budget = [], self.prefill_budget
-                while self.waiting and None in self.rows and (not joining or budget > 0):
-                    req = self.waiting.popleft()
-                    if not req.cancelled:
-                        r = self.rows.index(None)
-                        self.rows[r] = req  # taken now: submit() counts the row as busy
-                        joining.append((r, req))
-                        budget -= len(req.prompt)
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                for r, req in joining:
-                    try:
-                        self._join(r, req)
-                    except Exception as e:  # a bug or out of memory: this request fails, the server goes on
-                        traceback.print_exc()
-                        req.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                        self._release(r)
-                if joining and decoding:
-                    self.stalls.append(time.perf_counter() - t0)
-                if self.active():
-                    try:
-                        self._step()
-                    except Exception as e:
-                        traceback.print_exc()
-                        for r, req in enumerate(self.rows):
-                            if req is not None:
+        while self.iteration(block=True):
+            pass
+
+    def iteration(self, block: bool = False) -> bool:
+        """Free cancelled rows, prefill waiting requests into free rows, decode one step;
+        False once stopping (or, with block=False, when there is nothing to do)."""
+        with self.cv, torch.no_grad():
+            while block and not self.stopping and not self.waiting and not self.active():
+                self.cv.wait()
+            if self.stopping or (not self.waiting and not self.active()):
+                return False
+            for r, req in enumerate(self.rows):
+                if req is not None and req.cancelled:
+                    self._release(r)
+            decoding = self.active()
+            joining = self._take_waiting()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            if joining:
+                try:
+                    self._join(joining)
+                except Exception as e:  # a bug or out of memory: these requests fail, the server goes on
+                    traceback.print_exc()
+                    for group, rows in joining:
+                        for req, r in zip(group, rows):
+                            if self.rows[r] is req:
                                 req.emit("error", f"generation failed: {type(e).__name__}: {e}")
                                 self._release(r)
+            if joining and decoding:
+                self.stalls.append(time.perf_counter() - t0)
+            if self.active():
+                try:
+                    self._step()
+                except Exception as e:
+                    traceback.print_exc()
+                    for r, req in enumerate(self.rows):
+                        if req is not None:
+                            req.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                            self._release(r)
+        return True
 
-    def _join(self, r: int, req: Request):
-        """Prefill `req` alone and place it in row r (taken for it by _run)."""
-        cfg, ad = req.cfg, req.adapter
-        if cfg.temperature > 0:
-            req.gen = torch.Generator(device=self.device)
-            req.gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-        n_pre, n = (ad.n_prefix if ad is not None else 0), len(req.prompt)
-        tokens = torch.tensor([req.prompt], device=self.device)
-        valid = torch.ones_like(tokens, dtype=torch.bool)
-        # The same cache length as generate() gives a request alone, so its prefill is the same.
-        small, logits = self.decoder.prefill(tokens, valid, n_pre + n + cfg.max_new_tokens, ad)
-        first = int(self._pick(req, logits))
-        if self._accept(req, first):
-            self._release(r)
-            return
-        c, need = self.cache, n_pre + n
-        if c.length < need:  # move the shared slot on: the slots skipped stay invalid in every row
-            c.slot.fill_(need)
-            c.length = need
-        s = c.length - need
-        c.ok[r] = False
-        for i in range(self.model.args.n_layers):
-            for dst, src in zip(c.kv(i), small.kv(i)):
-                dst[r, :, s : s + need] = src[0, :, :need]
-        c.pos[r, s : s + need] = small.pos[0, :need]
-        c.ok[r, s : s + need] = small.ok[0, :need]
-        c.next_pos[r] = small.next_pos[0]
-        self._set_states(r, small.states)
-        self.next_tok[r] = first
+    def _take_waiting(self) -> list:
+        """Groups to prefill now, first come first served, with the rows taken for them."""
+        joining, budget, free = [], self.prefill_budget, self.rows.count(None)
+        n_pre = prompt = 0
+        while self.waiting:
+            group = self.waiting[0]
+            if all(r.cancelled for r in group):
+                self.waiting.popleft()
+                continue
+            head = group[0]
+            p, t = max(n_pre, head.adapter.n_prefix if head.adapter else 0), max(prompt, len(head.prompt))
+            # Prefilled together, prompts are padded to the longest and prefixes to the
+            # largest: every member must still fit its row.
+            fits = (
+                all(self._need(g[0], p, t) <= self.slots for g, _ in joining) and self._need(head, p, t) <= self.slots
+            )
+            if len(group) > free or (joining and (budget <= 0 or not fits)):
+                break
+            self.waiting.popleft()
+            rows = []
+            for req in group:
+                r = self.rows.index(None)
+                self.rows[r] = req  # taken now: submit() counts the row as busy
+                rows.append(r)
+            joining.append((group, rows))
+            budget, free, n_pre, prompt = budget - len(head.prompt), free - len(group), p, t
+        return joining
+
+    def _join(self, joining: list):
+        """Prefill the groups together and place each request in its row."""
+        heads = [g[0] for g, _ in joining]
+        tokens, valid = left_pad([h.prompt for h in heads], self.model.args.pad_id, self.device)
+        ads = list({id(h.adapter): h.adapter for h in heads if h.adapter is not None}.values())
+        if not ads:
+            adapter = None
+        elif len(ads) == 1 and all(h.adapter is not None for h in heads):
+            adapter = ads[0]
+        else:  # tenants (or the bare model) side by side, each on its own rows
+            adapter = Mixture(
+                ads, [next(i for i, a in enumerate(ads) if a is h.adapter) if h.adapter else None for h in heads]
+            )
+        n_pre = adapter.n_prefix if adapter is not None else 0
+        small, logits = self.decoder.prefill(tokens, valid, n_pre + tokens.shape[1], adapter)
+        self.prefills += 1
+        src, rows = [], []
+        for j, (group, rs) in enumerate(joining):
+            for req, r in zip(group, rs):
+                self._settings(r, req)
+                src.append(j)
+                rows.append(r)
+        sel = torch.tensor(rows, device=self.device)
+        io = {n: t.index_select(0, sel) for n, t in self.io.items()}
+        lg = logits.index_select(0, torch.tensor(src, device=self.device))
+        first = sample(lg, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"])
+        lps = [t.tolist() for t in token_logprobs(lg, first, self.io["top_ids"].shape[1])]
+        for i, (j, r) in enumerate(zip(src, rows)):
+            req = self.rows[r]
+            if req.cancelled or self._accept(req, int(first[i]), [t[i] for t in lps]):
+                self._release(r)
+                continue
+            self.cache.place(r, small, j)
+            self.states.fill(r, small.states, j)
+            self.io["tokens"][r] = first[i]
+            self.io["step"][r] = 1
+
+    def _settings(self, r: int, req: Request):
+        cfg, io = req.cfg, self.io
+        io["temperature"][r], io["top_k"][r], io["top_p"][r] = cfg.temperature, cfg.top_k, cfg.top_p
+        io["key"][r], io["step"][r] = stream_key(req.seed, req.index), 0
 
     def _step(self):
-        c = self.cache
-        if c.length >= self.slots:
-            self._compact()
-        # Decode only the rows up to the last one in use, rounded up to a power of two (rows are
-        # taken lowest first): one client does not pay for a batch of 32.
-        last = max(r for r, req in enumerate(self.rows) if req is not None) + 1
-        k = min(self.max_batch, 1 << (last - 1).bit_length())
-        view = self._first_rows(k)
-        view.length = c.length
-        logits = self.decoder.step(view, self.next_tok[:k])
-        c.length = view.length
-        nxt = logits.argmax(-1)
-        for r, req in enumerate(self.rows[:k]):
-            if req is not None and req.cfg.temperature > 0:
-                nxt[r] = self._pick(req, logits[r : r + 1])
-        self.next_tok[:k].copy_(nxt)
+        live = [r for r, req in enumerate(self.rows) if req is not None]
+        if self.cache.length >= self.slots:
+            self.cache.compact(live)
+            self.compactions += 1
+        k = next(b for b in self.buckets if b > live[-1])
+        self._run_step(k, self._structure(self.states.used(live)))
+        self.cache.length += 1
         self.steps += 1
-        for r, tok in enumerate(nxt.tolist()):
+        io = self._io_views[k]
+        toks = io["tokens"].tolist()
+        want = any(self.rows[r].logprobs is not None for r in live)
+        lps = [io[n].tolist() for n in ("logprob", "top_values", "top_ids")] if want else None
+        for r in live:
             req = self.rows[r]
-            if req is not None and not req.cancelled and self._accept(req, tok):
+            if not req.cancelled and self._accept(req, toks[r], [t[r] for t in lps] if lps else None):
                 self._release(r)
 
-    def _first_rows(self, k: int) -> KVCache:
-        """The cache's first k rows as a cache of their own: views, so the step writes into the
-        big cache (the shared slot too), with those rows' adapter states. Kept per k (fixed
-        addresses for a compiled step) until the states' structure changes."""
-        if k == self.max_batch:
-            return self.cache
-        v = self._views.get(k)
-        if v is None:
-            v = self._views[k] = self.model.new_cache(k, 1)
-            for name, buf in self.cache.named_buffers():
-                setattr(v, name, buf if name == "slot" else buf[:k])
-            v.max_len, v.packed = self.cache.max_len, None
-        if v.packed is None:
-            v.packed = {key: b[:, :k] for key, b in self.packed.items()}
-            v.states = (
-                [LayerState.from_tensors({key: b[i] for key, b in v.packed.items()}) for i in range(v.n_layers)]
-                if v.packed
-                else [None] * v.n_layers
-            )
-        return v
+    def _structure(self, used: frozenset) -> tuple:
+        """The kinds of states the step applies: the smallest warmed-up set holding `used`."""
+        if not self.compiled:
+            return tuple(sorted(used))
+        fits = [s for s in self.structures if used <= set(s)]
+        if not fits:  # a kind of adapter not seen at warm-up: one more compilation
+            print(f"minipara: compiling the decode step for new adapter states {sorted(used)}", file=sys.stderr)
+            fits = [tuple(sorted(self.states.bufs))]
+            self.structures.add(fits[0])
+        return min(fits, key=len)
 
-    def _pick(self, req: Request, logits):
-        return _pick(logits, req.cfg, req.gen)[0]
+    def _run_step(self, k: int, keys: tuple):
+        view, bufs, io = self.cache.rows(k), self.states.views(k, keys), self._io_views[k]
+        if not self.compiled:
+            return self._decode(view, keys, bufs, io)
+        if self.cuda:
+            from minipara.decode.compiled import mark_static
 
-    def _accept(self, req: Request, tok: int) -> bool:
+            mark_static([t for layer in bufs for t in layer])
+            torch.compiler.cudagraph_mark_step_begin()
+        self._step_fns[not any(kind == "lora_a" for kind, _ in keys)](view, keys, bufs, io)
+
+    def _decode(self, cache, keys, bufs, io):
+        """One step of the rows of `cache` (a view of the first k rows): every input read and
+        every output written in place, so that one traced graph serves any requests."""
+        states = [LayerState.from_tensors(dict(zip(keys, layer))) for layer in bufs] if keys else None
+        logits = self.model.step(io["tokens"][:, None], cache, states=states)[:, -1]
+        tok = sample(logits, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"])
+        lp, top_v, top_i = token_logprobs(logits, tok, io["top_ids"].shape[1])
+        io["tokens"].copy_(tok)
+        io["step"].add_(1)
+        io["logprob"].copy_(lp)
+        io["top_values"].copy_(top_v)
+        io["top_ids"].copy_(top_i)
+
+    def _accept(self, req: Request, tok: int, lp=None) -> bool:
         """Record a new token, emit the text that is now certain; True when the request is done."""
         req.tokens.append(tok)
+        if req.logprobs is not None:  # lp: (its logprob, the top values, their ids)
+            req.logprobs_out.append((lp[0], list(zip(lp[2], lp[1]))[: req.logprobs]))
         eos = tok in req.cfg.eos_ids
         text = self.decode_text(req.tokens[:-1] if eos else req.tokens)
         reason, end = ("stop" if eos else None), len(text)
@@ -290,71 +436,5 @@ class Engine:
 
     def _release(self, r: int):
         self.rows[r] = None
-        self.cache.ok[r] = False
-        changed = False
-        for key in list(self.users):
-            if r in self.users[key]:
-                self.users[key].discard(r)
-                if self.users[key]:
-                    self.packed[key][:, r] = FILL[key[0]]
-                else:  # no row needs it any more: stop applying it at every step
-                    del self.users[key], self.packed[key]
-                    changed = True
-        if changed:
-            self._repack()
-
-    def _set_states(self, r: int, states: list):
-        """Write a newcomer's per-layer adapter states into row r of the packed states."""
-        per_layer = [s.tensors() if s is not None else {} for s in states]
-        changed = False
-        for key in sorted({k for p in per_layer for k in p}):
-            kind = key[0]
-            rows = [p.get(key) for p in per_layer]
-            ref = next(t for t in rows if t is not None)
-            shape = ref.shape[-2:]
-            buf = self.packed.get(key)
-            if buf is None or buf.shape[-2:] != shape:
-                # A new kind of state, or a LoRA rank larger than the batch's: (re)make the
-                # buffer, keeping the other rows (low-rank pairs zero-padded to the largest rank).
-                big = tuple(max(a, b) for a, b in zip(shape, buf.shape[-2:])) if buf is not None else tuple(shape)
-                new = torch.full((len(rows), self.max_batch, *big), FILL[kind], dtype=ref.dtype, device=ref.device)
-                if buf is not None:
-                    new[..., : buf.shape[-2], : buf.shape[-1]] = buf
-                buf = self.packed[key] = new
-                changed = True
-            for i, t in enumerate(rows):
-                if t is not None:
-                    t = t.reshape(-1, *t.shape[-2:])[0]
-                    buf[i, r, : t.shape[0], : t.shape[1]] = t
-            self.users.setdefault(key, set()).add(r)
-        if changed:
-            self._repack()
-
-    def _repack(self):
-        for v in self._views.values():
-            v.packed = None  # rebuilt from the new buffers when next used
-        c, n = self.cache, self.model.args.n_layers
-        c.packed = dict(self.packed)
-        c.states = (
-            [LayerState.from_tensors({k: b[i] for k, b in self.packed.items()}) for i in range(n)]
-            if self.packed
-            else [None] * n
-        )
-
-    def _compact(self):
-        """Move each row's valid entries to the front of its slots (order does not matter to
-        attention, see the module doc) and the shared slot back to the longest row."""
-        c = self.cache
-        for r, req in enumerate(self.rows):
-            if req is None:
-                c.ok[r] = False  # idle rows wrote throw-away entries at every step
-        order = (~c.ok).to(torch.int8).argsort(dim=1, stable=True)  # valid slots first
-        for i in range(self.model.args.n_layers):
-            for buf in c.kv(i):
-                buf.copy_(buf.gather(2, order[:, None, :, None].expand_as(buf)))
-        c.pos.copy_(c.pos.gather(1, order))
-        c.ok.copy_(c.ok.gather(1, order))
-        n = int(c.ok.sum(1).max())
-        c.slot.fill_(n)
-        c.length = n
-        self.compactions += 1
+        self.cache.free(r)
+        self.states.reset(r)

@@ -2,8 +2,9 @@
 (`vllm:num_requests_running` is `minipara:num_requests_running` here), so dashboards carry over.
 
 Measured in the HTTP layer from the engine's events: time to first token from the request's
-arrival, time per output token after the first, tokens in and out, requests per model; the
-engine's own stats() give the rows running and the requests waiting.
+arrival, time per output token after the first (per choice: each of a request's n choices is
+a sequence of its own, as vLLM counts them), tokens in and out, requests per model; the
+engine's own stats() give the rows running (one per choice) and the requests waiting.
 """
 
 import threading
@@ -29,19 +30,28 @@ class Histogram:
 
 
 class Timing:
-    """One request's clock: its first event (TTFT), its last, its generated token count."""
+    """One request's clock: its first event (TTFT); per choice (engine Request in `reqs`), its
+    first event, its last and its generated token count."""
 
-    def __init__(self, metrics: "Metrics", t0: float):
-        self.metrics, self.t0, self.first, self.req = metrics, t0, None, None
+    def __init__(self, metrics: "Metrics", t0: float, n: int = 1):
+        self.metrics, self.t0, self.first, self.reqs = metrics, t0, None, []
+        self.lock = threading.Lock()  # the choices' events may come from more than one thread
+        self.starts: list[float | None] = [None] * n
 
-    def event(self, kind: str):  # from the engine's thread
+    def event(self, kind: str, i: int = 0):  # from the engine's thread (or its stop())
         now = time.perf_counter()
-        if self.first is None:
-            self.first = now
+        with self.lock:
+            first = self.first is None
+            if first:
+                self.first = now
+            if self.starts[i] is None:
+                self.starts[i] = now
+            start = self.starts[i]
+        if first:
             self.metrics.observe_ttft(now - self.t0)
-        if kind != "text":  # done or error: the request is over
-            n = len(self.req.tokens) if self.req is not None else 0
-            self.metrics.finish(n, (now - self.first) / (n - 1) if n > 1 else None)
+        if kind != "text":  # done or error: this choice is over
+            n = len(self.reqs[i].tokens) if i < len(self.reqs) else 0
+            self.metrics.finish(n, (now - start) / (n - 1) if n > 1 else None)
 
 
 class Metrics:
@@ -51,12 +61,13 @@ class Metrics:
         self.prompt_tokens = self.generation_tokens = 0
         self.requests: dict[str, int] = {}
 
-    def request(self, model: str, n_prompt: int, t0: float) -> Timing:
-        """A request admitted for `model` with n_prompt tokens, arrived at perf_counter() t0."""
+    def request(self, model: str, n_prompt: int, t0: float, n: int = 1) -> Timing:
+        """A request admitted for `model` with n_prompt tokens (prefilled once for its n
+        choices), arrived at perf_counter() t0."""
         with self.lock:
             self.requests[model] = self.requests.get(model, 0) + 1
             self.prompt_tokens += n_prompt
-        return Timing(self, t0)
+        return Timing(self, t0, n)
 
     def observe_ttft(self, s: float):
         with self.lock:
@@ -77,13 +88,13 @@ class Metrics:
                 (
                     "num_requests_running",
                     "gauge",
-                    "Requests being decoded.",
+                    "Sequences being decoded: rows of the batch, one per choice of a request.",
                     [f"num_requests_running {stats['active']}"],
                 ),
                 (
                     "num_requests_waiting",
                     "gauge",
-                    "Requests waiting for a row.",
+                    "Requests waiting to join the batch (all of a request's n choices join together).",
                     [f"num_requests_waiting {stats['waiting']}"],
                 ),
                 (

@@ -10,8 +10,9 @@ import json
 from starlette.responses import JSONResponse
 
 from minipara.decode.generation import GenerationConfig
+from minipara.serve.engine import TOP_LOGPROBS
 
-INT64 = (-(2**63), 2**64 - 1)  # what torch's generators take as a seed (vLLM's range too)
+INT64 = (-(2**63), 2**63 - 1)  # a seed: OpenAI's and vLLM's signed 64-bit range
 MAX_NAME = 200  # a model name longer than any file name the adapter folder can hold
 MAX_STOP = 4  # OpenAI's limit on stop strings
 
@@ -111,17 +112,14 @@ def short(v) -> str:
 
 def unsupported(body: dict):
     """Parameters this server does not implement: refused unless they ask for the default."""
-    for key in ("n", "best_of"):
-        if integer(body, key, 1, 1) != 1:
-            raise ApiError(400, f"{key}={body[key]} is not supported by this server: use 1", param=key)
+    if integer(body, "best_of", 1, 1) != 1:
+        raise ApiError(400, f"best_of={body['best_of']} is not supported by this server: use 1 (or n)", param="best_of")
     for key in ("echo",):
         if flag(body, key):
             raise ApiError(400, f"{key} is not supported by this server", param=key)
     for key, neutral in (
         ("presence_penalty", 0),
         ("frequency_penalty", 0),
-        ("logprobs", None),
-        ("top_logprobs", None),
         ("logit_bias", None),
         ("suffix", None),
     ):
@@ -129,13 +127,33 @@ def unsupported(body: dict):
             raise ApiError(400, f"{key}={short(body[key])} is not supported by this server", param=key)
 
 
+def choices(body: dict, max_n: int) -> int:
+    """n: how many choices, each a row of the batch (they share one prefill), so at most max_n."""
+    return integer(body, "n", 1, 1, max_n)
+
+
+def logprobs(body: dict, chat: bool) -> int | None:
+    """None, or how many top tokens to report with each token's log-probability: completions'
+    `logprobs` is that count; chat's `logprobs` is true or false and `top_logprobs` the count."""
+    if not chat:
+        return integer(body, "logprobs", None, 0, TOP_LOGPROBS)
+    wanted = flag(body, "logprobs")
+    top = integer(body, "top_logprobs", 0, 0, TOP_LOGPROBS)
+    if body.get("top_logprobs") is not None and not wanted:
+        raise ApiError(400, "top_logprobs needs logprobs set to true", param="top_logprobs")
+    return top if wanted else None
+
+
 def sampling(
-    body: dict, n_prompt: int, room: int, context: int, default_max, prompt_param: str, eos: tuple
-) -> tuple[GenerationConfig, tuple]:
-    """The request's GenerationConfig and stop strings, every value checked. `room`: the most
-    new tokens the context leaves after the prompt; eos: the template's end ids (kept unless
-    ignore_eos)."""
+    body: dict, n_prompt: int, room: int, context: int, default_max, prompt_param: str, eos: tuple, max_n: int = 1
+) -> tuple[GenerationConfig, tuple, int, int | None]:
+    """The request's GenerationConfig, stop strings, n (choices, at most max_n) and logprobs
+    (None, or how many top tokens to report with each token's log-probability), every value
+    checked. `room`: the most new tokens the context leaves after the prompt; eos: the
+    template's end ids (kept unless ignore_eos); prompt_param "messages" for a chat request."""
     unsupported(body)
+    n = choices(body, max_n)
+    lp = logprobs(body, chat=prompt_param == "messages")
     if room < 1:
         raise ApiError(
             400,
@@ -168,7 +186,7 @@ def sampling(
     cfg = GenerationConfig(
         max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_ids=eos
     )
-    return cfg, tuple(stop)
+    return cfg, tuple(stop), n, lp
 
 
 def stream_options(body: dict) -> tuple[bool, bool]:

@@ -668,6 +668,11 @@ def _check_identity(path, saved: dict, here: dict, model):
             f"--resume: {path} is a checkpoint of another model: it was {refusal or other_weights}; "
             "resume with the original --model"
         )
+    from minipara.methods import method_class
+
+    # A checkpoint from before a method option existed ran with the value that keeps old files' behaviour.
+    if isinstance(saved["adapter_config"], dict):
+        saved = {**saved, "adapter_config": method_class(saved["method"]).config_cls.stored(saved["adapter_config"])}
     for key, what in (("adapter_config", "method option"), ("train_config", "training option")):
         s, h = saved[key], here[key]
         for k in sorted(set(s) | set(h)):
