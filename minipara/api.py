@@ -10,15 +10,21 @@ The library owns what turns text into a request and back: the prompt template (t
 adapter was trained with, else the model family's chat template for chat models, else plain
 text), where generation stops (the model's EOS ids and the template's end marker, which the
 returned text leaves out) and what happens to prompts longer than the context.
+
+Every argument is checked on the way in, by minipara.checks' rules (the command lines'), and a
+wrong one is a UserError that names the parameter, before any work starts.
 """
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from minipara import checks
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
+from minipara.io.identity import base_record, canonical_args, compare_base
 from minipara.methods.base import Adapter, check_values
 
 GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
@@ -72,7 +78,8 @@ class LanguageModel:
         `seed` fixes its initial values."""
         from minipara.methods import build_adapter
 
-        if seed is not None:
+        checks.check(method, "method", str)
+        if checks.check_seed(seed, optional=True) is not None:
             torch.manual_seed(seed)
         try:
             adapter = build_adapter(method, self.args, **options)
@@ -85,13 +92,15 @@ class LanguageModel:
         this model's device; refused with a UserError if it was made for another base model."""
         from minipara.io.adapters import load_adapter
 
-        return load_adapter(path, self.args, self.model.weights_id).to(self.device)
+        return load_adapter(_path(path, "path"), self.args, self.model.weights_id).to(self.device)
 
     def save_adapter(self, path, adapter: Adapter, template: str | None = None):
         """Write `adapter` to the file `path` atomically, recording this base model (and the
         prompt template it was trained with, so generation picks the same one)."""
         from minipara.io.adapters import save_adapter
 
+        path, adapter = _path(path, "path"), self._adapter(adapter)
+        checks.check(template, "template", str, optional=True)
         template = template if template is not None else adapter.template
         save_adapter(path, adapter, self.args, template, self.model.weights_id, reads=(self.path,))
 
@@ -100,14 +109,35 @@ class LanguageModel:
         of this checkpoint; other methods are refused with the reason (minipara.io.export)."""
         from minipara.io.export import export_peft
 
-        return export_peft(adapter, out_dir, base_model=str(self.path))
+        return export_peft(self._adapter(adapter), _path(out_dir, "out_dir"), base_model=str(self.path))
 
     def export_merged(self, adapter: Adapter | None, out_dir):
         """Write this model with a LoRA, (IA)^3 or BitFit adapter folded into its weights as an
         HF-format directory (config, safetensors, this checkpoint's tokenizer files)."""
         from minipara.io.export import export_merged
 
-        return export_merged(self.model, adapter, out_dir, self.path)
+        return export_merged(self.model, self._adapter(adapter, optional=True), _path(out_dir, "out_dir"), self.path)
+
+    def _adapter(self, adapter, name: str = "adapter", optional: bool = False):
+        """adapter, if it is an Adapter made for this model (or None, if optional): anything
+        else is refused here, naming the parameter, rather than deep inside a matmul."""
+        if adapter is None and optional:
+            return None
+        if isinstance(adapter, (str, os.PathLike)):
+            raise UserError(
+                f"{name} is a path ({adapter}), not an adapter: load it with lm.load_adapter(path) and pass that",
+                (name,),
+            )
+        if not isinstance(adapter, Adapter):
+            raise UserError(
+                f"{name} must be an Adapter (from new_adapter or load_adapter){' or None' * optional}, "
+                f"got {checks.short(adapter)}",
+                (name,),
+            )
+        if adapter.args != self.args:  # the one comparison adapter files get (minipara.io.identity)
+            refusal, _ = compare_base(base_record(adapter.args, None), canonical_args(adapter.args), self.args, None)
+            raise UserError(f"{name} was {refusal}: build or load it with this model", (name,))
+        return adapter
 
     # ---- templates and prompts ----------------------------------------------------------------
     def template(self, name: str = "auto", adapters=()) -> str:
@@ -115,6 +145,7 @@ class LanguageModel:
         were trained with, else the family's chat template if the model ships one, else none."""
         from minipara.io.tokenizer import TEMPLATES, resolve_template
 
+        checks.check(name, "template", str)
         if name == "auto":
             trained_with = {a.template for a in adapters if a is not None} - {None}
             if len(trained_with) > 1:
@@ -186,13 +217,22 @@ class LanguageModel:
             beams, temperature, top_k, top_p, length_penalty, seed).
         """
         single = isinstance(prompt, str)
+        if not single and not (isinstance(prompt, (list, tuple)) and all(isinstance(t, str) for t in prompt)):
+            raise UserError(f"prompt must be a string or a list of strings, got {checks.short(prompt)}", ("prompt",))
         texts = [prompt] if single else list(prompt)
         if not texts:
-            raise UserError("no prompt given")
+            raise UserError("no prompt given", ("prompt",))
         cfg = self._config(config, options)
-        adapters = adapter if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(texts)
         if len(adapters) != len(texts):
-            raise UserError(f"{len(adapters)} adapters for {len(texts)} prompts: give one per prompt (None for none)")
+            raise UserError(
+                f"{len(adapters)} adapters for {len(texts)} prompts: give adapter one entry per prompt (None: none)",
+                ("adapter",),
+            )
+        adapters = [self._adapter(a, optional=True) for a in adapters]
+        checks.check(truncate, "truncate", bool)
+        if on_text is not None and not callable(on_text):
+            raise UserError(f"on_text must be a function (row, piece), got {checks.short(on_text)}", ("on_text",))
         _check_adapters(adapters, single=not isinstance(adapter, (list, tuple)))
         name = self.template(template, adapters)
         if cfg.eos_ids is None:
@@ -236,6 +276,8 @@ class LanguageModel:
             raise UserError(f"generate() has no option {unknown[0]!r}; options: {', '.join(GENERATION_OPTIONS)}")
         if config is not None and options:
             raise UserError("give a GenerationConfig or its fields as keywords, not both")
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise UserError(f"config must be a GenerationConfig, got {checks.short(config)}", ("config",))
         cfg = GenerationConfig(**(config.__dict__ if config is not None else options))  # a copy: eos_ids is filled in
         cfg.check()
         return cfg
@@ -259,11 +301,17 @@ class LanguageModel:
         `.run()` to train, `.request_stop()` to interrupt, `.resume()` to continue from
         `checkpoint`. `log(event)` receives evaluation records; `on_best(adapter)` is called
         with each new best adapter (by dev loss, or TrainConfig.select)."""
-        from minipara.train.tasks import Task, load_task
         from minipara.train.trainer import Progress, TrainConfig, Trainer, prepare_task
 
-        if not isinstance(task, Task):
-            task = load_task(task)
+        adapter, task = self._adapter(adapter), _task(task)
+        if config is not None and not isinstance(config, TrainConfig):
+            raise UserError(f"config must be a TrainConfig, got {checks.short(config)}", ("config",))
+        checks.check(max_eval, "max_eval", int, least=1, optional=True)
+        checks.check(max_new_tokens, "max_new_tokens", int, least=1, optional=True)
+        checks.check(progress, "progress", bool)
+        for fn, fname in ((log, "log"), (on_best, "on_best")):
+            if fn is not None and not callable(fn):
+                raise UserError(f"{fname} must be a function, got {checks.short(fn)}", (fname,))
         name = self.template(template, [adapter])
         train, dev, dev_eval, _ = prepare_task(task, self.tokenizer, name, max_eval, max_new_tokens)
         adapter.template = name  # saved with it, so generation uses the same template
@@ -284,12 +332,17 @@ class LanguageModel:
         """Train `adapter` in place on `task` (see `trainer` for the options) and leave the best
         adapter (by dev loss, or TrainConfig.select) in it; with `out`, that adapter is also written there each time it
         improves. Returns the training Result (steps, best dev metrics, history)."""
+        bad = sorted(set(options) - {"checkpoint", "log", "progress", "max_eval", "max_new_tokens", "on_best"})
+        if bad:  # (lr and the like are TrainConfig's)
+            raise UserError(
+                f"train() has no option {bad[0]!r}: training options go in config=minipara.TrainConfig(...)",
+                ("config",),
+            )
         if out is not None:  # refused before training, not at the first evaluation
             from minipara.io.files import check_output
-            from minipara.train.tasks import Task, load_task
 
-            task = task if isinstance(task, Task) else load_task(task)
-            check_output(out, "out", (self.path, *task.files), ("out",))
+            task = _task(task)
+            check_output(_path(out, "out"), "out", (self.path, *task.files), ("out",))
             options["on_best"] = lambda ad: self.save_adapter(out, ad)
         tr = self.trainer(adapter, task, config, template, **options)
         result = tr.run()
@@ -308,14 +361,15 @@ class LanguageModel:
     ) -> dict:
         """The task metric of `adapter` (None: the bare model) on a split (dev or test),
         decoding as training evaluates."""
-        from minipara.train.tasks import Task, load_task
         from minipara.train.trainer import evaluate, prepare_task
 
+        adapter, task = self._adapter(adapter, optional=True), _task(task)
         _check_adapters([adapter])
-        if not isinstance(task, Task):
-            task = load_task(task)
         if split not in ("dev", "test"):
             raise UserError(f"split must be dev or test, not {split!r}", ("split",))
+        checks.check(beams, "beams", int, least=1)
+        checks.check(batch, "batch", int, least=1)
+        checks.check(max_eval, "max_eval", int, least=1, optional=True)
         data = prepare_task(task, self.tokenizer, self.template(template, [adapter]), max_eval)
         return evaluate(self.model, adapter, data[2 if split == "dev" else 3], beams, batch, self.decoder)
 
@@ -330,6 +384,10 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     from minipara.io.tokenizer import load_tokenizer
     from minipara.io.weights import DEFAULT_MODEL, MODELS, ensure_model
 
+    if path is not None:
+        _path(path, "path")
+    if not isinstance(device, (str, torch.device)):
+        raise UserError(f"device must be cpu, cuda or cuda:N, got {checks.short(device)}", ("device",))
     device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
     if path is None or str(path) in MODELS and not Path(path).exists():
         path = ensure_model(DEFAULT_MODEL if path is None else str(path))
@@ -344,6 +402,22 @@ def _check_adapters(adapters: list, single: bool = True):
     for i, a in enumerate(adapters):
         if isinstance(a, Adapter) and all(a is not b for b in adapters[:i]):
             check_values(a, "the adapter" if single else f"the adapter of prompt {i + 1}")
+
+
+def _path(p, name: str):
+    """p, if it is a path (a string or a pathlib.Path); else a UserError naming the parameter."""
+    if not isinstance(p, (str, os.PathLike)) or not str(p):
+        raise UserError(f"{name} must be a path (a string or pathlib.Path), got {checks.short(p)}", (name,))
+    return p
+
+
+def _task(task):
+    """A Task, or the one a name (copa, rte, ...) stands for."""
+    from minipara.train.tasks import Task, load_task
+
+    if isinstance(task, Task):
+        return task
+    return load_task(checks.check(task, "task", str))
 
 
 def _batch_adapter(adapters: list):

@@ -7,6 +7,7 @@ import sys
 import traceback
 import warnings
 
+from minipara.checks import SEED_MAX
 from minipara.errors import UserError
 
 
@@ -28,10 +29,8 @@ def finite(text: str) -> float:
     return v
 
 
-SEED_MAX = 2**32 - 1  # numpy's range; training derives data-order seeds from it in 64 bits
-
-
 def seed(text: str) -> int:
+    """A seed flag: an integer from 0 to SEED_MAX (minipara.checks, the library's rule too)."""
     try:
         v = int(text)
     except ValueError:

@@ -110,3 +110,116 @@ def test_absurd_adapter_sizes_refused(lm, method, options, words):
     """Issue 26: r=10**9 tried to allocate hundreds of GB; refused with the count, allocating nothing."""
     with pytest.raises(minipara.UserError, match=words):
         lm.new_adapter(method, **options)
+
+
+# ---- issue 26, cause 3: every argument checked at the door, the parameter named ----------------
+def other_model_adapter(lm, **changes):
+    """A LoRA adapter built for ModelArgs other than lm's."""
+    from dataclasses import replace
+
+    from minipara.methods import build_adapter
+
+    return build_adapter("lora", replace(lm.args, **changes))
+
+
+API_REFUSALS = [
+    # (call on lm, the parameter the error names, words in it)
+    (lambda lm: lm.generate(123), "prompt", "a string or a list of strings"),
+    (lambda lm: lm.generate(["red", 5]), "prompt", "a string or a list of strings"),
+    (lambda lm: lm.generate("red", max_new_tokens=1.5), "max_new_tokens", "an integer"),
+    (lambda lm: lm.generate("red", max_new_tokens="8"), "max_new_tokens", "an integer"),
+    (lambda lm: lm.generate("red", seed=2**70, temperature=1.0), "seed", "from 0 to 4294967295"),
+    (lambda lm: lm.generate("red", seed=-1, temperature=1.0), "seed", "from 0 to 4294967295"),
+    (lambda lm: lm.generate("red", top_k=2.5, temperature=1.0), "top_k", "an integer"),
+    (lambda lm: lm.generate("red", temperature="hot"), "temperature", "a finite number"),
+    (lambda lm: lm.generate("red", beams=True), "beams", "an integer"),
+    (lambda lm: lm.generate("red", config={"max_new_tokens": 4}), "config", "GenerationConfig"),
+    (lambda lm: lm.generate("red", adapter="runs/a.safetensors"), "adapter", "lm.load_adapter(path)"),
+    (lambda lm: lm.generate(["red"], adapter=["runs/a.safetensors"]), "adapter", "lm.load_adapter(path)"),
+    (lambda lm: lm.generate("red", adapter=lm.model), "adapter", "must be an Adapter"),
+    (lambda lm: lm.generate(["red", "cat"], adapter=[None]), "adapter", "1 adapters for 2 prompts"),
+    (lambda lm: lm.generate("red", adapter=other_model_adapter(lm, dim=64)), "adapter", "dim 64; this model is"),
+    (
+        lambda lm: lm.generate("red", adapter=other_model_adapter(lm, rope_theta=1.0)),
+        "adapter",
+        "rope_theta 1.0 there",
+    ),
+    (lambda lm: lm.generate("red", template=3), "template", "a string"),
+    (lambda lm: lm.generate("red", truncate="yes"), "truncate", "true or false"),
+    (lambda lm: lm.generate("red", on_text="print"), "on_text", "a function"),
+    (lambda lm: lm.new_adapter(7), "method", "a string"),
+    (lambda lm: lm.new_adapter("lora", seed=2**70), "seed", "from 0 to"),
+    (lambda lm: lm.new_adapter("lora", seed=1.5), "seed", "from 0 to"),
+    (lambda lm: lm.load_adapter(None), "path", "a path"),
+    (lambda lm: lm.save_adapter("x.safetensors", "runs/a.safetensors"), "adapter", "lm.load_adapter(path)"),
+    (lambda lm: lm.save_adapter(5, lm.new_adapter("lora")), "path", "a path"),
+    (lambda lm: lm.export_peft(None, "out"), "adapter", "must be an Adapter"),
+    (lambda lm: lm.export_merged(other_model_adapter(lm, n_layers=5), "out"), "adapter", "5 layers"),
+    (lambda lm: lm.evaluate(None, "copa", batch=0), "batch", "at least 1"),
+    (lambda lm: lm.evaluate(None, "copa", beams=2.0), "beams", "at least 1"),
+    (lambda lm: lm.evaluate(None, "copa", max_eval=0), "max_eval", "at least 1"),
+    (lambda lm: lm.evaluate("runs/a.safetensors", "copa"), "adapter", "lm.load_adapter(path)"),
+    (lambda lm: lm.evaluate(None, 5), "task", "a string"),
+    (lambda lm: lm.train("runs/a.safetensors", "copa"), "adapter", "lm.load_adapter(path)"),
+    (lambda lm: lm.train(lm.new_adapter("lora"), "copa", lr=1e-3), "config", "TrainConfig"),
+    (lambda lm: lm.train(lm.new_adapter("lora"), "copa", config={"lr": 1e-3}), "config", "TrainConfig"),
+    (lambda lm: lm.train(lm.new_adapter("lora"), "copa", max_eval=2.5), "max_eval", "at least 1"),
+    (lambda lm: minipara.TrainConfig(lr="1e-4"), "lr", "a finite number"),
+    (lambda lm: minipara.TrainConfig(max_steps=1.5), "max_steps", "an integer or None"),
+    (lambda lm: minipara.TrainConfig(epochs="3"), "epochs", "an integer"),
+    (lambda lm: minipara.TrainConfig(select=1), "select", "a string"),
+    (lambda lm: minipara.TrainConfig(seed=-1).resolved(10), "seed", "from 0 to"),
+    (lambda lm: minipara.load(3), "path", "a path"),
+    (lambda lm: minipara.load(lm.path, device=0), "device", "cpu, cuda or cuda:N"),
+]
+
+
+@pytest.mark.parametrize("call, name, words", API_REFUSALS, ids=[f"{i}-{c[1]}" for i, c in enumerate(API_REFUSALS)])
+def test_api_arguments_are_checked(lm, call, name, words):
+    with pytest.raises(minipara.UserError) as e:
+        call(lm)
+    assert name in e.value.options and name in str(e.value), str(e.value)
+    assert words in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "options, name, words",
+    [
+        (dict(lr="1e-4"), "lr", "must be a finite number, got '1e-4'"),
+        (dict(max_steps=1.5), "max_steps", "must be an integer or None"),
+        (dict(seed=2**70), "seed", "from 0 to 4294967295"),
+    ],
+)
+def test_run_arguments_are_checked(model_dir, tmp_path, options, name, words):
+    """minipara.run refuses before it writes anything."""
+    with pytest.raises(minipara.UserError) as e:
+        minipara.run("lora", "copa", model=model_dir, out=tmp_path / "a.safetensors", progress=False, **options)
+    assert name in e.value.options and words in str(e.value), str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "family, changes",
+    [
+        ("llama", {}),
+        ("gemma", {}),
+        ("llama", dict(attention_bias=True, mlp_bias=True, tie_embeddings=True)),
+        ("gemma", dict(tie_embeddings=True, n_kv_heads=2)),
+    ],
+)
+def test_base_size_by_arithmetic(family, changes, monkeypatch):
+    """methods.construct's limit is the base's size, counted from ModelArgs: no model is built
+    (not even on the meta device) at each adapter build or load."""
+    from dataclasses import replace
+
+    import torch
+    from conftest import tiny_args
+
+    from minipara.methods import build_adapter
+    from minipara.model import transformer
+
+    args = replace(tiny_args(family), **changes)
+    with torch.device("meta"):
+        assert transformer.n_params(args) == sum(p.numel() for p in transformer.Transformer(args).parameters())
+    monkeypatch.setattr(transformer.Transformer, "__init__", lambda *a: pytest.fail("built a whole model"))
+    build_adapter("lora", args)

@@ -20,9 +20,9 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
-from minipara import cli
+from minipara import checks, cli
 from minipara.errors import UserError
 
 TRAINING = (
@@ -55,7 +55,7 @@ def method_fields() -> dict:
         except ImportError:  # a method not written yet: its options are simply absent
             continue
         for f in fields(cls.config_cls):
-            out.setdefault(f.name, {})[m] = f.default if f.default is not MISSING else f.default_factory()
+            out.setdefault(f.name, {})[m] = checks.default(f)
     return out
 
 
@@ -160,25 +160,11 @@ def _show(default) -> str:
 
 
 def convert(text: str, f, flag: str):
-    """A command-line string as the type of config field f (judged by its default)."""
-    default = f.default if f.default is not MISSING else f.default_factory()
+    """A command-line string as a value of config field f's kind (minipara.checks)."""
     try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if isinstance(default, tuple):
-            return tuple(x.strip() for x in text.split(",") if x.strip())
-        if isinstance(default, (int, float)):
-            return type(default)(text)
-        if default is None and "int" in str(f.type):
-            return int(text)
-        if default is None and "float" in str(f.type):
-            return float(text)
-        return text
+        return checks.parse(text, f)
     except ValueError:
-        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a number")
-        raise UserError(f"{flag} needs {kind}, got {text!r}") from None
+        raise UserError(f"{flag} needs {checks.want(checks.kind(f))}, got {text!r}") from None
 
 
 def method_options(a) -> dict:

@@ -7,13 +7,13 @@ the cache with index ops. Beam search follows HF transformers' algorithm
 early-stop heuristic), so the two give the same sequences.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minipara.checks import check_fields, check_seed
 from minipara.errors import UserError
 from minipara.model.adapter import AdapterLike
 
@@ -30,6 +30,8 @@ class GenerationConfig:
     eos_ids: tuple[int, ...] | None = None  # None: the model's; (): never stop early
 
     def check(self):
+        check_fields(self)  # each of its kind (finite numbers): 1.5 new tokens would fail deep in decoding
+        check_seed(self.seed, optional=True)
         if self.beams < 1:
             raise UserError(f"beams must be at least 1 (got {self.beams})", ("beams",))
         if self.max_new_tokens < 1:
@@ -37,11 +39,6 @@ class GenerationConfig:
         if abs(self.length_penalty) > 50:  # the length's power overflows beyond (131072 ** 60 > 1e308)
             raise UserError(
                 f"length_penalty must be between -50 and 50 (got {self.length_penalty})", ("length_penalty",)
-            )
-        if not all(map(math.isfinite, (self.temperature, self.top_p, self.length_penalty))):
-            raise UserError(
-                "temperature, top_p and length_penalty must be finite numbers",
-                ("temperature", "top_p", "length_penalty"),
             )
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise UserError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0", ("temperature", "top_p", "top_k"))

@@ -6,6 +6,7 @@ from dataclasses import fields
 import torch
 
 from minipara.errors import UserError
+from minipara.model.transformer import n_params
 
 _MODULES = {
     "para": ("para", "Para"),
@@ -48,11 +49,9 @@ def construct(cls, config, args):
     """cls(config, args), once a build on the meta device (no memory, no time) has shown its
     parameter count is sane: not above the base model's own (nor 16M for tiny models). A typo
     such as r=10**9 would otherwise try to allocate hundreds of GB."""
-    from minipara.model.transformer import Transformer
-
     with torch.device("meta"):
         n = sum(p.numel() for p in cls(config, args).parameters())
-        limit = max(MIN_LIMIT, sum(p.numel() for p in Transformer(args).parameters()))
+    limit = max(MIN_LIMIT, n_params(args))
     if n > limit:
         raise UserError(
             f"this {cls.method} config makes an adapter of {n:,} parameters; at most {limit:,} make sense "

@@ -6,12 +6,13 @@ model-adapter contract, beside the model); it names a layer's linears as project
 
 import math
 import threading
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from minipara.checks import check_fields, kind
 from minipara.errors import UserError
 from minipara.model.config import ModelArgs
 from minipara.model.layer_state import LayerState  # noqa: F401 - what layer_state() returns, for the methods
@@ -187,9 +188,9 @@ def config_dict(config) -> dict:
 class MethodConfig:
     """Base of every method's config dataclass: each field's type and range are checked when a
     config is made, whoever makes it (an adapter file, a PEFT config, a command-line flag, a
-    Python call), so there is one place that says what a valid value is. The type is the
-    default's: counts (ints) are at least 1, numbers finite, flags true or false, names strings,
-    projection lists strings or lists of strings.
+    Python call), by the one rule of minipara.checks: the type is the default's; counts
+    (ints) are at least 1, numbers finite, flags true or false, names strings, projection lists
+    strings or lists of strings.
 
     `before_field`: {field: value} for fields added after adapter files of the method were
     already written: a stored config without the field gets this value, not the default, so
@@ -204,20 +205,11 @@ class MethodConfig:
 
     def __post_init__(self):
         method = getattr(self, "method_name", type(self).__name__.removesuffix("Config").lower())
-        for f in fields(self):
-            default = f.default if f.default is not MISSING else f.default_factory()
+        check_fields(self, f"{method} option ", least=1)
+        for f in fields(self):  # (1e308 is finite, but overflows to inf in use)
             v = getattr(self, f.name)
-            if isinstance(default, bool):
-                ok, want = isinstance(v, bool), "true or false"
-            elif isinstance(default, int):
-                ok, want = isinstance(v, int) and not isinstance(v, bool) and v >= 1, "at least 1 (an integer)"
-            elif isinstance(default, float):  # (1e308 is finite, but overflows to inf in use)
-                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= ABSURD
-                want = f"a finite number within {ABSURD:g} in magnitude"
-            elif isinstance(default, tuple):
-                ok = isinstance(v, str) or isinstance(v, (tuple, list)) and all(isinstance(x, str) for x in v)
-                want = "a list of names"
-            else:
-                ok, want = isinstance(v, str), "a string"
-            if not ok:
-                raise UserError(f"{method} option {f.name} must be {want}, got {v!r}", (f.name,))
+            if kind(f) is float and abs(v) > ABSURD:
+                raise UserError(
+                    f"{method} option {f.name} must be a finite number within {ABSURD:g} in magnitude, got {v!r}",
+                    (f.name,),
+                )

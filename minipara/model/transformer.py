@@ -141,6 +141,18 @@ class Block(nn.Module):
         return x + (self.post_ffn_norm(h) if self.sandwich else h)
 
 
+def n_params(args: ModelArgs) -> int:
+    """How many parameters Transformer(args) has, by arithmetic: adapter builds check their own
+    size against it (methods.construct) without building a model, even on the meta device."""
+    a = args
+    qkv = a.q_dim + 2 * a.kv_dim
+    attention = a.dim * qkv + a.q_dim * a.dim + (qkv + a.dim) * a.attention_bias + 2 * a.head_dim * a.qk_norm
+    ffn = 3 * a.dim * a.ffn_dim + (2 * a.ffn_dim + a.dim) * a.mlp_bias
+    norms = (4 if a.sandwich_norm else 2) * a.dim
+    embeddings = (1 if a.tie_embeddings else 2) * a.vocab_size * a.dim
+    return embeddings + a.n_layers * (attention + ffn + norms) + a.dim  # (+ the final norm)
+
+
 class Transformer(nn.Module):
     weights_id: str | None = None  # fingerprint of the checkpoint's weights (loading.py); None: random
 

@@ -51,12 +51,13 @@ from pathlib import Path
 
 from minipara import cli
 from minipara.errors import UserError
+from minipara.methods import METHODS as ADAPTER_METHODS
 
 ROOT = Path(__file__).resolve().parents[2]
 # How a run is started: the library's own command, so that it works wherever minipara is
 # installed, not only in a source checkout (tests put a stand-in here).
 TRAIN_COMMAND = [sys.executable, "-m", "minipara", "train"]
-METHODS = ("none", "para", "pedro", "parade", "iapt", "lora", "ia3", "bitfit", "ptuning_v2")
+METHODS = ("none", *ADAPTER_METHODS)  # none: the bare model, scored as a reference
 
 
 def parse_lrs(text: str | None) -> dict[str, float]:

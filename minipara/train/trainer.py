@@ -30,13 +30,14 @@ import math
 import random
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from minipara.checks import check_fields, check_seed, default, kind, valid
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
 from minipara.io.files import atomic_write
@@ -70,6 +71,11 @@ class TrainConfig:
     eval_beams: int = 3
     eval_batch: int = 16  # prompts decoded together
 
+    def __post_init__(self):
+        # Each option of its kind: an lr of "1e-4" fails here, not deep in AdamW; an infinite
+        # one trains to NaN and would still save a "best" adapter.
+        check_fields(self)
+
     def resolved(self, n_train: int) -> "TrainConfig":
         """A copy with the data-dependent defaults filled in, checked."""
         c = TrainConfig(**asdict(self))
@@ -89,12 +95,7 @@ class TrainConfig:
             raise UserError(f"max_steps must be at least 1 (got {c.max_steps})", ("max_steps",))
         if c.patience < 1 or (c.eval_every is not None and c.eval_every < 1):
             raise UserError("patience and eval_every must be at least 1", ("patience", "eval_every"))
-        floats = ("lr", "arch_lr", "warmup", "weight_decay", "max_grad_norm")
-        bad = [n for n in floats if not math.isfinite(getattr(c, n))]
-        if bad:  # an infinite lr trains to NaN and would still save a "best" adapter
-            raise UserError(f"{bad[0]} must be a finite number (got {getattr(c, bad[0])})", (bad[0],))
-        if not 0 <= c.seed < 2**32:  # data-order seeds are derived from it in 64 bits
-            raise UserError(f"seed must be between 0 and {2**32 - 1} (got {c.seed})", ("seed",))
+        check_seed(c.seed)
         if c.lr <= 0 or c.arch_lr < 0 or not 0 <= c.warmup < 1:
             raise UserError("need lr > 0, arch_lr >= 0 and 0 <= warmup < 1", ("lr", "arch_lr", "warmup"))
         if c.max_grad_norm < 0 or c.max_len < 2:
@@ -672,24 +673,13 @@ def _py_state(state, back: bool = False):
 
 
 def _checked_progress(path, progress) -> TrainState:
-    """The checkpoint's TrainState, each field of the type its default has (None allowed where
-    the default is None), so a damaged record is refused rather than trained on."""
+    """The checkpoint's TrainState, each field of its kind (minipara.checks; counts at least 0,
+    None where the default is None), so a damaged record is refused rather than trained on."""
     if not isinstance(progress, dict) or set(progress) != {f.name for f in fields(TrainState)}:
         raise UserError(f"--resume: {path} has a damaged progress record; start over with --force")
     for f in fields(TrainState):
-        default = f.default if f.default is not MISSING else f.default_factory()
         v = progress[f.name]
-        if default is None:  # the best evaluation's record: None until there is one
-            ok = v is None or isinstance(v, (int, float, list, dict)) and not isinstance(v, bool)
-        elif isinstance(default, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(default, int):
-            ok = type(v) is int and v >= 0
-        elif isinstance(default, float):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        else:
-            ok = isinstance(v, type(default))
-        if not ok:
+        if not (v is None and default(f) is None or valid(v, kind(f), least=0)):
             raise UserError(
                 f"--resume: {path} has a damaged progress record ({f.name} = {v!r}); start over with --force"
             )
