@@ -380,20 +380,14 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     or smollm2-135m-instruct), converted on first use.
     dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N. shard(model): applied
     before the weights are read, e.g. distributed.shard_layers under torchrun."""
-    from minipara.io.checkpoints import load_model, parse_device, parse_dtype
-    from minipara.io.tokenizer import load_tokenizer
-    from minipara.io.weights import DEFAULT_MODEL, MODELS, ensure_model
+    from minipara.io.checkpoints import load_pretrained, parse_device, parse_dtype
 
     if path is not None:
         _path(path, "path")
     if not isinstance(device, (str, torch.device)):
         raise UserError(f"device must be cpu, cuda or cuda:N, got {checks.short(device)}", ("device",))
     device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
-    if path is None or str(path) in MODELS and not Path(path).exists():
-        path = ensure_model(DEFAULT_MODEL if path is None else str(path))
-    model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
-    tok.check_fits(model.args.vocab_size)
-    return LanguageModel(model, tok, path)
+    return LanguageModel(*load_pretrained(path, dtype, device, shard))
 
 
 def _check_adapters(adapters: list, single: bool = True):

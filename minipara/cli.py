@@ -1,4 +1,5 @@
-"""What the three command-line scripts share: model options and one-line errors."""
+"""What every command line shares: argparse with one-line errors, flag types, and run()
+(errors become `error: ...` and exit status 2). Imports nothing of minipara but errors and checks."""
 
 import argparse
 import math
@@ -38,35 +39,6 @@ def seed(text: str) -> int:
     if not 0 <= v <= SEED_MAX:
         raise argparse.ArgumentTypeError(f"must be between 0 and {SEED_MAX}, got {v}")
     return v
-
-
-def add_model_args(p: argparse.ArgumentParser):
-    p.add_argument(
-        "--model",
-        default=None,
-        help="HF-format model directory, or a shipped model: gemma-3-270m (the default) or "
-        "smollm2-135m-instruct (converted on first use)",
-    )
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-
-
-def load_lm(args, shard: bool = False):
-    """The minipara.LanguageModel for parsed --model/--dtype/--device; shard: the base's
-    weights sharded over torchrun's ranks (distributed.shard_layers)."""
-    from minipara.api import load
-
-    if shard:
-        from minipara.train.distributed import shard_layers
-
-        return load(args.model, args.dtype, args.device, shard=shard_layers)
-    return load(args.model, args.dtype, args.device)
-
-
-def load(args, shard: bool = False):
-    """(model, tokenizer, model_dir) for parsed --model/--dtype/--device."""
-    lm = load_lm(args, shard)
-    return lm.model, lm.tokenizer, lm.path
 
 
 def _show_warning(message, *_, **__):

@@ -16,12 +16,13 @@ import torch
 
 from minipara import cli
 from minipara.bench import speed as bm
+from minipara.commands import model_args
 from minipara.errors import UserError
 
 
 def parse(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_model_args(p)
+    model_args.add_model_args(p)
     p.add_argument(
         "--shape",
         choices=sorted(bm.SHAPES),
@@ -180,7 +181,7 @@ def main(argv=None):
     if a.shape:
         model, tok, path = bm.random_model(a.shape, dtype, device), None, None
     else:
-        model, tok, path = cli.load(a)
+        model, tok, path = model_args.load(a)
     check_context(model, variants, a)
     compile_step = a.compile == "yes" or (a.compile == "auto" and device.type == "cuda")
     prompt = bm.prompt_ids(tok, model.args.bos_id, model.args.vocab_size, a.prompt_tokens)
@@ -288,7 +289,7 @@ def train_speed(a, methods: list[str], dtype) -> int:
         model = (
             bm.random_model(a.shape, dtype, device)
             if a.shape
-            else cli.load(argparse.Namespace(**{**vars(a), "device": device}))[0]
+            else model_args.load(argparse.Namespace(**{**vars(a), "device": device}))[0]
         )
         info = {**bm.machine_info(model.tok_embeddings.weight.device), "model": a.shape or a.model, "dtype": a.dtype}
         for m in methods:

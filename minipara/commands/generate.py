@@ -11,6 +11,7 @@ import json
 import sys
 
 from minipara import cli
+from minipara.commands import model_args
 from minipara.decode.generation import GenerationConfig
 from minipara.errors import UserError
 
@@ -21,7 +22,7 @@ def parse(argv=None):
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="?", help="the prompt (or use --prompts FILE)")
     p.add_argument("--prompts", help="a file with one prompt per line, generated as one left-padded batch")
-    cli.add_model_args(p)
+    model_args.add_model_args(p)
     p.add_argument(
         "--template",
         default="auto",
@@ -117,7 +118,7 @@ def main(argv=None):
     )
     cfg.check()  # before loading the model
     check_adapter_options(a, len(texts))
-    lm = cli.load_lm(a)
+    lm = model_args.load_lm(a)
     adapter = adapters_for(a, lm)
     if a.compile:
         lm.compile()

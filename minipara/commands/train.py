@@ -23,6 +23,7 @@ import sys
 from dataclasses import fields
 
 from minipara import checks, cli
+from minipara.commands import model_args
 from minipara.errors import UserError
 
 TRAINING = (
@@ -70,7 +71,7 @@ def parser(method_opts) -> argparse.ArgumentParser:
         "| none (no training: score the bare model on dev and test, as a reference)",
     )
     p.add_argument("--task", required=True, help="copa | boolq | rte | sst2 | ... | custom")
-    cli.add_model_args(p)
+    model_args.add_model_args(p)
     p.add_argument("--out", help="adapter file to write (default: runs/<method>-<task>-seed<seed>.safetensors)")
     p.add_argument("--seed", type=cli.seed, default=T.seed)
     p.add_argument("--epochs", type=int, default=T.epochs)

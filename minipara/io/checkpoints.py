@@ -235,3 +235,17 @@ def load_model(path, dtype="float32", device="cpu", shard=None) -> Transformer:
     model.requires_grad_(False)
     model.weights_id = fingerprint.hexdigest()[:16]
     return model.eval()
+
+
+def load_pretrained(path=None, dtype=torch.float32, device=torch.device("cpu"), shard=None):
+    """(model, tokenizer, directory) from an HF-format directory, or a shipped model by name
+    (gemma-3-270m, the default when path is None, or smollm2-135m-instruct), converted on first
+    use. shard(model): applied before the weights are read (distributed.shard_layers)."""
+    from minipara.io.tokenizer import load_tokenizer
+    from minipara.io.weights import DEFAULT_MODEL, MODELS, ensure_model
+
+    if path is None or str(path) in MODELS and not Path(path).exists():
+        path = ensure_model(DEFAULT_MODEL if path is None else str(path))
+    model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
+    tok.check_fits(model.args.vocab_size)
+    return model, tok, path

@@ -47,6 +47,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from minipara import cli
+from minipara.commands import model_args
 from minipara.decode.generation import context_room
 from minipara.errors import UserError
 from minipara.io.tokenizer import encode_conversation
@@ -551,7 +552,7 @@ def parse(argv=None):
     p = cli.Parser(
         prog="python -m minipara.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    cli.add_model_args(p)
+    model_args.add_model_args(p)
     p.add_argument(
         "--shape",
         help="serve a randomly initialised model of this shape instead of --model "
@@ -633,7 +634,7 @@ def make_server(a) -> Server:
     if a.adapters is not None and not os.path.isdir(a.adapters):
         raise UserError(f"--adapters {a.adapters} is not a folder")
     if a.shape:
-        from minipara.bench.speed import SHAPES, random_model
+        from minipara.model.shapes import SHAPES, random_model
 
         if a.shape not in SHAPES:
             raise UserError(f"unknown --shape {a.shape!r}; known: {', '.join(SHAPES)}")
@@ -642,7 +643,7 @@ def make_server(a) -> Server:
         lm, model = None, random_model(a.shape, parse_dtype(a.dtype), parse_device(a.device))
         decoder, text = Decoder(model), id_text
     else:
-        lm = cli.load_lm(a)
+        lm = model_args.load_lm(a)
         lm.template(a.template)  # an unknown name fails now, not at the first request
         model, decoder, text = lm.model, lm.decoder, lm.tokenizer.decode
     limit = model.args.max_seq_len

@@ -324,7 +324,7 @@ class _Run:
 
     def run_locked(self, ranks, cls, config, task, tcfg, files):
         """The run itself (on rank 0, holding the output's lock)."""
-        from minipara.api import load
+        from minipara.io.checkpoints import load_pretrained, parse_device, parse_dtype
         from minipara.io.tokenizer import resolve_template
         from minipara.train.trainer import prepare_task
 
@@ -333,8 +333,8 @@ class _Run:
             from minipara.train.distributed import shard_layers
 
             shard = shard_layers
-        lm = load(self.model, self.dtype, self.device, shard=shard)
-        model, tok, path = lm.model, lm.tokenizer, lm.path
+        device = parse_device(self.device) if isinstance(self.device, str) else self.device
+        model, tok, path = load_pretrained(self.model, parse_dtype(self.dtype), device, shard)
         template = resolve_template(self.template, model.args.model_type, path)
         if self.method == "none":
             data = prepare_task(task, tok, template, self.max_eval, self.max_new_tokens, self.max_test)
