@@ -146,10 +146,11 @@ VECTOR_LAYOUT = {"qvu": ("q", "v", "up"), "qkvgu": ("q", "k", "v", "gate", "up")
 
 
 def scaled_by_hand(model, targets: list, tokens, valid):
-    """The bare model's logits with each layer's projection outputs scaled as SPEC.md says,
-    by forward hooks on the base modules alone: targets[i][proj] (width,) multiplies q, k and
-    v (the q|k|v output; on a model with a per-head query/key norm, q and k are scaled at that
-    norm's output instead, before RoPE), gate and up (the gate|up output)."""
+    """The bare model's logits with each layer's projection outputs scaled as docs/methods.md
+    says (PARA; Query/key norm), by forward hooks on the base modules alone: targets[i][proj]
+    (width,) multiplies q, k and v (the q|k|v output; on a model with a per-head query/key
+    norm, q and k are scaled at that norm's output instead, before RoPE), gate and up (the
+    gate|up output)."""
     a, hooks = model.args, []
 
     def fused(vecs: dict, names: tuple, widths: tuple):

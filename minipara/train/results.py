@@ -2,7 +2,7 @@
 
     python -m minipara.train.results --task sst2 --methods none,para,lora --seeds 0,1,2 \\
         --lr-for ia3=3e-3,ptuning_v2=1e-2 --parallel 16 --dir results -- --max-steps 300 --max-eval 500
-    python -m minipara.train.results --task sst2 --dir results --table-only --readme README.md
+    python -m minipara.train.results --task sst2 --dir results --table-only --readme docs/training.md
 
 Each run is `python -m minipara train --method M --task T --seed S --out <dir>/<task>/<M>-seed<S>.safetensors`
 plus the arguments after `--` (the caps every method shares) and the method's lr override.
@@ -10,10 +10,10 @@ A run whose report exists is skipped, so the command can be stopped and started 
 launched in the background and collected later; an interrupted run resumes from its
 checkpoint. `--parallel N` keeps N runs going at once (one small model does not fill a GPU).
 
-`--lr-grid` chooses each method's peak lr by dev loss first (SPEC.md, "Decisions added after
-the second review"): every rate of the grid (1e-4, 3e-4, 1e-3, plus the method's own paper's
-rate where it has one, and its --lr-for rate) runs on the grid seeds (--grid-seeds, default
-the first of --seeds) into <dir>/<task>/lr-grid/; the rate with the lowest dev loss (mean over
+`--lr-grid` chooses each method's peak lr by dev loss first (docs/methods.md, "Training"):
+every rate of the grid (1e-4, 3e-4, 1e-3, plus the method's own paper's rate where it has
+one, and its --lr-for rate) runs on the grid seeds (--grid-seeds, default the first of
+--seeds) into <dir>/<task>/lr-grid/; the rate with the lowest dev loss (mean over
 the grid seeds; a rate with a failed or diverged run is never chosen; test scores play no part)
 is the method's, its grid runs become the table's runs of those seeds, and the other seeds run
 at it. The grid's dev losses and the choice go beside the table (<task>.md, and "lr_grid" in
@@ -106,7 +106,7 @@ def parse_seeds(text: str, flag: str) -> list[int]:
     return seeds
 
 
-# The learning-rate grid (SPEC.md, "Decisions added after the second review"): these rates for
+# The learning-rate grid (docs/methods.md, "Training"): these rates for
 # every method, plus the rate of the method's own paper where it has one: (IA)^3's paper trains
 # at 3e-3, P-tuning v2's at 5e-3 to 1e-2. The prompt-aware methods' papers use 1e-4, in the grid.
 LR_GRID = (1e-4, 3e-4, 1e-3)
@@ -313,8 +313,8 @@ class _Stopped(Exception):
 
 # ---- the learning-rate grid ------------------------------------------------------------------
 def run_grid(tasks, methods, seeds, grid_seeds, base: Path, rates, lrs, extra, parallel, threads) -> list[str]:
-    """Choose each method's lr by dev loss, then run the table at it (SPEC.md, "Decisions
-    added after the second review"): every rate of the method's grid on the grid seeds (and
+    """Choose each method's lr by dev loss, then run the table at it (docs/methods.md,
+    "Training"): every rate of the method's grid on the grid seeds (and
     the bare model) first; then, for each method, the rate with the lowest dev loss (mean over
     the grid seeds; never test), whose grid runs become the table's runs of those seeds, and
     the other seeds run at it. Returns the failures."""
