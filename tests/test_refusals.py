@@ -600,6 +600,34 @@ def test_train_refuses_an_output_in_use(model_dir, data_dir, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_train_refuses_an_output_sharing_side_files_with_a_run(model_dir, data_dir, tmp_path, capsys):
+    """a.safetensors and a.pt share a.ckpt, a.log.jsonl and a.report.json: while a run of one
+    holds them, a run of the other is refused before it writes anything."""
+    from minipara.io.files import OutputLock
+
+    with OutputLock(tmp_path / "a.safetensors"), OutputLock(tmp_path / "a.ckpt"):  # as a run holds them
+        refused(
+            "train",
+            train_args(model_dir, data_dir, tmp_path / "a.pt"),
+            capsys,
+            "being written by another run",
+            watch=[tmp_path],
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_killed_runs_temporary_files_go_with_the_next_run(model_dir, data_dir, tmp_path, capsys):
+    """A run killed mid-write (SIGKILL) leaves atomic_write's .<name>.*.tmp files; the next run of
+    that output, holding its locks, removes them."""
+    out = tmp_path / "a.safetensors"
+    stale = [tmp_path / ".a.safetensors.k1ll3d.tmp", tmp_path / ".a.ckpt.k1ll3d.tmp"]
+    for f in stale:
+        f.write_bytes(b"half")
+    code, _, err = run_script("train", train_args(model_dir, data_dir, out), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.ckpt", "a.log.jsonl", "a.report.json", "a.safetensors"]
+
+
 def test_train_resume_refusals_and_repair(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "a.safetensors"
     args = train_args(model_dir, data_dir, out)

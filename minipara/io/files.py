@@ -46,6 +46,14 @@ def atomic_write(path, write: Callable[[str], None]):
         raise
 
 
+def remove_stale_temps(path):
+    """Delete the temporary files atomic_write left beside `path` when its process was killed
+    (SIGKILL, power loss). Only for a caller that holds `path`'s lock: no one else writes it."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def _same(a: Path, b: Path) -> bool:
     if a.exists() and b.exists():
         return os.path.samefile(a, b)  # hard links and symlinks too

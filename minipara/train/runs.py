@@ -7,9 +7,9 @@ written, output files, resume, torchrun ranks, the report.
 
 Writes <out> (the best adapter by dev loss, or by the dev metric with select="metric"),
 <out stem>.ckpt (resumable checkpoint), <out stem>.log.jsonl (one line per evaluation) and
-<out stem>.report.json (the report `run` returns), holding <out>.lock meanwhile: one run per
-output. Every option, file and path is checked before the first of these is written; an
-output never overwrites an input. SIGINT/SIGTERM (Ctrl-C) stop the run after the current
+<out stem>.report.json (the report `run` returns), holding <out>.lock and <out stem>.ckpt.lock
+meanwhile: one run per output and per stem. Every option, file and path is checked before the
+first of these is written; an output never overwrites an input. SIGINT/SIGTERM (Ctrl-C) stop the run after the current
 step with a checkpoint (`RunInterrupted`); `resume=True` continues it.
 
 `LanguageModel.train` is the simple in-memory path (no files unless asked, no resume).
@@ -271,9 +271,13 @@ class _Run:
         ranks.barrier()  # every rank has checked before rank 0 writes anything
         if not ranks.main:  # rank 0 alone writes files, so it alone holds the lock
             return self.run_locked(ranks, cls, config, task, tcfg, files)
-        from minipara.io.files import OutputLock
+        from minipara.io.files import OutputLock, remove_stale_temps
 
-        with OutputLock(files["out"]):
+        # The checkpoint's lock too: outputs that differ only in suffix (a.safetensors, a.pt)
+        # share their side files (a.ckpt, a.log.jsonl, a.report.json), so one of them runs at a time.
+        with OutputLock(files["out"]), OutputLock(files["ckpt"]):
+            for f in files.values():  # what a killed run of this output left half-written
+                remove_stale_temps(f)
             return self.run_locked(ranks, cls, config, task, tcfg, files)
 
     def check_outputs(self, files: dict, task):
@@ -302,6 +306,7 @@ class _Run:
             inputs.update({f"model's {f.name}": f for f in model.iterdir() if f.is_file()})
         named = {("out" if k == "out" else f"the {k} file"): f for k, f in mine.items()}
         named["the lock file"] = OutputLock(files["out"]).path
+        named["the checkpoint's lock file"] = OutputLock(files["ckpt"]).path
         check_paths(named, inputs)
         for name, f in named.items():
             check_output(f, name, (), ("out",))  # no side file a directory, none in the package
