@@ -620,3 +620,32 @@ def test_adapter_updates_only_with_the_flag(server, files, tmp_path):
         assert status == 400 and err["error"]["param"] == "lora_path"
     finally:
         s.close()
+
+
+def test_tokenising_runs_off_the_event_loop(server, monkeypatch):
+    """A request whose prompt takes long to tokenise (a 20 MB prompt took 2 s) does not stall
+    other clients: /health answers while it is being encoded."""
+    slow_started, release = threading.Event(), threading.Event()
+    encode = server.server.encode
+
+    def slow(*args):
+        slow_started.set()
+        release.wait(10)
+        return encode(*args)
+
+    monkeypatch.setattr(server.server, "encode", slow)
+    done = []
+    t = threading.Thread(
+        target=lambda: done.append(server.client.completions.create(model="base", prompt="the cat", max_tokens=2))
+    )
+    t.start()
+    try:
+        assert slow_started.wait(10)
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(server.url.removesuffix("/v1") + "/health", timeout=5) as r:
+            assert r.status == 200
+        assert time.perf_counter() - t0 < 2
+    finally:
+        release.set()
+        t.join(30)
+    assert done and done[0].choices[0].text is not None
