@@ -326,6 +326,52 @@ def test_sigterm_finishes_in_flight_requests(files):
             proc.wait()
 
 
+def test_sigterm_with_a_short_grace_ends_streams_with_an_error(files):
+    """SIGTERM with --shutdown-timeout 0 while a stream runs: the stream ends with an error
+    event (not a dropped connection) and the process exits."""
+    model_dir, adapters = files
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "minipara.serve", "--model", str(model_dir), "--adapters", str(adapters)]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--shutdown-timeout", "0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "serving" in line:
+                break
+        for _ in range(100):  # "serving" is printed just before uvicorn listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except urllib.error.URLError:
+                time.sleep(0.1)
+        body = json.dumps(
+            {"model": "base", "prompt": "the cat", "max_tokens": 240, "stream": True, "ignore_eos": True}
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        events = []
+        with urllib.request.urlopen(req, timeout=60) as r:
+            events.append(r.readline())
+            proc.send_signal(signal.SIGTERM)
+            for line in r:  # a dropped connection raises here instead of ending the loop
+                if line.startswith(b"data:"):
+                    events.append(line)
+        assert any(b'"error"' in e for e in events[-2:]), events[-2:]
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_loadgen_runs(files, tmp_path):
     """The load generator starts its own server on random adapters and writes one row per run."""
     from minipara.bench import loadgen
