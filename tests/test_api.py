@@ -188,6 +188,15 @@ def test_api_arguments_are_checked(lm, call, name, words):
         (dict(lr="1e-4"), "lr", "must be a finite number, got '1e-4'"),
         (dict(max_steps=1.5), "max_steps", "must be an integer or None"),
         (dict(seed=2**70), "seed", "from 0 to 4294967295"),
+        (dict(max_eval="10"), "max_eval", "must be at least 1 (an integer) or None"),
+        (dict(max_test=-1), "max_test", "must be at least 0 (an integer) or None"),
+        (dict(max_new_tokens=2.5), "max_new_tokens", "must be at least 1 (an integer) or None"),
+        (dict(resume="yes"), "resume", "must be true or false"),
+        (dict(force=1), "force", "must be true or false"),
+        (dict(shard_base=None), "shard_base", "must be true or false"),
+        (dict(config={"lr": 1e-4}), "config", "must be a minipara.TrainConfig"),
+        (dict(template=3), "template", "must be a string"),
+        (dict(train=7), "train", "must be a path"),
     ],
 )
 def test_run_arguments_are_checked(model_dir, tmp_path, options, name, words):

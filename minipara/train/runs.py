@@ -16,6 +16,7 @@ step with a checkpoint (`RunInterrupted`); `resume=True` continues it.
 """
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -24,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from minipara import checks
 from minipara.errors import UserError
 
 # Spellings from the papers for config fields whose names differ between methods.
@@ -116,6 +118,26 @@ class RunOptions:
     progress: bool = True
     command: str | None = None
     options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """The options' kinds, named as run() takes them (checked before anything is written)."""
+        from minipara.train.trainer import TrainConfig
+
+        for name in ("method", "task", "dtype", "template"):
+            checks.check(getattr(self, name), name, str)
+        if not isinstance(self.device, str) and type(self.device).__name__ != "device":
+            raise UserError(f"device must be cpu, cuda or cuda:N, got {checks.short(self.device)}", ("device",))
+        for name in ("out", "model", "data_dir", "train", "dev", "test"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (str, os.PathLike)) and str(v)):
+                raise UserError(f"{name} must be a path (a string or pathlib.Path), got {checks.short(v)}", (name,))
+        checks.check(self.max_eval, "max_eval", int, least=1, optional=True)
+        checks.check(self.max_test, "max_test", int, least=0, optional=True)
+        checks.check(self.max_new_tokens, "max_new_tokens", int, least=1, optional=True)
+        for name in ("resume", "force", "shard_base", "progress"):
+            checks.check(getattr(self, name), name, bool)
+        if self.config is not None and not isinstance(self.config, TrainConfig):
+            raise UserError(f"config must be a minipara.TrainConfig, got {checks.short(self.config)}", ("config",))
 
     def call(self) -> str:
         """The `minipara.run(...)` call that gives these options (the options left at their
