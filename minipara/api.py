@@ -22,10 +22,20 @@ from pathlib import Path
 import torch
 
 from minipara import checks
+from minipara.decode.compiled import compile_decoder
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
+from minipara.io.adapters import load_adapter, save_adapter
+from minipara.io.checkpoints import load_pretrained, parse_device, parse_dtype
+from minipara.io.export import export_merged, export_peft
+from minipara.io.files import check_output
 from minipara.io.identity import base_record, canonical_args, compare_base
+from minipara.io.tokenizer import TEMPLATES, encode_example, end_id, resolve_template
+from minipara.methods import build_adapter
 from minipara.methods.base import Adapter, check_values
+from minipara.methods.mixture import Mixture
+from minipara.train.tasks import Task, load_task
+from minipara.train.trainer import Progress, TrainConfig, Trainer, evaluate, prepare_task
 
 GENERATION_OPTIONS = tuple(f.name for f in fields(GenerationConfig) if f.name != "eos_ids")
 
@@ -66,8 +76,6 @@ class LanguageModel:
     def compile(self, **options):
         """Capture the one-token decode step with torch.compile (and on CUDA the prefill as
         CUDA graphs); options go to minipara.decode.compiled.compile_decoder. Returns self."""
-        from minipara.decode.compiled import compile_decoder
-
         compile_decoder(self.decoder, **options)
         return self
 
@@ -76,8 +84,6 @@ class LanguageModel:
         """A fresh, untrained adapter of `method` (para, pedro, parade, iapt, lora, ia3, bitfit,
         ptuning_v2) on this model's device; `options` override the method's config defaults and
         `seed` fixes its initial values."""
-        from minipara.methods import build_adapter
-
         checks.check(method, "method", str)
         if checks.check_seed(seed, optional=True) is not None:
             torch.manual_seed(seed)
@@ -90,15 +96,11 @@ class LanguageModel:
     def load_adapter(self, path) -> Adapter:
         """The adapter stored at `path` (a minipara .safetensors file or a PEFT directory), on
         this model's device; refused with a UserError if it was made for another base model."""
-        from minipara.io.adapters import load_adapter
-
         return load_adapter(_path(path, "path"), self.args, self.model.weights_id).to(self.device)
 
     def save_adapter(self, path, adapter: Adapter, template: str | None = None):
         """Write `adapter` to the file `path` atomically, recording this base model (and the
         prompt template it was trained with, so generation picks the same one)."""
-        from minipara.io.adapters import save_adapter
-
         path, adapter = _path(path, "path"), self._adapter(adapter)
         checks.check(template, "template", str, optional=True)
         template = template if template is not None else adapter.template
@@ -107,15 +109,11 @@ class LanguageModel:
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
         of this checkpoint; other methods are refused with the reason (minipara.io.export)."""
-        from minipara.io.export import export_peft
-
         return export_peft(self._adapter(adapter), _path(out_dir, "out_dir"), base_model=str(self.path))
 
     def export_merged(self, adapter: Adapter | None, out_dir):
         """Write this model with a LoRA, (IA)^3 or BitFit adapter folded into its weights as an
         HF-format directory (config, safetensors, this checkpoint's tokenizer files)."""
-        from minipara.io.export import export_merged
-
         return export_merged(self.model, self._adapter(adapter, optional=True), _path(out_dir, "out_dir"), self.path)
 
     def _adapter(self, adapter, name: str = "adapter", optional: bool = False):
@@ -143,8 +141,6 @@ class LanguageModel:
     def template(self, name: str = "auto", adapters=()) -> str:
         """The template a request uses: `name` unless it is "auto"; then the one the adapters
         were trained with, else the family's chat template if the model ships one, else none."""
-        from minipara.io.tokenizer import TEMPLATES, resolve_template
-
         checks.check(name, "template", str)
         if name == "auto":
             trained_with = {a.template for a in adapters if a is not None} - {None}
@@ -163,14 +159,10 @@ class LanguageModel:
     def stop_ids(self, template: str) -> tuple[int, ...]:
         """Ids that end a generation under `template`: the model's EOS ids and the template's
         end marker (Gemma's <end_of_turn>)."""
-        from minipara.io.tokenizer import end_id
-
         return tuple(dict.fromkeys((*self.args.eos_ids, end_id(self.tokenizer, template))))
 
     def encode_prompt(self, text: str, template: str = "none") -> list[int]:
         """The ids of `text` wrapped in `template` (a resolved name), BOS first."""
-        from minipara.io.tokenizer import encode_example
-
         if not text.strip():
             raise UserError("empty prompt: give some text to continue")
         return encode_example(self.tokenizer, template, text)[0]
@@ -301,8 +293,6 @@ class LanguageModel:
         `.run()` to train, `.request_stop()` to interrupt, `.resume()` to continue from
         `checkpoint`. `log(event)` receives evaluation records; `on_best(adapter)` is called
         with each new best adapter (by dev loss, or TrainConfig.select)."""
-        from minipara.train.trainer import Progress, TrainConfig, Trainer, prepare_task
-
         adapter, task = self._adapter(adapter), _task(task)
         if config is not None and not isinstance(config, TrainConfig):
             raise UserError(f"config must be a TrainConfig, got {checks.short(config)}", ("config",))
@@ -339,8 +329,6 @@ class LanguageModel:
                 ("config",),
             )
         if out is not None:  # refused before training, not at the first evaluation
-            from minipara.io.files import check_output
-
             task = _task(task)
             check_output(_path(out, "out"), "out", (self.path, *task.files), ("out",))
             options["on_best"] = lambda ad: self.save_adapter(out, ad)
@@ -361,8 +349,6 @@ class LanguageModel:
     ) -> dict:
         """The task metric of `adapter` (None: the bare model) on a split (dev or test),
         decoding as training evaluates."""
-        from minipara.train.trainer import evaluate, prepare_task
-
         adapter, task = self._adapter(adapter, optional=True), _task(task)
         _check_adapters([adapter])
         if split not in ("dev", "test"):
@@ -380,8 +366,6 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     or smollm2-135m-instruct), converted on first use.
     dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N. shard(model): applied
     before the weights are read, e.g. distributed.shard_layers under torchrun."""
-    from minipara.io.checkpoints import load_pretrained, parse_device, parse_dtype
-
     if path is not None:
         _path(path, "path")
     if not isinstance(device, (str, torch.device)):
@@ -407,8 +391,6 @@ def _path(p, name: str):
 
 def _task(task):
     """A Task, or the one a name (copa, rte, ...) stands for."""
-    from minipara.train.tasks import Task, load_task
-
     if isinstance(task, Task):
         return task
     return load_task(checks.check(task, "task", str))
@@ -421,8 +403,6 @@ def _batch_adapter(adapters: list):
         return None
     if len(distinct) == 1 and all(a is not None for a in adapters):
         return distinct[0]
-    from minipara.methods.mixture import Mixture
-
     index = {id(a): i for i, a in enumerate(distinct)}
     return Mixture(distinct, [None if a is None else index[id(a)] for a in adapters])
 

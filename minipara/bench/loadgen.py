@@ -33,6 +33,12 @@ from pathlib import Path
 import h11
 import torch
 
+from minipara.bench.speed import SHAPES, prompt_ids
+from minipara.errors import UserError
+from minipara.io.adapters import save_adapter
+from minipara.methods import build_adapter
+from minipara.model.config import ModelArgs
+
 
 async def http(host: str, port: int, method: str, target: str, body: dict | None = None, on_data=None):
     """(status, body bytes) of one request on a fresh connection; on_data(bytes) sees each piece."""
@@ -151,9 +157,6 @@ def tenant_names(method: str, n: int) -> list[str]:
 def write_adapters(folder: Path, args, methods: set, n: int):
     """n random adapters per method (LoRA and PARA as the papers configure them); tensors left
     at a constant init get noise, so none is trivially the identity."""
-    from minipara.io.adapters import save_adapter
-    from minipara.methods import build_adapter
-
     for method in sorted(methods):
         for k in range(n):
             torch.manual_seed(k)
@@ -190,10 +193,6 @@ def parse(argv=None):
 
 
 def main(argv=None):
-    from minipara.bench.speed import SHAPES, prompt_ids
-    from minipara.errors import UserError
-    from minipara.model.config import ModelArgs
-
     a = parse(argv)
     clients = [int(x) for x in a.clients.split(",")]
     counts = [int(x) for x in a.adapters.split(",")]

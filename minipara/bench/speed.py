@@ -15,9 +15,14 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity
 
+from minipara.bench.hf_compare import HFGenerate
+from minipara.decode.compiled import compile_decoder
 from minipara.decode.generation import Decoder, GenerationConfig, generate
+from minipara.methods import build_adapter
 from minipara.model.shapes import SHAPES, random_model  # noqa: F401 - bench.py and loadgen name shapes through here
+from minipara.train.trainer import EvalSet, TrainConfig, Trainer
 
 PROMPT_TOKENS = 274
 NEWS_PROMPT = (
@@ -103,8 +108,6 @@ def release(device):
 def make_adapter(variant: str, model, seed: int = 0):
     """(model to run, adapter) for a variant; adapters get small random weights so that
     none is trivially the identity (speed does not depend on the values)."""
-    from minipara.methods import build_adapter
-
     if variant == "base":
         return model, None
     method = "lora" if variant == "lora-merged" else variant
@@ -128,8 +131,6 @@ class Runner:
         self.device = self.weight.device
         self.decoder = TimedDecoder(model)
         if compile_step:
-            from minipara.decode.compiled import compile_decoder
-
             compile_decoder(self.decoder)
         self.cfg = GenerationConfig(max_new_tokens=new_tokens, beams=beams, eos_ids=())
         self.totals, self.ttfts, self.warmup_s, self.peak_mb, self.last = [], [], 0.0, 0.0, None
@@ -170,8 +171,6 @@ class Runner:
 
     def profile(self) -> str:
         """torch.profiler's table of the costliest ops of one more generation."""
-        from torch.profiler import ProfilerActivity
-
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
         with torch.profiler.profile(activities=acts) as prof:
             self.generate()
@@ -200,8 +199,6 @@ class HFRunner(Runner):
     """The same timed generations through HF transformers' generate() (hf_compare.py)."""
 
     def __init__(self, hf, extra, prompts, beams, new_tokens, pad_id):
-        from minipara.bench.hf_compare import HFGenerate
-
         self.prompts, self.n = prompts, new_tokens
         self.weight = hf.get_input_embeddings().weight
         self.device = self.weight.device
@@ -337,8 +334,6 @@ def train_speed(
     step, over synthetic examples (random prompts of prompt_tokens ids, 2-token responses);
     with several ranks (torchrun) each takes its share of every global batch of `batch`.
     Evaluation is not timed. The figures are this rank's; every rank waits for the slowest."""
-    from minipara.train.trainer import EvalSet, TrainConfig, Trainer
-
     g = torch.Generator().manual_seed(0)
     a = model.args
     eos = a.eos_ids[0]

@@ -8,6 +8,7 @@ torchrun --nproc-per-node 2 bench.py --train-steps 10 --shape llama-2-7b --dtype
 
 import argparse
 import gc
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,8 +17,16 @@ import torch
 
 from minipara import cli
 from minipara.bench import speed as bm
+from minipara.bench.hf_compare import hf_variant as make_hf
 from minipara.commands import model_args
+from minipara.decode.generation import context_room
 from minipara.errors import UserError
+from minipara.io.checkpoints import parse_device, parse_dtype
+from minipara.io.files import check_output
+from minipara.io.weights import model_dir
+from minipara.methods import build_adapter
+from minipara.methods.mixture import Mixture
+from minipara.train import distributed
 
 
 def parse(argv=None):
@@ -123,9 +132,6 @@ def check_options(a) -> tuple[list[str], list[int]]:
         raise UserError("--mix spreads --tenants over methods: give --tenants too")
     if a.tenants and not [v for v in variants if v not in ("base", "lora-merged")]:
         raise UserError("--tenants needs at least one adapter method in --methods (base and lora-merged have none)")
-    from minipara.io.files import check_output
-    from minipara.io.weights import model_dir
-
     for flag in ("json", "markdown", "profile", "plot"):
         path = getattr(a, flag)
         if path is not None:  # before measuring: a bad path would lose the whole benchmark
@@ -143,9 +149,6 @@ def check_options(a) -> tuple[list[str], list[int]]:
 
 def check_context(model, variants: list[str], a):
     """Prompt, new tokens and the largest prefix (P-tuning v2, IAPT) must fit the context."""
-    from minipara.decode.generation import context_room
-    from minipara.methods import build_adapter
-
     with torch.device("meta"):  # only n_prefix is wanted: no memory, no time
         prefix = max(
             (build_adapter(v, model.args).n_prefix for v in variants if v not in ("base", "lora-merged")), default=0
@@ -160,8 +163,6 @@ def check_context(model, variants: list[str], a):
 
 def main(argv=None):
     a = parse(argv)
-    from minipara.io.checkpoints import parse_device, parse_dtype
-
     device, dtype = parse_device(a.device), parse_dtype(a.dtype)
     variants, beams = check_options(a)
     if a.interleave and (a.profile or a.compare_hf):
@@ -198,8 +199,6 @@ def main(argv=None):
     def record(name, m, ad, nb, hf_variant=None):
         hf = None
         if a.compare_hf and hf_variant:
-            from minipara.bench.hf_compare import hf_variant as make_hf
-
             try:
                 hf = make_hf(m, hf_variant, path, a.tenants, a.batch)
             except ImportError as e:
@@ -278,10 +277,6 @@ def main(argv=None):
 
 def train_speed(a, methods: list[str], dtype) -> int:
     """Training steps/s per method, on one process or data-parallel under torchrun; rank 0 prints."""
-    import json
-
-    from minipara.train import distributed
-
     methods = [m for m in methods if m not in ("base", "lora-merged")]  # nothing to train
     ranks, device = distributed.init(a.device)
     torch.manual_seed(0)  # every rank the same random base
@@ -304,8 +299,6 @@ def train_speed(a, methods: list[str], dtype) -> int:
 def tenant_mixture(model, methods: list[str], batch: int):
     """A Mixture of one adapter per entry of `methods` (each with its own random weights),
     rows assigned round-robin."""
-    from minipara.methods.mixture import Mixture
-
     ads = [bm.make_adapter(m, model, seed=i)[1] for i, m in enumerate(methods)]
     return Mixture(ads, [i % len(ads) for i in range(batch)])
 

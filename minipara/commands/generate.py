@@ -14,6 +14,7 @@ from minipara import cli
 from minipara.commands import model_args
 from minipara.decode.generation import GenerationConfig
 from minipara.errors import UserError
+from minipara.train.tasks import read_text_lines
 
 D = GenerationConfig  # the option defaults live there, once
 
@@ -68,8 +69,6 @@ def read_prompts(a) -> list[str]:
         except UnicodeEncodeError as e:  # undecodable argv bytes arrive as lone surrogates
             raise UserError(f"the prompt is not valid UTF-8 text (at character {e.start + 1})") from None
         return [a.prompt]
-    from minipara.train.tasks import read_text_lines
-
     lines = [x for x in read_text_lines(a.prompts, "--prompts file") if x.strip()]
     if not lines:
         raise UserError(f"--prompts file {a.prompts} holds no prompt")

@@ -25,6 +25,9 @@ from dataclasses import fields
 from minipara import checks, cli
 from minipara.commands import model_args
 from minipara.errors import UserError
+from minipara.methods import METHODS, method_class
+from minipara.train.runs import ALIASES, RunInterrupted, RunOptions, option_field, run_options
+from minipara.train.trainer import TrainConfig
 
 TRAINING = (
     "seed",
@@ -47,8 +50,6 @@ TRAINING = (
 
 def method_fields() -> dict:
     """Config field name -> {method: default}, over every method whose module imports."""
-    from minipara.methods import METHODS, method_class
-
     out = {}
     for m in METHODS:
         try:
@@ -61,7 +62,7 @@ def method_fields() -> dict:
 
 
 def parser(method_opts) -> argparse.ArgumentParser:
-    from minipara.train.trainer import TrainConfig as T  # the training options' defaults live there, once
+    T = TrainConfig  # the training options' defaults live there, once
 
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -142,8 +143,6 @@ def parser(method_opts) -> argparse.ArgumentParser:
         "torchrun: no effect)",
     )
     g = p.add_argument_group("method options (each method's config fields)")
-    from minipara.train.runs import ALIASES
-
     taken = {a.dest for a in p._actions}
     for name in sorted(set(method_opts) | set(ALIASES)):
         if name in taken:
@@ -173,9 +172,6 @@ def method_options(a) -> dict:
     the method does not have is refused."""
     if a.method == "none":  # nothing is trained: method options mean nothing
         return {}
-    from minipara.methods import method_class
-    from minipara.train.runs import option_field
-
     cls = method_class(a.method)
     opts = {}
     for key, value in vars(a).items():
@@ -194,8 +190,6 @@ def command_argv() -> list[str]:
 
 def main(argv=None):
     a = parser(method_fields()).parse_args(argv)
-    from minipara.train.runs import RunInterrupted, RunOptions, run_options
-
     typed = command_argv()
     flags = "method task out model dtype device template data_dir train dev test max_eval max_test max_new_tokens"
     given = {k: getattr(a, k) for k in (flags + " resume force shard_base").split()}

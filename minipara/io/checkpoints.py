@@ -15,6 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minipara.errors import UserError
+from minipara.io import weights  # by module: tests replace weights.ensure_model
+from minipara.io.tokenizer import load_tokenizer
 from minipara.model.config import ModelArgs, read_json_object
 from minipara.model.projections import HF_MODULES
 from minipara.model.transformer import Transformer
@@ -241,11 +243,8 @@ def load_pretrained(path=None, dtype=torch.float32, device=torch.device("cpu"), 
     """(model, tokenizer, directory) from an HF-format directory, or a shipped model by name
     (gemma-3-270m, the default when path is None, or smollm2-135m-instruct), converted on first
     use. shard(model): applied before the weights are read (distributed.shard_layers)."""
-    from minipara.io.tokenizer import load_tokenizer
-    from minipara.io.weights import DEFAULT_MODEL, MODELS, ensure_model
-
-    if path is None or str(path) in MODELS and not Path(path).exists():
-        path = ensure_model(DEFAULT_MODEL if path is None else str(path))
+    if path is None or str(path) in weights.MODELS and not Path(path).exists():
+        path = weights.ensure_model(weights.DEFAULT_MODEL if path is None else str(path))
     model, tok = load_model(path, dtype, device, shard), load_tokenizer(path)
     tok.check_fits(model.args.vocab_size)
     return model, tok, path

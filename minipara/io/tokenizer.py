@@ -13,11 +13,16 @@ transformers' `apply_chat_template`.
 """
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import sentencepiece as spm
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as Fast
 
 from minipara.errors import UserError
+from minipara.model.config import read_json_object
 
 LLAMA2_SYSTEM = "You are a helpful, respectful and honest assistant."
 
@@ -116,8 +121,6 @@ class JsonTokenizer(_Base):
     special tokens and BOS rule of the checkpoint's tokenizer_config.json / config.json."""
 
     def __init__(self, model_dir):
-        from tokenizers import Tokenizer as Fast
-
         d = Path(model_dir)
         self.path = d / "tokenizer.json"
         try:
@@ -171,8 +174,6 @@ def _content(token):
 def _json(f: Path) -> dict:
     if not f.is_file():
         return {}
-    from minipara.model.config import read_json_object
-
     return read_json_object(f)
 
 
@@ -206,10 +207,6 @@ def render_chat(
     template: str, messages: list[dict], special_tokens: dict | None = None, add_generation_prompt: bool = True
 ) -> str:
     """A chat template (Jinja) filled in as transformers' apply_chat_template does (sandboxed)."""
-    from datetime import datetime
-
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise TemplateError(message)

@@ -48,12 +48,16 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from minipara import cli
 from minipara.commands import model_args
-from minipara.decode.generation import context_room
+from minipara.decode.compiled import compile_decoder
+from minipara.decode.generation import Decoder, context_room
 from minipara.errors import UserError
-from minipara.io.tokenizer import encode_conversation
+from minipara.io.checkpoints import parse_device, parse_dtype
+from minipara.io.tokenizer import TEMPLATES, encode_conversation
+from minipara.model.shapes import SHAPES, random_model
 from minipara.serve import protocol
 from minipara.serve.engine import Engine, Overloaded, Request
 from minipara.serve.metrics import Metrics
+from minipara.serve.pool import AdapterPool
 from minipara.serve.protocol import ApiError
 
 
@@ -547,8 +551,6 @@ def buckets(text: str) -> list[int]:
 
 
 def parse(argv=None):
-    from minipara.io.tokenizer import TEMPLATES
-
     p = cli.Parser(
         prog="python -m minipara.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -626,20 +628,13 @@ def parse(argv=None):
 
 def make_server(a) -> Server:
     """The model (through the public API), adapters and engine for parsed arguments."""
-    from minipara.io.checkpoints import parse_device, parse_dtype
-    from minipara.serve.pool import AdapterPool
-
     if a.shape and a.model:
         raise UserError("give --model or --shape, not both")
     if a.adapters is not None and not os.path.isdir(a.adapters):
         raise UserError(f"--adapters {a.adapters} is not a folder")
     if a.shape:
-        from minipara.model.shapes import SHAPES, random_model
-
         if a.shape not in SHAPES:
             raise UserError(f"unknown --shape {a.shape!r}; known: {', '.join(SHAPES)}")
-        from minipara.decode.generation import Decoder
-
         lm, model = None, random_model(a.shape, parse_dtype(a.dtype), parse_device(a.device))
         decoder, text = Decoder(model), id_text
     else:
@@ -656,8 +651,6 @@ def make_server(a) -> Server:
     pool.preload()
     compiled = a.compile if a.compile is not None else model.tok_embeddings.weight.is_cuda
     if compiled and model.tok_embeddings.weight.is_cuda:
-        from minipara.decode.compiled import compile_decoder
-
         compile_decoder(decoder)  # the prefill's CUDA graphs (the engine compiles its own step)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).

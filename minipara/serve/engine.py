@@ -42,6 +42,7 @@ import traceback
 
 import torch
 
+from minipara.decode.compiled import compile_kwargs, mark_static, persistent_caches
 from minipara.decode.generation import (
     Decoder,
     GenerationConfig,
@@ -134,8 +135,6 @@ class Engine:
         self.cuda = self.device.type == "cuda"
         self._step_fns = {}
         if self.compiled:
-            from minipara.decode.compiled import compile_kwargs, mark_static, persistent_caches
-
             persistent_caches()
             lim = torch._dynamo.config
             lim.cache_size_limit = max(lim.cache_size_limit, 8 * len(self.buckets))
@@ -403,8 +402,6 @@ class Engine:
         if not self.compiled:
             return self._decode(view, keys, bufs, io)
         if self.cuda:
-            from minipara.decode.compiled import mark_static
-
             mark_static([t for layer in bufs for t in layer])
             torch.compiler.cudagraph_mark_step_begin()
         self._step_fns[not any(kind == "lora_a" for kind, _ in keys)](view, keys, bufs, io)

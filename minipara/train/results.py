@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
 from minipara import cli
 from minipara.errors import UserError
 from minipara.methods import METHODS as ADAPTER_METHODS
@@ -149,13 +151,8 @@ def git_commit() -> str:
 
 
 def machine() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
     return f"{platform.machine()} CPU, {os.cpu_count()} cores"
 
 

@@ -25,8 +25,20 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import torch
+
 from minipara import checks
 from minipara.errors import UserError
+from minipara.io.adapters import save_adapter
+from minipara.io.checkpoints import load_pretrained, parse_device, parse_dtype
+from minipara.io.files import OutputLock, atomic_write, check_output, check_paths, check_writable, remove_stale_temps
+from minipara.io.tokenizer import TEMPLATES, resolve_template
+from minipara.io.weights import model_dir
+from minipara.methods import method_class
+from minipara.train import distributed
+from minipara.train.distributed import shard_layers
+from minipara.train.tasks import load_task
+from minipara.train.trainer import Progress, TrainConfig, Trainer, check_eval, evaluate, fit_eval, prepare_task
 
 # Spellings from the papers for config fields whose names differ between methods.
 ALIASES = {
@@ -121,8 +133,6 @@ class RunOptions:
 
     def __post_init__(self):
         """The options' kinds, named as run() takes them (checked before anything is written)."""
-        from minipara.train.trainer import TrainConfig
-
         for name in ("method", "task", "dtype", "template"):
             checks.check(getattr(self, name), name, str)
         if not isinstance(self.device, str) and type(self.device).__name__ != "device":
@@ -176,8 +186,6 @@ def run(method: str, task: str, **options) -> dict | None:
 
 def run_options(opts: "RunOptions") -> dict | None:
     """`run` from a RunOptions."""
-    from minipara.train import distributed
-
     if opts.command is None:
         opts = replace(opts, command=opts.call())
     r = _Run(opts)
@@ -210,15 +218,11 @@ class Log:
 
 def peak_memory(device) -> tuple[int, str]:
     if device.type == "cuda":
-        import torch
-
         return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
 
 
 def write_report(path: Path, report: dict):
-    from minipara.io.files import atomic_write
-
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
 
 
@@ -238,11 +242,6 @@ class _Run:
             print(text, file=sys.stderr)
 
     def run_on(self, ranks):
-        from minipara.io.tokenizer import TEMPLATES
-        from minipara.methods import method_class
-        from minipara.train.tasks import load_task
-        from minipara.train.trainer import TrainConfig
-
         # Every rank was started with the same settings (torchrun runs one command per rank, but
         # nothing stops a launcher from passing each its own), or all stop now.
         settings = {k: v for k, v in vars(self).items() if k not in ("progress", "command", "options", "device")}
@@ -293,8 +292,6 @@ class _Run:
         ranks.barrier()  # every rank has checked before rank 0 writes anything
         if not ranks.main:  # rank 0 alone writes files, so it alone holds the lock
             return self.run_locked(ranks, cls, config, task, tcfg, files)
-        from minipara.io.files import OutputLock, remove_stale_temps
-
         # The checkpoint's lock too: outputs that differ only in suffix (a.safetensors, a.pt)
         # share their side files (a.ckpt, a.log.jsonl, a.report.json), so one of them runs at a time.
         with OutputLock(files["out"]), OutputLock(files["ckpt"]):
@@ -305,9 +302,6 @@ class _Run:
     def check_outputs(self, files: dict, task):
         """Refuse, before any work: an output that is an input or another output, one that cannot be
         written, and overwriting a finished or interrupted run without force."""
-        from minipara.io.files import OutputLock, check_output, check_paths, check_writable
-        from minipara.io.weights import model_dir
-
         if self.resume and self.force:
             raise UserError("resume continues a run and force starts over: give one of them", ("resume", "force"))
         if self.resume and self.method == "none":
@@ -351,14 +345,8 @@ class _Run:
 
     def run_locked(self, ranks, cls, config, task, tcfg, files):
         """The run itself (on rank 0, holding the output's lock)."""
-        from minipara.io.checkpoints import load_pretrained, parse_device, parse_dtype
-        from minipara.io.tokenizer import resolve_template
-        from minipara.train.trainer import prepare_task
-
         shard = None
         if ranks.lockstep:
-            from minipara.train.distributed import shard_layers
-
             shard = shard_layers
         device = parse_device(self.device) if isinstance(self.device, str) else self.device
         model, tok, path = load_pretrained(self.model, parse_dtype(self.dtype), device, shard)
@@ -366,8 +354,6 @@ class _Run:
         if self.method == "none":
             data = prepare_task(task, tok, template, self.max_eval, self.max_new_tokens, self.max_test)
             return self.score_bare_model(model, data, tcfg, files, str(path), template, ranks)
-        import torch
-
         torch.manual_seed(tcfg.seed)  # the adapter's initial values come from the seed too
         try:
             adapter = cls(config, model.args)
@@ -387,8 +373,6 @@ class _Run:
 
     def score_bare_model(self, model, data, tcfg, files, model_path, template, ranks):
         """The reference point of a task's table: the untrained model, decoded as training evaluates."""
-        from minipara.train.trainer import evaluate, fit_eval
-
         _, _, dev_eval, test_eval = data
         (dev_eval, n_dev), (test_eval, n_test) = (
             fit_eval(ev, tcfg.max_len, s) for ev, s in ((dev_eval, "dev"), (test_eval, "test"))
@@ -415,9 +399,6 @@ class _Run:
         return report
 
     def train_and_report(self, model, adapter, task, data, tcfg, files, log, model_path, template, ranks):
-        from minipara.io.adapters import save_adapter
-        from minipara.train.trainer import Progress, Trainer, check_eval, evaluate, fit_eval
-
         train, dev, dev_eval, test_eval = data
         test_eval, n_test_cut = fit_eval(test_eval, tcfg.max_len, "test")
         check_eval(test_eval, "test", model.args.max_seq_len, adapter.n_prefix)  # before hours of training

@@ -41,6 +41,10 @@ from minipara.checks import check_fields, check_seed, default, kind, valid
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
 from minipara.io.files import atomic_write
+from minipara.io.identity import base_record, canonical_args, compare_base
+from minipara.io.tokenizer import encode_example, end_id
+from minipara.methods import method_class
+from minipara.methods.base import check_values, config_dict
 from minipara.train.distributed import Ranks
 
 CKPT_FORMAT = "minipara-train-checkpoint"
@@ -377,9 +381,6 @@ class Trainer:
 
     # -- identity of a run, checked on resume --
     def run_identity(self) -> dict:
-        from minipara.io.identity import base_record, canonical_args
-        from minipara.methods.base import config_dict
-
         return {
             "method": self.adapter.method,
             "adapter_config": json.loads(json.dumps(config_dict(self.adapter.config), default=list)),
@@ -465,8 +466,6 @@ class Trainer:
         (check_values): training on would write NaN adapters and reports. Every rank sees the
         same summed loss and the same adapter, so all stop together. The files stay as the last
         evaluation left them; the adapter in memory becomes the best one, if any."""
-        from minipara.methods.base import check_values
-
         try:
             if not math.isfinite(loss):
                 raise UserError(f"the {what} is {loss}")
@@ -691,16 +690,12 @@ def _check_identity(path, saved: dict, here: dict, model):
         raise UserError(f"--resume: {path} is a checkpoint of method {saved['method']}, not {here['method']}")
     if not isinstance(saved["model"], dict):
         raise UserError(f"--resume: {path} lacks the record of its base model; start over with --force")
-    from minipara.io.identity import compare_base
-
     refusal, other_weights = compare_base(saved["model"], saved.get("model_args"), model.args, model.weights_id)
     if refusal or other_weights:  # a run continues on the very weights it started on
         raise UserError(
             f"--resume: {path} is a checkpoint of another model: it was {refusal or other_weights}; "
             "resume with the original --model"
         )
-    from minipara.methods import method_class
-
     # A checkpoint from before a method option existed ran with the value that keeps old files' behaviour.
     if isinstance(saved["adapter_config"], dict):
         saved = {**saved, "adapter_config": method_class(saved["method"]).config_cls.stored(saved["adapter_config"])}
@@ -762,7 +757,6 @@ def prepare_task(
 ):
     """(train pairs, dev pairs, dev EvalSet, test EvalSet) of a loaded task. max_eval caps the
     evaluated dev (and test) examples; max_test caps the test ones apart (0: all of them)."""
-    from minipara.io.tokenizer import encode_example, end_id
 
     def encode(examples):
         return [tuple(encode_example(tokenizer, template, e.prompt, e.response)) for e in examples]
