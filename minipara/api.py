@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from minipara import checks
-from minipara.decode.compiled import compile_decoder
 from minipara.decode.generation import Decoder, GenerationConfig, context_room, generate
 from minipara.errors import UserError
 from minipara.io.adapters import load_adapter, save_adapter
@@ -33,7 +32,6 @@ from minipara.io.identity import base_record, canonical_args, compare_base
 from minipara.io.tokenizer import TEMPLATES, encode_example, end_id, resolve_template
 from minipara.methods import build_adapter
 from minipara.methods.base import Adapter, check_values
-from minipara.methods.mixture import Mixture
 from minipara.train.tasks import Task, load_task
 from minipara.train.trainer import Progress, TrainConfig, Trainer, evaluate, prepare_task
 
@@ -76,6 +74,8 @@ class LanguageModel:
     def compile(self, **options):
         """Capture the one-token decode step with torch.compile (and on CUDA the prefill as
         CUDA graphs); options go to minipara.decode.compiled.compile_decoder. Returns self."""
+        from minipara.decode.compiled import compile_decoder  # heavy: torch.compile's machinery
+
         compile_decoder(self.decoder, **options)
         return self
 
@@ -398,6 +398,8 @@ def _task(task):
 
 def _batch_adapter(adapters: list):
     """One adapter for the batch: None, the shared adapter, or a Mixture of the rows' adapters."""
+    from minipara.methods.mixture import Mixture  # heavy: imports torch._dynamo (torch.compiler.disable)
+
     distinct = list({id(a): a for a in adapters if a is not None}.values())
     if not distinct:
         return None

@@ -139,7 +139,7 @@ class RunOptions:
             raise UserError(f"device must be cpu, cuda or cuda:N, got {checks.short(self.device)}", ("device",))
         for name in ("out", "model", "data_dir", "train", "dev", "test"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (str, os.PathLike)) and str(v)):
+            if v is not None and not isinstance(v, (str, os.PathLike)):  # (an empty one: check_paths says so)
                 raise UserError(f"{name} must be a path (a string or pathlib.Path), got {checks.short(v)}", (name,))
         checks.check(self.max_eval, "max_eval", int, least=1, optional=True)
         checks.check(self.max_test, "max_test", int, least=0, optional=True)
