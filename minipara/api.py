@@ -96,12 +96,12 @@ class LanguageModel:
     def load_adapter(self, path) -> Adapter:
         """The adapter stored at `path` (a minipara .safetensors file or a PEFT directory), on
         this model's device; refused with a UserError if it was made for another base model."""
-        return load_adapter(_path(path, "path"), self.args, self.model.weights_id).to(self.device)
+        return load_adapter(checks.check_path(path, "path"), self.args, self.model.weights_id).to(self.device)
 
     def save_adapter(self, path, adapter: Adapter, template: str | None = None):
         """Write `adapter` to the file `path` atomically, recording this base model (and the
         prompt template it was trained with, so generation picks the same one)."""
-        path, adapter = _path(path, "path"), self._adapter(adapter)
+        path, adapter = checks.check_path(path, "path"), self._adapter(adapter)
         checks.check(template, "template", str, optional=True)
         template = template if template is not None else adapter.template
         save_adapter(path, adapter, self.args, template, self.model.weights_id, reads=(self.path,))
@@ -109,12 +109,14 @@ class LanguageModel:
     def export_peft(self, adapter: Adapter, out_dir):
         """Write a LoRA or (IA)^3 adapter as a PEFT directory that `peft` loads onto the HF model
         of this checkpoint; other methods are refused with the reason (minipara.io.export)."""
-        return export_peft(self._adapter(adapter), _path(out_dir, "out_dir"), base_model=str(self.path))
+        return export_peft(self._adapter(adapter), checks.check_path(out_dir, "out_dir"), base_model=str(self.path))
 
     def export_merged(self, adapter: Adapter | None, out_dir):
         """Write this model with a LoRA, (IA)^3 or BitFit adapter folded into its weights as an
         HF-format directory (config, safetensors, this checkpoint's tokenizer files)."""
-        return export_merged(self.model, self._adapter(adapter, optional=True), _path(out_dir, "out_dir"), self.path)
+        return export_merged(
+            self.model, self._adapter(adapter, optional=True), checks.check_path(out_dir, "out_dir"), self.path
+        )
 
     def _adapter(self, adapter, name: str = "adapter", optional: bool = False):
         """adapter, if it is an Adapter made for this model (or None, if optional): anything
@@ -330,7 +332,7 @@ class LanguageModel:
             )
         if out is not None:  # refused before training, not at the first evaluation
             task = _task(task)
-            check_output(_path(out, "out"), "out", (self.path, *task.files), ("out",))
+            check_output(checks.check_path(out, "out"), "out", (self.path, *task.files), ("out",))
             options["on_best"] = lambda ad: self.save_adapter(out, ad)
         tr = self.trainer(adapter, task, config, template, **options)
         result = tr.run()
@@ -366,11 +368,8 @@ def load(path=None, dtype="float32", device="cpu", shard=None) -> LanguageModel:
     or smollm2-135m-instruct), converted on first use.
     dtype: float32 | bfloat16 | float16; device: cpu | cuda | cuda:N. shard(model): applied
     before the weights are read, e.g. distributed.shard_layers under torchrun."""
-    if path is not None:
-        _path(path, "path")
-    if not isinstance(device, (str, torch.device)):
-        raise UserError(f"device must be cpu, cuda or cuda:N, got {checks.short(device)}", ("device",))
-    device, dtype = parse_device(device) if isinstance(device, str) else device, parse_dtype(dtype)
+    checks.check_path(path, "path", optional=True)
+    device, dtype = parse_device(device), parse_dtype(dtype)
     return LanguageModel(*load_pretrained(path, dtype, device, shard))
 
 
@@ -380,13 +379,6 @@ def _check_adapters(adapters: list, single: bool = True):
     for i, a in enumerate(adapters):
         if isinstance(a, Adapter) and all(a is not b for b in adapters[:i]):
             check_values(a, "the adapter" if single else f"the adapter of prompt {i + 1}")
-
-
-def _path(p, name: str):
-    """p, if it is a path (a string or a pathlib.Path); else a UserError naming the parameter."""
-    if not isinstance(p, (str, os.PathLike)) or not str(p):
-        raise UserError(f"{name} must be a path (a string or pathlib.Path), got {checks.short(p)}", (name,))
-    return p
 
 
 def _task(task):

@@ -9,6 +9,7 @@ Python API all check through `check`, so they agree on what a valid value is.
 """
 
 import math
+import os
 import typing
 from dataclasses import MISSING, fields
 
@@ -69,6 +70,14 @@ def check_fields(obj, what: str = "", least: int | None = None):
     """Every field of the dataclass obj checked by its kind (None allowed where it is the default)."""
     for f in fields(obj):
         check(getattr(obj, f.name), f.name, kind(f), least, default(f) is None, what)
+
+
+def check_path(p, name: str, optional: bool = False, empty: bool = False):
+    """p, if it is a path (a string or a pathlib.Path; empty only if `empty`, None only if
+    `optional`); else a UserError naming `name`."""
+    if not (p is None and optional or isinstance(p, (str, os.PathLike)) and (empty or str(p))):
+        raise UserError(f"{name} must be a path (a string or pathlib.Path), got {short(p)}", (name,))
+    return p
 
 
 def check_seed(v, name: str = "seed", optional: bool = False):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from minipara.checks import short
 from minipara.errors import UserError
 from minipara.io import weights  # by module: tests replace weights.ensure_model
 from minipara.io.tokenizer import load_tokenizer
@@ -24,7 +25,11 @@ from minipara.model.transformer import Transformer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_device(name: str) -> torch.device:
+def parse_device(name) -> torch.device:
+    if isinstance(name, torch.device):
+        return name
+    if not isinstance(name, str):
+        raise UserError(f"device must be cpu, cuda or cuda:N, got {short(name)}", ("device",))
     try:
         dev = torch.device(name)
     except RuntimeError:

@@ -16,7 +16,6 @@ step with a checkpoint (`RunInterrupted`); `resume=True` continues it.
 """
 
 import json
-import os
 import resource
 import signal
 import sys
@@ -135,12 +134,10 @@ class RunOptions:
         """The options' kinds, named as run() takes them (checked before anything is written)."""
         for name in ("method", "task", "dtype", "template"):
             checks.check(getattr(self, name), name, str)
-        if not isinstance(self.device, str) and type(self.device).__name__ != "device":
+        if not isinstance(self.device, (str, torch.device)):
             raise UserError(f"device must be cpu, cuda or cuda:N, got {checks.short(self.device)}", ("device",))
-        for name in ("out", "model", "data_dir", "train", "dev", "test"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, (str, os.PathLike)):  # (an empty one: check_paths says so)
-                raise UserError(f"{name} must be a path (a string or pathlib.Path), got {checks.short(v)}", (name,))
+        for name in ("out", "model", "data_dir", "train", "dev", "test"):  # (an empty one: check_paths says so)
+            checks.check_path(getattr(self, name), name, optional=True, empty=True)
         checks.check(self.max_eval, "max_eval", int, least=1, optional=True)
         checks.check(self.max_test, "max_test", int, least=0, optional=True)
         checks.check(self.max_new_tokens, "max_new_tokens", int, least=1, optional=True)
@@ -348,8 +345,7 @@ class _Run:
         shard = None
         if ranks.lockstep:
             shard = shard_layers
-        device = parse_device(self.device) if isinstance(self.device, str) else self.device
-        model, tok, path = load_pretrained(self.model, parse_dtype(self.dtype), device, shard)
+        model, tok, path = load_pretrained(self.model, parse_dtype(self.dtype), parse_device(self.device), shard)
         template = resolve_template(self.template, model.args.model_type, path)
         if self.method == "none":
             data = prepare_task(task, tok, template, self.max_eval, self.max_new_tokens, self.max_test)
