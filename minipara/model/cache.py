@@ -158,7 +158,7 @@ class KVCache(nn.Module):
             self.length = need
         s = self.length - need
         self.ok[r] = False
-        self.clear(r, self.length)  # what the row's last request left (slots from the shared slot on are zero)
+        self.clear(r, s)  # what the row's last request left below the copy ([s, length) is overwritten next)
         for i in range(self.n_layers):
             for dst, sb in zip(self.kv(i), src.kv(i)):
                 dst[r, :, s : s + need] = sb[src_row, :, :need]
