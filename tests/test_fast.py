@@ -1,6 +1,9 @@
 """The compiled decode step (fast.py) computes what the eager step computes."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -210,3 +213,30 @@ def test_a_mixtures_compiled_prefill_equals_eager_and_does_not_grow_with_its_ten
         for k, t in e.tensors().items():
             assert (t - c.tensors()[k]).abs().max() < tol(1e-5), k
     assert prefill(6, True)[2] == two
+
+
+PERSIST = """
+import os, sys
+import minipara.serve.app  # imports torch._dynamo, which writes torch's default cache folder into the env
+import torch
+from minipara.decode.compiled import persistent_caches
+persistent_caches()
+torch.compile(lambda x: (x * 2 + 1).sin())(torch.ones(3))
+print(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+"""
+
+
+@pytest.mark.parametrize("user_set", [False, True])
+def test_compiled_kernels_persist_in_the_per_user_cache(tmp_path, user_set):
+    """The compiler's caches land in $MINIPARA_COMPILE_CACHE (docs/serving.md), even though
+    `import torch._dynamo` has already put torch's temporary default into the environment;
+    a TORCHINDUCTOR_CACHE_DIR the user set still wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    env["MINIPARA_COMPILE_CACHE"] = str(tmp_path / "mine")
+    if user_set:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "theirs")
+    out = subprocess.run([sys.executable, "-c", PERSIST], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = tmp_path / ("theirs" if user_set else "mine/inductor")
+    assert out.stdout.split()[-1] == str(want)
+    assert any(want.rglob("*.py")), f"nothing compiled into {want}"

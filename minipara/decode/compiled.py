@@ -25,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from minipara.model.cache import reorder_packed
 from minipara.model.layer_state import LayerState
@@ -133,14 +134,19 @@ def persistent_caches() -> Path:
     kernels, autotuning results) in the per-user cache folder, ~/.cache/minipara/compile
     ($MINIPARA_COMPILE_CACHE, or $XDG_CACHE_HOME's), instead of a temporary folder: a second
     start with the same model and settings then traces but compiles nothing. Variables
-    already set (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) win."""
+    the user set (TORCHINDUCTOR_CACHE_DIR, TRITON_CACHE_DIR) win."""
     root = os.environ.get("MINIPARA_COMPILE_CACHE")
     root = (
         Path(root)
         if root
         else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minipara" / "compile"
     )
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+    # `import torch._dynamo` writes torch's own temporary default into TORCHINDUCTOR_CACHE_DIR,
+    # so a value equal to that default is torch's, not the user's, and is replaced (inductor
+    # reads the variable at each use).
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if inductor is None or os.path.abspath(inductor) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
