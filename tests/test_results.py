@@ -128,6 +128,22 @@ def test_table_goes_into_the_readme_block(tmp_path, fake_train):
         results.main(["--task", "rte", "--dir", str(base), "--table-only", "--readme", str(readme)])
 
 
+def test_block_names_a_second_table_of_one_task(tmp_path, fake_train):
+    """--block puts a task's table into another block, so one doc can hold two tables of a task."""
+    base = tmp_path / "out"
+    readme = tmp_path / "README.md"
+    blocks = [
+        f"<!-- results:{n} -->\n{t}\n<!-- /results:{n} -->\n" for n, t in (("sst2", "first"), ("sst2-rms", "2nd"))
+    ]
+    readme.write_text("".join(blocks))
+    results.main(["--task", "sst2", "--methods", "para", "--seeds", "0", "--dir", str(base)])
+    results.main(
+        ["--task", "sst2", "--dir", str(base), "--table-only", "--readme", str(readme), "--block", "{task}-rms"]
+    )
+    text = readme.read_text()
+    assert "first" in text and "2nd" not in text and text.index("| para | 0.900 |") > text.index("sst2-rms")
+
+
 def test_bad_lr_override_is_refused():
     with pytest.raises(results.UserError, match="method=lr pairs"):
         results.parse_lrs("ia3:3e-3")
@@ -373,6 +389,14 @@ FLAG_CASES = {
     "readme without the block": (
         lambda t: RUN + ["--dir", t / "out", "--readme", _readme_without_block(t)],
         ["has no block <!-- results:sst2 -->"],
+    ),
+    "block with a stray field": (
+        lambda t: RUN + ["--dir", t / "out", "--readme", _readme_without_block(t), "--block", "{method}"],
+        ["only {task} may stand in braces"],
+    ),
+    "one block for two tasks": (
+        lambda t: ["--task", "sst2,rte", "--dir", t / "out", "--readme", _readme_without_block(t), "--block", "x"],
+        ["would put 2 tables in one block"],
     ),
     "no task": (lambda t: ["--task", ",", "--dir", t / "out"], ["--task needs at least one task name"]),
     "task is a path": (lambda t: ["--task", "../up", "--dir", t / "out"], ["'../up' is not a task name"]),

@@ -29,7 +29,8 @@ Writes <dir>/<task>.md (the Markdown table: median and min-max over seeds of the
 the best dev score and dev loss, trainable parameters, lr, steps, time, commit), <dir>/<task>.json
 (the rows and every run's report behind them) and <dir>/<task>-dev-loss.png (dev loss per
 evaluation from the training logs; needs matplotlib, the `plot` extra). `--readme` replaces
-the block between `<!-- results:<task> -->` and `<!-- /results:<task> -->` with the table.
+the block between `<!-- results:<task> -->` and `<!-- /results:<task> -->` with the table
+(`--block` names it otherwise, e.g. `--block {task}-rms` for a second table of one task).
 """
 
 import argparse
@@ -751,7 +752,7 @@ def left_out_note(task: str, left_out: list) -> str:
     )
 
 
-def write_outputs(task: str, base: Path, readme: Path | None) -> tuple[str, list]:
+def write_outputs(task: str, base: Path, readme: Path | None, block: str = "{task}") -> tuple[str, list]:
     """Write the task's table, JSON and plot from its finished runs (and its lr grid's, if any),
     and the README block; returns the table and the runs left out as failed ([name, why])."""
     folder = base / task
@@ -784,15 +785,15 @@ def write_outputs(task: str, base: Path, readme: Path | None) -> tuple[str, list
     if why:
         print(why, file=sys.stderr)
     if readme is not None:
-        replace_block(readme, task, table)
+        replace_block(readme, block.format(task=task), table)
     return table, left_out
 
 
-def replace_block(readme: Path, task: str, table: str):
-    start, end = f"<!-- results:{task} -->", f"<!-- /results:{task} -->"
+def replace_block(readme: Path, name: str, table: str):
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
     text = readme.read_text()
     if start not in text or end not in text:
-        raise UserError(f"{readme} has no block {start} ... {end} to put the {task} table in; add one")
+        raise UserError(f"{readme} has no block {start} ... {end} to put the {name} table in; add one")
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{table}{end}{tail}")
@@ -823,10 +824,17 @@ def check_flags(a, base: Path, tasks: list[str]):
             text = readme.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise UserError(f"--readme {readme} is not UTF-8 text") from None
+        try:
+            a.block.format(task="t")
+        except (KeyError, IndexError, ValueError):
+            raise UserError(f"--block {a.block!r}: only {{task}} may stand in braces, e.g. {{task}}-rms") from None
+        if "{task}" not in a.block and len(tasks) > 1:
+            raise UserError(f"--block {a.block!r} would put {len(tasks)} tables in one block: include {{task}}")
         for task in tasks:
-            start, end = f"<!-- results:{task} -->", f"<!-- /results:{task} -->"
+            name = a.block.format(task=task)
+            start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
             if start not in text or end not in text:
-                raise UserError(f"{readme} has no block {start} ... {end} to put the {task} table in; add one")
+                raise UserError(f"{readme} has no block {start} ... {end} to put the {name} table in; add one")
 
 
 def main(argv=None) -> int:
@@ -868,6 +876,12 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="results", help="where runs, tables and plots go")
     p.add_argument("--table-only", action="store_true", help="only (re)write the table from finished runs")
     p.add_argument("--readme", help="also put the table into this file's results block")
+    p.add_argument(
+        "--block",
+        default="{task}",
+        help="the name of --readme's block, between <!-- results:NAME --> and <!-- /results:NAME --> "
+        "({task} stands for the task; default: the task)",
+    )
     a = p.parse_args(argv)
     base = Path(a.dir)
     tasks = [t.strip() for t in a.task.split(",") if t.strip()]
@@ -898,7 +912,7 @@ def main(argv=None) -> int:
             failed = run_all(tasks, methods, seeds, base.resolve(), lrs, extra, a.parallel, a.threads)
     left_out = []
     for task in tasks:
-        table, bad = write_outputs(task, base, Path(a.readme) if a.readme else None)
+        table, bad = write_outputs(task, base, Path(a.readme) if a.readme else None, a.block)
         print(table)
         left_out += [f"{task} {name} ({why}; delete its .report.json to run it again)" for name, why in bad]
     if failed:
