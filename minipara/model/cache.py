@@ -268,8 +268,11 @@ class SlotStates:
 
     @torch.no_grad()
     def reset(self, r: int):
-        for key in self.keys_of[r]:
-            self.bufs[key][:, r] = self.FILL[key[0]]
+        """Row r back to the identity in every buffer, not only the kinds it used: a step may
+        apply kinds a row does not use (the engine's warmed-up structures), and a row must
+        never carry what an earlier one left there."""
+        for key, buf in self.bufs.items():
+            buf[:, r] = self.FILL[key[0]]
         self.keys_of[r] = frozenset()
 
     def used(self, rows) -> frozenset:

@@ -130,7 +130,7 @@ class Engine:
         self.bits = token_bits(model.args.vocab_size, dev)  # the sampler's per-token hashes
         for views in self._io_views.values():
             views["bits"] = self.bits
-        self.structures = {()}  # the kinds of adapter states the step was warmed up for
+        self.structures = set()  # the kinds of adapter states the step was warmed up for (warmup)
         self.compiled = compile is not None
         self.cuda = self.device.type == "cuda"
         self._step_fns = {}
@@ -229,7 +229,6 @@ class Engine:
         compiled, trace (and on CUDA capture) the step for every bucket and kind of states,
         so that serving them never waits on a compilation. Seconds taken."""
         t0 = time.perf_counter()
-        kinds = []
         for ad in adapters:
             tokens = torch.full((1, 2), self.model.args.bos_id, device=self.device)
             small, _ = self.decoder.prefill(tokens, torch.ones_like(tokens, dtype=torch.bool), ad.n_prefix + 2, ad)
@@ -238,10 +237,15 @@ class Engine:
                 ref = next(s for s in small.states if s is not None).tensors()
                 t = next(iter(ref.values()))
                 self.states.ensure(shapes, t.dtype, t.device)
-                kinds.append(tuple(sorted(shapes)))
-        self.structures |= set(kinds)
-        if kinds:
-            self.structures.add(tuple(sorted(self.states.bufs)))
+        # Two structures per bucket, not one per mix of kinds: rows hold the identity in the
+        # kinds they do not use (SlotStates.reset), and a multiplier or bias costs one
+        # element-wise op that the compiler fuses into its neighbours, so every batch without
+        # LoRA runs with all of them (the bare model's rows too); LoRA's two small products a
+        # linear are worth a graph of their own. For PARA + LoRA tenants: 2 graphs a bucket
+        # instead of 4 (none, PARA, LoRA, both), half the compile time at a start.
+        every = tuple(sorted(self.states.bufs))
+        elementwise = tuple(k for k in every if not k[0].startswith("lora"))
+        self.structures |= {elementwise, every}
         if self.compiled:
             for k in self.buckets:
                 for keys in sorted(self.structures):
