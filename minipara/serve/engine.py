@@ -16,12 +16,13 @@ token per step. A new request joins at the next step:
 Static shapes: a step runs on the first k rows, k the smallest of `buckets` holding every
 row in use (the rows above the last busy one are left out, the free ones below it are
 padding that computes throw-away tokens). Everything the step reads lives in buffers made
-once and updated in place: the cache, the adapter states (SlotStates: a kind of state that
-no busy row uses is left out of the step, so the base model does not pay for LoRA), and
-each row's token, sampling settings (temperature, top-k, top-p, random stream and step)
-and outputs (`io`). The step samples inside the graph (generation.sample), so a compiled
-step (`compile=`) is traced once per (bucket, kinds of states) at `warmup` and then replays
-whatever requests, tenants, lengths and settings come and go.
+once and updated in place: the cache, the adapter states (SlotStates: LoRA's is left out of
+a step no busy LoRA row needs, so the base model does not pay for it; the element-wise kinds
+are applied to every row, the identity where a row has none), and each row's token,
+sampling settings (temperature, top-k, top-p, random stream and step) and outputs (`io`).
+The step samples inside the graph (generation.sample), so a compiled step (`compile=`) is
+traced twice per bucket at `warmup` (without and with LoRA) and then replays whatever
+requests, tenants, lengths and settings come and go.
 
 Why rows may sit anywhere: attention masks are built from each slot's position and
 validity (cache.pos, cache.ok), never from slot order. Slots run out as the shared slot
