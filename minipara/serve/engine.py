@@ -227,7 +227,7 @@ class Engine:
     @torch.no_grad()
     def warmup(self, adapters=()) -> float:
         """Learn the adapter states that `adapters` give (a two-token prefill each) and, when
-        compiled, trace (and on CUDA capture) the step for every bucket and kind of states,
+        compiled, trace (and on CUDA capture) the step for every bucket in both forms (below),
         so that serving them never waits on a compilation. Seconds taken."""
         t0 = time.perf_counter()
         for ad in adapters:
