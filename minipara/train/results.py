@@ -789,11 +789,17 @@ def write_outputs(task: str, base: Path, readme: Path | None, block: str = "{tas
     return table, left_out
 
 
-def replace_block(readme: Path, name: str, table: str):
+def block_markers(readme: Path, text: str, name: str) -> tuple[str, str]:
+    """The start and end markers of block `name`, refused unless `text` (readme's) has both."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-    text = readme.read_text()
     if start not in text or end not in text:
         raise UserError(f"{readme} has no block {start} ... {end} to put the {name} table in; add one")
+    return start, end
+
+
+def replace_block(readme: Path, name: str, table: str):
+    text = readme.read_text()
+    start, end = block_markers(readme, text, name)
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     readme.write_text(f"{head}{start}\n{table}{end}{tail}")
@@ -831,10 +837,7 @@ def check_flags(a, base: Path, tasks: list[str]):
         if "{task}" not in a.block and len(tasks) > 1:
             raise UserError(f"--block {a.block!r} would put {len(tasks)} tables in one block: include {{task}}")
         for task in tasks:
-            name = a.block.format(task=task)
-            start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-            if start not in text or end not in text:
-                raise UserError(f"{readme} has no block {start} ... {end} to put the {name} table in; add one")
+            block_markers(readme, text, a.block.format(task=task))
 
 
 def main(argv=None) -> int:
