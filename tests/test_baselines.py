@@ -30,6 +30,7 @@ from minipara.errors import UserError
 from minipara.methods import build_adapter
 from minipara.model.config import ModelArgs
 from minipara.model.projections import HF_MODULES
+from minipara.model.shapes import SHAPES
 
 IDENTITY = ("lora", "ia3", "bitfit")
 ALL = IDENTITY + ("ptuning_v2",)
@@ -138,16 +139,7 @@ def test_merge_refused_for_prefix_and_prompt_aware_methods(method):
 
 
 def test_parameter_counts_on_llama2_7b_shape():
-    args = ModelArgs(
-        model_type="llama",
-        vocab_size=32000,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=32,
-        head_dim=128,
-        ffn_dim=11008,
-    )
+    args = ModelArgs(**SHAPES["llama-2-7b"])
     with torch.device("meta"):
         counts = {m: sum(p.numel() for p in build_adapter(m, args).parameters()) for m in ALL}
     assert counts["lora"] == 32 * 4 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) == 9_994_240

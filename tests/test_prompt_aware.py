@@ -17,6 +17,7 @@ from minipara.methods.parade import squash
 from minipara.methods.rational import rational
 from minipara.model.config import ModelArgs
 from minipara.model.projections import out_sizes
+from minipara.model.shapes import SHAPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -445,16 +446,7 @@ def test_decode_state_does_not_depend_on_generator_size(method, small, large):
 
 
 def test_parameter_counts_on_llama2_7b_shape():
-    args = ModelArgs(
-        model_type="llama",
-        vocab_size=32000,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=32,
-        head_dim=128,
-        ffn_dim=11008,
-    )
+    args = ModelArgs(**SHAPES["llama-2-7b"])
 
     def count(method, **options):
         with torch.device("meta"):
