@@ -138,6 +138,26 @@ def test_beam_search_past_the_captured_window_equals_eager(setup):
     assert generate(model, PROMPTS, cfg, decoder=fast) == generate(model, PROMPTS, cfg)
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("method", [None, "para", "iapt", "lora"])
+def test_the_servers_recorded_eager_prefill_equals_eager_and_compiles_nothing(method):
+    """The server records the eager prefill (serve/app.py: compiling a prompt shape while
+    serving would stall every decoding row): a shape met again is recorded, then replayed, with
+    eager's tokens and no compilation at all."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = tiny_model("gemma", seed=7)
+    ad = adapter_for(model, method)
+    dec = Decoder(model)
+    dec.run_prefill = PrefillGraphs(dec.run_prefill, dec.run_prefill)
+    cfg = GenerationConfig(max_new_tokens=5, eos_ids=())
+    want = generate(model, PROMPTS, cfg, adapter=ad)
+    for _ in range(3):  # eager, recorded, replayed
+        assert generate(model, PROMPTS, cfg, adapter=ad, decoder=dec) == want
+    assert len(dec.run_prefill.records) == 1 and not counters["stats"]["unique_graphs"]
+
+
 def kernel_count(code: list[str]) -> int:
     """Kernels in inductor's generated code (run_and_get_code's sources)."""
     return sum(len(re.findall(r"= async_compile\.\w+\(", c)) for c in code)

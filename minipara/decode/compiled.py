@@ -187,8 +187,9 @@ class PrefillGraphs:
     A shape met for the first time runs eagerly (a one-off prompt costs no compiling or
     recording); the second time it runs `compiled` (the compiler makes its kernels for the
     first such shape, and once more, for any length, at the second) and is recorded, then
-    replayed. The adapter's parameters are read in place, so training them between requests
-    is seen; replacing them is not.
+    replayed. `compiled` may be the eager function itself (the server's choice: recording
+    costs a few prefills' time, a compilation tens of seconds). The adapter's parameters
+    are read in place, so training them between requests is seen; replacing them is not.
     All records share one memory pool: each record's output is copied out right after
     its replay, and the adapter states it keeps live in the cache's own buffers."""
 

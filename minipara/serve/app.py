@@ -48,7 +48,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from minipara import cli
 from minipara.commands import model_args
-from minipara.decode.compiled import compile_decoder
+from minipara.decode.compiled import PrefillGraphs
 from minipara.decode.generation import Decoder, context_room
 from minipara.errors import UserError
 from minipara.io.checkpoints import parse_device, parse_dtype
@@ -651,7 +651,11 @@ def make_server(a) -> Server:
     pool.preload()
     compiled = a.compile if a.compile is not None else model.tok_embeddings.weight.is_cuda
     if compiled and model.tok_embeddings.weight.is_cuda:
-        compile_decoder(decoder)  # the prefill's CUDA graphs (the engine compiles its own step)
+        # A prefill shape met again is replayed from a CUDA graph of the eager prefill (one
+        # launch for its thousands of small kernels), never compiled: prompt shapes are not
+        # known at start-up, and compiling one while serving would stall every decoding row
+        # for the whole compilation. (The engine compiles its own step.)
+        decoder.run_prefill = PrefillGraphs(decoder.run_prefill, decoder.run_prefill)
     # Slots beyond the context leave room for prefix entries and for rows joining below the
     # shared slot before the cache must be compacted (engine.py).
     slots = -(-(context + context // 2 + 64) // 128) * 128
