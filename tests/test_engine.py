@@ -129,11 +129,12 @@ def test_static_steps_never_recompile_and_match_alone():
         graphs.append(gm)
         return gm.forward
 
-    engine = Engine(model, text_of, max_batch=4, slots=40, buckets=(2,), compile=counting)
+    engine = Engine(model, text_of, max_batch=4, slots=40, buckets=(1, 2, 3), compile=counting)
     engine.warmup([a for a in adapters if a is not None])
     warm = len(graphs)
-    # buckets 2 and 4, each with two structures: the element-wise kinds (what a batch without
-    # LoRA runs, the bare model's too), and those with LoRA
+    # Two structures (the element-wise kinds, what a batch without LoRA runs, the bare model's
+    # too; and those with LoRA), each traced twice for the four buckets: for one row, and once
+    # with a symbolic batch size for the others.
     assert len(engine.structures) == 2 and warm == 2 * 2
     rng = random.Random(1)
     arrivals, reqs, alone = {}, [], []

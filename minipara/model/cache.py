@@ -190,21 +190,32 @@ class KVCache(nn.Module):
             for buf in self.kv(i):
                 buf[:, :, self.length :].zero_()  # no row's entries are left there: zero, for `place`
 
-    def rows(self, k: int) -> "KVCache":
-        """The first k rows as a cache of their own: views, so a step on it writes into this
-        cache (the shared slot too). Made once per k: a captured step finds fixed addresses."""
-        if k == self.batch:
-            return self
-        views = self._row_views
-        if k not in views:
-            v = KVCache.__new__(KVCache)
-            nn.Module.__init__(v)
-            for name, buf in self.named_buffers():
-                v.register_buffer(name, buf if name == "slot" else buf[:k], persistent=False)
-            v.n_layers, v.batch, v.max_len, v.n_prefix = self.n_layers, k, self.max_len, self.n_prefix
-            v.length, v.states, v.packed, v._spare, v._row_views = self.length, [None] * self.n_layers, {}, {}, {}
-            views[k] = v
-        return views[k]
+    def rows(self, k: int) -> "Rows":
+        """The first k rows, as views (a step on them writes into this cache, the shared slot
+        too). Made once per k: a captured step finds fixed addresses."""
+        if k not in self._row_views:
+            self._row_views[k] = Rows(self, k)
+        return self._row_views[k]
+
+
+class Rows:
+    """The first k rows of a KVCache, for one decode step of the engine: views of its buffers
+    held by a plain object, not a module. A compiled step then takes them as ordinary inputs
+    whose batch size may be symbolic (one graph for every bucket, serve/engine.py), where a
+    module's buffers are kept at the sizes first seen. Holds what `Transformer.step` reads."""
+
+    def __init__(self, cache: KVCache, k: int):
+        self.batch, self.n_prefix, self.states = k, cache.n_prefix, [None] * cache.n_layers
+        self.slot = cache.slot  # shared by every row
+        self.pos, self.ok, self.next_pos = cache.pos[:k], cache.ok[:k], cache.next_pos[:k]
+        self._kv = [tuple(buf[:k] for buf in cache.kv(i)) for i in range(cache.n_layers)]
+
+    def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kv[i]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every view, each with the rows first (the shared slot is not among them)."""
+        return [self.pos, self.ok, self.next_pos, *(t for kv in self._kv for t in kv)]
 
 
 class SlotStates:

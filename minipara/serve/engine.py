@@ -20,9 +20,12 @@ once and updated in place: the cache, the adapter states (SlotStates: LoRA's is 
 a step no busy LoRA row needs, so the base model does not pay for it; the element-wise kinds
 are applied to every row, the identity where a row has none), and each row's token,
 sampling settings (temperature, top-k, top-p, random stream and step) and outputs (`io`).
-The step samples inside the graph (generation.sample), so a compiled step (`compile=`) is
-traced twice per bucket at `warmup` (without and with LoRA) and then replays whatever
-requests, tenants, lengths and settings come and go.
+The step samples inside the graph (generation.sample), so a compiled step (`compile=`),
+traced at `warmup`, replays whatever requests, tenants, lengths and settings come and go. It
+has two forms (without and with LoRA), each traced twice whatever the buckets: for one row,
+and once with a symbolic batch size for every larger bucket (the views of k rows enter as
+plain inputs marked dynamic, as vLLM compiles its model once for all batch sizes); on CUDA a
+graph is still recorded per bucket, which takes milliseconds, not a compilation.
 
 Why rows may sit anywhere: attention masks are built from each slot's position and
 validity (cache.pos, cache.ok), never from slot order. Slots run out as the shared slot
@@ -134,17 +137,21 @@ class Engine:
         self.structures = set()  # the kinds of adapter states the step was warmed up for (warmup)
         self.compiled = compile is not None
         self.cuda = self.device.type == "cuda"
-        self._step_fns = {}
+        self._step_fns, self._marked = {}, set()
         if self.compiled:
             persistent_caches()
             lim = torch._dynamo.config
             lim.cache_size_limit = max(lim.cache_size_limit, 8 * len(self.buckets))
             lim.accumulated_cache_size_limit = max(lim.accumulated_cache_size_limit, 64 * len(self.buckets))
+            # dynamic=False: every size is specialised except those marked dynamic (the batch
+            # size of buckets above 1, _run_step), so nothing else can make a graph dynamic.
             for tune in (True, False):  # LoRA's steps untuned: see compiled.py
                 kw = compile_kwargs(self.cuda, tune) if compile == "inductor" else {"backend": compile}
                 self._step_fns[tune] = torch.compile(self._decode, fullgraph=True, dynamic=False, **kw)
             if self.cuda:
                 mark_static([*self.cache.buffers(), *self.io.values()])
+                for k in self.buckets:
+                    mark_static([*self.cache.rows(k).tensors(), *self._io_views[k].values()])
         self.warmup_s = 0.0
         self.waiting: collections.deque = collections.deque()  # groups: the n choices of one request
         self.cv = threading.Condition()
@@ -227,8 +234,9 @@ class Engine:
     @torch.no_grad()
     def warmup(self, adapters=()) -> float:
         """Learn the adapter states that `adapters` give (a two-token prefill each) and, when
-        compiled, trace (and on CUDA capture) the step for every bucket in both forms (below),
-        so that serving them never waits on a compilation. Seconds taken."""
+        compiled, run the step for every bucket in both forms (below): compiled once per form
+        for one row and once for the rest, captured on CUDA for each bucket, so that serving
+        them never waits on a compilation. Seconds taken."""
         t0 = time.perf_counter()
         for ad in adapters:
             tokens = torch.full((1, 2), self.model.args.bos_id, device=self.device)
@@ -238,12 +246,12 @@ class Engine:
                 ref = next(s for s in small.states if s is not None).tensors()
                 t = next(iter(ref.values()))
                 self.states.ensure(shapes, t.dtype, t.device)
-        # Two structures per bucket, not one per mix of kinds: rows hold the identity in the
-        # kinds they do not use (SlotStates.reset), and a multiplier or bias costs one
-        # element-wise op that the compiler fuses into its neighbours, so every batch without
-        # LoRA runs with all of them (the bare model's rows too); LoRA's two small products a
-        # linear are worth a graph of their own. For PARA + LoRA tenants: 2 graphs a bucket
-        # instead of 4 (none, PARA, LoRA, both), half the compile time at a start.
+        # Two structures, not one per mix of kinds: rows hold the identity in the kinds they
+        # do not use (SlotStates.reset), and a multiplier or bias costs one element-wise op
+        # that the compiler fuses into its neighbours, so every batch without LoRA runs with
+        # all of them (the bare model's rows too); LoRA's two small products a linear are
+        # worth a graph of their own. For PARA + LoRA tenants: 2 forms instead of 4 (none,
+        # PARA, LoRA, both), half the compile time at a start.
         every = tuple(sorted(self.states.bufs))
         elementwise = tuple(k for k in every if not k[0].startswith("lora"))
         self.structures |= {elementwise, every}
@@ -406,8 +414,16 @@ class Engine:
         view, bufs, io = self.cache.rows(k), self.states.views(k, keys), self._io_views[k]
         if not self.compiled:
             return self._decode(view, keys, bufs, io)
+        made = (k, keys, self.states.version)  # views are made once per such triple: marked once
+        if made not in self._marked:
+            states = [t for layer in bufs for t in layer]
+            if k > 1:  # one graph for every bucket above 1 (a size of 1 is specialised anyway)
+                for t in (*view.tensors(), *states, *(t for n, t in io.items() if n != "bits")):
+                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
+            if self.cuda:
+                mark_static(states)
+            self._marked.add(made)
         if self.cuda:
-            mark_static([t for layer in bufs for t in layer])
             torch.compiler.cudagraph_mark_step_begin()
         self._step_fns[not any(kind == "lora_a" for kind, _ in keys)](view, keys, bufs, io)
 
