@@ -54,7 +54,7 @@ from minipara.errors import UserError
 from minipara.io.checkpoints import parse_device, parse_dtype
 from minipara.io.tokenizer import TEMPLATES, encode_conversation
 from minipara.model.shapes import SHAPES, random_model
-from minipara.serve import protocol
+from minipara.serve import detokenize, protocol
 from minipara.serve.engine import Engine, Overloaded, Request
 from minipara.serve.metrics import Metrics
 from minipara.serve.pool import AdapterPool
@@ -349,11 +349,8 @@ class Reply:
             return None
         end = len(req.logprobs_out) if end is None else end
 
-        # A token's text is what it adds to the text before it (a lone token decodes without
-        # the space a SentencePiece word starts with), so the tokens join into the text.
-        def piece(j, t):
-            before = req.tokens[:j]
-            return self.decode_text([*before, t])[len(self.decode_text(before)) :]
+        def piece(j, t):  # what token t adds to the text before it
+            return detokenize.piece(req.tokens, j, t, self.decode_text)
 
         rows = [
             (piece(j, req.tokens[j]), lp, [(piece(j, t), v) for t, v in top])

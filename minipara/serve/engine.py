@@ -59,6 +59,7 @@ from minipara.decode.generation import (
 from minipara.methods.mixture import Mixture
 from minipara.model.cache import SlotStates
 from minipara.model.layer_state import LayerState
+from minipara.serve.detokenize import Detokenizer
 
 TOP_LOGPROBS = 20  # the most `logprobs` a request may ask for (OpenAI's limit)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
@@ -82,6 +83,7 @@ class Request:
         self.logprobs, self.index, self.seed = logprobs, 0, cfg.seed
         self.tokens: list[int] = []  # generated ids, EOS included when produced
         self.logprobs_out: list = []
+        self.detok = Detokenizer()  # the text of `tokens`, decoded a few tokens at a time
         self.sent = 0  # characters of text emitted so far
         self.cancelled = False
 
@@ -446,7 +448,7 @@ class Engine:
         if req.logprobs is not None:  # lp: (its logprob, the top values, their ids)
             req.logprobs_out.append((lp[0], list(zip(lp[2], lp[1]))[: req.logprobs]))
         eos = tok in req.cfg.eos_ids
-        text = self.decode_text(req.tokens[:-1] if eos else req.tokens)
+        text = req.detok.text(req.tokens[:-1] if eos else req.tokens, self.decode_text)
         reason, end = ("stop" if eos else None), len(text)
         for s in req.stop:
             i = text.find(s)
