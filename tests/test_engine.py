@@ -201,3 +201,29 @@ def test_padding_rows_never_leak_into_real_rows(compile):
     drive(engine, arrivals)
     for i, (req, w) in enumerate(zip(reqs, want)):
         assert req.tokens == w, f"request {i}"
+
+
+@exact_only
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs")
+def test_every_bucket_replays_a_cuda_graph():
+    """The compiled step mutates its inputs in place (tokens, positions, the cache): inductor
+    records CUDA graphs only where every such input is marked static, else it runs the step
+    without them, silently. No bucket may be skipped, and the tokens are generate()'s."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    model = tiny_model("gemma")
+    ads = [perturbed(build_adapter(m, model.args), seed=i).to(DEVICE) for i, m in enumerate(["para", "lora"])]
+    engine = Engine(model, text_of, max_batch=4, slots=48, buckets=(1, 2), compile="inductor")
+    engine.warmup(ads)
+    reqs, want, arrivals = [], [], {}
+    for i in range(6):
+        cfg = GenerationConfig(max_new_tokens=4 + i, eos_ids=())
+        prompt = [model.args.bos_id] + list(range(5, 8 + i))
+        reqs.append(Request(prompt, cfg, ads[i % 2] if i % 3 else None))
+        want.append(generate(model, [prompt], cfg, adapter=reqs[-1].adapter)[0])
+        arrivals.setdefault(2 * i, []).append([reqs[-1]])
+    drive(engine, arrivals)
+    assert not counters["inductor"]["cudagraph_skips"]
+    for i, (req, w) in enumerate(zip(reqs, want)):
+        assert req.tokens == w, f"request {i}"
