@@ -150,8 +150,8 @@ class Engine:
             for tune in (True, False):  # LoRA's steps untuned: see compiled.py
                 kw = compile_kwargs(self.cuda, tune) if compile == "inductor" else {"backend": compile}
                 self._step_fns[tune] = torch.compile(self._decode, fullgraph=True, dynamic=False, **kw)
-            if self.cuda:
-                mark_static([*self.cache.buffers(), *self.io.values()])
+            if self.cuda:  # what the step reads and writes in place: the shared slot, each bucket's views
+                mark_static([self.cache.slot])
                 for k in self.buckets:
                     mark_static([*self.cache.rows(k).tensors(), *self._io_views[k].values()])
         self.warmup_s = 0.0
