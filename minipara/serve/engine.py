@@ -25,7 +25,7 @@ traced at `warmup`, replays whatever requests, tenants, lengths and settings com
 has two forms (without and with LoRA), each traced twice whatever the buckets: for one row,
 and once with a symbolic batch size for every larger bucket (the views of k rows enter as
 plain inputs marked dynamic, as vLLM compiles its model once for all batch sizes); on CUDA a
-graph is still recorded per bucket, which takes milliseconds, not a compilation.
+graph is still recorded per bucket: a few runs of the step, no compilation.
 
 Why rows may sit anywhere: attention masks are built from each slot's position and
 validity (cache.pos, cache.ok), never from slot order. Slots run out as the shared slot
@@ -260,7 +260,7 @@ class Engine:
         if self.compiled:
             for k in self.buckets:
                 for keys in sorted(self.structures):
-                    for _ in range(3):  # CUDA graphs: warm-up runs, then the recording
+                    for _ in range(3 if self.cuda else 1):  # CUDA graphs: warm-up runs, then the recording
                         self._run_step(k, keys)
             self.cache.ok.zero_()
             self.cache.slot.zero_()
