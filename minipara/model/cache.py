@@ -35,7 +35,6 @@ class KVCache(nn.Module):
         self.states = [None] * args.n_layers  # each layer's adapter state (layer_state.py: LayerState)
         self.packed = {}  # (kind, linear) -> the states' tensors of all layers, stacked (see pack_states)
         self._spare = {}  # packed buffers of earlier requests, kept to be refilled (fixed addresses)
-        self._row_views = {}  # k -> the first k rows (see rows)
 
     def advance(self, n: int):
         """Take the next n slots: moves the host-side `length` (the graph-safe forward moves
@@ -190,21 +189,15 @@ class KVCache(nn.Module):
             for buf in self.kv(i):
                 buf[:, :, self.length :].zero_()  # no row's entries are left there: zero, for `place`
 
-    def rows(self, k: int) -> "Rows":
-        """The first k rows, as views (a step on them writes into this cache, the shared slot
-        too). Made once per k: a captured step finds fixed addresses."""
-        if k not in self._row_views:
-            self._row_views[k] = Rows(self, k)
-        return self._row_views[k]
-
 
 class Rows:
-    """The first k rows of a KVCache, for one decode step of the engine: views of its buffers
-    held by a plain object, not a module. A compiled step then takes them as ordinary inputs
-    whose batch size may be symbolic (one graph for every bucket, serve/engine.py), where a
-    module's buffers are kept at the sizes first seen. Holds what `Transformer.step` reads."""
+    """The first k rows of a KVCache, as views, for one decode step of the engine (a step on
+    them writes into the cache, the shared slot too). Made inside the compiled step from the
+    whole cache and k, the size of an input marked dynamic: every view's batch size is then
+    the one symbol k, so one graph serves every bucket (serve/engine.py). Holds what
+    `Transformer.step` reads."""
 
-    def __init__(self, cache: KVCache, k: int):
+    def __init__(self, cache: KVCache, k):
         self.batch, self.n_prefix, self.states = k, cache.n_prefix, [None] * cache.n_layers
         self.slot = cache.slot  # shared by every row
         self.pos, self.ok, self.next_pos = cache.pos[:k], cache.ok[:k], cache.next_pos[:k]
@@ -212,10 +205,6 @@ class Rows:
 
     def kv(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._kv[i]
-
-    def tensors(self) -> list[torch.Tensor]:
-        """Every view, each with the rows first (the shared slot is not among them)."""
-        return [self.pos, self.ok, self.next_pos, *(t for kv in self._kv for t in kv)]
 
 
 class SlotStates:
@@ -226,8 +215,8 @@ class SlotStates:
 
     Buffers are only ever made or grown (a new kind, a larger LoRA rank), never dropped: once
     every adapter served has been seen, their addresses and shapes stay, and a captured step
-    replays whatever mix of requests comes. `views(k, keys)` gives the first k rows of
-    some of the kinds, per layer, made once (fixed addresses)."""
+    replays whatever mix of requests comes. `layers(keys)` gives some of the kinds, per
+    layer, made once (fixed addresses)."""
 
     FILL = {"scale": 1.0, "bias": 0.0, "lora_a": 0.0, "lora_b": 0.0}
 
@@ -290,11 +279,11 @@ class SlotStates:
         """The kinds that the given rows use."""
         return frozenset().union(*(self.keys_of[r] for r in rows))
 
-    def views(self, k: int, keys: tuple) -> list:
-        """Per layer, the first k rows of each kind in `keys`: [[t for key in keys] for layer]."""
-        v = self._views.get((k, keys))
+    def layers(self, keys: tuple) -> list:
+        """Per layer, every row of each kind in `keys`: [[t for key in keys] for layer]."""
+        v = self._views.get(keys)
         if v is None:
-            v = self._views[(k, keys)] = [[self.bufs[key][i, :k] for key in keys] for i in range(self.n_layers)]
+            v = self._views[keys] = [[self.bufs[key][i] for key in keys] for i in range(self.n_layers)]
         return v
 
 

@@ -23,9 +23,10 @@ sampling settings (temperature, top-k, top-p, random stream and step) and output
 The step samples inside the graph (generation.sample), so a compiled step (`compile=`),
 traced at `warmup`, replays whatever requests, tenants, lengths and settings come and go. It
 has two forms (without and with LoRA), each traced twice whatever the buckets: for one row,
-and once with a symbolic batch size for every larger bucket (the views of k rows enter as
-plain inputs marked dynamic, as vLLM compiles its model once for all batch sizes); on CUDA a
-graph is still recorded per bucket: a few runs of the step, no compilation.
+and once with a symbolic batch size for every larger bucket (the step slices its whole
+buffers to the size of one input marked dynamic, as vLLM compiles its model once for all
+batch sizes); on CUDA a graph is still recorded per bucket: a few runs of the step, no
+compilation.
 
 Why rows may sit anywhere: attention masks are built from each slot's position and
 validity (cache.pos, cache.ok), never from slot order. Slots run out as the shared slot
@@ -57,7 +58,7 @@ from minipara.decode.generation import (
     token_logprobs,
 )
 from minipara.methods.mixture import Mixture
-from minipara.model.cache import SlotStates
+from minipara.model.cache import Rows, SlotStates
 from minipara.model.layer_state import LayerState
 from minipara.serve.detokenize import Detokenizer
 
@@ -132,10 +133,12 @@ class Engine:
             "top_values": torch.zeros(B, K, device=dev),
             "top_ids": torch.zeros(B, K, dtype=torch.long, device=dev),
         }
-        self._io_views = {k: {n: t[:k] for n, t in self.io.items()} for k in self.buckets}
         self.bits = token_bits(model.args.vocab_size, dev)  # the sampler's per-token hashes
-        for views in self._io_views.values():
-            views["bits"] = self.bits
+        # A step of k rows gets every buffer whole and an empty tensor of k elements, whose
+        # size it slices them to: marked dynamic above one row, that size is the one symbol of
+        # the graph that serves every larger bucket (a symbol per input's batch size traced
+        # about twice as slowly as a static graph).
+        self._sizes = {k: torch.empty(k, device=dev) for k in self.buckets}
         self.structures = set()  # the kinds of adapter states the step was warmed up for (warmup)
         self.compiled = compile is not None
         self.cuda = self.device.type == "cuda"
@@ -145,15 +148,16 @@ class Engine:
             lim = torch._dynamo.config
             lim.cache_size_limit = max(lim.cache_size_limit, 8 * len(self.buckets))
             lim.accumulated_cache_size_limit = max(lim.accumulated_cache_size_limit, 64 * len(self.buckets))
-            # dynamic=False: every size is specialised except those marked dynamic (the batch
-            # size of buckets above 1, _run_step), so nothing else can make a graph dynamic.
+            # dynamic=False: every size is specialised except the one marked dynamic (the rows
+            # of buckets above 1), so nothing else can make a graph dynamic.
             for tune in (True, False):  # LoRA's steps untuned: see compiled.py
                 kw = compile_kwargs(self.cuda, tune) if compile == "inductor" else {"backend": compile}
                 self._step_fns[tune] = torch.compile(self._decode, fullgraph=True, dynamic=False, **kw)
-            if self.cuda:  # what the step reads and writes in place: the shared slot, each bucket's views
-                mark_static([self.cache.slot])
-                for k in self.buckets:
-                    mark_static([*self.cache.rows(k).tensors(), *self._io_views[k].values()])
+            for k, size in self._sizes.items():
+                if k > 1:
+                    torch._dynamo.mark_dynamic(size, 0, min=2, max=max_batch)
+            if self.cuda:  # what the step reads and writes in place, at fixed addresses
+                mark_static([*self.cache.buffers(), *self.io.values(), self.bits, *self._sizes.values()])
         self.warmup_s = 0.0
         self.waiting: collections.deque = collections.deque()  # groups: the n choices of one request
         self.cv = threading.Condition()
@@ -392,7 +396,7 @@ class Engine:
         self._run_step(k, self._structure(self.states.used(live)))
         self.cache.length += 1
         self.steps += 1
-        io = self._io_views[k]
+        io = self.io
         toks = io["tokens"].tolist()
         want = any(self.rows[r].logprobs is not None for r in live)
         lps = [io[n].tolist() for n in ("logprob", "top_values", "top_ids")] if want else None
@@ -413,28 +417,27 @@ class Engine:
         return min(fits, key=len)
 
     def _run_step(self, k: int, keys: tuple):
-        view, bufs, io = self.cache.rows(k), self.states.views(k, keys), self._io_views[k]
+        bufs = self.states.layers(keys)
         if not self.compiled:
-            return self._decode(view, keys, bufs, io)
-        made = (k, keys, self.states.version)  # views are made once per such triple: marked once
-        if made not in self._marked:
-            states = [t for layer in bufs for t in layer]
-            if k > 1:  # one graph for every bucket above 1 (a size of 1 is specialised anyway)
-                for t in (*view.tensors(), *states, *(t for n, t in io.items() if n != "bits")):
-                    torch._dynamo.mark_dynamic(t, 0, min=2, max=self.max_batch)
-            if self.cuda:
-                mark_static(states)
-            self._marked.add(made)
+            return self._decode(self._sizes[k], keys, bufs, self.io)
+        if self.cuda and (keys, self.states.version) not in self._marked:
+            mark_static([t for layer in bufs for t in layer])
+            self._marked.add((keys, self.states.version))
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        self._step_fns[not any(kind == "lora_a" for kind, _ in keys)](view, keys, bufs, io)
+        self._step_fns[not any(kind == "lora_a" for kind, _ in keys)](self._sizes[k], keys, bufs, self.io)
 
-    def _decode(self, cache, keys, bufs, io):
-        """One step of the rows of `cache` (a view of the first k rows): every input read and
-        every output written in place, so that one traced graph serves any requests."""
-        states = [LayerState.from_tensors(dict(zip(keys, layer))) for layer in bufs] if keys else None
-        logits = self.model.step(io["tokens"][:, None], cache, states=states)[:, -1]
-        tok = sample(logits, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"], io["bits"])
+    def _decode(self, size, keys, bufs, io):
+        """One step of the first k rows, k = size's length: every input read and every output
+        written in place, so that one traced graph serves any requests."""
+        k = size.shape[0]
+        cache = Rows(self.cache, k)
+        states = (
+            [LayerState.from_tensors({key: t[:k] for key, t in zip(keys, layer)}) for layer in bufs] if keys else None
+        )
+        logits = self.model.step(io["tokens"][:k, None], cache, states=states)[:, -1]
+        io = {n: t[:k] for n, t in io.items()}
+        tok = sample(logits, io["temperature"], io["top_k"], io["top_p"], io["key"], io["step"], self.bits)
         lp, top_v, top_i = token_logprobs(logits, tok, io["top_ids"].shape[1])
         io["tokens"].copy_(tok)
         io["step"].add_(1)
