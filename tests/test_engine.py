@@ -186,10 +186,17 @@ class Poisoned(Engine):
 def test_padding_rows_never_leak_into_real_rows(compile):
     """Rows padded up to a bucket compute on garbage; the real rows' tokens do not change,
     also where the traced step applies kinds of states a real row does not use (compile)."""
+    staggered(lambda model: Poisoned(model, text_of, max_batch=4, slots=48, buckets=(4,), compile=compile))
+
+
+def staggered(make_engine):
+    """Eight requests (the bare model, PARA, LoRA; greedy and sampled; growing prompts and
+    token limits) joining a running engine one by one; each gets generate()'s tokens for it
+    alone. The engine, made by make_engine(model), is warmed up first when compiled."""
     model = tiny_model("gemma")
     ads = [perturbed(build_adapter(m, model.args), seed=i).to(DEVICE) for i, m in enumerate(["para", "lora"])]
-    engine = Poisoned(model, text_of, max_batch=4, slots=48, buckets=(4,), compile=compile)
-    if compile:
+    engine = make_engine(model)
+    if engine.compiled:
         engine.warmup(ads)
     reqs, want, arrivals = [], [], {}
     for i in range(8):
@@ -201,6 +208,7 @@ def test_padding_rows_never_leak_into_real_rows(compile):
     drive(engine, arrivals)
     for i, (req, w) in enumerate(zip(reqs, want)):
         assert req.tokens == w, f"request {i}"
+    return engine
 
 
 @exact_only
@@ -212,18 +220,5 @@ def test_every_bucket_replays_a_cuda_graph():
     from torch._dynamo.utils import counters
 
     counters.clear()
-    model = tiny_model("gemma")
-    ads = [perturbed(build_adapter(m, model.args), seed=i).to(DEVICE) for i, m in enumerate(["para", "lora"])]
-    engine = Engine(model, text_of, max_batch=4, slots=48, buckets=(1, 2), compile="inductor")
-    engine.warmup(ads)
-    reqs, want, arrivals = [], [], {}
-    for i in range(6):
-        cfg = GenerationConfig(max_new_tokens=4 + i, eos_ids=())
-        prompt = [model.args.bos_id] + list(range(5, 8 + i))
-        reqs.append(Request(prompt, cfg, ads[i % 2] if i % 3 else None))
-        want.append(generate(model, [prompt], cfg, adapter=reqs[-1].adapter)[0])
-        arrivals.setdefault(2 * i, []).append([reqs[-1]])
-    drive(engine, arrivals)
+    staggered(lambda model: Engine(model, text_of, max_batch=4, slots=48, buckets=(1, 2), compile="inductor"))
     assert not counters["inductor"]["cudagraph_skips"]
-    for i, (req, w) in enumerate(zip(reqs, want)):
-        assert req.tokens == w, f"request {i}"

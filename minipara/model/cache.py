@@ -198,7 +198,7 @@ class Rows:
     `Transformer.step` reads."""
 
     def __init__(self, cache: KVCache, k):
-        self.batch, self.n_prefix, self.states = k, cache.n_prefix, [None] * cache.n_layers
+        self.n_prefix, self.states = cache.n_prefix, [None] * cache.n_layers
         self.slot = cache.slot  # shared by every row
         self.pos, self.ok, self.next_pos = cache.pos[:k], cache.ok[:k], cache.next_pos[:k]
         self._kv = [tuple(buf[:k] for buf in cache.kv(i)) for i in range(cache.n_layers)]

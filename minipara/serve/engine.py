@@ -420,10 +420,10 @@ class Engine:
         bufs = self.states.layers(keys)
         if not self.compiled:
             return self._decode(self._sizes[k], keys, bufs, self.io)
-        if self.cuda and (keys, self.states.version) not in self._marked:
-            mark_static([t for layer in bufs for t in layer])
-            self._marked.add((keys, self.states.version))
         if self.cuda:
+            if (keys, self.states.version) not in self._marked:  # each kind's layer views: made once
+                mark_static([t for layer in bufs for t in layer])
+                self._marked.add((keys, self.states.version))
             torch.compiler.cudagraph_mark_step_begin()
         self._step_fns[not any(kind == "lora_a" for kind, _ in keys)](self._sizes[k], keys, bufs, self.io)
 
